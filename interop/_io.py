@@ -74,6 +74,11 @@ class _CheckedHandle:
     def get_tensor(self, key: str) -> np.ndarray:
         try:
             return self._h.get_tensor(key)
+        except TypeError:
+            # safetensors' numpy backend cannot build bf16/fp8 arrays; read those with ml_dtypes instead.
+            from interop._safetensors import SafetensorsFile
+
+            return SafetensorsFile(self._path).get(key)
         except Exception as e:
             raise InteropError(f"{self._path}: cannot read tensor {key!r} ({e})") from e
 

@@ -47,7 +47,8 @@ def use_default_cpu_dequant() -> None:
     from bitsandbytes.backends.default import ops as default_ops
     from bitsandbytes.backends.utils import _get_4bit_code
 
-    compute = getattr(default_ops._dequantize_4bit_compute, "__wrapped__", default_ops._dequantize_4bit_compute)
+    default_compute = default_ops._dequantize_4bit_compute
+    compute = getattr(default_compute, "__wrapped__", default_compute)
     torch = require("torch")
 
     @register_kernel("bitsandbytes::dequantize_4bit", "cpu")
@@ -71,3 +72,89 @@ def disable_cpu_repacking(model: Any) -> Any:
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal LMs for `oftjax parity` and the end-to-end tests (helper F)
+
+
+def bnb_config(quant: str, *, double_quant: bool = True, compute_dtype: str = "float32") -> Any:
+    """The transformers ``BitsAndBytesConfig`` for ``quant`` ("nf4" | "fp4" | "int8").
+
+    Raises:
+      ValueError: unknown ``quant``.
+    """
+    torch = require("torch")
+    transformers = require("transformers")
+    if quant in ("nf4", "fp4"):
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant,
+            bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        )
+    if quant == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quant must be nf4, fp4 or int8, got {quant!r}")
+
+
+def load_causal_lm(
+    model_dir: Any,
+    *,
+    quant: str | None = None,
+    double_quant: bool = True,
+    adapter: Any = None,
+    device: str = "cpu",
+) -> Any:
+    """Load an HF checkpoint in transformers (+ bitsandbytes, + a PEFT adapter), oracle traps disarmed.
+
+    Args:
+      model_dir: an HF checkpoint directory (float, or already bnb-quantized: its own quantization_config).
+      quant: quantize a float checkpoint on load ("nf4" | "fp4" | "int8"), as ``BitsAndBytesConfig`` does.
+      double_quant: 4-bit double quantization.
+      adapter: a PEFT adapter directory for ``PeftModel.from_pretrained``.
+      device: "cpu" or "cuda" (CUDA bitsandbytes).
+
+    The model is returned in eval mode, except int8 models: those run in train mode (dropout is 0 in these
+    configs), the path where bitsandbytes dequantizes and multiplies in float, as oftjax's ``Linear8bit``
+    does; its eval path quantizes activations (LLM.int8, notes §7.2).
+    """
+    torch = require("torch")
+    transformers = require("transformers")
+    use_default_cpu_dequant()
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "device_map": device}
+    if quant not in (None, "none"):
+        kwargs["quantization_config"] = bnb_config(quant, double_quant=double_quant)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    disable_cpu_repacking(model)
+    if adapter is not None:
+        peft = require("peft")
+        model = peft.PeftModel.from_pretrained(model, str(adapter))
+        disable_cpu_repacking(model)
+    int8 = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
+    model.train(int8)
+    return model
+
+
+def causal_lm_outputs(model: Any, input_ids: Any, *, per_layer: bool = False) -> tuple[Any, list[Any]]:
+    """``(logits, [decoder layer outputs])`` as float32 numpy arrays for int ``input_ids [B, T]``."""
+    torch = require("torch")
+    captured: list[Any] = []
+    hooks = []
+    if per_layer:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in base.model.layers:
+            hooks.append(
+                layer.register_forward_hook(
+                    lambda _m, _i, out: captured.append((out[0] if isinstance(out, tuple) else out).detach())
+                )
+            )
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+            logits = model(input_ids=ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits.float().cpu().numpy(), [c.float().cpu().numpy() for c in captured]

@@ -19,4 +19,26 @@ TOL: dict[str, Tol] = {
     "fp32_grad": Tol(1e-4, 1e-6, "gradients pass through two matmuls and a solve/series; order-of-ops noise"),
     "bf16_forward": Tol(1e-2, 1e-2, "1-2 bf16 ulps (2^-8) from accumulation order on O(1) outputs"),
     "fp16_forward": Tol(2e-3, 2e-3, "1-2 fp16 ulps (2^-11) from accumulation order on O(1) outputs"),
+    # oftjax/oft core (helper B)
+    "oft_rotation_fp32": Tol(1e-5, 1e-6, "fp32 Cayley solve / Neumann matmuls: LAPACK/MKL vs XLA op order"),
+    "oft_orthogonality_fp32": Tol(0.0, 2e-6, "exact Cayley R R^T - I in fp32: a b x b solve, error ~b*2^-24"),
+    "oft_blockwise_vs_dense": Tol(1e-6, 1e-6, "blockwise einsum vs dense matmul, same products, other order"),
+    "oft_neumann_vs_f64": Tol(1e-6, 1e-6, "fp32 series vs a float64 numpy evaluation of the same formula"),
+    "oft_neumann_limit": Tol(0.0, 2e-6, "t=40 Neumann vs exact Cayley^T, ||Q||_F <= 0.5: truncation << fp32"),
+    "oft_unmerge_roundtrip": Tol(1e-5, 1e-5, "merge+unmerge, O(1) weights: fp32 inverse, two block matmuls"),
+    "oft_coft_norm": Tol(1e-6, 0.0, "projected skew-block norm equals eps/sqrt(R) up to fp32 rounding"),
+    "bf16_model_forward": Tol(
+        5e-2, 5e-2, "bf16 compute through a 2-layer decoder vs fp32: bf16 rounding (2^-8) at every matmul input"
+    ),
+    # training (helper F)
+    "grad_accum": Tol(
+        1e-5, 1e-6, "k micro-batches sum per-token losses/grads in another order than one batch (fp32 sums)"
+    ),
+    "sharded_step": Tol(
+        1e-5, 1e-6, "cross-device all-reduce of grads and loss sums in a different order than one device"
+    ),
+    # oftjax.nn / merge (helper C)
+    "rotate_paths": Tol(
+        1e-4, 1e-5, "x(BD K) vs (xBD)K: two fp32 matmul chains summed in different orders; arrays scaled by max|ref|"
+    ),
 }

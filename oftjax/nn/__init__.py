@@ -1,0 +1,21 @@
+"""Thin Flax NNX modules: OFT variable types, frozen float/int8/4-bit linears, the OFT wrapper layer."""
+
+from oftjax.nn._base import base_kind as base_kind
+from oftjax.nn._oft_linear import AdapterSettings as AdapterSettings
+from oftjax.nn._oft_linear import OFTLinear as OFTLinear
+from oftjax.nn._quant_linear import Linear4bit as Linear4bit
+from oftjax.nn._quant_linear import Linear8bit as Linear8bit
+from oftjax.nn._variables import OFTBias as OFTBias
+from oftjax.nn._variables import OFTParam as OFTParam
+from oftjax.nn._variables import QuantWeight as QuantWeight
+
+__all__ = [
+    "AdapterSettings",
+    "Linear4bit",
+    "Linear8bit",
+    "OFTBias",
+    "OFTLinear",
+    "OFTParam",
+    "QuantWeight",
+    "base_kind",
+]

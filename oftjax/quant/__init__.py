@@ -1,0 +1,28 @@
+"""bitsandbytes' int8 and NF4/FP4 weight formats in pure JAX, bit-exact with bitsandbytes 0.50.2.
+
+See ../shared/notes/bitsandbytes-formats.md for the numerics this package reproduces.
+"""
+
+from oftjax.quant._dequant import dequantize as dequantize
+from oftjax.quant._formats import BLOCKSIZES as BLOCKSIZES
+from oftjax.quant._formats import NESTED_BLOCKSIZE as NESTED_BLOCKSIZE
+from oftjax.quant._formats import QUANT_TYPES as QUANT_TYPES
+from oftjax.quant._formats import FourBitWeight as FourBitWeight
+from oftjax.quant._formats import Int8Weight as Int8Weight
+from oftjax.quant._tables import DYNAMIC as DYNAMIC
+from oftjax.quant._tables import FP4 as FP4
+from oftjax.quant._tables import NF4 as NF4
+from oftjax.quant._tables import code_table as code_table
+
+__all__ = [
+    "BLOCKSIZES",
+    "DYNAMIC",
+    "FP4",
+    "NESTED_BLOCKSIZE",
+    "NF4",
+    "QUANT_TYPES",
+    "FourBitWeight",
+    "Int8Weight",
+    "code_table",
+    "dequantize",
+]

@@ -1,0 +1,485 @@
+"""HF checkpoint directories (float, bnb 8-bit, bnb 4-bit) <-> per-module weight dicts (numpy only, no torch).
+
+The structure both directions use (``Weights``): ``{module_path: {param_name: leaf}}`` where ``module_path`` is the
+tensor name up to its last dot (``"model.layers.0.self_attn.q_proj"``, ``""`` for a top-level tensor) and a leaf is
+  * ``oftjax.quant.Int8Weight`` / ``FourBitWeight`` under ``"weight"`` for a bnb-quantized linear layer (its
+    bnb tensors ``weight``, ``SCB``, ``weight.absmax``... are consumed; never converted through float), or
+  * a numpy array (any dtype; bf16 as ``ml_dtypes.bfloat16``) for every other tensor (``bias``, norms,
+    embeddings, ``lm_head``...), under its own name.
+With ``lazy=True`` the array leaves are ``LazyTensor``s (shape and dtype known, bytes read on ``load()``), so a
+converter streams a checkpoint tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interop import bnb
+from interop._io import InteropError, output_dir, read_json
+from interop._safetensors import LazyTensor, SafetensorsFile, total_nbytes, write_safetensors
+from oftjax.quant import FourBitWeight, Int8Weight
+
+Leaf = Any  # np.ndarray | LazyTensor | Int8Weight | FourBitWeight
+Weights = dict[str, dict[str, Leaf]]
+
+CONFIG = "config.json"
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS, TORCH_BIN_INDEX, TORCH_BIN)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+# BitsAndBytesConfig.to_dict() keys (transformers 5.24, utils/quantization_config.py).
+QC_KEYS = frozenset(
+    {
+        "quant_method",
+        "load_in_4bit",
+        "load_in_8bit",
+        "_load_in_4bit",
+        "_load_in_8bit",
+        "bnb_4bit_compute_dtype",
+        "bnb_4bit_quant_storage",
+        "bnb_4bit_quant_type",
+        "bnb_4bit_use_double_quant",
+        "llm_int8_enable_fp32_cpu_offload",
+        "llm_int8_has_fp16_weight",
+        "llm_int8_skip_modules",
+        "llm_int8_threshold",
+    }
+)
+_STORAGES = ("uint8", "int8", "float16", "bfloat16", "float32", "float64")
+
+
+# --------------------------------------------------------------------------------------------- config checks
+
+
+def validate_quantization_config(qc: Any, *, where: str = CONFIG) -> dict[str, Any]:
+    """Check a ``quantization_config`` dict and return its normalized essentials.
+
+    Returns:
+      ``{"kind": "4bit" | "int8", "quant_type", "use_double_quant", "quant_storage", "compute_dtype",
+      "threshold"}`` (4-bit fields are None for int8).
+
+    Raises:
+      InteropError: unknown keys (named), another quant_method, both or neither of 4/8-bit, or options this
+        library does not implement (``llm_int8_has_fp16_weight``, unknown quant types or storages).
+    """
+    pre = f"{where}: quantization_config"
+    if not isinstance(qc, dict):
+        raise InteropError(f"{pre}: expected an object, got {type(qc).__name__}")
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        raise InteropError(f"{pre}.quant_method {method!r}: only 'bitsandbytes' checkpoints are supported")
+    unknown = sorted(set(qc) - QC_KEYS)
+    if unknown:
+        raise InteropError(f"{pre}: unknown key(s) {unknown} (known: {sorted(QC_KEYS)})")
+    four = bool(qc.get("load_in_4bit", qc.get("_load_in_4bit", False)))
+    eight = bool(qc.get("load_in_8bit", qc.get("_load_in_8bit", False)))
+    if four == eight:
+        raise InteropError(f"{pre}: exactly one of load_in_4bit / load_in_8bit must be true")
+    if qc.get("llm_int8_has_fp16_weight"):
+        raise InteropError(f"{pre}.llm_int8_has_fp16_weight=true (float weights, no SCB) is not supported")
+    out: dict[str, Any] = {"kind": "4bit" if four else "int8", "threshold": qc.get("llm_int8_threshold", 6.0)}
+    if four:
+        qt = qc.get("bnb_4bit_quant_type", "fp4")
+        if qt not in ("nf4", "fp4"):
+            raise InteropError(f"{pre}.bnb_4bit_quant_type {qt!r}: expected 'nf4' or 'fp4'")
+        storage = qc.get("bnb_4bit_quant_storage", "uint8") or "uint8"
+        if storage not in _STORAGES:
+            raise InteropError(f"{pre}.bnb_4bit_quant_storage {storage!r}: expected one of {_STORAGES}")
+        out.update(
+            quant_type=qt,
+            use_double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
+            quant_storage=bnb.dtype_from_name(storage),
+            compute_dtype=bnb.dtype_from_name(qc.get("bnb_4bit_compute_dtype") or "float32", where=f"{pre}: "),
+        )
+    else:
+        out.update(quant_type=None, use_double_quant=None, quant_storage=None, compute_dtype=None)
+    return out
+
+
+def bnb_quantization_config(
+    kind: str,
+    *,
+    quant_type: str = "nf4",
+    use_double_quant: bool = False,
+    quant_storage: str = "uint8",
+    compute_dtype: str = "float32",
+    threshold: float = 6.0,
+) -> dict[str, Any]:
+    """The ``quantization_config`` dict transformers writes for a bnb checkpoint (``kind`` "4bit" or "int8").
+
+    Example:
+      >>> bnb_quantization_config("4bit", quant_type="nf4")["bnb_4bit_quant_type"]
+      'nf4'
+    """
+    if kind not in ("4bit", "int8"):
+        raise ValueError(f"kind {kind!r}: expected '4bit' or 'int8'")
+    four = kind == "4bit"
+    return {
+        "_load_in_4bit": four,
+        "_load_in_8bit": not four,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": quant_storage,
+        "bnb_4bit_quant_type": quant_type if four else "fp4",
+        "bnb_4bit_use_double_quant": bool(use_double_quant) if four else False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": threshold,
+        "load_in_4bit": four,
+        "load_in_8bit": not four,
+        "quant_method": "bitsandbytes",
+    }
+
+
+def check_weights_match_config(config: Mapping[str, Any], weights: Weights, *, where: str) -> None:
+    """Every quantized leaf agrees with ``config["quantization_config"]`` (kind, quant type, double quant,
+    storage); quantized leaves need one. Raises InteropError naming the module."""
+    qc = config.get("quantization_config")
+    norm = validate_quantization_config(qc, where=where) if qc is not None else None
+    for module, params in weights.items():
+        for name, leaf in params.items():
+            if not isinstance(leaf, (Int8Weight, FourBitWeight)):
+                continue
+            path = f"{module}.{name}" if module else name
+            if name != "weight":
+                raise InteropError(f"{where}: {path}: bitsandbytes layers keep their quantized tensor as 'weight'")
+            kind = "int8" if isinstance(leaf, Int8Weight) else "4bit"
+            if norm is None:
+                raise InteropError(f"{where}: {path} is bnb-quantized ({kind}) but config has no quantization_config")
+            if kind != norm["kind"]:
+                raise InteropError(f"{where}: {path} is {kind} but quantization_config says {norm['kind']}")
+            if kind == "4bit":
+                got = (leaf.quant_type, leaf.compress_statistics, np.dtype(leaf.packed.dtype))
+                want = (norm["quant_type"], norm["use_double_quant"], norm["quant_storage"])
+                if got != want:
+                    raise InteropError(
+                        f"{where}: {path} is (quant_type, double_quant, storage) = {got} but quantization_config "
+                        f"says {want}"
+                    )
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _torch_state_dict(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch  # lazily: only this branch needs torch
+    except ImportError as e:
+        raise InteropError(
+            f"{path}: reading a torch state-dict file (.bin/.pt) needs torch, which is not installed; "
+            "install torch or convert the file to safetensors"
+        ) from e
+    import ml_dtypes
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many error types for corrupt/truncated pickles
+        raise InteropError(f"{path}: cannot load torch state dict ({e})") from e
+    if not isinstance(sd, Mapping):
+        raise InteropError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    out = {}
+    for k, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise InteropError(f"{path}: entry {k!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().contiguous()
+        if t.dtype == torch.bfloat16:
+            out[k] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        else:
+            out[k] = t.numpy().copy()
+    return out
+
+
+def _sources(path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+    """tensor name -> lazy tensor (or array for torch files), and tensor name -> file it came from."""
+    if path.is_file():
+        files = [path]
+    else:
+        for name in WEIGHT_FILES:
+            if (path / name).is_file():
+                break
+        else:
+            raise InteropError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+        if name.endswith(".index.json"):
+            index = read_json(path / name)
+            wmap = index.get("weight_map")
+            if not isinstance(wmap, dict) or not wmap:
+                raise InteropError(f"{path / name}: missing or empty 'weight_map'")
+            files = [path / f for f in sorted(set(wmap.values()))]
+        else:
+            files = [path / name]
+    tensors: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            handle = SafetensorsFile(f)
+            items = ((k, handle.lazy(k)) for k in handle.keys())
+        else:
+            items = iter(_torch_state_dict(f).items())
+        for k, v in items:
+            if k in tensors:
+                raise InteropError(f"{f}: tensor {k!r} also appears in {origin[k]}")
+            tensors[k], origin[k] = v, f
+    if not path.is_file() and name.endswith(".index.json"):
+        for k, f in wmap.items():
+            if origin.get(k) != path / f:
+                raise InteropError(f"{path / f}: missing tensor key {k!r} (listed in {path / name})")
+    return tensors, origin
+
+
+_LAYER_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
+
+
+def _group(tensors: dict[str, Any], origin: dict[str, Path], int8_dtype: Any) -> Weights:
+    qs_marker = "." + bnb.QUANT_STATE
+    four = {k.split(qs_marker)[0] for k in tensors if qs_marker in k}
+    eight = {k[: -len(".SCB")] for k in tensors if k.endswith(".SCB")}
+    consumed: set[str] = set()
+    weights: Weights = {}
+    for module in sorted(four | eight, key=natural_key):
+        p = module + "."
+        sub = {
+            p + s: tensors[p + s] for s in (*_LAYER_SUFFIXES, "SCB", "weight_format") if p + s in tensors
+        }
+        sub.update({k: tensors[k] for k in tensors if k.startswith(p + bnb.QUANT_STATE)})
+        where = origin.get(p + "weight") or origin[next(iter(sub))]
+        try:
+            q = bnb.from_state_dict(sub, module, dtype=int8_dtype)
+        except InteropError as e:
+            raise InteropError(f"{where}: {e}") from e
+        consumed.update(sub)
+        weights.setdefault(module, {})["weight"] = q
+    for k in tensors:
+        if k in consumed:
+            continue
+        for s in (*_LAYER_SUFFIXES[1:], "weight_format"):
+            if k.endswith("." + s):
+                raise InteropError(
+                    f"{origin[k]}: missing tensor key: {k!r} is present but its layer has no "
+                    f"{bnb.QUANT_STATE}<nf4|fp4> / SCB tensor"
+                )
+    for k in sorted((k for k in tensors if k not in consumed), key=natural_key):
+        module, _, name = k.rpartition(".")
+        weights.setdefault(module, {})[name] = tensors[k]
+    return {m: weights[m] for m in sorted(weights, key=natural_key)}
+
+
+def materialize(weights: Weights) -> Weights:
+    """Replace every ``LazyTensor`` leaf by its numpy array (reads the files)."""
+
+    def load(x: Any) -> Any:
+        return x.load() if isinstance(x, LazyTensor) else x
+
+    out: Weights = {}
+    for module, params in weights.items():
+        out[module] = {}
+        for name, leaf in params.items():
+            if isinstance(leaf, (Int8Weight, FourBitWeight)):
+                leaf = type(leaf)(**{f: load(getattr(leaf, f)) for f in leaf.__dataclass_fields__})
+            out[module][name] = load(leaf)
+    return out
+
+
+def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, Any], Weights]:
+    """Read an HF checkpoint directory (float, bnb 8-bit or bnb 4-bit) without passing quantized layers through float.
+
+    Args:
+      path: a directory with ``config.json`` and ``model.safetensors``, a sharded
+        ``model.safetensors.index.json``, or torch ``pytorch_model.bin`` (``.index.json``; needs torch); or a
+        single ``.safetensors`` / ``.bin`` / ``.pt`` file (config.json then read from beside it when present).
+      lazy: leave array leaves as ``LazyTensor`` (memory-mapped; read on ``load()``) for streaming conversion.
+
+    Returns:
+      ``(config, weights)``: config.json as a dict (its ``quantization_config`` validated) and
+      ``{module_path: {param_name: leaf}}`` (see the module docstring); quantized layers as
+      ``Int8Weight`` / ``FourBitWeight`` under ``"weight"``; int8 layers take their ``dtype`` from
+      config ``dtype`` (or ``torch_dtype``).
+
+    Raises:
+      InteropError: missing/truncated/corrupt files, missing keys, shapes disagreeing with a layer's quant
+        state, unknown quant types, unknown quantization_config keys... naming the file and key.
+
+    Example:
+      >>> config, weights = read_checkpoint("llama-nf4")  # doctest: +SKIP
+      >>> weights["model.layers.0.self_attn.q_proj"]["weight"].quant_type  # doctest: +SKIP
+      'nf4'
+    """
+    path = Path(path)
+    cfg_path = path.parent / CONFIG if path.is_file() else path / CONFIG
+    if path.is_file() and not cfg_path.is_file():
+        config: dict[str, Any] = {}
+    else:
+        config = read_json(cfg_path)
+    qc = config.get("quantization_config")
+    if qc is not None:
+        validate_quantization_config(qc, where=str(cfg_path))
+    dtype_name = config.get("dtype", config.get("torch_dtype"))
+    int8_dtype = bnb.dtype_from_name(dtype_name, where=f"{cfg_path}: dtype: ") if dtype_name else None
+    tensors, origin = _sources(path)
+    weights = _group(tensors, origin, int8_dtype)
+    check_weights_match_config(config, weights, where=str(cfg_path))
+    return config, (weights if lazy else materialize(weights))
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of ``5GB`` (10^9), ``2GiB`` (2^30), ``500MB``, ``100KB`` or an int."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected e.g. '5GB', '500MB' or a number of bytes")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+def flatten(weights: Weights) -> dict[str, Any]:
+    """Weights -> HF tensor name -> array-like (bnb serialization for quantized leaves; lazy leaves kept)."""
+    out: dict[str, Any] = {}
+    for module, params in weights.items():
+        for name, leaf in params.items():
+            path = f"{module}.{name}" if module else name
+            if isinstance(leaf, (Int8Weight, FourBitWeight)):
+                if name != "weight":
+                    raise InteropError(f"{path}: bitsandbytes layers keep their quantized tensor as 'weight'")
+                items = bnb.to_entries(leaf, module).items()
+            else:
+                if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+                    raise TypeError(f"{path}: expected an array or a quantized weight, got {type(leaf).__name__}")
+                items = [(path, leaf)]
+            for k, v in items:
+                if k in out:
+                    raise InteropError(f"tensor name {k!r} produced twice (module {module!r})")
+                out[k] = v
+    return out
+
+
+def _shards(tensors: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        n = total_nbytes([v])
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, desc=desc)
+
+
+def write_tensors_sharded(
+    dst: Path, tensors: dict[str, Any], *, max_shard_size: int | str, progress: bool, desc: str
+) -> None:
+    shards = _shards(tensors, parse_size(max_shard_size))
+    total = total_nbytes(tensors.values())
+    with _progress(total, progress, desc) as bar:
+        if len(shards) == 1:
+            write_safetensors(dst / SAFETENSORS, shards[0], on_bytes=bar.update)
+            return
+        wmap = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(dst / name, shard, on_bytes=bar.update)
+            wmap.update(dict.fromkeys(shard, name))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
+    (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_config(dst: Path, config: Mapping[str, Any]) -> None:
+    try:
+        text = json.dumps(config, indent=2, sort_keys=True)
+    except TypeError as e:
+        raise InteropError(f"config is not JSON-serializable ({e})") from e
+    (dst / CONFIG).write_text(text + "\n")
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    config: Mapping[str, Any],
+    weights: Weights,
+    *,
+    force: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = False,
+    extra_files: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write an HF checkpoint directory that transformers ``from_pretrained`` loads.
+
+    Quantized leaves are written in bitsandbytes' serialization (``interop.bnb.to_state_dict``), byte-identical
+    to what was read; arrays keep their dtype. Shards (``model-0000i-of-0000N.safetensors`` + index) when the
+    tensors exceed ``max_shard_size``. The directory is built in a temporary sibling and renamed: on any error
+    nothing is written.
+
+    Args:
+      path: the output directory; must not exist unless ``force``.
+      config: config.json contents; needs a bnb ``quantization_config`` when weights are quantized (see
+        ``bnb_quantization_config``).
+      weights: ``{module_path: {param_name: leaf}}`` as ``read_checkpoint`` returns (jax arrays are fine).
+      force: replace an existing ``path``.
+      max_shard_size: bytes or a string like ``"5GB"``.
+      progress: show a tqdm bar (bytes written).
+      extra_files: output name -> file to copy verbatim (tokenizer files, generation_config.json...).
+
+    Example:
+      >>> config, weights = read_checkpoint("llama-nf4")  # doctest: +SKIP
+      >>> write_checkpoint("llama-nf4-copy", config, weights)  # doctest: +SKIP
+    """
+    path = Path(path)
+    check_weights_match_config(config, weights, where=str(path / CONFIG))
+    tensors = flatten(weights)
+    with output_dir(path, force=force) as tmp:
+        write_tensors_sharded(tmp, tensors, max_shard_size=max_shard_size, progress=progress, desc=path.name)
+        write_config(tmp, config)
+        copy_extra_files(tmp, extra_files or {})
+    return path
+
+
+def copy_extra_files(dst: Path, files: Mapping[str, Path]) -> None:
+    import shutil
+
+    for name, src in files.items():
+        if Path(name).name != name or name in (CONFIG, *WEIGHT_FILES):
+            raise InteropError(f"extra file name {name!r} is not a plain file name or clashes with a weights file")
+        shutil.copyfile(src, dst / name)
+
+
+def extra_files_of(src: Path, skip: tuple[str, ...]) -> dict[str, Path]:
+    """Regular files of ``src`` other than weights/config (tokenizer, generation_config.json, README...)."""
+    if not src.is_dir():
+        return {}
+    out = {}
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name in skip:
+            continue
+        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name.endswith(".index.json"):
+            continue
+        out[f.name] = f
+    return out
+
+
+def iter_leaves(weights: Weights) -> Iterator[tuple[str, str, Leaf]]:
+    for module, params in weights.items():
+        for name, leaf in params.items():
+            yield module, name, leaf

@@ -1,0 +1,239 @@
+"""The JAX-native checkpoint format for (quantized) weights, and conversion from/to HF directories.
+
+A native checkpoint is a directory holding
+  * ``oftjax_checkpoint.json``: ``{"format": "oftjax-checkpoint", "format_version": 1, "config": <the source
+    config.json>, "modules": {module_path: {param_name: spec}}}`` with one spec per leaf:
+      - ``{"kind": "array", "tensor": "<module>.<param>"}``
+      - ``{"kind": "int8", "dtype": "bfloat16", "tensors": {"CB": "<module>.<param>.CB", "SCB": ...}}``
+      - ``{"kind": "4bit", "quant_type": "nf4", "blocksize": 64, "shape": [out, in], "dtype": "bfloat16",
+        "tensors": {"packed": ..., "absmax": ...[, "nested_absmax": ..., "offset": ...]}}``
+    i.e. the static metadata of ``oftjax.quant.Int8Weight`` / ``FourBitWeight`` and the names of their leaves;
+  * ``weights.safetensors``: every leaf under its name (the ``Int8Weight``/``FourBitWeight`` field names, bytes as
+    bitsandbytes stores them: ``packed`` in the quant_storage dtype, ``offset`` a float32 scalar);
+  * any other files of the source directory (tokenizer, generation_config.json...), copied verbatim.
+Reading validates everything a bnb checkpoint read validates (the layers go through ``interop.bnb``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from interop import bnb
+from interop._hf_checkpoint import (
+    CONFIG,
+    DEFAULT_MAX_SHARD_SIZE,
+    Weights,
+    _progress,
+    check_weights_match_config,
+    copy_extra_files,
+    extra_files_of,
+    materialize,
+    read_checkpoint,
+    write_checkpoint,
+)
+from interop._io import InteropError, output_dir, read_json
+from interop._safetensors import SafetensorsFile, total_nbytes, write_safetensors
+from oftjax.quant import FourBitWeight, Int8Weight
+
+META = "oftjax_checkpoint.json"
+DATA = "weights.safetensors"
+FORMAT = "oftjax-checkpoint"
+FORMAT_VERSION = 1
+_META_KEYS = {"format", "format_version", "config", "modules"}
+
+
+def _spec_and_tensors(module: str, name: str, leaf: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    path = f"{module}.{name}" if module else name
+    if isinstance(leaf, Int8Weight):
+        t = {"CB": leaf.CB, "SCB": leaf.SCB}
+        spec = {"kind": "int8", "dtype": bnb.dtype_to_name(leaf.dtype)}
+    elif isinstance(leaf, FourBitWeight):
+        t = {"packed": leaf.packed, "absmax": leaf.absmax}
+        if leaf.nested_absmax is not None:
+            t.update(nested_absmax=leaf.nested_absmax, offset=leaf.offset)
+        spec = {
+            "kind": "4bit",
+            "quant_type": leaf.quant_type,
+            "blocksize": leaf.blocksize,
+            "shape": list(leaf.shape),
+            "dtype": bnb.dtype_to_name(leaf.dtype),
+        }
+    else:
+        return {"kind": "array", "tensor": path}, {path: leaf}
+    names = {f: f"{path}.{f}" for f in t}
+    spec["tensors"] = names
+    return spec, {names[f]: v for f, v in t.items()}
+
+
+def write_native(
+    path: str | os.PathLike,
+    config: Mapping[str, Any],
+    weights: Weights,
+    *,
+    force: bool = False,
+    progress: bool = False,
+    extra_files: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write ``(config, weights)`` (as ``read_checkpoint`` returns them) as a native checkpoint directory.
+
+    Example:
+      >>> write_native("llama-nf4-jax", *read_checkpoint("llama-nf4", lazy=True))  # doctest: +SKIP
+    """
+    path = Path(path)
+    check_weights_match_config(config, weights, where=str(path / META))
+    modules: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, Any] = {}
+    for module, params in weights.items():
+        for name, leaf in params.items():
+            spec, t = _spec_and_tensors(module, name, leaf)
+            clash = set(t) & set(tensors)
+            if clash:
+                raise InteropError(f"{path / META}: tensor name(s) {sorted(clash)} produced twice")
+            modules.setdefault(module, {})[name] = spec
+            tensors.update(t)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dict(config), "modules": modules}
+    with output_dir(path, force=force) as tmp:
+        with _progress(total_nbytes(tensors.values()), progress, path.name) as bar:
+            write_safetensors(tmp / DATA, tensors, metadata={"format": FORMAT}, on_bytes=bar.update)
+        import json
+
+        try:
+            text = json.dumps(meta, indent=2)
+        except TypeError as e:
+            raise InteropError(f"{path / META}: config is not JSON-serializable ({e})") from e
+        (tmp / META).write_text(text + "\n")
+        copy_extra_files(tmp, extra_files or {})
+    return path
+
+
+def _leaf(spec: Any, f: SafetensorsFile, where: str, module: str) -> Any:
+    if not isinstance(spec, dict) or spec.get("kind") not in ("array", "int8", "4bit"):
+        raise InteropError(f"{where}: expected a spec with kind 'array', 'int8' or '4bit', got {spec!r}")
+    kind = spec["kind"]
+    allowed = {
+        "array": {"kind", "tensor"},
+        "int8": {"kind", "dtype", "tensors"},
+        "4bit": {"kind", "quant_type", "blocksize", "shape", "dtype", "tensors"},
+    }[kind]
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise InteropError(f"{where}: unknown key(s) {unknown} for kind {kind!r}")
+    if kind == "array":
+        return f.lazy(spec.get("tensor"))
+    names = spec.get("tensors")
+    if not isinstance(names, dict):
+        raise InteropError(f"{where}: 'tensors' must map leaf names to tensor names")
+    lazy = {k: f.lazy(v) for k, v in names.items()}
+    try:
+        if kind == "int8":
+            if set(lazy) != {"CB", "SCB"}:
+                raise InteropError(f"int8 leaves {sorted(lazy)} != ['CB', 'SCB']")
+            q: Any = Int8Weight(CB=lazy["CB"], SCB=lazy["SCB"], dtype=bnb.dtype_from_name(spec.get("dtype")))
+        else:
+            leaves = set(lazy)
+            if leaves not in ({"packed", "absmax"}, {"packed", "absmax", "nested_absmax", "offset"}):
+                raise InteropError(f"4bit leaves {sorted(leaves)}: expected packed, absmax[, nested_absmax, offset]")
+            offset = lazy.get("offset")
+            if offset is not None:
+                offset = offset.load()
+                if offset.dtype != np.float32 or offset.shape != ():
+                    raise InteropError(f"offset: expected a float32 scalar, got {offset.dtype}{list(offset.shape)}")
+            q = FourBitWeight(
+                packed=lazy["packed"],
+                absmax=lazy["absmax"],
+                nested_absmax=lazy.get("nested_absmax"),
+                offset=offset,
+                shape=tuple(spec.get("shape") or ()),
+                dtype=bnb.dtype_from_name(spec.get("dtype")),
+                blocksize=spec.get("blocksize"),
+                quant_type=spec.get("quant_type"),
+            )
+        # Validate exactly as a bnb checkpoint layer is validated (shapes vs. quant state, dtypes, ...).
+        return bnb.from_state_dict(bnb.to_entries(q, module), module, dtype=q.dtype)
+    except (InteropError, TypeError) as e:
+        raise InteropError(f"{where}: {e}") from e
+
+
+def read_native(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, Any], Weights]:
+    """Read a native checkpoint directory into ``(config, weights)`` (the structure of ``read_checkpoint``).
+
+    Example:
+      >>> config, weights = read_native("llama-nf4-jax")  # doctest: +SKIP
+    """
+    path = Path(path)
+    meta = read_json(path / META)
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:
+        raise InteropError(f"{path / META}: unknown key(s) {unknown} (known: {sorted(_META_KEYS)})")
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise InteropError(
+            f"{path / META}: format {meta.get('format')!r} version {meta.get('format_version')!r}: expected "
+            f"{FORMAT!r} version {FORMAT_VERSION}"
+        )
+    config, modules = meta.get("config"), meta.get("modules")
+    if not isinstance(config, dict) or not isinstance(modules, dict):
+        raise InteropError(f"{path / META}: 'config' and 'modules' must be objects")
+    f = SafetensorsFile(path / DATA)
+    weights: Weights = {}
+    used: set[str] = set()
+    for module, params in modules.items():
+        if not isinstance(params, dict):
+            raise InteropError(f"{path / META}: modules[{module!r}] must be an object")
+        for name, spec in params.items():
+            where = f"{path / META}: {module}.{name}" if module else f"{path / META}: {name}"
+            try:
+                leaf = _leaf(spec, f, where, module)
+            except InteropError as e:
+                msg = str(e)
+                raise InteropError(msg if msg.startswith(str(path)) else f"{where}: {msg}") from e
+            weights.setdefault(module, {})[name] = leaf
+            tnames = spec.get("tensors", {}).values() if spec["kind"] != "array" else [spec["tensor"]]
+            used.update(tnames)
+    extra = sorted(set(f.keys()) - used)
+    if extra:
+        raise InteropError(f"{path / DATA}: tensor(s) {extra[:5]} not described in {META}")
+    check_weights_match_config(config, weights, where=str(path / META))
+    return config, (weights if lazy else materialize(weights))
+
+
+def checkpoint_to_native(
+    src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = False
+) -> Path:
+    """Convert an HF checkpoint directory (float / bnb 8-bit / bnb 4-bit) to a native one, tensor by tensor.
+
+    Quantized tensors are copied byte for byte; other files of ``src`` (tokenizer...) are copied too. Validation
+    of every layer happens before anything is written; the output directory appears only when complete.
+
+    Example:
+      >>> checkpoint_to_native("llama-nf4", "llama-nf4-jax")  # doctest: +SKIP
+    """
+    src = Path(src)
+    config, weights = read_checkpoint(src, lazy=True)
+    extra = extra_files_of(src, skip=(CONFIG, META))
+    return write_native(dst, config, weights, force=force, progress=progress, extra_files=extra)
+
+
+def native_to_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    force: bool = False,
+    progress: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Convert a native checkpoint directory back to an HF directory that transformers loads.
+
+    Example:
+      >>> native_to_checkpoint("llama-nf4-jax", "llama-nf4-hf")  # doctest: +SKIP
+    """
+    src = Path(src)
+    config, weights = read_native(src, lazy=True)
+    extra = extra_files_of(src, skip=(CONFIG, META))
+    return write_checkpoint(
+        dst, config, weights, force=force, progress=progress, max_shard_size=max_shard_size, extra_files=extra
+    )

@@ -1,0 +1,254 @@
+"""A small safetensors reader and streaming writer in numpy (bf16 via ml_dtypes), for large checkpoints.
+
+Why not ``safetensors.numpy``: it cannot read bf16 (numpy has no such dtype) and it builds the whole file in
+memory before writing. The format is simple (https://github.com/huggingface/safetensors, "Format"): an 8-byte
+little-endian header length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
+"__metadata__": {str: str}}`` (padded with spaces), then the tensor bytes, contiguous, in offset order.
+
+The reader memory-maps the file and validates the header against the file size, so a truncated or corrupt file is
+refused when opened, naming the file and the tensor. The writer streams tensor by tensor (a header computed from
+shapes first, then each tensor's bytes), so converting a checkpoint holds one tensor in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from interop._io import InteropError
+
+# safetensors dtype names <-> numpy dtypes (safetensors/src/tensor.rs, enum Dtype).
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "U16": np.dtype(np.uint16),
+    "I16": np.dtype(np.int16),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "U32": np.dtype(np.uint32),
+    "I32": np.dtype(np.int32),
+    "F32": np.dtype(np.float32),
+    "U64": np.dtype(np.uint64),
+    "I64": np.dtype(np.int64),
+    "F64": np.dtype(np.float64),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100_000_000  # the limit of the reference implementation
+
+
+def dtype_name(dtype: Any) -> str:
+    """The safetensors name of a numpy dtype (``"BF16"`` for ``ml_dtypes.bfloat16``)."""
+    try:
+        return NAMES[np.dtype(dtype)]
+    except (KeyError, TypeError) as e:
+        raise InteropError(f"dtype {dtype} cannot be stored in safetensors") from e
+
+
+class LazyTensor:
+    """A tensor of an open file, read on ``load()``; ``shape`` and ``dtype`` are known without reading."""
+
+    __slots__ = ("file", "key", "shape", "dtype")
+
+    def __init__(self, file: SafetensorsFile, key: str, shape: tuple[int, ...], dtype: np.dtype):
+        self.file, self.key, self.shape, self.dtype = file, key, shape, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def load(self) -> np.ndarray:
+        return self.file.get(self.key)
+
+    def raw(self) -> memoryview:
+        return self.file.raw(self.key)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.file.path.name}:{self.key}, {self.dtype}{list(self.shape)})"
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file with a validated header.
+
+    Example:
+      >>> f = SafetensorsFile("model.safetensors")  # doctest: +SKIP
+      >>> w = f.get("lm_head.weight")              # numpy, bf16 as ml_dtypes.bfloat16  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InteropError(f"{self.path}: file not found")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise InteropError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise InteropError(
+                    f"{self.path}: truncated or not a safetensors file (header of {n} bytes, file of {size})"
+                )
+            try:
+                header = json.loads(fh.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InteropError(f"{self.path}: corrupt safetensors header ({e})") from e
+        if not isinstance(header, dict):
+            raise InteropError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self._metadata = header.pop("__metadata__", None) or {}
+        self._base = 8 + n
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        spans = []
+        for key, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise InteropError(f"{self.path}: corrupt header entry for tensor {key!r} ({e!r})") from e
+            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if end - begin != expected or begin < 0 or any(s < 0 for s in shape):
+                raise InteropError(
+                    f"{self.path}: tensor {key!r}: {info['dtype']}{list(shape)} needs {expected} bytes, "
+                    f"header gives offsets [{begin}, {end}]"
+                )
+            self._entries[key] = (dtype, shape, begin, end)
+            spans.append((begin, end, key))
+        pos = 0
+        for begin, end, key in sorted(spans):
+            if begin != pos:
+                raise InteropError(f"{self.path}: tensor {key!r} does not start where the previous one ends")
+            pos = end
+        if self._base + pos != size:
+            raise InteropError(
+                f"{self.path}: truncated or corrupt: the header describes {pos} data bytes, the file holds "
+                f"{size - self._base}"
+            )
+        self._mmap: mmap.mmap | None = None
+
+    def _buffer(self) -> mmap.mmap | bytes:
+        if self._mmap is None:
+            with open(self.path, "rb") as fh:
+                if self.path.stat().st_size == 0:
+                    return b""
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entry(key)[1]
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._entry(key)[0]
+
+    def _entry(self, key: str) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise InteropError(f"{self.path}: missing tensor key {key!r}") from None
+
+    def lazy(self, key: str) -> LazyTensor:
+        dtype, shape, _, _ = self._entry(key)
+        return LazyTensor(self, key, shape, dtype)
+
+    def raw(self, key: str) -> memoryview:
+        """The tensor's bytes in the file (no copy)."""
+        _, _, begin, end = self._entry(key)
+        return memoryview(self._buffer())[self._base + begin : self._base + end]
+
+    def get(self, key: str) -> np.ndarray:
+        """A (writable) numpy copy of one tensor."""
+        dtype, shape, _, _ = self._entry(key)
+        return np.frombuffer(self.raw(key), dtype=dtype).reshape(shape).copy()
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a live memoryview still points into the map; the GC closes it later
+                return
+            self._mmap = None
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def tensor_bytes(x: Any) -> memoryview | bytes:
+    """The C-order bytes of an array-like (numpy, jax, LazyTensor) without copying where possible."""
+    if isinstance(x, LazyTensor):
+        return x.raw()
+    arr = np.ascontiguousarray(np.asarray(x)).reshape(-1)
+    # view as bytes first: ml_dtypes (bf16, fp8) do not support the buffer protocol
+    return memoryview(arr.view(np.uint8)) if arr.size else b""
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    on_bytes: Callable[[int], Any] | None = None,
+) -> int:
+    """Stream ``tensors`` (name -> numpy / jax / LazyTensor) into a new safetensors file at ``path``.
+
+    Tensors are laid out like ``safetensors.save`` does (larger itemsize first, then by name) so every tensor is
+    aligned to its dtype. Each tensor is read (``LazyTensor``) and written one at a time. ``path`` is written
+    directly: callers write inside a temporary directory or file and rename (see ``interop._io``).
+
+    Returns:
+      The number of tensor bytes written.
+    """
+    specs = []
+    for name, x in tensors.items():
+        shape = tuple(int(s) for s in x.shape)
+        dtype = np.dtype(x.dtype)
+        specs.append((name, shape, dtype, x))
+    specs.sort(key=lambda s: (-s[2].itemsize, s[0]))
+    header: dict[str, Any] = {"__metadata__": dict(metadata) if metadata is not None else {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in specs:
+        n = _nbytes(shape, dtype)
+        header[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, shape, dtype, x in specs:
+            data = tensor_bytes(x)
+            if len(data) != _nbytes(shape, dtype):
+                raise InteropError(f"{path}: tensor {name!r} changed size while writing")
+            fh.write(data)
+            if on_bytes is not None:
+                on_bytes(len(data))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return offset
+
+
+def total_nbytes(tensors: Iterable[Any]) -> int:
+    return sum(_nbytes(tuple(x.shape), np.dtype(x.dtype)) for x in tensors)

@@ -1,0 +1,349 @@
+"""HF checkpoint directories <-> ``oftjax.models.LlamaForCausalLM`` (float, bnb 8-bit and 4-bit).
+
+The model side of the checkpoint interop: HF tensor names map one to one onto the NNX module paths
+(``model.layers.0.self_attn.q_proj.weight`` -> ``model.layers[0].self_attn.q_proj``), torch ``[out, in]``
+weights are transposed into NNX kernels ``[in, out]`` (and back), embeddings and norms keep their layout.
+Quantized projections stay packed: they become ``oftjax.nn.Linear8bit`` / ``Linear4bit`` holding the
+``Int8Weight`` / ``FourBitWeight`` read by ``interop.hf.read_checkpoint`` (never a float round trip).
+
+No torch: numpy, ml_dtypes (bf16) and the safetensors readers of ``interop``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from interop._io import InteropError
+from oftjax.models import LlamaForCausalLM, ModelConfig
+from oftjax.quant import FourBitWeight, Int8Weight
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+# Non-persistent buffers some older checkpoints still carry; they are recomputed from the config.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+# --------------------------------------------------------------------------------------------------- layout
+
+
+def linear_paths(config: ModelConfig) -> list[str]:
+    """HF module paths of every projection (the layers apply_oft and the bnb quantizer target) + lm_head."""
+    paths = []
+    for i in range(config.num_hidden_layers):
+        paths += [f"model.layers.{i}.self_attn.{n}" for n in _ATTN]
+        paths += [f"model.layers.{i}.mlp.{n}" for n in _MLP]
+    if not config.tie_word_embeddings:
+        paths.append("lm_head")
+    return paths
+
+
+def _norm_paths(config: ModelConfig) -> list[str]:
+    paths = []
+    for i in range(config.num_hidden_layers):
+        paths += [f"model.layers.{i}.input_layernorm", f"model.layers.{i}.post_attention_layernorm"]
+    return [*paths, "model.norm"]
+
+
+def _has_bias(config: ModelConfig, path: str) -> bool:
+    name = path.rsplit(".", 1)[-1]
+    if name in ("q_proj", "k_proj", "v_proj"):
+        return config.qkv_bias
+    if name == "o_proj":
+        return config.o_bias
+    return config.mlp_bias if name in _MLP else False
+
+
+def _get(root: Any, path: str) -> Any:
+    node = root
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def _set(root: Any, path: str, value: Any) -> None:
+    parent, _, name = path.rpartition(".")
+    node = _get(root, parent) if parent else root
+    if name.isdigit():
+        node[int(name)] = value
+    else:
+        setattr(node, name, value)
+
+
+# --------------------------------------------------------------------------------------- tensors -> model
+
+
+def model_from_modules(
+    config: ModelConfig,
+    modules: Mapping[str, Mapping[str, Any]],
+    *,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    quant_compute_dtype: Any = None,
+    source: str = "checkpoint",
+) -> LlamaForCausalLM:
+    """Build a model from per-module tensors ``{module_path: {"weight": ..., "bias": ...}}`` (HF layout).
+
+    Float weights are numpy/jax arrays in torch layout; a projection's ``weight`` may instead be an
+    ``Int8Weight`` / ``FourBitWeight``, which becomes a ``Linear8bit`` / ``Linear4bit`` base.
+
+    Args:
+      config: the architecture.
+      modules: the tensors, grouped by HF module path.
+      dtype: parameter dtype of float tensors (default: the embedding's dtype in the checkpoint).
+      compute_dtype: the model's compute dtype (default: ``dtype``).
+      quant_compute_dtype: compute dtype of 4-bit layers (bnb's ``bnb_4bit_compute_dtype``; default
+        ``compute_dtype``). 8-bit layers compute in ``compute_dtype`` (bnb's ``MatMul8bitFp``).
+      source: named in error messages.
+
+    Raises:
+      InteropError: a missing or unexpected tensor, or a shape that disagrees with the config (named).
+    """
+    from oftjax.nn import Linear4bit, Linear8bit
+
+    embed = _require(modules, "model.embed_tokens", "weight", source)
+    dtype = jnp.dtype(dtype if dtype is not None else _float_dtype(embed))
+    compute_dtype = jnp.dtype(compute_dtype if compute_dtype is not None else dtype)
+    quant_compute_dtype = jnp.dtype(quant_compute_dtype if quant_compute_dtype is not None else compute_dtype)
+    model = nnx.eval_shape(
+        lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), dtype=compute_dtype, param_dtype=dtype)
+    )
+    used: set[str] = set()
+
+    def take(path: str, name: str, var: nnx.Variable, transpose: bool = False) -> None:
+        value = _load(_require(modules, path, name, source))
+        value = value.T if transpose else value
+        if tuple(value.shape) != tuple(var.shape):
+            raise InteropError(
+                f"{source}: tensor {path}.{name} has shape {list(np.shape(value))}, the config expects "
+                f"{list(var.shape[::-1] if transpose else var.shape)}"
+            )
+        var.set_value(jnp.asarray(value, dtype))
+        used.add(f"{path}.{name}")
+
+    take("model.embed_tokens", "weight", model.model.embed_tokens.embedding)
+    for path in _norm_paths(config):
+        take(path, "weight", _get(model, path).weight)
+    for path in linear_paths(config):
+        layer = _get(model, path)
+        weight = _require(modules, path, "weight", source)
+        bias = modules[path].get("bias")
+        if _has_bias(config, path) != (bias is not None):
+            want = "a bias" if _has_bias(config, path) else "no bias"
+            raise InteropError(f"{source}: module {path}: the config expects {want} ({path}.bias)")
+        if isinstance(weight, Int8Weight | FourBitWeight):
+            want = (layer.out_features, layer.in_features)
+            if tuple(weight.shape) != want:
+                raise InteropError(
+                    f"{source}: quantized {path}.weight has shape {list(weight.shape)}, the config expects "
+                    f"{list(want)}"
+                )
+            b = None if bias is None else jnp.asarray(_load(bias), dtype)
+            if isinstance(weight, Int8Weight):
+                new = Linear8bit(_to_jax(weight), b, compute_dtype=compute_dtype)
+            else:
+                new = Linear4bit(_to_jax(weight), b, compute_dtype=quant_compute_dtype)
+            _set(model, path, new)
+            used.update({f"{path}.weight"} | ({f"{path}.bias"} if bias is not None else set()))
+            continue
+        take(path, "weight", layer.kernel, transpose=True)
+        if bias is not None:
+            take(path, "bias", layer.bias)
+    extra = sorted(
+        f"{p}.{n}"
+        for p, ts in modules.items()
+        for n in ts
+        if f"{p}.{n}" not in used
+        and not f"{p}.{n}".endswith(_IGNORED_SUFFIXES)
+        and not (config.tie_word_embeddings and p == "lm_head")  # a tied copy some writers keep
+    )
+    if extra:
+        raise InteropError(f"{source}: unexpected tensor(s) for this {config.model_type} config: {extra[:8]}")
+    return model
+
+
+def _require(modules: Mapping[str, Mapping[str, Any]], path: str, name: str, source: str) -> Any:
+    try:
+        return modules[path][name]
+    except KeyError:
+        raise InteropError(f"{source}: missing tensor {path}.{name}") from None
+
+
+def _float_dtype(x: Any) -> np.dtype:
+    dt = np.dtype(x.dtype)
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise InteropError(f"expected a float embedding (model.embed_tokens.weight), got {dt}")
+    return dt
+
+
+def _load(x: Any) -> np.ndarray:
+    # Readers may hand out lazy tensors of a memory-mapped file (``LazyTensor.load()``): read them here.
+    return x.load() if hasattr(x, "load") else np.asarray(x)
+
+
+def _to_jax(q: Int8Weight | FourBitWeight) -> Any:
+    return jax.tree.map(lambda x: jnp.asarray(_load(x)), q)
+
+
+# --------------------------------------------------------------------------------------- model -> tensors
+
+
+def modules_from_model(model: LlamaForCausalLM) -> dict[str, dict[str, Any]]:
+    """The inverse of ``model_from_modules``: ``{module_path: {"weight": ..., "bias": ...}}`` in HF layout.
+
+    Float tensors are numpy in their parameter dtype (kernels transposed to ``[out, in]``); quantized bases
+    give their ``Int8Weight`` / ``FourBitWeight`` (numpy leaves). OFT-wrapped layers give their base tensors
+    only (merge first to save the adapted weights).
+    """
+    config = model.config
+    out: dict[str, dict[str, Any]] = {
+        "model.embed_tokens": {"weight": _np(model.model.embed_tokens.embedding)}
+    }
+    for path in _norm_paths(config):
+        out[path] = {"weight": _np(_get(model, path).weight)}
+    for path in linear_paths(config):
+        layer = _get(model, path)
+        tensors: dict[str, Any] = {}
+        if hasattr(layer, "kernel"):  # nnx.Linear, or an OFT wrapper keeping the base's state names
+            tensors["weight"] = _np(layer.kernel).T
+        elif hasattr(layer, "weight"):
+            tensors["weight"] = jax.tree.map(np.asarray, layer.weight.get_value())
+        else:
+            raise TypeError(f"{path}: cannot save a {type(layer).__name__} (no kernel or weight)")
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            tensors["bias"] = _np(bias)
+        out[path] = tensors
+    return out
+
+
+def _np(var: Any) -> np.ndarray:
+    return np.asarray(var[...] if isinstance(var, nnx.Variable) else var)
+
+
+def flat_tensors(modules: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """``(hf_name, value)`` pairs of ``modules`` (quantized values are not expanded)."""
+    for path, tensors in modules.items():
+        for name, value in tensors.items():
+            yield f"{path}.{name}", value
+
+
+def group_tensors(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"a.b.weight": x}`` -> ``{"a.b": {"weight": x}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        path, _, name = key.rpartition(".")
+        out.setdefault(path, {})[name] = value
+    return out
+
+
+# -------------------------------------------------------------------------------------------- directories
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    strict: bool = True,
+) -> LlamaForCausalLM:
+    """Load an HF Llama/Mistral/Qwen2 checkpoint directory (float, bnb 8-bit or 4-bit) into JAX.
+
+    Quantized projections stay packed (``Linear8bit`` / ``Linear4bit``); 4-bit layers compute in the
+    checkpoint's ``bnb_4bit_compute_dtype`` unless ``compute_dtype`` is given.
+
+    Args:
+      path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
+      dtype: float parameter dtype (default: the checkpoint's).
+      compute_dtype: activation dtype (default: ``dtype``).
+      strict: refuse unknown config keys (unsupported math is always refused).
+
+    Example:
+      >>> model = load_model("tiny-llama-nf4")      # doctest: +SKIP
+      >>> logits = model(jnp.array([[1, 2, 3]]))     # doctest: +SKIP
+    """
+    path = Path(path)
+    hf_config, modules = _read(path)
+    config = ModelConfig.from_hf(hf_config, strict=strict)
+    qcfg = hf_config.get("quantization_config") or {}
+    quant_cd = compute_dtype
+    if quant_cd is None and qcfg.get("load_in_4bit"):
+        quant_cd = qcfg.get("bnb_4bit_compute_dtype") or "float32"
+    return model_from_modules(
+        config,
+        modules,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        quant_compute_dtype=quant_cd,
+        source=str(path),
+    )
+
+
+def save_model(model: LlamaForCausalLM, path: str | os.PathLike, *, force: bool = False) -> None:
+    """Write ``model`` as an HF checkpoint directory that transformers ``from_pretrained`` loads.
+
+    Quantized layers are written in bitsandbytes' serialization with a matching ``quantization_config``; an
+    OFT-wrapped model saves its base weights only (call ``oftjax.merge`` first to save adapted weights, or
+    ``interop.peft.save_adapter`` for the adapter). Atomic; refuses an existing ``path`` unless ``force``.
+    """
+    modules = modules_from_model(model)
+    hf_config = model.config.to_hf(dtype=str(np.dtype(modules["model.embed_tokens"]["weight"].dtype)))
+    qcfg = quantization_config(model)
+    if qcfg is not None:
+        hf_config["quantization_config"] = qcfg
+    _write(Path(path), hf_config, modules, force=force)
+
+
+def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
+    """The transformers ``BitsAndBytesConfig`` dict describing ``model``'s quantized layers (None if float).
+
+    Raises:
+      ValueError: the layers mix formats transformers cannot describe with one config.
+    """
+    kinds = set()
+    for path in linear_paths(model.config):
+        layer = _get(model, path)
+        if hasattr(layer, "weight") and not hasattr(layer, "kernel"):
+            q = layer.weight.get_value()
+            if isinstance(q, Int8Weight):
+                kinds.add(("int8",))
+            else:
+                kinds.add(
+                    ("4bit", q.quant_type, q.compress_statistics, np.dtype(q.packed.dtype).name,
+                     jnp.dtype(layer.compute_dtype).name)
+                )  # fmt: skip
+        elif path != "lm_head":
+            kinds.add(("float",))
+    if not kinds - {("float",)}:
+        return None
+    if len(kinds) != 1:
+        raise ValueError(f"cannot describe mixed layer formats {sorted(kinds)} with one bitsandbytes config")
+    from interop import hf
+
+    (kind,) = kinds
+    if kind[0] == "int8":
+        return hf.bnb_quantization_config("int8")
+    _, quant_type, dq, storage, cd = kind
+    return hf.bnb_quantization_config(
+        "4bit", quant_type=quant_type, use_double_quant=dq, quant_storage=storage, compute_dtype=cd
+    )
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """config.json + ``{module_path: {name: leaf}}`` (``interop.hf.read_checkpoint``, memory-mapped)."""
+    from interop import hf
+
+    return hf.read_checkpoint(path, lazy=True)
+
+
+def _write(path: Path, hf_config: dict[str, Any], modules: dict[str, dict[str, Any]], *, force: bool) -> None:
+    from interop import hf
+
+    hf.write_checkpoint(path, hf_config, modules, force=force)

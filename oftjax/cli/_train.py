@@ -1,0 +1,490 @@
+"""``oftjax train``: load (or pretrain) a base, quantize it, apply OFT, train with optax, write an adapter."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from oftjax import default_job as dj
+
+__all__ = ["add_train_parser", "run_train"]
+
+# What a run directory may contain; --force removes only these (never other files).
+RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "run.json", "base", "pretrain")
+# Settings that must not change when a run is resumed.
+RESUME_KEYS = (
+    "model",
+    "quant",
+    "double_quant",
+    "target_modules",
+    "oft_block_size",
+    "cayley",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "lr",
+    "steps",
+    "seed",
+    "data",
+    "max_data_bytes",
+)
+
+
+def add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with (quantized) OFT; with no arguments, the embedded default job",
+        description=(
+            "Fine-tune a Llama-family HF checkpoint with OFT in JAX and write a PEFT adapter. Without "
+            "--model, a small Llama is pretrained on the Python standard library's sources (cached in "
+            "OUTPUT/base), quantized to NF4 with double quantization and fine-tuned with OFT on another "
+            "slice of the text."
+        ),
+    )
+    g = p.add_argument_group("model and adapter")
+    g.add_argument(
+        "--model",
+        type=Path,
+        help="HF checkpoint dir (float, bnb 8-bit or 4-bit); default: the "
+        "embedded small Llama, pretrained on first use",
+    )
+    g.add_argument(
+        "--quant",
+        choices=("nf4", "fp4", "int8", "none"),
+        default=None,
+        help="quantize a float checkpoint's linears (default nf4; a bnb checkpoint keeps its format)",
+    )
+    g.add_argument(
+        "--no-double-quant",
+        dest="double_quant",
+        action="store_false",
+        help="4-bit without double quantization of the absmax statistics",
+    )
+    g.add_argument(
+        "--target-modules",
+        default=",".join(dj.TARGET_MODULES),
+        help="comma-separated module names (PEFT target_modules) (default: %(default)s)",
+    )
+    g.add_argument("--oft-block-size", type=int, default=dj.OFT_BLOCK_SIZE, help="default: %(default)s")
+    g.add_argument(
+        "--cayley",
+        choices=("neumann", "exact"),
+        default="neumann",
+        help="rotation parameterization: PEFT's default Cayley-Neumann series or the exact Cayley map",
+    )
+    g.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=dj.PRETRAIN["steps"],
+        help="pretraining steps of the embedded default model (default: %(default)s)",
+    )
+    g.add_argument(
+        "--bf16", action="store_true", help="bfloat16 compute (parameters, loss and optimizer fp32)"
+    )
+    g.add_argument("--remat", action="store_true", help="rematerialize decoder layers in the backward pass")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        type=Path,
+        help="a text file or a folder of text files (default: the Python standard library's sources)",
+    )
+    g.add_argument("--max-data-bytes", type=int, default=dj.DATA_BYTES, help="default: %(default)s")
+    g.add_argument("--seq-len", type=int, default=dj.FINETUNE["seq_len"], help="default: %(default)s")
+    g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out rows (default: %(default)s)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=dj.FINETUNE["steps"], help="default: %(default)s")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=dj.FINETUNE["learning_rate"],
+        help="peak AdamW learning rate (default: %(default)s)",
+    )
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
+    g.add_argument("--batch-size", type=int, default=dj.FINETUNE["batch_size"], help="default: %(default)s")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--mesh",
+        default=None,
+        metavar="DATAxFSDP",
+        help="device mesh, e.g. 1x8 (FSDP over 8 devices) or 8x1; default: one device",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--output", type=Path, default=Path(dj.DEFAULT_OUTPUT), help="run dir (default: %(default)s)"
+    )
+    g.add_argument(
+        "--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)"
+    )
+    g.add_argument("--eval-every", type=int, default=25, help="default: %(default)s")
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a non-empty --output (removes only oftjax's own outputs there)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def _fail(msg: str):
+    from oftjax.cli import CLIError
+
+    raise CLIError(msg)
+
+
+def _record(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_KEYS}
+
+
+def _prepare_output(args: argparse.Namespace) -> None:
+    out: Path = args.output
+    if args.resume and args.force:
+        _fail("--resume and --force exclude each other")
+    if out.exists() and not out.is_dir():
+        _fail(f"{out}: exists and is not a directory")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and args.resume:
+        run_json = out / "run.json"
+        if run_json.is_file():
+            before = json.loads(run_json.read_text())
+            now = _record(args)
+            diff = sorted(k for k in RESUME_KEYS if before.get(k) != now.get(k))
+            if diff:
+                _fail(
+                    f"{out}: cannot resume with changed settings {diff} (was "
+                    f"{ {k: before.get(k) for k in diff} })"
+                )
+    elif nonempty and args.force:
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif nonempty:
+        _fail(f"{out}: exists and is not empty; pass --resume to continue that run or --force to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(_record(args), indent=2, sort_keys=True) + "\n")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for name in (
+        "steps",
+        "pretrain_steps",
+        "batch_size",
+        "seq_len",
+        "oft_block_size",
+        "grad_accum",
+        "max_data_bytes",
+    ):
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        _fail(f"--lr must be > 0, got {args.lr}")
+    if args.batch_size % args.grad_accum:
+        _fail(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        _fail(f"{args.model}: not an HF checkpoint directory (no config.json)")
+    if args.data is not None and not args.data.exists():
+        _fail(f"{args.data}: data path not found")
+    if not [m for m in args.target_modules.split(",") if m.strip()]:
+        _fail("--target-modules is empty")
+    if args.mesh is not None:
+        _parse_mesh(args.mesh)
+
+
+def _parse_mesh(spec: str) -> tuple[int, int]:
+    try:
+        data, fsdp = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        _fail(f"--mesh must look like DATAxFSDP (e.g. 2x4), got {spec!r}")
+    import jax
+
+    if data < 1 or fsdp < 1 or data * fsdp > jax.device_count():
+        _fail(f"--mesh {spec} needs {data * fsdp} devices; this host has {jax.device_count()}")
+    return data, fsdp
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    if not args.quiet:
+        print(msg, flush=True)
+
+
+def _pack(docs, tokenizer, seq_len):
+    from oftjax.data import pack
+
+    return pack(docs, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+
+def pretrain_base(
+    base_dir: Path, docs: list, *, run_dir: Path, seed: int, steps: int, progress: bool
+) -> dict:
+    """Pretrain the embedded default Llama on ``docs`` (full parameters) and save it as an HF checkpoint."""
+    from flax import nnx
+
+    from interop.hf_model import save_model
+    from oftjax.data import ByteTokenizer, split
+    from oftjax.models import LlamaForCausalLM, ModelConfig
+    from oftjax.train import TrainConfig, fit
+
+    tok = ByteTokenizer()
+    model = LlamaForCausalLM(ModelConfig.from_hf(dj.BASE_CONFIG), rngs=nnx.Rngs(seed))
+    train, evald = split(_pack(docs, tok, dj.PRETRAIN["seq_len"]), 0.02, seed=seed)
+    cfg = TrainConfig(
+        **{**dj.PRETRAIN, "steps": steps}, seed=seed, eval_every=100, save_every=0, weight_decay=0.01
+    )
+    res = fit(
+        model,
+        cfg,
+        train,
+        eval_data=evald,
+        output_dir=run_dir / "pretrain",
+        wrt=nnx.Param,
+        progress=progress,
+        desc="pretrain base",
+        plot_title="pretraining loss (full parameters)",
+    )
+    save_model(res.model, base_dir)
+    return {
+        "loss_first": res.records[0]["loss"],
+        "loss_last": res.records[-1]["loss"],
+        "eval_after": res.eval_loss_after,
+        "seconds": res.seconds,
+    }
+
+
+def _checkpoint_quant(model) -> str | None:
+    from interop.hf_model import quantization_config
+
+    q = quantization_config(model)
+    if q is None:
+        return None
+    if q.get("load_in_8bit"):
+        return "int8"
+    return q.get("bnb_4bit_quant_type", "fp4")
+
+
+def _frozen_bytes_per_param(model) -> tuple[float, int]:
+    """Bytes of the frozen linear weights (packed where quantized) per weight parameter, and the count."""
+    import numpy as np
+    from flax import nnx
+
+    from oftjax.nn import Linear4bit, Linear8bit
+
+    nbytes = params = 0
+    for _, m in nnx.iter_graph(model):
+        if isinstance(m, Linear4bit | Linear8bit):
+            q = m.weight.get_value()
+            import jax
+
+            nbytes += sum(np.asarray(x).nbytes for x in jax.tree.leaves(q))
+            params += m.in_features * m.out_features
+        elif type(m) is nnx.Linear:
+            k = m.kernel.get_value()
+            nbytes += k.size * k.dtype.itemsize
+            params += k.size
+    return (nbytes / params if params else 0.0), params
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from interop.hf_model import load_model
+    from interop.peft import save_adapter
+    from oftjax.config import OFTConfig
+    from oftjax.data import ByteTokenizer, load_tokenizer, read_texts, split, tokenize
+    from oftjax.surgery import apply_oft, trainable_count
+    from oftjax.train import TrainConfig, fit, make_mesh
+    from oftjax.train._prepare import quantize_model
+
+    _validate(args)
+    _prepare_output(args)
+    t0 = time.perf_counter()
+    out: Path = args.output
+    default_model = args.model is None
+    progress = not args.quiet
+
+    # --- text
+    if default_model or args.data is None:
+        texts = read_texts(dj.stdlib_dir(), max_bytes=args.max_data_bytes)
+        _say(
+            args,
+            f"data: {len(texts)} files, {sum(len(t) for _, t in texts) / 1e6:.1f} MB of Python standard "
+            f"library sources ({dj.stdlib_dir()})",
+        )
+    pretrain_texts = None
+    if args.data is not None:
+        ft_texts = read_texts(args.data, max_bytes=args.max_data_bytes)
+        _say(
+            args,
+            f"data: {len(ft_texts)} files, {sum(len(t) for _, t in ft_texts) / 1e6:.1f} MB from {args.data}",
+        )
+        if default_model:
+            pretrain_texts = [t for _, t in texts[0::2]]
+    elif default_model:
+        pretrain_texts, ft_texts = [t for _, t in texts[0::2]], texts[1::2]
+    else:
+        ft_texts = texts
+
+    # --- base model
+    summary: dict[str, Any] = {}
+    if default_model:
+        model_dir = out / "base"
+        if (model_dir / "config.json").is_file():
+            _say(args, f"base: reusing the pretrained default model in {model_dir}")
+        else:
+            _say(
+                args,
+                f"base: pretraining the default {dj.BASE_CONFIG['num_hidden_layers']}-layer Llama "
+                f"(hidden {dj.BASE_CONFIG['hidden_size']}, byte vocabulary) on even-numbered files",
+            )
+            summary["pretrain"] = pretrain_base(
+                model_dir,
+                tokenize(pretrain_texts, ByteTokenizer()),
+                run_dir=out,
+                seed=args.seed,
+                steps=args.pretrain_steps,
+                progress=progress,
+            )
+    else:
+        model_dir = args.model
+    compute = jnp.bfloat16 if args.bf16 else None
+    model = load_model(model_dir, compute_dtype=compute)
+    if args.remat and hasattr(getattr(model, "model", None), "remat"):
+        model.model.remat = True
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        _fail(
+            f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}"
+        )
+
+    ck_quant = _checkpoint_quant(model)
+    if ck_quant is not None:
+        if args.quant not in (None, "none", ck_quant):
+            _fail(
+                f"{model_dir}: checkpoint is already quantized ({ck_quant}); --quant {args.quant} would "
+                "quantize twice (omit --quant or pass the same format)"
+            )
+        quant = ck_quant
+        _say(args, f"base: {model_dir} ({quant} checkpoint, kept packed)")
+    else:
+        quant = args.quant or "nf4"
+        paths = quantize_model(
+            model, quant, double_quant=args.double_quant, compute_dtype=compute or jnp.float32
+        )
+        if paths:
+            dq = " + double quant" if quant in ("nf4", "fp4") and args.double_quant else ""
+            _say(args, f"base: quantized {len(paths)} linears to {quant}{dq} (bitsandbytes format)")
+    bpp, n_frozen = _frozen_bytes_per_param(model)
+
+    # --- OFT
+    targets = [m.strip() for m in args.target_modules.split(",") if m.strip()]
+    oft_cfg = OFTConfig(
+        r=0,
+        oft_block_size=args.oft_block_size,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        use_cayley_neumann=args.cayley == "neumann",
+        base_model_name_or_path=str(Path(model_dir).resolve()),
+    )
+    matched = apply_oft(model, oft_cfg, rngs=nnx.Rngs(args.seed))
+    n_train = trainable_count(model)
+    _say(
+        args,
+        f"OFT: {len(matched)} layers, block size {args.oft_block_size}, {n_train:,} trainable parameters "
+        f"({n_frozen:,} frozen linear weights at {bpp:.3f} bytes/parameter)",
+    )
+
+    # --- data
+    docs = tokenize([t for _, t in ft_texts], tokenizer)
+    packed = _pack(docs, tokenizer, args.seq_len)
+    train, evald = split(packed, args.eval_fraction, seed=args.seed)
+    if len(train) < args.batch_size:
+        _fail(
+            f"only {len(train)} training sequences of {args.seq_len} tokens; need at least --batch-size "
+            f"{args.batch_size} (more data or a shorter --seq-len)"
+        )
+    cfg = TrainConfig(
+        steps=args.steps,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+    )
+    mesh = make_mesh(*_parse_mesh(args.mesh)) if args.mesh else None
+
+    def write_adapter(m, path: Path) -> None:
+        save_adapter(m, path, force=True, config=oft_cfg)
+
+    _say(
+        args,
+        f"train: {len(train)} sequences x {args.seq_len} tokens ({len(evald)} held out), {args.steps} "
+        f"steps of {args.batch_size} sequences",
+    )
+    res = fit(
+        model,
+        cfg,
+        train,
+        eval_data=evald,
+        output_dir=out,
+        mesh=mesh,
+        write_adapter=write_adapter,
+        resume=args.resume,
+        progress=progress,
+        desc="OFT fine-tune",
+    )
+    recs = res.records
+    k = max(1, min(10, len(recs) // 5))
+    first = float(np.mean([r["loss"] for r in recs[:k]])) if recs else float("nan")
+    last = float(np.mean([r["loss"] for r in recs[-k:]])) if recs else float("nan")
+    tok_s = float(np.median([r["tokens_per_s"] for r in recs[1:]])) if len(recs) > 1 else float("nan")
+    summary.update(
+        {
+            "base": str(model_dir),
+            "quant": quant,
+            "bytes_per_frozen_param": bpp,
+            "oft_layers": len(matched),
+            "trainable_params": n_train,
+            "train_loss_first": first,
+            "train_loss_last": last,
+            "eval_loss_before": res.eval_loss_before,
+            "eval_loss_after": res.eval_loss_after,
+            "tokens_per_s": tok_s,
+            "seconds": time.perf_counter() - t0,
+        }
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ev = ""
+    if res.eval_loss_before is not None and res.eval_loss_after is not None:
+        ev = f"; eval {res.eval_loss_before:.3f} -> {res.eval_loss_after:.3f}"
+    _say(
+        args,
+        f"done in {summary['seconds']:.0f} s: OFT train loss {first:.3f} -> {last:.3f} (mean of first/last "
+        f"{k} steps){ev}; {tok_s:,.0f} tokens/s",
+    )
+    _say(args, f"wrote {out / 'adapter'} (PEFT adapter), {out / 'metrics.jsonl'}, {out / 'loss.png'}")
+    return 0
+
+
+def _asdict(x: Any) -> Any:
+    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x

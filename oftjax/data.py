@@ -1,0 +1,283 @@
+"""Text data for causal-LM training: read text files, tokenize, pack into fixed-length sequences, batch.
+
+Pipeline (all numpy, deterministic for a given seed):
+
+1. ``read_texts(path)``: one text file, or every text-like file under a folder (recursively, sorted by path;
+   hidden entries and ``__pycache__`` skipped; a file is text-like when it decodes as UTF-8 and has no NUL
+   byte).
+2. ``load_tokenizer(model_dir)``: the checkpoint's ``tokenizer.json`` (the ``tokenizers`` package) when the
+   directory has one, else ``ByteTokenizer``.
+3. ``pack(docs, seq_len)``: documents (each ``[bos] + ids + [eos]``) are concatenated and cut into rows of
+   ``seq_len`` tokens; the last row is padded and masked out. Rows may span document boundaries (standard
+   packing; the model attends across the boundary, the eos token marks it).
+4. ``split`` holds out a fraction of rows for evaluation; ``batch_at(data, step, batch_size, seed)`` returns
+   the batch of a global step by random access into per-epoch permutations, so resuming at step k sees exactly
+   the batches an uninterrupted run sees.
+
+Example:
+    >>> tok = ByteTokenizer()
+    >>> data = pack([tok.encode("hello world")], seq_len=8, bos_id=tok.bos_id, eos_id=tok.eos_id,
+    ...             pad_id=tok.pad_id)
+    >>> data.input_ids.shape, int(data.loss_mask.sum())
+    ((2, 8), 13)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ByteTokenizer",
+    "HFTokenizer",
+    "PackedData",
+    "batch_at",
+    "load_tokenizer",
+    "num_batches_per_epoch",
+    "pack",
+    "read_texts",
+    "split",
+    "tokenize",
+]
+
+_SKIP_DIRS = {"__pycache__", "node_modules", "site-packages"}
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer: ids 0..255 are the UTF-8 bytes, then ``<bos>`` 256, ``<eos>`` 257, ``<pad>`` 258.
+
+    ``vocab_size`` is 259; a model may have a larger (padded) vocabulary. Decoding drops the specials and
+    replaces invalid UTF-8 with U+FFFD.
+
+    Example:
+        >>> ByteTokenizer().encode("hi")
+        [104, 105]
+    """
+
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A checkpoint's ``tokenizer.json`` (HF ``tokenizers``), with bos/eos/pad from its config files.
+
+    Special tokens come from ``tokenizer_config.json`` (``bos_token``/``eos_token``/``pad_token``, strings or
+    ``{"content": ...}`` dicts) and fall back to ``config.json``'s ``bos_token_id``/``eos_token_id``. A
+    missing pad token uses eos (masked out anyway).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike):
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own exception types
+            raise ValueError(f"{path}: cannot load tokenizer ({e})") from e
+        tcfg = _read_json_or_empty(model_dir / "tokenizer_config.json")
+        mcfg = _read_json_or_empty(model_dir / "config.json")
+
+        def special(name: str) -> int | None:
+            tok = tcfg.get(f"{name}_token")
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if isinstance(tok, str):
+                tid = self._tok.token_to_id(tok)
+                if tid is not None:
+                    return tid
+            tid = mcfg.get(f"{name}_token_id")
+            return tid if isinstance(tid, int) else None
+
+        self.bos_id = special("bos")
+        self.eos_id = special("eos")
+        pad = special("pad")
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def _read_json_or_empty(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    return data if isinstance(data, dict) else {}
+
+
+def load_tokenizer(model_dir: str | os.PathLike | None) -> ByteTokenizer | HFTokenizer:
+    """The checkpoint's tokenizer when ``model_dir/tokenizer.json`` exists, else a ``ByteTokenizer``."""
+    if model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
+        return HFTokenizer(model_dir)
+    return ByteTokenizer()
+
+
+def _read_text_file(path: Path) -> str | None:
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if b"\x00" in raw[:8192]:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def read_texts(path: str | os.PathLike, *, max_bytes: int | None = None) -> list[tuple[str, str]]:
+    """Read a text file, or all text-like files under a folder, as ``[(relative path, text), ...]``.
+
+    Files are visited in sorted path order so the result is the same on every run. Reading stops once
+    ``max_bytes`` characters were collected (the last file is cut).
+
+    Raises:
+        ValueError: ``path`` does not exist, or holds no readable text.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ValueError(f"{root}: data path not found (expected a text file or a folder of text files)")
+    if root.is_file():
+        files = [root]
+    else:
+        files = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
+            files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        files.sort()
+    out: list[tuple[str, str]] = []
+    total = 0
+    for f in files:
+        text = _read_text_file(f)
+        if not text:
+            continue
+        if max_bytes is not None and total + len(text) > max_bytes:
+            text = text[: max_bytes - total]
+        out.append((str(f.relative_to(root)) if f != root else f.name, text))
+        total += len(text)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    if not out:
+        raise ValueError(f"{root}: no UTF-8 text found (binary or empty files are skipped)")
+    return out
+
+
+def tokenize(texts: Sequence[str], tokenizer: ByteTokenizer | HFTokenizer) -> list[np.ndarray]:
+    """Encode each text to an int32 id array (no special tokens; ``pack`` adds bos/eos)."""
+    return [np.asarray(tokenizer.encode(t), dtype=np.int32) for t in texts]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedData:
+    """Fixed-length rows: ``input_ids`` int32 ``[N, T]``, ``loss_mask`` bool ``[N, T]`` (False on padding)."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def take(self, index: np.ndarray | slice) -> PackedData:
+        return PackedData(self.input_ids[index], self.loss_mask[index])
+
+
+def pack(
+    docs: Sequence[np.ndarray | Sequence[int]],
+    seq_len: int,
+    *,
+    bos_id: int | None,
+    eos_id: int | None,
+    pad_id: int,
+) -> PackedData:
+    """Concatenate ``[bos] + doc + [eos]`` for every document and cut into rows of ``seq_len`` tokens.
+
+    The final partial row is padded with ``pad_id`` and its padding masked out of the loss.
+
+    Raises:
+        ValueError: ``seq_len < 2`` or there are no tokens.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 for next-token prediction, got {seq_len}")
+    parts = []
+    for d in docs:
+        if bos_id is not None:
+            parts.append(np.asarray([bos_id], np.int32))
+        parts.append(np.asarray(d, np.int32))
+        if eos_id is not None:
+            parts.append(np.asarray([eos_id], np.int32))
+    stream = np.concatenate(parts) if parts else np.zeros([0], np.int32)
+    if stream.size == 0:
+        raise ValueError("no tokens to pack (empty documents)")
+    rows = -(-stream.size // seq_len)
+    ids = np.full([rows * seq_len], pad_id, np.int32)
+    ids[: stream.size] = stream
+    mask = np.zeros([rows * seq_len], bool)
+    mask[: stream.size] = True
+    return PackedData(ids.reshape(rows, seq_len), mask.reshape(rows, seq_len))
+
+
+def split(data: PackedData, eval_fraction: float, *, seed: int = 0) -> tuple[PackedData, PackedData]:
+    """Split rows into (train, eval) after a seeded shuffle; eval gets ``round(N * eval_fraction)`` rows.
+
+    Raises:
+        ValueError: ``eval_fraction`` outside [0, 1) or too few rows to hold out any with a positive fraction.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n = len(data)
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0 and n_eval == 0:
+        n_eval = 1
+    if n - n_eval < 1:
+        raise ValueError(f"{n} packed rows are too few to split with eval_fraction={eval_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return data.take(np.sort(perm[n_eval:])), data.take(np.sort(perm[:n_eval]))
+
+
+def num_batches_per_epoch(data: PackedData, batch_size: int) -> int:
+    """Full batches per epoch (the last partial batch of an epoch is dropped)."""
+    return len(data) // batch_size
+
+
+def batch_at(data: PackedData, step: int, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """The batch of global step ``step``: rows of a seeded per-epoch permutation, by random access.
+
+    Returns ``{"input_ids": int32 [B, T], "loss_mask": bool [B, T]}``.
+
+    Raises:
+        ValueError: fewer rows than ``batch_size``.
+    """
+    per_epoch = num_batches_per_epoch(data, batch_size)
+    if per_epoch == 0:
+        raise ValueError(
+            f"batch size {batch_size} exceeds the {len(data)} packed rows of length {data.seq_len}; "
+            "use more data, a shorter --seq-len or a smaller --batch-size"
+        )
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(data))
+    idx = np.sort(perm[k * batch_size : (k + 1) * batch_size])
+    return {"input_ids": data.input_ids[idx], "loss_mask": data.loss_mask[idx]}

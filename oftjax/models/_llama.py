@@ -1,0 +1,244 @@
+"""A Llama-family causal LM (Llama, Mistral, Qwen2) in Flax NNX, mirroring transformers 5.24's modules.
+
+Module paths match the HF/PEFT names (``model.layers.0.self_attn.q_proj``, ``model.norm``, ``lm_head``) so
+adapters attach by name and checkpoints map one to one. Projections are plain ``nnx.Linear`` (kernel
+``[in, out]``); the loader may swap them for ``oftjax.nn.Linear8bit`` / ``Linear4bit`` and ``apply_oft`` wraps
+them, so the modules here call each projection and cast its output to the compute dtype, nothing more.
+
+Sharding: every parameter carries NNX partitioning metadata (``sharding_names``) over the mesh axes
+``AXIS_DATA`` ("data", the batch) and ``AXIS_FSDP`` ("fsdp", fully sharded parameters): kernels and embeddings
+shard their first axis over "fsdp", vectors are replicated. ``nnx.get_partition_spec(nnx.state(model))`` gives
+the specs for a ``Mesh(devices, ("data", "fsdp"))``. No tensor-parallel axis is used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from oftjax.models._config import ModelConfig
+from oftjax.models._rope import apply_rope, rope_cos_sin
+
+AXIS_DATA = "data"
+AXIS_FSDP = "fsdp"
+
+
+def _meta(*names: str | None) -> dict:
+    # Eager sharding needs a mesh at construction; without one we only annotate (shard later with the specs).
+    return {"sharding_names": names, "eager_sharding": False}
+
+
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, bias: bool, dtype, param_dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(
+        n_in,
+        n_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(cfg.extra.get("initializer_range", 0.02)),
+        kernel_metadata=_meta(AXIS_FSDP, None),
+        bias_metadata=_meta(None),
+        rngs=rngs,
+    )
+
+
+def _project(layer, x: jax.Array) -> jax.Array:
+    # Quantized bases compute in their own dtype; the residual stream stays in the model's compute dtype.
+    return layer(x).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """HF ``LlamaRMSNorm``: normalize in float32, cast back to the input dtype, then times ``weight``."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), **_meta(None))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.float32(self.eps))
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings; softmax in float32 as HF's eager path."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _linear(cfg, d, cfg.num_attention_heads * hd, cfg.qkv_bias, dtype, param_dtype, rngs)
+        self.k_proj = _linear(cfg, d, cfg.num_key_value_heads * hd, cfg.qkv_bias, dtype, param_dtype, rngs)
+        self.v_proj = _linear(cfg, d, cfg.num_key_value_heads * hd, cfg.qkv_bias, dtype, param_dtype, rngs)
+        self.o_proj = _linear(cfg, cfg.num_attention_heads * hd, d, cfg.o_bias, dtype, param_dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
+
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        b, s, _ = x.shape
+        kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        q = apply_rope(_project(self.q_proj, x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(_project(self.k_proj, x).reshape(b, s, kv, self.head_dim), cos, sin)
+        v = _project(self.v_proj, x).reshape(b, s, kv, self.head_dim)
+        q = q.reshape(b, s, kv, groups, self.head_dim)  # query head h uses kv head h // groups (repeat_kv)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * jnp.asarray(self.head_dim**-0.5, x.dtype)
+        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
+        return _project(self.o_proj, out)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, i, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = _linear(cfg, d, i, bias, dtype, param_dtype, rngs)
+        self.up_proj = _linear(cfg, d, i, bias, dtype, param_dtype, rngs)
+        self.down_proj = _linear(cfg, i, d, bias, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _project(self.down_proj, jax.nn.silu(_project(self.gate_proj, x)) * _project(self.up_proj, x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h + attn(norm(h))``, then ``h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype
+        )
+
+    def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        h = h + self.self_attn(self.input_layernorm(h), mask, cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def attention_mask(
+    seq_len: int, padding_mask: jax.Array | None, window: int | None, batch: int = 1
+) -> jax.Array:
+    """Boolean ``[batch, q, k]``: causal (``k <= q``), windowed (``k > q - window``) and key padding.
+
+    Built from sequence indices like transformers' ``create_causal_mask`` (not from ``positions``).
+    """
+    q = jnp.arange(seq_len)[:, None]
+    k = jnp.arange(seq_len)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    if padding_mask is None:
+        return jnp.broadcast_to(allowed, (batch, seq_len, seq_len))
+    return allowed[None] & padding_mask.astype(jnp.bool_)[:, None, :]
+
+
+class LlamaModel(nnx.Module):
+    """The decoder stack: ``embed_tokens``, ``layers`` (an ``nnx.List``) and the final ``norm``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype, self.remat = dtype, remat
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(cfg.extra.get("initializer_range", 0.02)),
+            embedding_metadata=_meta(AXIS_FSDP, None),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(cfg.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask_: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        b, s = input_ids.shape
+        h = self.embed_tokens(input_ids)
+        if positions is None:
+            positions = jnp.arange(s)
+        positions = jnp.broadcast_to(positions, (b, s))
+        cos, sin = rope_cos_sin(self.config, positions, h.dtype)
+        masks = {
+            w: attention_mask(s, attention_mask_, w, b)
+            for w in set(map(self.config.window, range(len(self.layers))))
+        }
+        for i, layer in enumerate(self.layers):
+            mask = masks[self.config.window(i)]
+            if self.remat:
+                h = nnx.remat(lambda lyr, h, m, c, s_: lyr(h, m, c, s_))(layer, h, mask, cos, sin)
+            else:
+                h = layer(h, mask, cos, sin)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Llama / Mistral / Qwen2 causal LM: ``model`` (``LlamaModel``) and ``lm_head`` (None when tied).
+
+    Args:
+      config: the architecture (``ModelConfig.from_hf(config_json)``).
+      rngs: initializer randomness (normal(0, initializer_range) kernels and embeddings, ones for norms).
+      dtype: compute dtype (activations, matmul inputs); RMSNorm statistics and softmax stay float32.
+      param_dtype: parameter dtype (e.g. float32 parameters with bfloat16 compute).
+      remat: rematerialize each decoder layer in the backward pass (``nnx.remat``).
+
+    Example:
+      >>> cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      ...     num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+      >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+      (2, 5, 32)
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+    ):
+        self.config = config
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else _linear(config, config.hidden_size, config.vocab_size, False, dtype, param_dtype, rngs)
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits ``[batch, seq, vocab]`` in the compute dtype.
+
+        Args:
+          input_ids: int ``[batch, seq]``.
+          attention_mask: ``[batch, seq]``, 1/True for real tokens, 0/False for padding (keys only, as HF).
+          positions: int ``[seq]`` or ``[batch, seq]`` rotary positions; default ``arange(seq)`` (HF's
+            forward does the same, whatever the padding).
+        """
+        h = self.model(input_ids, attention_mask, positions)
+        if self.lm_head is None:
+            emb = self.model.embed_tokens.embedding[...].astype(h.dtype)
+            return h @ emb.T
+        return _project(self.lm_head, h)
+
+
+MistralForCausalLM = LlamaForCausalLM
+Qwen2ForCausalLM = LlamaForCausalLM

@@ -1,0 +1,264 @@
+"""Put OFT adapters into any NNX model: target selection, wrapping, adapter management.
+
+``apply_oft`` is PEFT's ``get_peft_model`` / ``add_adapter`` for OFT on an NNX model: it walks the module
+graph (attributes, ``nnx.List`` / ``nnx.Dict`` / lists), names every module by its dotted path with list
+indices as numbers (``"model.layers.0.self_attn.q_proj"``, PEFT's module names), and wraps each selected
+linear in an
+``OFTLinear`` chosen by the base type (float ``nnx.Linear``, ``Linear8bit``, ``Linear4bit``: PEFT's
+``dispatch_bnb_8bit`` / ``dispatch_bnb_4bit``). The wrapper keeps the base's state names, so paths like
+``...q_proj.kernel`` do not change.
+
+Training selects by type: ``nnx.Optimizer(model, optax.adamw(1e-3), wrt=OFTParam)`` trains the rotations (and
+the biases that ``OFTConfig.bias`` made trainable, which become ``OFTBias``, a subclass of ``OFTParam``); the
+frozen quantized weights are ``QuantWeight`` variables, which no ``Param`` filter selects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from oftjax.nn._base import base_kind
+from oftjax.nn._oft_linear import AdapterSettings, OFTLinear
+from oftjax.nn._variables import OFTBias, OFTParam
+
+__all__ = [
+    "OFTParam",
+    "apply_oft",
+    "delete_adapter",
+    "disable_adapters",
+    "oft_layers",
+    "set_adapter",
+    "trainable_count",
+]
+
+PathKey = str | int
+
+
+def _path_str(path: Sequence[PathKey]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _child(node: Any, key: PathKey) -> Any:
+    if isinstance(key, int) or isinstance(node, dict | nnx.Dict):
+        return node[key]
+    return getattr(node, key)
+
+
+def _set_child(node: Any, key: PathKey, value: Any) -> None:
+    if isinstance(key, int) or isinstance(node, dict | nnx.Dict):
+        node[key] = value
+    else:
+        setattr(node, key, value)
+
+
+def _modules(model: nnx.Module) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
+    """Every module below the root with its path, not descending into OFT layers."""
+    oft_paths: list[tuple[PathKey, ...]] = []
+    for path, module in sorted(nnx.iter_modules(model), key=lambda pm: tuple(map(str, pm[0]))):
+        if not path or any(path[: len(p)] == p for p in oft_paths):
+            continue
+        if isinstance(module, OFTLinear):
+            oft_paths.append(tuple(path))
+        yield tuple(path), module
+
+
+def _is_linear(module: Any) -> bool:
+    if isinstance(module, OFTLinear):
+        return True
+    try:
+        base_kind(module)
+    except TypeError:
+        return False
+    return True
+
+
+def oft_layers(model: nnx.Module) -> Iterator[tuple[str, OFTLinear]]:
+    """``(dotted path, layer)`` for every ``OFTLinear`` in the model.
+
+    Example:
+      >>> from flax import nnx
+      >>> list(oft_layers(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))
+      []
+    """
+    for path, module in _modules(model):
+        if isinstance(module, OFTLinear):
+            yield _path_str(path), module
+
+
+def _current_active(model: nnx.Module) -> tuple[str, ...] | None:
+    for _, layer in oft_layers(model):
+        return layer.active_adapters
+    return None
+
+
+def apply_oft(
+    model: nnx.Module,
+    config: Any,
+    adapter_name: str = "default",
+    *,
+    rngs: nnx.Rngs | None = None,
+    rotate: str = "auto",
+    param_dtype: Any = jnp.float32,
+) -> list[str]:
+    """Add an OFT adapter to every layer of ``model`` that ``config`` targets; return the matched paths.
+
+    Layers are wrapped in ``OFTLinear`` (or, when already wrapped, get one more named adapter). Per layer the
+    ``(r, block_size)`` follow PEFT's rule, adjusting a block size that does not divide ``in_features`` with
+    PEFT's warning. As in PEFT, the first adapter of a model is active; a later one is added inactive (use
+    ``set_adapter``).
+
+    Args:
+      model: any NNX module.
+      config: an ``oftjax.OFTConfig`` (``target_modules`` must be set).
+      adapter_name: the adapter's name (PEFT's "default").
+      rngs: needed for ``init_weights=False`` (``N(0, 0.1)`` init) and ``module_dropout > 0``.
+      rotate: "auto" | "input" | "weight", see ``OFTLinear``.
+      param_dtype: dtype of the rotation parameters (PEFT upcasts adapters to fp32 by default).
+
+    Returns:
+      The dotted paths of the adapted layers, sorted.
+
+    Raises:
+      ValueError: nothing matches (the message names the patterns and some candidate paths), or the adapter
+        name already exists on a matched layer.
+      TypeError: a targeted module is not a supported linear layer.
+
+    Example:
+      >>> from flax import nnx
+      >>> from oftjax.config import OFTConfig
+      >>> class MLP(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.lin0 = nnx.Linear(10, 20, rngs=rngs)
+      ...         self.lin1 = nnx.Linear(20, 2, rngs=rngs)
+      >>> model = MLP(nnx.Rngs(0))
+      >>> apply_oft(model, OFTConfig(r=2, oft_block_size=0, target_modules=["lin0"]))
+      ['lin0']
+    """
+    if config.modules_to_save:
+        warnings.warn(
+            f"OFTConfig.modules_to_save={list(config.modules_to_save)} is not supported by oftjax.apply_oft: "
+            "those modules are neither adapted nor made trainable",
+            stacklevel=2,
+        )
+    matched: list[tuple[tuple[PathKey, ...], Any]] = []
+    candidates: list[str] = []
+    for path, module in _modules(model):
+        linear = _is_linear(module)
+        name = _path_str(path)
+        if linear:
+            candidates.append(name)
+        if config.is_all_linear and (not linear or path[-1] == "lm_head"):
+            continue  # PEFT's "all-linear" skips non-linear modules and the output layer
+        if not config.is_target(name):
+            continue
+        if not linear:
+            raise TypeError(
+                f"Target module {name} ({type(module).__name__}) is not supported. Currently, only "
+                "nnx.Linear-like layers, oftjax.nn.Linear8bit and oftjax.nn.Linear4bit are supported."
+            )
+        matched.append((path, module))
+    if not matched:
+        raise ValueError(
+            f"Target modules {_describe_targets(config)} not found in the base model. Candidate linear "
+            f"layers: {candidates[:8]}{' ...' if len(candidates) > 8 else ''}. Please check the target "
+            "modules and try again."
+        )
+    for path, module in matched:
+        if isinstance(module, OFTLinear) and adapter_name in module.adapters:
+            raise ValueError(
+                f"adapter {adapter_name!r} already exists on {_path_str(path)}; pick another adapter_name or "
+                "delete_adapter first"
+            )
+    active = _current_active(model)
+    for path, module in matched:
+        layer = module if isinstance(module, OFTLinear) else OFTLinear(module, rotate=rotate)
+        settings = AdapterSettings.from_config(config, layer.in_features)
+        layer.add_adapter(
+            adapter_name,
+            settings,
+            init_weights=bool(config.init_weights),
+            rngs=rngs,
+            param_dtype=param_dtype,
+            activate=active is None,
+        )
+        if active is not None:
+            layer.active_adapters = active
+        if layer is not module:
+            parent = model
+            for key in path[:-1]:
+                parent = _child(parent, key)
+            _set_child(parent, path[-1], layer)
+    _mark_biases(model, config.bias, [m for _, m in oft_layers(model)])
+    return [_path_str(p) for p, _ in matched]
+
+
+def _describe_targets(config: Any) -> str:
+    t = config.target_modules
+    return repr(t) if isinstance(t, str) else str(sorted(t))
+
+
+def _mark_biases(model: nnx.Module, bias: str, oft_modules: list[OFTLinear]) -> None:
+    """PEFT's ``bias``: "all" makes every bias trainable, "oft_only" the biases of OFT layers."""
+    if bias == "none":
+        return
+    if bias not in ("all", "oft_only"):
+        raise ValueError(f"OFTConfig.bias must be 'none', 'all' or 'oft_only'; got {bias!r}")
+    modules = [m for _, m in nnx.iter_modules(model)] if bias == "all" else oft_modules
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            is_bias = name == "bias" if bias == "oft_only" else "bias" in name
+            if is_bias and isinstance(value, nnx.Param) and not isinstance(value, OFTParam):
+                setattr(module, name, OFTBias(value[...]))
+
+
+def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:
+    """Make these adapters active on every OFT layer, applied in the given order (PEFT's ``set_adapter``).
+
+    A layer without one of the names skips it. Raises ValueError if a name exists on no layer.
+    """
+    names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+    layers = [layer for _, layer in oft_layers(model)]
+    known = {n for layer in layers for n in layer.adapters}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"unknown adapter(s) {missing}; the model has {sorted(known)}")
+    for layer in layers:
+        layer.active_adapters = names
+
+
+def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
+    """Remove an adapter from every layer that has it (ValueError if none has it or it is merged)."""
+    found = False
+    for _, layer in oft_layers(model):
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+            found = True
+    if not found:
+        raise ValueError(f"adapter {adapter_name!r} not found in the model")
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nnx.Module) -> Iterator[None]:
+    """Inside the context every OFT layer runs its base only (merged layers are unmerged first, as PEFT).
+
+    Example:
+      >>> from flax import nnx
+      >>> with disable_adapters(nnx.Linear(2, 2, rngs=nnx.Rngs(0))):
+      ...     pass
+    """
+    with contextlib.ExitStack() as stack:
+        for _, layer in oft_layers(model):
+            stack.enter_context(layer.disable_adapters())
+        yield
+
+
+def trainable_count(model: nnx.Module, wrt: Any = OFTParam) -> int:
+    """Number of scalars the optimizer filter ``wrt`` selects (default: rotations and trainable biases)."""
+    leaves = nnx.state(model, wrt)
+    return int(sum(v[...].size for _, v in nnx.to_flat_state(leaves)))

@@ -1,0 +1,49 @@
+"""Training with optax: causal-LM loss, the jitted step, the loop with metrics/checkpoints/resume, sharding.
+
+The step trains exactly the variables of one type (``oftjax.nn.OFTParam`` by default) through
+``nnx.Optimizer(model, tx, wrt=OFTParam)``; see ``Trainer`` and ``fit``.
+"""
+
+from oftjax.train._checkpoint import latest_checkpoint as latest_checkpoint
+from oftjax.train._checkpoint import restore_train_state as restore_train_state
+from oftjax.train._checkpoint import save_checkpoint as save_checkpoint
+from oftjax.train._config import TrainConfig as TrainConfig
+from oftjax.train._config import make_optimizer as make_optimizer
+from oftjax.train._config import make_schedule as make_schedule
+from oftjax.train._log import MetricsLog as MetricsLog
+from oftjax.train._log import plot_loss as plot_loss
+from oftjax.train._log import read_metrics as read_metrics
+from oftjax.train._loop import FitResult as FitResult
+from oftjax.train._loop import eval_batches as eval_batches
+from oftjax.train._loop import fit as fit
+from oftjax.train._loss import causal_lm_loss as causal_lm_loss
+from oftjax.train._loss import causal_lm_loss_sum as causal_lm_loss_sum
+from oftjax.train._sharding import batch_sharding as batch_sharding
+from oftjax.train._sharding import make_mesh as make_mesh
+from oftjax.train._sharding import shard_batch as shard_batch
+from oftjax.train._sharding import state_shardings as state_shardings
+from oftjax.train._step import Trainer as Trainer
+from oftjax.train._step import default_wrt as default_wrt
+
+__all__ = [
+    "FitResult",
+    "MetricsLog",
+    "TrainConfig",
+    "Trainer",
+    "batch_sharding",
+    "causal_lm_loss",
+    "causal_lm_loss_sum",
+    "default_wrt",
+    "eval_batches",
+    "fit",
+    "latest_checkpoint",
+    "make_mesh",
+    "make_optimizer",
+    "make_schedule",
+    "plot_loss",
+    "read_metrics",
+    "restore_train_state",
+    "save_checkpoint",
+    "shard_batch",
+    "state_shardings",
+]

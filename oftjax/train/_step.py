@@ -1,0 +1,194 @@
+"""The jitted train and eval steps over any NNX model whose trainable variables have one type (OFTParam).
+
+The model and its ``nnx.Optimizer(model, tx, wrt=OFTParam)`` live as one ``(graphdef, state)`` pair; a step is
+a pure function ``state, batch -> state, metrics`` under ``jax.jit`` with the state donated (updated in place,
+no second copy of the frozen weights) and, on a mesh, explicit in/out shardings. Gradient accumulation is an
+explicit ``lax.scan`` over micro-batches that sums per-token losses and divides once by the total number of
+predicted tokens, so k micro-batches give the same update as one big batch (up to fp32 summation order).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from oftjax.train._config import TrainConfig, make_optimizer, make_schedule
+from oftjax.train._loss import causal_lm_loss_sum
+from oftjax.train._sharding import shard_batch, state_shardings
+
+__all__ = ["Trainer", "default_wrt"]
+
+
+def default_wrt() -> Any:
+    """The trainable-variable filter: ``oftjax.nn.OFTParam``."""
+    from oftjax.nn import OFTParam
+
+    return OFTParam
+
+
+def _forward(model: nnx.Module, batch: dict) -> jax.Array:
+    if "attention_mask" in batch:
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return model(batch["input_ids"])
+
+
+def _loss_and_grads(model: nnx.Module, wrt: Any, batch: dict, micro: int):
+    """Summed loss, token count, summed grads; also the side-effect state (COFT write-back, RNG counters)."""
+    graphdef, params, rest = nnx.split(model, wrt, ...)
+    side = nnx.Any(wrt, nnx.RngState)
+
+    def micro_loss(params, rest, mb):
+        m = nnx.merge(graphdef, params, rest)
+        total, count = causal_lm_loss_sum(_forward(m, mb), mb["input_ids"], mb.get("loss_mask"))
+        return total, (count, jax.lax.stop_gradient(nnx.state(m, side)))
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if micro == 1:
+        (total, (count, new_side)), grads = grad_fn(params, rest, batch)
+        return total, count, grads, new_side
+
+    mbs = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+        g_acc, t_acc, c_acc, rest = carry
+        (t, (c, new_side)), g = grad_fn(params, rest, mb)
+        rngs = nnx.filter_state(new_side, nnx.RngState)
+        if jax.tree.leaves(rngs):  # advance dropout RNG counters between micro-batches
+            rest = nnx.merge_state(rest, rngs)
+        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, c_acc + c, rest), new_side
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zero = jnp.zeros((), jnp.float32)
+    (grads, total, count, _), sides = jax.lax.scan(body, (zeros, zero, zero, rest), mbs)
+    return total, count, grads, jax.tree.map(lambda x: x[-1], sides)
+
+
+def _train_step(graphdef, wrt, micro: int, state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    total, count, grads, new_side = _loss_and_grads(model, wrt, batch, micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    nnx.update(model, new_side)  # PEFT projects COFT params in place before the optimizer step
+    # optax's Adam bias correction (``1 - b1**count``, int count) relies on implicit int->float promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        optimizer.update(model, grads)
+    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    return nnx.state((model, optimizer)), metrics
+
+
+def _eval_step(graphdef, state, batch):
+    model, _ = nnx.merge(graphdef, state)
+    return causal_lm_loss_sum(_forward(model, batch), batch["input_ids"], batch.get("loss_mask"))
+
+
+class Trainer:
+    """One-compilation training of the ``wrt`` variables of ``model`` with optax.
+
+    Args:
+      model: any NNX module called as ``model(input_ids) -> logits [B, T, V]`` (or with ``attention_mask``
+        when batches carry one).
+      cfg: a ``TrainConfig`` (optimizer, schedule, accumulation).
+      wrt: the trainable-variable filter; default ``oftjax.nn.OFTParam`` (only rotations train).
+      mesh: a ("data", "fsdp") mesh (``make_mesh``); None runs on the default device.
+      tx: an optax transformation replacing ``make_optimizer(cfg)``.
+
+    The model's arrays are donated to the step: read the model only after ``sync()`` (``model`` property).
+
+    Example:
+      >>> trainer = Trainer(model, TrainConfig(steps=10))          # doctest: +SKIP
+      >>> metrics = trainer.train_step({"input_ids": ids, "loss_mask": mask})  # doctest: +SKIP
+      >>> model = trainer.model                                      # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        cfg: TrainConfig,
+        *,
+        wrt: Any = None,
+        mesh: jax.sharding.Mesh | None = None,
+        tx: optax.GradientTransformation | None = None,
+    ):
+        self.cfg = cfg
+        self.wrt = default_wrt() if wrt is None else wrt
+        self.mesh = mesh
+        if not jax.tree.leaves(nnx.state(model, self.wrt)):
+            raise ValueError(
+                f"the model has no trainable variables of type {self.wrt!r}; apply OFT first "
+                "(oftjax.apply_oft) or pass wrt=nnx.Param for full fine-tuning"
+            )
+        self._model = model
+        self._optimizer = nnx.Optimizer(model, tx if tx is not None else make_optimizer(cfg), wrt=self.wrt)
+        self._schedule = make_schedule(cfg)
+        graphdef, state = nnx.split((model, self._optimizer))
+        self._graphdef = graphdef
+        train = functools.partial(_train_step, graphdef, self.wrt, cfg.grad_accum)
+        evaluate = functools.partial(_eval_step, graphdef)
+        if mesh is not None:
+            self._shardings = state_shardings(state, mesh)
+            state = jax.device_put(state, self._shardings)
+            self._train = jax.jit(train, donate_argnums=0, out_shardings=(self._shardings, None))
+        else:
+            self._shardings = None
+            self._train = jax.jit(train, donate_argnums=0)
+        self._eval = jax.jit(evaluate)
+        self.state = state
+        self._synced = True
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far."""
+        return int(self.state[1]["step"].get_value())
+
+    def learning_rate(self, step: int | None = None) -> float:
+        """The scheduled learning rate used by optimizer step ``step`` (default: the next one)."""
+        return float(self._schedule(self.step if step is None else step))
+
+    def train_step(self, batch: dict[str, np.ndarray | jax.Array]) -> dict[str, jax.Array]:
+        """One optimizer step on ``batch`` (``input_ids`` [B, T], optional ``loss_mask``/``attention_mask``).
+
+        Returns device scalars ``loss`` (mean over predicted tokens), ``tokens`` and ``grad_norm`` (pre-clip).
+        """
+        self.state, metrics = self._train(self.state, shard_batch(batch, self.mesh))
+        self._synced = False
+        return metrics
+
+    def eval_loss(self, batches: Iterable[dict[str, np.ndarray]]) -> float:
+        """Mean next-token loss over all predicted tokens of ``batches`` (no parameter change)."""
+        total, count = 0.0, 0.0
+        for batch in batches:
+            t, c = self._eval(self.state, shard_batch(batch, self.mesh))
+            total += float(t)
+            count += float(c)
+        return total / max(count, 1.0)
+
+    def sync(self) -> None:
+        """Write the current state back into the model and optimizer objects."""
+        if not self._synced:
+            nnx.update((self._model, self._optimizer), self.state)
+            self._synced = True
+
+    @property
+    def model(self) -> nnx.Module:
+        """The trained model (synchronised with the latest step)."""
+        self.sync()
+        return self._model
+
+    @property
+    def optimizer(self) -> nnx.Optimizer:
+        self.sync()
+        return self._optimizer
+
+    def load_state(self, state: nnx.State) -> None:
+        """Replace the (model, optimizer) state, e.g. from a checkpoint; placed like the current one."""
+        if self._shardings is not None:
+            state = jax.device_put(state, self._shardings)
+        self.state = state
+        self._synced = False
