@@ -1,13 +1,14 @@
 """HF checkpoint directories (float, bnb 8-bit, bnb 4-bit) <-> per-module weight dicts (numpy only, no torch).
 
-The structure both directions use (``Weights``): ``{module_path: {param_name: leaf}}`` where ``module_path`` is the
-tensor name up to its last dot (``"model.layers.0.self_attn.q_proj"``, ``""`` for a top-level tensor) and a leaf is
+The structure both directions use (``Weights``): ``{module_path: {param_name: leaf}}`` where ``module_path``
+is the tensor name up to its last dot (``"model.layers.0.self_attn.q_proj"``, ``""`` for a top-level tensor)
+and a leaf is
   * ``oftjax.quant.Int8Weight`` / ``FourBitWeight`` under ``"weight"`` for a bnb-quantized linear layer (its
     bnb tensors ``weight``, ``SCB``, ``weight.absmax``... are consumed; never converted through float), or
   * a numpy array (any dtype; bf16 as ``ml_dtypes.bfloat16``) for every other tensor (``bias``, norms,
     embeddings, ``lm_head``...), under its own name.
-With ``lazy=True`` the array leaves are ``LazyTensor``s (shape and dtype known, bytes read on ``load()``), so a
-converter streams a checkpoint tensor by tensor.
+With ``lazy=True`` the array leaves are ``LazyTensor``s (shape and dtype known, bytes read on ``load()``), so
+a converter streams a checkpoint tensor by tensor.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from interop import bnb
+from interop._hf_config import bnb_quantization_config as bnb_quantization_config
+from interop._hf_config import check_weights_match_config, validate_quantization_config
 from interop._io import InteropError, output_dir, read_json
 from interop._safetensors import LazyTensor, SafetensorsFile, total_nbytes, write_safetensors
 from oftjax.quant import FourBitWeight, Int8Weight
@@ -36,137 +39,6 @@ TORCH_BIN = "pytorch_model.bin"
 TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS_INDEX, SAFETENSORS, TORCH_BIN_INDEX, TORCH_BIN)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-
-# BitsAndBytesConfig.to_dict() keys (transformers 5.24, utils/quantization_config.py).
-QC_KEYS = frozenset(
-    {
-        "quant_method",
-        "load_in_4bit",
-        "load_in_8bit",
-        "_load_in_4bit",
-        "_load_in_8bit",
-        "bnb_4bit_compute_dtype",
-        "bnb_4bit_quant_storage",
-        "bnb_4bit_quant_type",
-        "bnb_4bit_use_double_quant",
-        "llm_int8_enable_fp32_cpu_offload",
-        "llm_int8_has_fp16_weight",
-        "llm_int8_skip_modules",
-        "llm_int8_threshold",
-    }
-)
-_STORAGES = ("uint8", "int8", "float16", "bfloat16", "float32", "float64")
-
-
-# --------------------------------------------------------------------------------------------- config checks
-
-
-def validate_quantization_config(qc: Any, *, where: str = CONFIG) -> dict[str, Any]:
-    """Check a ``quantization_config`` dict and return its normalized essentials.
-
-    Returns:
-      ``{"kind": "4bit" | "int8", "quant_type", "use_double_quant", "quant_storage", "compute_dtype",
-      "threshold"}`` (4-bit fields are None for int8).
-
-    Raises:
-      InteropError: unknown keys (named), another quant_method, both or neither of 4/8-bit, or options this
-        library does not implement (``llm_int8_has_fp16_weight``, unknown quant types or storages).
-    """
-    pre = f"{where}: quantization_config"
-    if not isinstance(qc, dict):
-        raise InteropError(f"{pre}: expected an object, got {type(qc).__name__}")
-    method = qc.get("quant_method")
-    if method != "bitsandbytes":
-        raise InteropError(f"{pre}.quant_method {method!r}: only 'bitsandbytes' checkpoints are supported")
-    unknown = sorted(set(qc) - QC_KEYS)
-    if unknown:
-        raise InteropError(f"{pre}: unknown key(s) {unknown} (known: {sorted(QC_KEYS)})")
-    four = bool(qc.get("load_in_4bit", qc.get("_load_in_4bit", False)))
-    eight = bool(qc.get("load_in_8bit", qc.get("_load_in_8bit", False)))
-    if four == eight:
-        raise InteropError(f"{pre}: exactly one of load_in_4bit / load_in_8bit must be true")
-    if qc.get("llm_int8_has_fp16_weight"):
-        raise InteropError(f"{pre}.llm_int8_has_fp16_weight=true (float weights, no SCB) is not supported")
-    out: dict[str, Any] = {"kind": "4bit" if four else "int8", "threshold": qc.get("llm_int8_threshold", 6.0)}
-    if four:
-        qt = qc.get("bnb_4bit_quant_type", "fp4")
-        if qt not in ("nf4", "fp4"):
-            raise InteropError(f"{pre}.bnb_4bit_quant_type {qt!r}: expected 'nf4' or 'fp4'")
-        storage = qc.get("bnb_4bit_quant_storage", "uint8") or "uint8"
-        if storage not in _STORAGES:
-            raise InteropError(f"{pre}.bnb_4bit_quant_storage {storage!r}: expected one of {_STORAGES}")
-        out.update(
-            quant_type=qt,
-            use_double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
-            quant_storage=bnb.dtype_from_name(storage),
-            compute_dtype=bnb.dtype_from_name(qc.get("bnb_4bit_compute_dtype") or "float32", where=f"{pre}: "),
-        )
-    else:
-        out.update(quant_type=None, use_double_quant=None, quant_storage=None, compute_dtype=None)
-    return out
-
-
-def bnb_quantization_config(
-    kind: str,
-    *,
-    quant_type: str = "nf4",
-    use_double_quant: bool = False,
-    quant_storage: str = "uint8",
-    compute_dtype: str = "float32",
-    threshold: float = 6.0,
-) -> dict[str, Any]:
-    """The ``quantization_config`` dict transformers writes for a bnb checkpoint (``kind`` "4bit" or "int8").
-
-    Example:
-      >>> bnb_quantization_config("4bit", quant_type="nf4")["bnb_4bit_quant_type"]
-      'nf4'
-    """
-    if kind not in ("4bit", "int8"):
-        raise ValueError(f"kind {kind!r}: expected '4bit' or 'int8'")
-    four = kind == "4bit"
-    return {
-        "_load_in_4bit": four,
-        "_load_in_8bit": not four,
-        "bnb_4bit_compute_dtype": compute_dtype,
-        "bnb_4bit_quant_storage": quant_storage,
-        "bnb_4bit_quant_type": quant_type if four else "fp4",
-        "bnb_4bit_use_double_quant": bool(use_double_quant) if four else False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_skip_modules": None,
-        "llm_int8_threshold": threshold,
-        "load_in_4bit": four,
-        "load_in_8bit": not four,
-        "quant_method": "bitsandbytes",
-    }
-
-
-def check_weights_match_config(config: Mapping[str, Any], weights: Weights, *, where: str) -> None:
-    """Every quantized leaf agrees with ``config["quantization_config"]`` (kind, quant type, double quant,
-    storage); quantized leaves need one. Raises InteropError naming the module."""
-    qc = config.get("quantization_config")
-    norm = validate_quantization_config(qc, where=where) if qc is not None else None
-    for module, params in weights.items():
-        for name, leaf in params.items():
-            if not isinstance(leaf, (Int8Weight, FourBitWeight)):
-                continue
-            path = f"{module}.{name}" if module else name
-            if name != "weight":
-                raise InteropError(f"{where}: {path}: bitsandbytes layers keep their quantized tensor as 'weight'")
-            kind = "int8" if isinstance(leaf, Int8Weight) else "4bit"
-            if norm is None:
-                raise InteropError(f"{where}: {path} is bnb-quantized ({kind}) but config has no quantization_config")
-            if kind != norm["kind"]:
-                raise InteropError(f"{where}: {path} is {kind} but quantization_config says {norm['kind']}")
-            if kind == "4bit":
-                got = (leaf.quant_type, leaf.compress_statistics, np.dtype(leaf.packed.dtype))
-                want = (norm["quant_type"], norm["use_double_quant"], norm["quant_storage"])
-                if got != want:
-                    raise InteropError(
-                        f"{where}: {path} is (quant_type, double_quant, storage) = {got} but quantization_config "
-                        f"says {want}"
-                    )
-
 
 # --------------------------------------------------------------------------------------------- reading
 
@@ -241,7 +113,13 @@ def _sources(path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
     return tensors, origin
 
 
-_LAYER_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
+_LAYER_SUFFIXES = (
+    "weight",
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+)
 
 
 def _group(tensors: dict[str, Any], origin: dict[str, Path], int8_dtype: Any) -> Weights:
@@ -252,9 +130,7 @@ def _group(tensors: dict[str, Any], origin: dict[str, Path], int8_dtype: Any) ->
     weights: Weights = {}
     for module in sorted(four | eight, key=natural_key):
         p = module + "."
-        sub = {
-            p + s: tensors[p + s] for s in (*_LAYER_SUFFIXES, "SCB", "weight_format") if p + s in tensors
-        }
+        sub = {p + s: tensors[p + s] for s in (*_LAYER_SUFFIXES, "SCB", "weight_format") if p + s in tensors}
         sub.update({k: tensors[k] for k in tensors if k.startswith(p + bnb.QUANT_STATE)})
         where = origin.get(p + "weight") or origin[next(iter(sub))]
         try:
@@ -295,7 +171,8 @@ def materialize(weights: Weights) -> Weights:
 
 
 def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, Any], Weights]:
-    """Read an HF checkpoint directory (float, bnb 8-bit or bnb 4-bit) without passing quantized layers through float.
+    """Read an HF checkpoint directory (float, bnb 8-bit or bnb 4-bit) without passing quantized layers
+    through float.
 
     Args:
       path: a directory with ``config.json`` and ``model.safetensors``, a sharded
@@ -361,7 +238,9 @@ def flatten(weights: Weights) -> dict[str, Any]:
                 items = bnb.to_entries(leaf, module).items()
             else:
                 if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-                    raise TypeError(f"{path}: expected an array or a quantized weight, got {type(leaf).__name__}")
+                    raise TypeError(
+                        f"{path}: expected an array or a quantized weight, got {type(leaf).__name__}"
+                    )
                 items = [(path, leaf)]
             for k, v in items:
                 if k in out:
@@ -427,10 +306,10 @@ def write_checkpoint(
 ) -> Path:
     """Write an HF checkpoint directory that transformers ``from_pretrained`` loads.
 
-    Quantized leaves are written in bitsandbytes' serialization (``interop.bnb.to_state_dict``), byte-identical
-    to what was read; arrays keep their dtype. Shards (``model-0000i-of-0000N.safetensors`` + index) when the
-    tensors exceed ``max_shard_size``. The directory is built in a temporary sibling and renamed: on any error
-    nothing is written.
+    Quantized leaves are written in bitsandbytes' serialization (``interop.bnb.to_state_dict``),
+    byte-identical to what was read; arrays keep their dtype. Shards (``model-0000i-of-0000N.safetensors`` +
+    index) when the tensors exceed ``max_shard_size``. The directory is built in a temporary sibling and
+    renamed: on any error nothing is written.
 
     Args:
       path: the output directory; must not exist unless ``force``.
@@ -461,7 +340,9 @@ def copy_extra_files(dst: Path, files: Mapping[str, Path]) -> None:
 
     for name, src in files.items():
         if Path(name).name != name or name in (CONFIG, *WEIGHT_FILES):
-            raise InteropError(f"extra file name {name!r} is not a plain file name or clashes with a weights file")
+            raise InteropError(
+                f"extra file name {name!r} is not a plain file name or clashes with a weights file"
+            )
         shutil.copyfile(src, dst / name)
 
 

@@ -8,8 +8,8 @@ A native checkpoint is a directory holding
       - ``{"kind": "4bit", "quant_type": "nf4", "blocksize": 64, "shape": [out, in], "dtype": "bfloat16",
         "tensors": {"packed": ..., "absmax": ...[, "nested_absmax": ..., "offset": ...]}}``
     i.e. the static metadata of ``oftjax.quant.Int8Weight`` / ``FourBitWeight`` and the names of their leaves;
-  * ``weights.safetensors``: every leaf under its name (the ``Int8Weight``/``FourBitWeight`` field names, bytes as
-    bitsandbytes stores them: ``packed`` in the quant_storage dtype, ``offset`` a float32 scalar);
+  * ``weights.safetensors``: every leaf under its name (the ``Int8Weight``/``FourBitWeight`` field names,
+    bytes as bitsandbytes stores them: ``packed`` in the quant_storage dtype, ``offset`` a float32 scalar);
   * any other files of the source directory (tokenizer, generation_config.json...), copied verbatim.
 Reading validates everything a bnb checkpoint read validates (the layers go through ``interop.bnb``).
 """
@@ -137,12 +137,16 @@ def _leaf(spec: Any, f: SafetensorsFile, where: str, module: str) -> Any:
         else:
             leaves = set(lazy)
             if leaves not in ({"packed", "absmax"}, {"packed", "absmax", "nested_absmax", "offset"}):
-                raise InteropError(f"4bit leaves {sorted(leaves)}: expected packed, absmax[, nested_absmax, offset]")
+                raise InteropError(
+                    f"4bit leaves {sorted(leaves)}: expected packed, absmax[, nested_absmax, offset]"
+                )
             offset = lazy.get("offset")
             if offset is not None:
                 offset = offset.load()
                 if offset.dtype != np.float32 or offset.shape != ():
-                    raise InteropError(f"offset: expected a float32 scalar, got {offset.dtype}{list(offset.shape)}")
+                    raise InteropError(
+                        f"offset: expected a float32 scalar, got {offset.dtype}{list(offset.shape)}"
+                    )
             q = FourBitWeight(
                 packed=lazy["packed"],
                 absmax=lazy["absmax"],
@@ -206,8 +210,9 @@ def checkpoint_to_native(
 ) -> Path:
     """Convert an HF checkpoint directory (float / bnb 8-bit / bnb 4-bit) to a native one, tensor by tensor.
 
-    Quantized tensors are copied byte for byte; other files of ``src`` (tokenizer...) are copied too. Validation
-    of every layer happens before anything is written; the output directory appears only when complete.
+    Quantized tensors are copied byte for byte; other files of ``src`` (tokenizer...) are copied too.
+    Validation of every layer happens before anything is written; the output directory appears only when
+    complete.
 
     Example:
       >>> checkpoint_to_native("llama-nf4", "llama-nf4-jax")  # doctest: +SKIP

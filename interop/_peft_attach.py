@@ -136,7 +136,30 @@ def load_adapter(
     from .peft import _read
 
     config, tensors, _ = _read(path, adapter_name)
-    source = Path(path)
+    return attach_adapter(
+        model, config, tensors, adapter_name, activate=activate, rngs=rngs, source=Path(path)
+    )
+
+
+def attach_adapter(
+    model: Any,
+    config: OFTConfig,
+    tensors: Mapping[str, np.ndarray],
+    adapter_name: str = "default",
+    *,
+    activate: bool | None = None,
+    rngs: nnx.Rngs | None = None,
+    source: str | os.PathLike = "<tensors>",
+) -> list[str]:
+    """``load_adapter`` from memory: attach ``(config, PEFT-named tensors)`` (as ``read_adapter`` returns).
+
+    Example:
+        >>> config, tensors = read_adapter("peft_adapter_dir")  # doctest: +SKIP
+        >>> attach_adapter(model, config, tensors, "default")  # doctest: +SKIP
+        ['lin0', 'lin1']
+    """
+    source = Path(source)
+    fmt.check_adapter_name(adapter_name)
     parsed = fmt.check_tensors(tensors, config, source)
     table = module_table(model)
     current = _current_active(table)
@@ -243,9 +266,12 @@ _SETTING_FIELDS = (
 def _bias_mode(table: Mapping[str, tuple[PathKey, Any]], layers: Mapping[str, OFTLinear]) -> str:
     """PEFT's ``bias`` that saves exactly the biases made trainable (``OFTBias``) in the model."""
     trainable = {p for p, (_, m) in table.items() if isinstance(getattr(m, "bias", None), OFTBias)}
-    if not trainable:
-        return "none"
-    return "oft_only" if trainable <= set(layers) else "all"
+    with_bias = {p for p, m in layers.items() if getattr(m, "bias", None) is not None}
+    if trainable and trainable <= set(layers):
+        return "oft_only"
+    if trainable and with_bias <= trainable:
+        return "all"
+    return "none"  # no trainable biases, or they belong to another adapter's layers
 
 
 def _infer_config(layers: Mapping[str, OFTLinear], adapter_name: str, bias: str = "none") -> OFTConfig:
@@ -310,8 +336,8 @@ def collect_adapter(
     """The ``(config, PEFT-named tensors)`` of one adapter of an NNX model (what ``save_adapter`` writes).
 
     Without ``config``, one is inferred from the layers (``target_modules`` = their full paths; ``bias`` from
-    which biases are trainable ``OFTBias``: "oft_only" if only OFT layers', "all" if others too). A given
-    config
+    which biases are trainable ``OFTBias``: "oft_only" if only this adapter's layers' ones, "all" if those
+    and others, else "none"). A given config
     is checked: it must select exactly the layers carrying the adapter and reproduce each layer's layout.
     """
     table = module_table(model)

@@ -5,9 +5,10 @@ memory before writing. The format is simple (https://github.com/huggingface/safe
 little-endian header length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
 "__metadata__": {str: str}}`` (padded with spaces), then the tensor bytes, contiguous, in offset order.
 
-The reader memory-maps the file and validates the header against the file size, so a truncated or corrupt file is
-refused when opened, naming the file and the tensor. The writer streams tensor by tensor (a header computed from
-shapes first, then each tensor's bytes), so converting a checkpoint holds one tensor in memory at a time.
+The reader memory-maps the file and validates the header against the file size, so a truncated or corrupt
+file is refused when opened, naming the file and the tensor. The writer streams tensor by tensor (a header
+computed from shapes first, then each tensor's bytes), so converting a checkpoint holds one tensor in memory
+at a time.
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ class SafetensorsFile:
         _, _, begin, end = self._entry(key)
         return memoryview(self._buffer())[self._base + begin : self._base + end]
 
+    def data_offset(self, key: str) -> int:
+        """Absolute byte offset of the tensor in the file."""
+        return self._base + self._entry(key)[2]
+
     def get(self, key: str) -> np.ndarray:
         """A (writable) numpy copy of one tensor."""
         dtype, shape, _, _ = self._entry(key)
@@ -205,6 +210,32 @@ def tensor_bytes(x: Any) -> memoryview | bytes:
     return memoryview(arr.view(np.uint8)) if arr.size else b""
 
 
+def _write_all(fh: Any, data: Any) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        view = view[fh.write(view) :]
+
+
+def _copy_range(x: LazyTensor, fh: Any, n: int) -> bool:
+    """Copy a tensor file-to-file inside the kernel (Linux ``copy_file_range``); False when unavailable."""
+    if not hasattr(os, "copy_file_range") or n == 0:
+        return False
+    begin = x.file.data_offset(x.key)
+    done = 0
+    with open(x.file.path, "rb", buffering=0) as src:
+        try:
+            while done < n:
+                k = os.copy_file_range(src.fileno(), fh.fileno(), n - done, begin + done)
+                if k == 0:
+                    raise InteropError(f"{x.file.path}: tensor {x.key!r} is shorter than its header says")
+                done += k
+        except OSError:
+            if done:
+                raise
+            return False  # e.g. across filesystems on old kernels: fall back to read + write
+    return True
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, Any],
@@ -214,9 +245,10 @@ def write_safetensors(
 ) -> int:
     """Stream ``tensors`` (name -> numpy / jax / LazyTensor) into a new safetensors file at ``path``.
 
-    Tensors are laid out like ``safetensors.save`` does (larger itemsize first, then by name) so every tensor is
-    aligned to its dtype. Each tensor is read (``LazyTensor``) and written one at a time. ``path`` is written
-    directly: callers write inside a temporary directory or file and rename (see ``interop._io``).
+    Tensors are laid out like ``safetensors.save`` does (larger itemsize first, then by name) so every tensor
+    is aligned to its dtype. Each tensor is read and written one at a time (a ``LazyTensor`` is copied file to
+    file inside the kernel where the OS can). ``path`` is written directly and not fsynced (like
+    ``safetensors.save``): callers write inside a temporary directory or file and rename (``interop._io``).
 
     Returns:
       The number of tensor bytes written.
@@ -231,22 +263,27 @@ def write_safetensors(
     offset = 0
     for name, shape, dtype, _ in specs:
         n = _nbytes(shape, dtype)
-        header[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": dtype_name(dtype),
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
+    with open(path, "wb", buffering=0) as fh:
+        _write_all(fh, struct.pack("<Q", len(blob)) + blob)
         for name, shape, dtype, x in specs:
-            data = tensor_bytes(x)
-            if len(data) != _nbytes(shape, dtype):
-                raise InteropError(f"{path}: tensor {name!r} changed size while writing")
-            fh.write(data)
+            n = _nbytes(shape, dtype)
+            if isinstance(x, LazyTensor) and _copy_range(x, fh, n):
+                pass
+            else:
+                data = tensor_bytes(x)
+                if len(data) != n:
+                    raise InteropError(f"{path}: tensor {name!r} changed size while writing")
+                _write_all(fh, data)
             if on_bytes is not None:
-                on_bytes(len(data))
-        fh.flush()
-        os.fsync(fh.fileno())
+                on_bytes(n)
     return offset
 
 

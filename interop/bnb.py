@@ -1,28 +1,30 @@
-"""bitsandbytes layer tensors as serialized in state dicts <-> ``oftjax.quant`` pytrees (numpy only, no torch).
+"""bnb layer tensors as serialized in state dicts <-> ``oftjax.quant`` pytrees (numpy only, no torch).
 
 One quantized linear layer is a handful of tensors under its module prefix (bitsandbytes 0.50.2,
-``Linear4bit._save_to_state_dict`` + ``QuantState.as_dict(packed=True)``, ``Linear8bitLt._save_to_state_dict``;
+``Linear4bit._save_to_state_dict`` + ``QuantState.as_dict(packed=True)``, ``Linear8bitLt``'s;
 notes/bitsandbytes-formats.md §2):
 
-  * 4-bit: ``weight`` (packed bytes in the quant_storage dtype, ``[ceil(n/2)/itemsize, 1]``), ``weight.absmax``,
-    ``weight.quant_map`` (the 16-entry NF4/FP4 code), with double quantization also ``weight.nested_absmax`` and
-    ``weight.nested_quant_map`` (the 256-entry dynamic code), and ``weight.quant_state.bitsandbytes__<nf4|fp4>``:
-    the UTF-8 bytes of ``json.dumps`` of ``{"quant_type", "blocksize", "dtype", "shape"[, "nested_blocksize",
-    "nested_dtype", "nested_offset"]}`` in that key order.
-  * int8: ``weight`` (CB, int8 ``[out, in]``), ``SCB`` (float32 ``[out]``), ``weight_format`` (uint8 scalar 0).
+  * 4-bit: ``weight`` (packed bytes in the quant_storage dtype, ``[ceil(n/2)/itemsize, 1]``),
+    ``weight.absmax``, ``weight.quant_map`` (the 16-entry NF4/FP4 code), with double quantization also
+    ``weight.nested_absmax`` and ``weight.nested_quant_map`` (the 256-entry dynamic code), and
+    ``weight.quant_state.bitsandbytes__<nf4|fp4>``: the UTF-8 bytes of ``json.dumps`` of ``{"quant_type",
+    "blocksize", "dtype", "shape"[, "nested_blocksize", "nested_dtype", "nested_offset"]}`` in that key order.
+  * int8: ``weight`` (CB, int8 ``[out, in]``), ``SCB`` (float32 ``[out]``), ``weight_format``
+    (uint8 scalar 0).
 
-``from_state_dict`` and ``to_state_dict`` are exact inverses on what bitsandbytes writes: same keys, dtypes and
-bytes, the JSON blob included (``json.dumps`` of the same dict in the same order; ``nested_offset`` is the float32
-offset printed as a Python float, which round-trips exactly). The code tables are not kept in the pytree: they are
-checked bit for bit against ``oftjax.quant.NF4/FP4/DYNAMIC`` on reading and written back from them.
+``from_state_dict`` and ``to_state_dict`` are exact inverses on what bitsandbytes writes: same keys, dtypes
+and bytes, the JSON blob included (``json.dumps`` of the same dict in the same order; ``nested_offset`` is the
+float32 offset printed as a Python float, which round-trips exactly). The code tables are not kept in the
+pytree: they are checked bit for bit against ``oftjax.quant.NF4/FP4/DYNAMIC`` on reading and written back
+from them.
 
-Refused, with the reason (notes §8.3, §8.14): the layouts bitsandbytes writes after its AVX512-BF16 CPU repacking
-(2-D or bf16 ``absmax``, ``nested_dtype`` bfloat16: they reload silently but dequantize to garbage or lossily),
-legacy tiled int8 ``weight_format`` != 0, non-standard code tables, shapes that disagree with the JSON, unknown
-quant types or JSON keys.
+Refused, with the reason (notes §8.3, §8.14): the layouts bitsandbytes writes after its AVX512-BF16 CPU
+repacking (2-D or bf16 ``absmax``, ``nested_dtype`` bfloat16: they reload silently but dequantize to garbage
+or lossily), legacy tiled int8 ``weight_format`` != 0, non-standard code tables, shapes that disagree with the
+JSON, unknown quant types or JSON keys.
 
-Leaves may be numpy arrays, jax arrays, or ``LazyTensor``s of an open safetensors file (the checkpoint readers use
-those to stream): only the small tensors (code tables, JSON, offset) are read to validate a layer.
+Leaves may be numpy arrays, jax arrays, or ``LazyTensor``s of an open safetensors file (the checkpoint
+readers use those to stream): only the small tensors (code tables, JSON, offset) are read to validate a layer.
 """
 
 from __future__ import annotations
@@ -42,7 +44,15 @@ __all__ = ["from_state_dict", "to_state_dict", "layer_kind", "dtype_from_name", 
 
 QUANT_STATE = "weight.quant_state.bitsandbytes__"
 _CODES = {"nf4": NF4, "fp4": FP4}
-_JSON_KEYS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
+_JSON_KEYS = (
+    "quant_type",
+    "blocksize",
+    "dtype",
+    "shape",
+    "nested_blocksize",
+    "nested_dtype",
+    "nested_offset",
+)
 _4BIT_SUFFIXES = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
 # torch dtype names as bitsandbytes writes them (``str(torch.dtype).strip("torch.")``).
 _DTYPES = {
@@ -98,7 +108,8 @@ def _quant_state_key(keys: set[str], p: str) -> str:
     found = sorted(k for k in keys if k.startswith(p + QUANT_STATE))
     if len(found) != 1:
         raise InteropError(
-            f"layer {p[:-1]!r}: expected exactly one {p}{QUANT_STATE}<nf4|fp4> tensor, found {found or 'none'}"
+            f"layer {p[:-1]!r}: expected exactly one {p}{QUANT_STATE}<nf4|fp4> tensor, "
+            f"found {found or 'none'}"
         )
     return found[0]
 
@@ -184,8 +195,9 @@ def _read_4bit(sd: Mapping[str, Any], p: str) -> FourBitWeight:
         _check(
             qs["nested_dtype"] == "float32",
             qs_key,
-            f"nested_dtype {qs['nested_dtype']!r}: only 'float32' is supported; 'bfloat16' is what bitsandbytes "
-            "writes after its AVX512-BF16 CPU repacking, a lossy re-quantization of absmax (notes §8.3)",
+            f"nested_dtype {qs['nested_dtype']!r}: only 'float32' is supported; 'bfloat16' is what "
+            "bitsandbytes writes after its AVX512-BF16 CPU repacking, a lossy re-quantization of absmax "
+            "(notes §8.3)",
         )
         _check(
             qs["nested_blocksize"] == NESTED_BLOCKSIZE,
@@ -196,7 +208,11 @@ def _read_4bit(sd: Mapping[str, Any], p: str) -> FourBitWeight:
         _check(
             isinstance(off, (int, float)) and math.isfinite(off), qs_key, f"nested_offset {off!r} not finite"
         )
-        _check(np.dtype(absmax.dtype) == np.uint8, am_key, f"expected uint8 codes (double quant), got {absmax.dtype}")
+        _check(
+            np.dtype(absmax.dtype) == np.uint8,
+            am_key,
+            f"expected uint8 codes (double quant), got {absmax.dtype}",
+        )
         na_key = p + "weight.nested_absmax"
         nested_absmax = _require(sd, na_key)
         nb2 = -(-nb // NESTED_BLOCKSIZE)
@@ -215,7 +231,9 @@ def _read_4bit(sd: Mapping[str, Any], p: str) -> FourBitWeight:
         offset = np.asarray(off, dtype=np.float32)  # float64 repr of a float32: the cast is exact
     else:
         for suffix in ("weight.nested_absmax", "weight.nested_quant_map"):
-            _check(p + suffix not in keys, p + suffix, "present but the quant_state JSON has no nested_* fields")
+            _check(
+                p + suffix not in keys, p + suffix, "present but the quant_state JSON has no nested_* fields"
+            )
         _check(
             np.dtype(absmax.dtype) == np.float32,
             am_key,
@@ -258,23 +276,23 @@ def _read_int8(sd: Mapping[str, Any], p: str, dtype: Any) -> Int8Weight:
     return Int8Weight(CB=cb, SCB=scb, dtype=np.dtype(dtype) if dtype is not None else np.dtype(np.float32))
 
 
-def from_state_dict(
-    sd: Mapping[str, Any], prefix: str, *, dtype: Any = None
-) -> Int8Weight | FourBitWeight:
+def from_state_dict(sd: Mapping[str, Any], prefix: str, *, dtype: Any = None) -> Int8Weight | FourBitWeight:
     """Read one bnb-quantized layer from a state dict without passing through float.
 
     Args:
       sd: tensor name -> array (numpy, jax or ``LazyTensor``); may hold other layers' tensors too.
-      prefix: the layer's module path, e.g. ``"model.layers.0.self_attn.q_proj"`` (a trailing dot is optional).
-      dtype: int8 only: the original weight dtype (bnb does not store it; HF checkpoints keep it in config.json
-        ``dtype``), the default output dtype of ``dequantize``. Default float32. 4-bit layers read it from JSON.
+      prefix: the layer's module path, e.g. ``"model.layers.0.self_attn.q_proj"`` (a trailing dot is
+      optional). dtype: int8 only: the original weight dtype (bnb does not store it; HF checkpoints keep it in
+        config.json ``dtype``), the default output dtype of ``dequantize``. Default float32. 4-bit layers
+        read it from JSON.
 
     Returns:
       ``Int8Weight`` or ``FourBitWeight`` whose leaves are the state dict's arrays (not copied).
 
     Raises:
-      InteropError: missing keys, shapes disagreeing with the JSON, unknown quant_type / JSON keys, non-standard
-        code tables, or a layout bitsandbytes writes after its CPU repacking (the message says why).
+      InteropError: missing keys, shapes disagreeing with the JSON, unknown quant_type / JSON keys,
+        non-standard code tables, or a layout bitsandbytes writes after its CPU repacking (the message says
+        why).
 
     Example:
       >>> q = from_state_dict(sd, "model.layers.0.self_attn.q_proj")  # doctest: +SKIP
@@ -291,7 +309,9 @@ def from_state_dict(
         raise InteropError(
             f"missing tensor key: {stray[0]!r} is present but neither {p}{QUANT_STATE}<nf4|fp4> nor {p}SCB is"
         )
-    raise InteropError(f"no bitsandbytes layer under {p[:-1]!r}: neither {p}{QUANT_STATE}<nf4|fp4> nor {p}SCB")
+    raise InteropError(
+        f"no bitsandbytes layer under {p[:-1]!r}: neither {p}{QUANT_STATE}<nf4|fp4> nor {p}SCB"
+    )
 
 
 def _quant_state_blob(q: FourBitWeight) -> np.ndarray:
@@ -319,7 +339,11 @@ def to_entries(q: Int8Weight | FourBitWeight, prefix: str) -> dict[str, Any]:
         raise TypeError(f"expected Int8Weight or FourBitWeight, got {type(q).__name__}")
     if q.quant_type not in _CODES:
         raise InteropError(f"layer {p[:-1]!r}: unknown quant_type {q.quant_type!r}")
-    out = {p + "weight": q.packed, p + "weight.absmax": q.absmax, p + "weight.quant_map": _CODES[q.quant_type].copy()}
+    out = {
+        p + "weight": q.packed,
+        p + "weight.absmax": q.absmax,
+        p + "weight.quant_map": _CODES[q.quant_type].copy(),
+    }
     if q.nested_absmax is not None:
         out[p + "weight.nested_absmax"] = q.nested_absmax
         out[p + "weight.nested_quant_map"] = DYNAMIC.copy()

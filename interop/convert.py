@@ -8,10 +8,12 @@ Subcommands (each takes ``SRC DST`` and ``--force`` to replace an existing DST):
   * ``checkpoint-to-hf``  native checkpoint dir -> HF dir that transformers loads (``--max-shard-size``)
 
 Outputs are built in a temporary sibling directory and renamed when complete (nothing is written on error).
-Errors exit with status 1 and one line on stderr, without a traceback. Conversions need numpy + safetensors only.
+Errors exit with status 1 and one line on stderr, without a traceback. Conversions need numpy + safetensors
+only.
 
-Wiring: ``add_subparser(subparsers)`` registers ``convert`` and sets ``func`` on the parsed namespace; the caller
-exits with ``args.func(args)``. ``main(argv)`` runs the command alone (tests, ``python -m interop.convert``).
+Wiring: ``add_subparser(subparsers)`` registers ``convert`` and sets ``func`` on the parsed namespace; the
+caller exits with ``args.func(args)``. ``main(argv)`` runs the command alone (tests, ``python -m
+interop.convert``).
 
 Example:
   $ oftjax convert checkpoint-to-jax llama-nf4 llama-nf4-jax

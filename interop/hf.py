@@ -4,11 +4,12 @@ Public surface:
   * ``read_checkpoint(path, *, lazy=False) -> (config, weights)`` and
     ``write_checkpoint(path, config, weights, *, force=False, max_shard_size="5GB", progress=False)``:
     ``weights`` is ``{module_path: {param_name: leaf}}``; a bnb-quantized linear layer is an
-    ``oftjax.quant.Int8Weight`` / ``FourBitWeight`` under ``"weight"`` (never passed through float), every other
-    tensor a numpy array (bf16 as ``ml_dtypes.bfloat16``) under its own name. Writing reproduces bitsandbytes'
-    serialization byte for byte, so transformers ``from_pretrained`` loads the result.
+    ``oftjax.quant.Int8Weight`` / ``FourBitWeight`` under ``"weight"`` (never passed through float), every
+    other tensor a numpy array (bf16 as ``ml_dtypes.bfloat16``) under its own name. Writing reproduces
+    bitsandbytes' serialization byte for byte, so transformers ``from_pretrained`` loads the result.
   * ``checkpoint_to_native`` / ``native_to_checkpoint`` / ``read_native`` / ``write_native``: the JAX-native
-    directory format (``oftjax_checkpoint.json`` + ``weights.safetensors``; see ``interop._native_checkpoint``).
+    directory format (``oftjax_checkpoint.json`` + ``weights.safetensors``; see
+    ``interop._native_checkpoint``).
   * ``validate_quantization_config``, ``bnb_quantization_config``: the ``quantization_config`` of config.json.
   * ``load_model`` / ``save_model`` (models on top of these; ``interop.hf_model``).
 
@@ -35,7 +36,7 @@ from interop._native_checkpoint import read_native as read_native
 from interop._native_checkpoint import write_native as write_native
 from interop._safetensors import LazyTensor as LazyTensor
 
-__all__ = [
+__all__ = [  # noqa: F822 - load_model/save_model come from __getattr__
     "LazyTensor",
     "Weights",
     "bnb_quantization_config",

@@ -119,12 +119,13 @@ def model_from_modules(
 
     def take(path: str, name: str, var: nnx.Variable, transpose: bool = False) -> None:
         value = _load(_require(modules, path, name, source))
-        value = value.T if transpose else value
-        if tuple(value.shape) != tuple(var.shape):
+        want = tuple(var.shape[::-1] if transpose else var.shape)  # in the file's (torch) layout
+        if tuple(value.shape) != want:
             raise InteropError(
-                f"{source}: tensor {path}.{name} has shape {list(np.shape(value))}, the config expects "
-                f"{list(var.shape[::-1] if transpose else var.shape)}"
+                f"{source}: tensor {path}.{name} has shape {list(value.shape)}, "
+                f"the config expects {list(want)}"
             )
+        value = value.T if transpose else value
         var.set_value(jnp.asarray(value, dtype))
         used.add(f"{path}.{name}")
 

@@ -43,12 +43,16 @@ from ._io import (
 __all__ = [
     "InteropError",
     "adapter_to_native",
+    "attach_adapter",
+    "collect_adapter",
     "list_adapters",
     "load_adapter",
+    "load_native",
     "native_to_adapter",
     "read_adapter",
     "read_native",
     "save_adapter",
+    "save_native",
     "write_adapter",
     "write_native",
 ]
@@ -226,6 +230,16 @@ def peft_key(key: str, adapter_name: str, rotated: set[str]) -> str:
     return f"{fmt.PEFT_PREFIX}{key}"
 
 
+def _native_to_peft_tensors(name: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    rotated = {
+        k[: -len(f".{kind}.{name}")]
+        for k in arrays
+        for kind in fmt.ROTATION_KINDS
+        if k.endswith(f".{kind}.{name}")
+    }
+    return {peft_key(k, name, rotated): v for k, v in arrays.items()}
+
+
 def _config_dict(config: OFTConfig) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(config):
@@ -356,13 +370,7 @@ def native_to_adapter(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, fo
     adapters, extras = read_native(src)
     converted = {}
     for name, (config, arrays) in adapters.items():
-        rotated = {
-            k[: -len(f".{kind}.{name}")]
-            for k in arrays
-            for kind in fmt.ROTATION_KINDS
-            if k.endswith(f".{kind}.{name}")
-        }
-        tensors = {peft_key(k, name, rotated): v for k, v in arrays.items()}
+        tensors = _native_to_peft_tensors(name, arrays)
         fmt.check_tensors(tensors, config, src / NATIVE_WEIGHTS)
         converted[name] = (config, tensors)
     with output_dir(dst, force=force) as tmp:
@@ -373,6 +381,28 @@ def native_to_adapter(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, fo
 
 # ----------------------------------------------------------------------------------------------------
 # NNX models
+
+
+def attach_adapter(
+    model: Any,
+    config: OFTConfig,
+    tensors: Mapping[str, np.ndarray],
+    adapter_name: str = "default",
+    **kwargs: Any,
+) -> list[str]:
+    """Attach an in-memory adapter (``read_adapter``'s output) to an NNX model; see ``load_adapter``."""
+    from ._peft_attach import attach_adapter as _attach
+
+    return _attach(model, config, tensors, adapter_name, **kwargs)
+
+
+def collect_adapter(
+    model: Any, adapter_name: str = "default", config: OFTConfig | None = None
+) -> tuple[OFTConfig, dict[str, np.ndarray]]:
+    """One adapter of an NNX model as ``(config, PEFT-named tensors)``; see ``save_adapter``."""
+    from ._peft_attach import collect_adapter as _collect
+
+    return _collect(model, adapter_name, config)
 
 
 def load_adapter(
@@ -394,3 +424,56 @@ def save_adapter(
     from ._peft_attach import save_adapter as _save
 
     return _save(model, path, adapter_name=adapter_name, force=force, **kwargs)
+
+
+def save_native(
+    model: Any,
+    path: str | os.PathLike,
+    adapter_names: list[str] | None = None,
+    *,
+    configs: Mapping[str, OFTConfig] | None = None,
+    force: bool = False,
+) -> Path:
+    """Save adapters of an NNX model (default: all of them) as one JAX-native adapter checkpoint.
+
+    Example:
+        >>> save_native(model, "jax_adapter")  # doctest: +SKIP
+    """
+    from oftjax.nn import OFTLinear
+
+    from ._peft_attach import module_table
+
+    if adapter_names is None:
+        found = [n for _, m in module_table(model).values() if isinstance(m, OFTLinear) for n in m.adapters]
+        adapter_names = list(dict.fromkeys(found))
+    adapters = {}
+    for name in adapter_names:
+        config, tensors = collect_adapter(model, name, (configs or {}).get(name))
+        adapters[name] = (config, {native_key(k, name, config): v for k, v in tensors.items()})
+    return write_native(path, adapters, force=force)
+
+
+def load_native(
+    model: Any, path: str | os.PathLike, adapter_names: list[str] | None = None, **kwargs: Any
+) -> list[str]:
+    """Attach adapters from a JAX-native adapter checkpoint (default: all) to an NNX model; returns the paths.
+
+    Example:
+        >>> load_native(model, "jax_adapter")  # doctest: +SKIP
+        ['lin0', 'lin1']
+    """
+    adapters, _ = read_native(path)
+    names = list(adapters) if adapter_names is None else adapter_names
+    missing = [n for n in names if n not in adapters]
+    if missing:
+        raise InteropError(
+            f"{Path(path) / NATIVE_CONFIG}: no adapter(s) {missing}; it holds {sorted(adapters)}"
+        )
+    paths: set[str] = set()
+    for name in names:
+        config, arrays = adapters[name]
+        tensors = _native_to_peft_tensors(name, arrays)
+        paths.update(
+            attach_adapter(model, config, tensors, name, source=Path(path) / NATIVE_WEIGHTS, **kwargs)
+        )
+    return sorted(paths)

@@ -1,9 +1,12 @@
 """The embedded default of ``oftjax train`` (no arguments, no download).
 
-1. Text: the Python standard library's own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``, present on
-   every machine that runs Python), read in sorted path order up to ``DATA_BYTES`` characters and tokenized
-   byte-level (``oftjax.data.ByteTokenizer``). Files alternate between two disjoint slices: even-numbered
-   files pretrain the base, odd-numbered files are the OFT fine-tuning data.
+1. Text found on every machine that runs Python, tokenized byte-level (``oftjax.data.ByteTokenizer``):
+   the standard library's own ``.py`` sources (``sysconfig.get_paths()["stdlib"]``, sorted path order, up to
+   ``DATA_BYTES`` characters) pretrain the base; the language documentation that ships inside the standard
+   library as ``pydoc_data.topics`` (the text of ``help("assert")`` etc., ~0.5 MB of English prose) is the
+   different slice OFT fine-tunes on: code -> documentation, a shift the adapter visibly learns. Where a
+   distribution strips ``pydoc_data``, the odd-numbered source files are the fine-tuning slice instead
+   (and the even-numbered ones pretrain).
 2. Base model: a small Llama (``BASE_CONFIG``: hidden 128, 2 layers, GQA 4/2 heads, byte vocabulary 259).
    It is not pretrained anywhere, so it is pretrained here briefly (full-parameter AdamW in JAX) and cached
    as an HF checkpoint in ``<output>/base`` (``interop.hf.save_model``; transformers loads it).
@@ -22,14 +25,17 @@ from pathlib import Path
 __all__ = [
     "BASE_CONFIG",
     "DATA_BYTES",
+    "DEFAULT_OUTPUT",
     "FINETUNE",
     "PRETRAIN",
+    "OFT_BLOCK_SIZE",
     "TARGET_MODULES",
+    "default_texts",
     "stdlib_dir",
 ]
 
 DEFAULT_OUTPUT = "runs/default"
-DATA_BYTES = 3_000_000
+DATA_BYTES = 2_000_000
 
 BASE_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -64,3 +70,18 @@ OFT_BLOCK_SIZE = 32
 def stdlib_dir() -> Path:
     """The Python standard library's source directory (the default data)."""
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_texts(max_bytes: int = DATA_BYTES) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    """``(pretrain texts, fine-tune texts, description of the fine-tune slice)`` as ``[(name, text)]``."""
+    from oftjax.data import read_texts
+
+    sources = [
+        (n, t) for n, t in read_texts(stdlib_dir(), max_bytes=max_bytes) if not n.startswith("pydoc_data")
+    ]
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return sources[0::2], sources[1::2], "odd-numbered standard library sources"
+    docs = sorted((f"pydoc_data.topics[{k!r}]", v) for k, v in topics.items() if v.strip())
+    return sources, docs, "the Python documentation in pydoc_data.topics"

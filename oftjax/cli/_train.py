@@ -318,26 +318,22 @@ def run_train(args: argparse.Namespace) -> int:
     progress = not args.quiet
 
     # --- text
-    if default_model or args.data is None:
-        texts = read_texts(dj.stdlib_dir(), max_bytes=args.max_data_bytes)
+    pretrain_texts = ft_texts = None
+    if default_model:
+        pretrain_texts, ft_texts, ft_what = dj.default_texts(args.max_data_bytes)
+        mb = sum(len(t) for _, t in pretrain_texts) / 1e6
         _say(
             args,
-            f"data: {len(texts)} files, {sum(len(t) for _, t in texts) / 1e6:.1f} MB of Python standard "
-            f"library sources ({dj.stdlib_dir()})",
+            f"data: pretraining on {len(pretrain_texts)} files ({mb:.1f} MB) of Python standard library "
+            f"sources; fine-tuning on {ft_what}",
         )
-    pretrain_texts = None
     if args.data is not None:
         ft_texts = read_texts(args.data, max_bytes=args.max_data_bytes)
-        _say(
-            args,
-            f"data: {len(ft_texts)} files, {sum(len(t) for _, t in ft_texts) / 1e6:.1f} MB from {args.data}",
-        )
-        if default_model:
-            pretrain_texts = [t for _, t in texts[0::2]]
-    elif default_model:
-        pretrain_texts, ft_texts = [t for _, t in texts[0::2]], texts[1::2]
-    else:
-        ft_texts = texts
+        mb = sum(len(t) for _, t in ft_texts) / 1e6
+        _say(args, f"data: fine-tuning on {len(ft_texts)} files ({mb:.1f} MB) from {args.data}")
+    elif not default_model:
+        ft_texts = read_texts(dj.stdlib_dir(), max_bytes=args.max_data_bytes)
+        _say(args, f"data: fine-tuning on {len(ft_texts)} Python standard library source files")
 
     # --- base model
     summary: dict[str, Any] = {}
@@ -349,11 +345,11 @@ def run_train(args: argparse.Namespace) -> int:
             _say(
                 args,
                 f"base: pretraining the default {dj.BASE_CONFIG['num_hidden_layers']}-layer Llama "
-                f"(hidden {dj.BASE_CONFIG['hidden_size']}, byte vocabulary) on even-numbered files",
+                f"(hidden {dj.BASE_CONFIG['hidden_size']}, byte vocabulary) for {args.pretrain_steps} steps",
             )
             summary["pretrain"] = pretrain_base(
                 model_dir,
-                tokenize(pretrain_texts, ByteTokenizer()),
+                tokenize([t for _, t in pretrain_texts], ByteTokenizer()),
                 run_dir=out,
                 seed=args.seed,
                 steps=args.pretrain_steps,

@@ -78,6 +78,23 @@ def _requant_error(layer: OFTLinear, target: jax.Array) -> tuple[float, float]:
     return float(np.linalg.norm(diff)) / denom, float(np.abs(diff).max(initial=0.0))
 
 
+def merged_weight(layer: OFTLinear, names: Sequence[str], *, safe_merge: bool = False) -> jax.Array:
+    """The float weight ``[out, in]`` that merging ``names`` (forward order) writes, before requantization.
+
+    ``W (BD_1 ... BD_n)^T`` computed in fp32 from the current base weight, cast to the dtype the base stores
+    (float: kernel dtype; int8: fp32; 4-bit: the original weight dtype), i.e. the tensor bitsandbytes would be
+    handed to quantize.
+    """
+    W0 = dense_weight(layer, layer.base_kind)
+    W = W0.astype(jnp.float32)
+    # Forward order a, b means W (BD_a BD_b)^T = (W BD_b^T) BD_a^T: rotate by the last adapter first.
+    for name in reversed(names):
+        W = oft.merge_rotation(W, layer.rotation_blocks(name).astype(jnp.float32))
+        if safe_merge and not bool(jnp.isfinite(W).all()):
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+    return W.astype(W0.dtype)
+
+
 def merge_layer(
     layer: OFTLinear, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False
 ) -> LayerMergeReport | None:
@@ -102,17 +119,8 @@ def merge_layer(
     names = adapters_to_merge(layer, adapter_names)
     if not names:
         return None
-    W0 = dense_weight(layer, layer.base_kind)
-    W = W0.astype(jnp.float32)
-    applied = []
-    # Forward order a, b means W (BD_a BD_b)^T = (W BD_b^T) BD_a^T: rotate by the last adapter first.
-    for name in reversed(names):
-        R = layer.rotation_blocks(name).astype(jnp.float32)
-        W = oft.merge_rotation(W, R)
-        if safe_merge and not bool(jnp.isfinite(W).all()):
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-        applied.append(name)
-    target = W.astype(W0.dtype)
+    target = merged_weight(layer, names, safe_merge=safe_merge)
+    applied = tuple(reversed(names))
     set_dense_weight(layer, layer.base_kind, target)
     layer.merged_adapters = (*layer.merged_adapters, *applied)
     rel, mx = _requant_error(layer, target)

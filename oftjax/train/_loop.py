@@ -104,6 +104,7 @@ def fit(
         total=cfg.steps,
         disable=not progress,
         dynamic_ncols=True,
+        mininterval=1.0,
     )
     eval_after = None
     for step in bar:

@@ -19,7 +19,11 @@ from oftjax import quant
 from tests.interop import _bnb_fixtures as fx
 
 VARIANTS = list(fx.VARIANTS)
-LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+LAYERS = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.k_proj",
+    "model.layers.1.mlp.down_proj",
+]
 
 
 @pytest.fixture(scope="session")
@@ -73,14 +77,20 @@ def test_quant_state_json_reproduced_byte_for_byte(state_dicts, variant):
         assert float(q.offset) == json.loads(sd[key].tobytes())["nested_offset"]
 
 
+def _torch(v):
+    if v.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(np.asarray(v).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(v))
+
+
 def _bnb_dequant(sd, prefix):
-    t = {k: torch.from_numpy(np.asarray(v).view(np.int16)).view(torch.bfloat16)
-         if v.dtype == ml_dtypes.bfloat16 else torch.from_numpy(np.ascontiguousarray(v)) for k, v in _layer(sd, prefix).items()}  # fmt: skip
+    t = {k: _torch(v) for k, v in _layer(sd, prefix).items()}
     if prefix + ".SCB" in t:
         return bnb_torch.functional.int8_vectorwise_dequant(t[prefix + ".weight"], t[prefix + ".SCB"]).numpy()
     oracle.use_default_cpu_dequant()
     qs = bnb_torch.functional.QuantState.from_dict(
-        {k[len(prefix) + len(".weight.") :]: v for k, v in t.items() if k != prefix + ".weight"}, torch.device("cpu")
+        {k[len(prefix) + len(".weight.") :]: v for k, v in t.items() if k != prefix + ".weight"},
+        torch.device("cpu"),
     )
     out = bnb_torch.functional.dequantize_4bit(t[prefix + ".weight"], qs)
     return out.float().numpy()
@@ -140,7 +150,10 @@ REFUSALS_NF4 = {
     "missing_absmax": (_drop(P + ".weight.absmax"), "missing tensor key"),
     "missing_quant_map": (_drop(P + ".weight.quant_map"), "missing tensor key"),
     "missing_quant_state": (_drop(QS), "missing tensor key.*quant_state"),
-    "two_quant_states": (lambda L: L.update({P + ".weight.quant_state.bitsandbytes__fp4": L[QS]}), "exactly one"),
+    "two_quant_states": (
+        lambda L: L.update({P + ".weight.quant_state.bitsandbytes__fp4": L[QS]}),
+        "exactly one",
+    ),
     "shape_vs_json": (lambda L: _set_json(L, QS, shape=[64, 128]), "disagrees with the quant_state shape"),
     "blocksize_vs_absmax": (lambda L: _set_json(L, QS, blocksize=128), "blocks"),
     "bad_blocksize": (lambda L: _set_json(L, QS, blocksize=48), "blocksize"),
@@ -149,7 +162,10 @@ REFUSALS_NF4 = {
     "corrupt_json": (lambda L: L.update({QS: L[QS][:-3]}), "corrupt quant_state JSON"),
     "nonstandard_quant_map": (lambda L: L[P + ".weight.quant_map"].__setitem__(3, 0.5), "code table"),
     "quant_map_of_fp4": (lambda L: L.update({P + ".weight.quant_map": quant.FP4.copy()}), "code table"),
-    "nested_without_json": (lambda L: L.update({P + ".weight.nested_absmax": np.ones(1, np.float32)}), "nested"),
+    "nested_without_json": (
+        lambda L: L.update({P + ".weight.nested_absmax": np.ones(1, np.float32)}),
+        "nested",
+    ),
     "bad_dtype": (lambda L: _set_json(L, QS, dtype="complex64"), "unsupported dtype"),
 }
 
@@ -173,7 +189,10 @@ REFUSALS_DQ = {
     "nested_blocksize": (lambda L: _set_json(L, QS, nested_blocksize=128), "nested_blocksize"),
     "missing_nested_absmax": (_drop(P + ".weight.nested_absmax"), "missing tensor key"),
     "missing_nested_quant_map": (_drop(P + ".weight.nested_quant_map"), "missing tensor key"),
-    "nonstandard_nested_map": (lambda L: L[P + ".weight.nested_quant_map"].__setitem__(0, 0.0), "dynamic map"),
+    "nonstandard_nested_map": (
+        lambda L: L[P + ".weight.nested_quant_map"].__setitem__(0, 0.0),
+        "dynamic map",
+    ),
     "nested_absmax_length": (
         lambda L: L.update({P + ".weight.nested_absmax": np.ones(2, np.float32)}),
         "expected float32 \\[1\\]",
@@ -195,7 +214,10 @@ def test_refuses_bad_double_quant_layers(state_dicts, case):
 
 
 REFUSALS_INT8 = {
-    "legacy_weight_format": (lambda L: L.update({P + ".weight_format": np.array(1, np.uint8)}), "legacy tiled"),
+    "legacy_weight_format": (
+        lambda L: L.update({P + ".weight_format": np.array(1, np.uint8)}),
+        "legacy tiled",
+    ),
     "missing_weight": (_drop(P + ".weight"), "missing tensor key"),
     "scb_length": (lambda L: L.update({P + ".SCB": L[P + ".SCB"][:-1]}), "one scale per row"),
     "cb_dtype": (lambda L: L.update({P + ".weight": L[P + ".weight"].astype(np.float32)}), "expected int8"),
@@ -216,7 +238,9 @@ def test_refuses_bad_int8_layers(state_dicts, case):
 def test_refuses_what_bnb_saves_after_its_cpu_repacking(fixture_root, variant):
     """The real thing: an eval forward on an AVX512-BF16 CPU repacks the weights, and a save after it writes a
     layout that reloads silently but dequantizes wrongly (notes §8.3). We refuse it with the reason."""
-    model = transformers.LlamaForCausalLM.from_pretrained(fx.quantized_dir(fixture_root, variant), device_map="cpu")
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        fx.quantized_dir(fixture_root, variant), device_map="cpu"
+    )
     model.eval()
     with torch.no_grad():
         model(torch.arange(8)[None])

@@ -58,7 +58,12 @@ def test_checkpoint_both_directions(root, tmp_path, capsys, variant):
     src = fx.quantized_dir(root, variant)
     assert convert.main(["checkpoint-to-jax", str(src), str(tmp_path / "jax")]) == 0
     assert (tmp_path / "jax" / "oftjax_checkpoint.json").is_file()
-    assert convert.main(["checkpoint-to-hf", str(tmp_path / "jax"), str(tmp_path / "hf"), "--max-shard-size", "1GB"]) == 0
+    assert (
+        convert.main(
+            ["checkpoint-to-hf", str(tmp_path / "jax"), str(tmp_path / "hf"), "--max-shard-size", "1GB"]
+        )
+        == 0
+    )
     assert _tensors(src) == _tensors(tmp_path / "hf")
     out = capsys.readouterr()
     assert f"wrote {tmp_path / 'hf'}" in out.out
@@ -108,6 +113,8 @@ def test_bad_input_exits_1_with_one_line_naming_file_and_key(root, tmp_path, cap
     assert convert.main(["checkpoint-to-jax", str(src), str(tmp_path / "dst")]) == 1
     _one_error_line(capsys, "config.json", "bnb_4bit_shiny")
     assert not (tmp_path / "dst").exists()
+    del cfg["quantization_config"]["bnb_4bit_shiny"]
+    (src / "config.json").write_text(json.dumps(cfg))
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     assert convert.main(["checkpoint-to-jax", str(src), str(tmp_path / "dst")]) == 1

@@ -1,5 +1,6 @@
-"""interop.hf read/write on real transformers-written checkpoints: byte-identical round trips, transformers loads
-what we write with identical logits, native format, torch .bin, and bad input (clear errors, nothing written)."""
+"""interop.hf read/write on real transformers-written checkpoints: byte-identical round trips, transformers
+loads what we write with identical logits, native format, torch .bin, and bad input (clear errors, nothing
+written)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 import safetensors.torch
 import torch
 
@@ -142,6 +144,20 @@ def test_torch_bin_state_dict_reads_like_safetensors(root, tmp_path):
     out = hf.write_checkpoint(tmp_path / "from_bin", *hf.read_checkpoint(dst))
     _assert_same_tensors(src, out)
     assert list(a) == list(b)
+    # sharded torch files with an index, one layer's tensors split across the two files
+    sd = safetensors.torch.load_file(src / "model.safetensors")
+    names = sorted(sd)
+    half = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    sharded = tmp_path / "bin_sharded"
+    sharded.mkdir()
+    shutil.copy(src / "config.json", sharded / "config.json")
+    for fname, keys in half.items():
+        torch.save({k: sd[k] for k in keys}, sharded / fname)
+    wmap = {k: f for f, keys in half.items() for k in keys}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    _assert_same_tensors(
+        src, hf.write_checkpoint(tmp_path / "from_sharded_bin", *hf.read_checkpoint(sharded))
+    )
     # a single .pt file works too
     torch.save(safetensors.torch.load_file(src / "model.safetensors"), dst / "weights.pt")
     _, c = hf.read_checkpoint(dst / "weights.pt")
@@ -157,7 +173,9 @@ def test_write_refuses_quantized_weights_without_matching_config(root, tmp_path)
     with pytest.raises(InteropError, match="quant_type, double_quant, storage"):
         hf.write_checkpoint(tmp_path / "x", bad, weights)
     with pytest.raises(InteropError, match="no quantization_config"):
-        hf.write_checkpoint(tmp_path / "x", {k: v for k, v in config.items() if k != "quantization_config"}, weights)
+        hf.write_checkpoint(
+            tmp_path / "x", {k: v for k, v in config.items() if k != "quantization_config"}, weights
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -216,7 +234,10 @@ def _config(path, **qc_changes):
 BAD = {
     "truncated": (_truncate, r"model\.safetensors: truncated"),
     "corrupt_header": (_corrupt_header, r"model\.safetensors: corrupt"),
-    "missing_key": (lambda p: _rewrite(p, lambda t: t.pop(Q + ".weight.absmax")), rf"missing tensor key.*{Q}"),
+    "missing_key": (
+        lambda p: _rewrite(p, lambda t: t.pop(Q + ".weight.absmax")),
+        rf"missing tensor key.*{Q}",
+    ),
     "shape_vs_json": (
         lambda p: _rewrite(p, lambda t: _json_blob(t, shape=[64, 64])),
         rf"model\.safetensors: tensor '{Q}\.weight'.*disagrees with the quant_state shape \[64, 64\]",
@@ -231,7 +252,10 @@ BAD = {
     ),
     "fp16_weight_int8": (lambda p: _config(p, llm_int8_has_fp16_weight=True), "llm_int8_has_fp16_weight"),
     "other_method": (lambda p: _config(p, quant_method="gptq"), "quant_method 'gptq'"),
-    "config_disagrees": (lambda p: _config(p, bnb_4bit_quant_type="fp4"), r"config\.json: model\.layers\.\d\.\w+\.\w+\.weight is \(quant_type.*'nf4'.*'fp4'"),
+    "config_disagrees": (
+        lambda p: _config(p, bnb_4bit_quant_type="fp4"),
+        r"config\.json: model\.layers\.\d\.\w+\.\w+\.weight is \(quant_type.*'nf4'.*'fp4'",
+    ),
     "no_weights": (lambda p: (p / "model.safetensors").unlink(), "no weights found"),
     "bad_config_json": (lambda p: (p / "config.json").write_text("{"), r"config\.json: invalid JSON"),
 }
@@ -256,7 +280,9 @@ def test_sharded_index_naming_a_missing_tensor(root, tmp_path):
     first = sorted(set(index["weight_map"].values()))[0]
     index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = first
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(InteropError, match=r"model-00001-of-0000\d\.safetensors: missing tensor key 'model\.layers\.9"):
+    with pytest.raises(
+        InteropError, match=r"model-00001-of-0000\d\.safetensors: missing tensor key 'model\.layers\.9"
+    ):
         hf.read_checkpoint(sharded)
 
 
@@ -277,7 +303,10 @@ def test_existing_output_needs_force(root, tmp_path):
 NATIVE_BAD = {
     "unknown_meta_key": (lambda m: m.update(extra=1), r"unknown key\(s\) \['extra'\]"),
     "version": (lambda m: m.update(format_version=99), "version 99"),
-    "unknown_kind": (lambda m: m["modules"]["lm_head"]["weight"].update(kind="fp8"), "kind 'array', 'int8' or '4bit'"),
+    "unknown_kind": (
+        lambda m: m["modules"]["lm_head"]["weight"].update(kind="fp8"),
+        "kind 'array', 'int8' or '4bit'",
+    ),
     "shape": (
         lambda m: m["modules"][Q]["weight"].update(shape=[64, 64]),
         rf"{Q}\.weight.*disagrees with the quant_state shape",
@@ -295,3 +324,41 @@ def test_bad_native_checkpoint_is_refused(root, tmp_path, case):
     with pytest.raises(InteropError, match=NATIVE_BAD[case][1]):
         hf.native_to_checkpoint(native, tmp_path / "back")
     assert not (tmp_path / "back").exists()
+
+
+def test_our_safetensors_files_read_in_the_official_library(root, tmp_path):
+    """bf16 and every other dtype we write read back through safetensors' own torch and numpy loaders."""
+    config, weights = hf.read_checkpoint(fx.quantized_dir(root, "nf4_dq_bf16storage"))
+    out = hf.write_checkpoint(tmp_path / "out", config, weights)
+    ours = SafetensorsFile(out / "model.safetensors")
+    ref = safetensors.torch.load_file(out / "model.safetensors")
+    assert sorted(ref) == sorted(ours.keys())
+    for k, t in ref.items():
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        assert raw == bytes(ours.raw(k)), k
+    f32 = {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "b": np.array(7, np.uint8),
+        "c": np.zeros(0, np.int8),
+    }
+    write_safetensors(tmp_path / "plain.safetensors", f32)
+    back = safetensors.numpy.load_file(tmp_path / "plain.safetensors")
+    for k, v in f32.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v)
+    # interop._io's reader falls back to ml_dtypes for bf16 (safetensors.numpy cannot build bf16 arrays)
+    from interop._io import read_safetensors
+
+    lm = read_safetensors(out / "model.safetensors", ["lm_head.weight"])["lm_head.weight"]
+    assert lm.dtype == ml_dtypes.bfloat16 and lm.tobytes() == weights["lm_head"]["weight"].tobytes()
+
+
+def test_quantized_layer_with_bias_and_top_level_tensor(root, tmp_path):
+    config, weights = hf.read_checkpoint(fx.quantized_dir(root, "int8"))
+    bias = np.linspace(-1, 1, 64).astype(ml_dtypes.bfloat16)
+    weights["model.layers.0.self_attn.q_proj"]["bias"] = bias
+    weights[""] = {"scalar": np.array(3.0, np.float32)}
+    out = hf.write_checkpoint(tmp_path / "out", config, weights)
+    _, back = hf.read_checkpoint(out)
+    q = back["model.layers.0.self_attn.q_proj"]
+    assert isinstance(q["weight"], quant.Int8Weight) and q["bias"].tobytes() == bias.tobytes()
+    assert back[""]["scalar"] == 3.0

@@ -153,3 +153,42 @@ def test_save_refuses_config_disagreeing_with_model(tmp_path):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(InteropError, match="no OFT adapter named 'nope'"):
         peft.save_adapter(model, tmp_path / "bad", adapter_name="nope")
+
+
+def test_native_save_and_load_on_models(tmp_path):
+    config = OFTConfig(oft_block_size=4, target_modules=["lin"], bias="oft_only")
+    p0, _ = _adapter(tmp_path, config, {"layers.0.lin": (3, 6)}, bias={"layers.0.lin": 12}, seed=0)
+    p1, _ = _adapter(
+        tmp_path, OFTConfig(oft_block_size=6, target_modules=["head"]), {"head": (2, 15)}, seed=1
+    )
+    model = Deep(nnx.Rngs(0))
+    peft.load_adapter(model, p0)
+    peft.load_adapter(model, p1, "other")
+    peft.save_native(model, tmp_path / "native")
+    adapters, _ = peft.read_native(tmp_path / "native")
+    assert sorted(adapters) == ["default", "other"]
+    assert sorted(adapters["default"][1]) == ["layers.0.lin.bias", "layers.0.lin.oft_R.default"]
+    fresh = Deep(nnx.Rngs(0))
+    assert peft.load_native(fresh, tmp_path / "native") == ["head", "layers.0.lin"]
+    for name in ("default", "other"):
+        a, b = peft.collect_adapter(model, name), peft.collect_adapter(fresh, name)
+        assert a[0] == b[0] and sorted(a[1]) == sorted(b[1])
+        for k in a[1]:
+            np.testing.assert_array_equal(a[1][k], b[1][k])
+    with pytest.raises(InteropError, match=r"no adapter\(s\) \['nope'\]"):
+        peft.load_native(Deep(nnx.Rngs(0)), tmp_path / "native", ["nope"])
+
+
+def test_embedding_adapter_is_read_but_not_attached(tmp_path):
+    config = OFTConfig(r=1, oft_block_size=0, target_modules=["emb"])
+    vec = np.zeros((1, 6), np.float32)
+    out = peft.write_adapter(tmp_path / "emb", config, {f"{P}emb.oft_embedding_R.weight": vec})
+    _, tensors = peft.read_adapter(out)
+    assert list(tensors) == [f"{P}emb.oft_embedding_R.weight"]
+
+    class WithEmb(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(10, 4, rngs=rngs)
+
+    with pytest.raises(InteropError, match="OFT on embeddings is not supported"):
+        peft.load_adapter(WithEmb(nnx.Rngs(0)), out)

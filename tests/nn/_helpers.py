@@ -46,7 +46,11 @@ def random_4bit(out_f: int, in_f: int, quant_type: str, nested: bool, seed: int 
 
 def make_base(kind: str, in_f: int, out_f: int, *, seed: int = 0, bias: bool = True) -> nnx.Module:
     """A frozen base layer of the given kind with random (fixed-seed) weights."""
-    b = jnp.asarray(np.random.default_rng(seed + 1).normal(size=(out_f,)).astype(np.float32)) if bias else None
+    b = (
+        jnp.asarray(np.random.default_rng(seed + 1).normal(size=(out_f,)).astype(np.float32))
+        if bias
+        else None
+    )
     if kind == "float":
         layer = nnx.Linear(in_f, out_f, use_bias=bias, rngs=nnx.Rngs(seed))
         return layer

@@ -36,8 +36,12 @@ def _wrapped(kind, in_f=64, out_f=24, *settings, seed=0, rotate="auto"):
     return layer
 
 
-@pytest.mark.parametrize("kind", BASES, ids=BASES)
-@pytest.mark.parametrize("jit", (False, True), ids=("eager", "jit"))
+IDENTITY_CASES = [(k, True) for k in BASES] + [("float", False), ("nf4", False)]
+
+
+@pytest.mark.parametrize(
+    ("kind", "jit"), IDENTITY_CASES, ids=[f"{k}-{'jit' if j else 'eager'}" for k, j in IDENTITY_CASES]
+)
 def test_identity_at_init_is_bit_exact(kind, jit):
     base = make_base(kind, 64, 24)
     x = rand((2, 3, 64))
@@ -90,13 +94,18 @@ def test_delta_weight_is_block_diag_of_rotations():
 
 SETTINGS = {
     "one": (AdapterSettings(r=4, block_size=16),),
-    "two": (AdapterSettings(r=4, block_size=16), AdapterSettings(r=16, block_size=4, use_cayley_neumann=False)),
+    "two": (
+        AdapterSettings(r=4, block_size=16),
+        AdapterSettings(r=16, block_size=4, use_cayley_neumann=False),
+    ),
     "coft-share": (AdapterSettings(r=8, block_size=8, coft=True, eps=1e-2, block_share=True),),
 }
 
 
-@pytest.mark.parametrize("kind", ("float", "int8", "nf4-dq"), ids=("float", "int8", "nf4-dq"))
-@pytest.mark.parametrize("name", list(SETTINGS), ids=list(SETTINGS))
+PATH_CASES = [("float", "one"), ("int8", "two"), ("nf4-dq", "coft-share")]
+
+
+@pytest.mark.parametrize(("kind", "name"), PATH_CASES, ids=[f"{k}-{n}" for k, n in PATH_CASES])
 def test_weight_path_equals_input_path_values_and_grads(kind, name):
     x = rand((3, 5, 64), seed=4)
 
@@ -248,6 +257,8 @@ def test_optimizer_updates_only_rotations():
     with jax.numpy_dtype_promotion("standard"):  # optax's Adam bias correction promotes an int count
         opt.update(layer, grads)
     assert not np.array_equal(np.asarray(layer.oft_R["a0"][...]), before)
-    for a, b in zip(jax.tree.leaves(nnx.state(layer, nnx.Not(OFTParam))), jax.tree.leaves(frozen), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(layer, nnx.Not(OFTParam))), jax.tree.leaves(frozen), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert isinstance(layer.weight, QuantWeight)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from oftjax.oft import (
     block_diag,
+    coft_project,
     dropout_blocks,
     inverse_blocks,
     merge_rotation,
@@ -224,3 +225,17 @@ def test_dropout_blocks_noop_cases(r, p, share):
 def test_dropout_blocks_rejects_p():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         dropout_blocks(jnp.ones((2, 2, 2)), 1.5, jax.random.key(0))
+
+
+def test_second_call_compiles_nothing():
+    def step(v, x):
+        R = rotation_blocks(
+            coft_project(v, 1e-2), block_size=4, num_blocks=2, use_cayley_neumann=True, num_terms=5
+        )
+        return jnp.sum(rotate_input(x, R) ** 2)
+
+    f = jax.jit(jax.value_and_grad(step))
+    v, x = jnp.asarray(0.1 * _rng(0).standard_normal((2, 6), dtype=np.float32)), jnp.ones((3, 8), jnp.float32)
+    f(v, x)
+    f(v + 1.0, x * 2.0)
+    assert f._cache_size() == 1

@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oftjax.oft import coft_eps, coft_project, num_elements
 from tests.tolerances import TOL
@@ -81,3 +83,20 @@ def test_low_precision_dtype_kept():
 def test_bad_inputs(args, err):
     with pytest.raises(err):
         coft_project(*args)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    rows=st.sampled_from([1, 3]),
+    scale=st.sampled_from([1e-6, 1e-3, 1.0]),
+    eps=st.sampled_from([6e-5, 1e-2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_projection_property(rows, scale, eps, seed):
+    vec = (scale * np.random.default_rng(seed).standard_normal((rows, 6))).astype(np.float32)
+    out = np.asarray(_project_jit(jnp.asarray(vec), eps))
+    radius = float(coft_eps(eps, rows))
+    norms_in, norms_out = _skew_norm(vec), _skew_norm(out)
+    assert np.all(norms_out <= radius * (1 + TOL["oft_coft_norm"].rtol))
+    inside = norms_in <= radius
+    np.testing.assert_array_equal(out[inside], vec[inside])

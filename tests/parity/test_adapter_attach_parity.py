@@ -192,6 +192,7 @@ CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Invalid `oft_block_size`")  # PEFT's adjustment warning (deep-b5adjusted)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_attach_trained_adapter_and_save_back(tmp_path, case):
     kind, kwargs = CASES[kind_case := case]
@@ -244,6 +245,22 @@ def test_attach_trained_adapter_and_save_back(tmp_path, case):
     fresh.load_state_dict(base_state)
     loaded = _peft_loads_cleanly(fresh, tmp_path / "jax")
     np.testing.assert_array_equal(_torch_out(loaded, x), y_torch)
+
+    # without a config: inferred from the layers (full-path targets, r or block size, bias from OFTBias)
+    peft.save_adapter(model, tmp_path / "inferred")
+    fresh = torch_cls()
+    fresh.load_state_dict(base_state)
+    loaded = _peft_loads_cleanly(fresh, tmp_path / "inferred")
+    np.testing.assert_allclose(_torch_out(loaded, x), y_torch, rtol=FWD.rtol, atol=FWD.atol)
+
+
+def test_every_peft_config_key_is_handled_or_knowingly_ignored():
+    from interop import _peft_format as fmt
+
+    keys = set(TorchOFTConfig(target_modules=["lin0"]).to_dict())
+    handled, ignored = fmt.config_fields(), set(fmt.IGNORED_CONFIG_KEYS)
+    assert keys <= handled | ignored, sorted(keys - handled - ignored)
+    assert not handled & ignored
 
 
 def test_named_adapters_in_subfolders(tmp_path):
@@ -391,3 +408,72 @@ def test_v017_neumann_adapter_uses_its_own_series(tmp_path):
     with pytest.warns(UserWarning, match="0.16-0.17"):
         peft.load_adapter(model, tmp_path / "v017")
     np.testing.assert_allclose(_run(model, x), y_v017, rtol=FWD.rtol, atol=FWD.atol)
+
+
+# ----------------------------------------------------------------------------------------------------
+# our Llama (interop.hf_model.load_model) on float and bnb checkpoints saved by transformers
+
+
+LLAMA_QUANT = {
+    "float": None,
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+@pytest.mark.parametrize(
+    "base",
+    # bnb bases add ~10 s each on the shared 2-core CPU: slow; float keeps the Llama path in the default run
+    [pytest.param(b, marks=() if b == "float" else pytest.mark.slow) for b in LLAMA_QUANT],
+    ids=list(LLAMA_QUANT),
+)
+def test_llama_adapter_on_float_and_bnb_checkpoints(tmp_path, base):
+    """A PEFT adapter on a transformers Llama (float, nf4, int8 bases), attached to ``load_model``'s NNX Llama
+    by module name (``model.layers.0.self_attn.q_proj`` ...): same logits; ``save_adapter`` writes the same
+    tensors. int8 runs transformers in train mode (bnb's dequantize-then-matmul, as our Linear8bit)."""
+    import transformers
+    from transformers import BitsAndBytesConfig
+
+    from interop import oracle
+    from interop.hf_model import load_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.ndim == 1 else 0.0))
+    hf.save_pretrained(tmp_path / "float")
+    path = tmp_path / "float"
+    if LLAMA_QUANT[base] is not None:
+        oracle.use_default_cpu_dequant()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=BitsAndBytesConfig(**LLAMA_QUANT[base]), dtype=torch.float32,
+            device_map="cpu",
+        )  # fmt: skip
+        oracle.disable_cpu_repacking(hf)
+        path = tmp_path / base
+        hf.save_pretrained(path)  # before any forward (notes §8.3)
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    pm = get_peft_model(hf, TorchOFTConfig(oft_block_size=16, target_modules=targets, init_weights=False))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    pm.train(base == "int8")
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits.numpy()
+
+    ours = load_model(path)
+    paths = peft.load_adapter(ours, tmp_path / "adapter")
+    assert len(paths) == 8 and "model.layers.1.mlp.down_proj" in paths
+    got = np.asarray(ours(jnp.asarray(ids.numpy())), dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=FWD.rtol, atol=FWD.atol)
+
+    config, t_peft = peft.read_adapter(tmp_path / "adapter")
+    peft.save_adapter(ours, tmp_path / "jax", config=config)
+    _, t_jax = peft.read_adapter(tmp_path / "jax")
+    assert sorted(t_jax) == sorted(t_peft)
+    for k in t_peft:
+        np.testing.assert_array_equal(t_jax[k], t_peft[k], err_msg=k)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import OFTConfig as PeftOFTConfig
 from peft import get_peft_model
 from peft.tuners.oft.layer import MultiplicativeDropoutLayer, OFTLayer, OFTRotationModule
@@ -393,3 +395,73 @@ def test_from_dict_reads_peft_saved_config(tmp_path):
     again = PeftOFTConfig(**{k: v for k, v in cfg.to_dict().items() if k != "peft_type"})
     assert again.to_dict()["target_modules"] == {"q_proj", "v_proj"}
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", cfg.to_dict()["peft_version"])
+
+
+# ----------------------------------------------------------------------------- low precision
+
+
+@pytest.mark.parametrize("neumann", [False, True], ids=["exact", "neumann"])
+def test_bf16_parameters(neumann):
+    # autocast_adapter_dtype=False keeps bf16 adapters: exact Cayley solves in fp32 (PEFT's fp32 identity) and
+    # casts back; Neumann runs in bf16.
+    b, r = 4, 3
+    v = _vec(5, r, b, scale=0.2)
+    m = _peft_module(v, b, r, neumann=neumann).to(torch.bfloat16)
+    x = np.random.default_rng(6).standard_normal((5, r * b)).astype(np.float32)
+    x_bf16 = torch.from_numpy(x).to(torch.bfloat16)
+    with torch.no_grad():
+        R_t = m._cayley_batch(m.weight, b, neumann, 5).float().numpy()
+        y_t = m(x_bf16).float().numpy()
+    v_bf16 = jnp.asarray(m.weight.detach().float().numpy()).astype(jnp.bfloat16)
+    R = jax.jit(
+        rotation_blocks, static_argnames=("block_size", "num_blocks", "use_cayley_neumann", "num_terms")
+    )(v_bf16, block_size=b, num_blocks=r, use_cayley_neumann=neumann, num_terms=5)
+    assert R.dtype == jnp.bfloat16
+    _close(R.astype(jnp.float32), R_t, "bf16_forward")
+    y = jax.jit(rotate_input)(jnp.asarray(x).astype(jnp.bfloat16), R)
+    assert y.dtype == jnp.bfloat16
+    _close(y.astype(jnp.float32), y_t, "bf16_forward")
+
+
+_SEGMENTS = [
+    "model",
+    "layers",
+    "h",
+    "0",
+    "1",
+    "2",
+    "self_attn",
+    "mlp",
+    "q_proj",
+    "v_proj",
+    "up_proj",
+    "lm_head",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    paths=st.lists(
+        st.lists(st.sampled_from(_SEGMENTS), min_size=1, max_size=5).map(".".join), min_size=1, max_size=8
+    ),
+    targets=st.one_of(
+        st.lists(
+            st.sampled_from(["q_proj", "v_proj", "mlp.up_proj", "lm_head", "layers.0.self_attn.q_proj"]),
+            min_size=1,
+        ),
+        st.sampled_from([r".*q_proj", r"model\.layers\.\d\.mlp\..*", "lm_head"]),
+    ),
+    excludes=st.one_of(
+        st.none(), st.lists(st.sampled_from(["q_proj", "1.q_proj", "h.2.v_proj"]), min_size=1)
+    ),
+    layers=st.one_of(st.none(), st.integers(0, 2), st.lists(st.integers(0, 2), max_size=2)),
+    pattern=st.sampled_from([None, "layers", ["h", "layers"]]),
+)
+def test_is_target_property_matches_peft(paths, targets, excludes, layers, pattern):
+    pattern = pattern if layers is not None else None
+    kw = dict(
+        target_modules=targets, exclude_modules=excludes, layers_to_transform=layers, layers_pattern=pattern
+    )
+    theirs, ours = PeftOFTConfig(**kw), OFTConfig(**kw)
+    for path in paths:
+        assert ours.is_target(path) == bool(check_target_module_exists(theirs, path)), (path, kw)
