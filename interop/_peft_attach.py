@@ -1,4 +1,4 @@
-"""Attach PEFT OFT adapters to NNX models and save them back (``interop.peft.load_adapter``/``save_adapter``).
+"""Attach PEFT OFT adapters to NNX models (``interop.peft.load_adapter`` / ``attach_adapter``).
 
 A model's module paths are its attribute names joined by dots, list indices as numbers
 (``model.layers.0.self_attn.q_proj``): exactly PEFT's module names for a torch model built the same way. The
@@ -9,10 +9,7 @@ per-layer block layout comes from the tensor shapes (PEFT adjusts r/b per layer)
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oftjax import oft
 from oftjax.config import OFTConfig
 from oftjax.nn import AdapterSettings, OFTBias, OFTLinear, base_kind
 
@@ -103,6 +99,7 @@ def load_adapter(
     *,
     activate: bool | None = None,
     rngs: nnx.Rngs | None = None,
+    strict: bool = True,
 ) -> list[str]:
     """Attach the PEFT OFT adapter at ``path`` to ``model`` (in place) under ``adapter_name``.
 
@@ -120,6 +117,8 @@ def load_adapter(
             OFT adapter before (as ``PeftModel.from_pretrained``/``PeftModel.load_adapter``); otherwise newly
             wrapped layers keep the model's current active adapters (``oftjax.surgery.set_adapter`` switches).
         rngs: needed only when ``module_dropout > 0`` (training-time block dropout).
+        strict: refuse a file that lacks the tensor of a linear layer its config targets (PEFT would warn
+            about missing adapter keys and leave that layer at its fresh initialization).
 
     Returns:
         The module paths the adapter was attached to, sorted.
@@ -137,7 +136,7 @@ def load_adapter(
 
     config, tensors, _ = _read(path, adapter_name)
     return attach_adapter(
-        model, config, tensors, adapter_name, activate=activate, rngs=rngs, source=Path(path)
+        model, config, tensors, adapter_name, activate=activate, rngs=rngs, strict=strict, source=Path(path)
     )
 
 
@@ -149,6 +148,7 @@ def attach_adapter(
     *,
     activate: bool | None = None,
     rngs: nnx.Rngs | None = None,
+    strict: bool = True,
     source: str | os.PathLike = "<tensors>",
 ) -> list[str]:
     """``load_adapter`` from memory: attach ``(config, PEFT-named tensors)`` (as ``read_adapter`` returns).
@@ -208,6 +208,8 @@ def attach_adapter(
                     f"{list(bias[...].shape)}"
                 )
             bias_updates.append((p.module, module, array))
+    if strict:
+        _check_no_missing_keys(config, table, {name for name, *_ in plans}, adapter_name, source)
     needs_rngs = config.module_dropout > 0
     if needs_rngs and rngs is None:
         raise InteropError(f"{source}: module_dropout={config.module_dropout} > 0 needs rngs=nnx.Rngs(...)")
@@ -234,169 +236,35 @@ def attach_adapter(
     return sorted(wrapped)
 
 
+def _check_no_missing_keys(
+    config: OFTConfig,
+    table: Mapping[str, tuple[PathKey, Any]],
+    rotated: set[str],
+    adapter_name: str,
+    source: Path,
+) -> None:
+    if config.target_modules is None:
+        return  # PEFT's per-architecture default targets: nothing to compare against here
+    expected = []
+    for path, (key, module) in table.items():
+        if not (isinstance(module, OFTLinear) or _is_linear_like(module)):
+            continue
+        if config.is_all_linear and key[-1] == "lm_head":
+            continue  # PEFT's "all-linear" never adapts the output layer
+        if config.is_target(path) and path not in rotated:
+            expected.append(path)
+    if expected:
+        keys = [f"{fmt.PEFT_PREFIX}{p}.oft_R.weight" for p in expected[:5]]
+        raise InteropError(
+            f"{source}: missing tensor key(s) {keys}: the config's target_modules select {len(expected)} "
+            "linear layer(s) of the model that the file has no rotation for (PEFT would leave them at a "
+            "fresh init); "
+            "fix the file, or pass strict=False to attach only the modules the file names"
+        )
+
+
 def _in_features(module: Any) -> int:
     kind = base_kind(module)
     if kind == "float":
         return int(module.kernel[...].shape[0])
     return int(module.weight.get_value().shape[1])
-
-
-def _common(values: list[Any], what: str, adapter_name: str) -> Any:
-    distinct = sorted(set(values), key=repr)
-    if len(distinct) != 1:
-        raise InteropError(
-            f"adapter {adapter_name!r}: layers disagree on {what} ({distinct}); one PEFT config cannot "
-            "express that"
-        )
-    return distinct[0]
-
-
-# AdapterSettings fields that are OFTConfig fields of the same name (one value per adapter in PEFT).
-_SETTING_FIELDS = (
-    "coft",
-    "eps",
-    "block_share",
-    "use_cayley_neumann",
-    "num_cayley_neumann_terms",
-    "legacy_neumann",
-    "module_dropout",
-)
-
-
-def _bias_mode(table: Mapping[str, tuple[PathKey, Any]], layers: Mapping[str, OFTLinear]) -> str:
-    """PEFT's ``bias`` that saves exactly the biases made trainable (``OFTBias``) in the model."""
-    trainable = {p for p, (_, m) in table.items() if isinstance(getattr(m, "bias", None), OFTBias)}
-    with_bias = {p for p, m in layers.items() if getattr(m, "bias", None) is not None}
-    if trainable and trainable <= set(layers):
-        return "oft_only"
-    if trainable and with_bias <= trainable:
-        return "all"
-    return "none"  # no trainable biases, or they belong to another adapter's layers
-
-
-def _infer_config(layers: Mapping[str, OFTLinear], adapter_name: str, bias: str = "none") -> OFTConfig:
-    """An OFTConfig reproducing every layer's settings (the layout PEFT rebuilds from it must match)."""
-    settings = [layer.adapters[adapter_name] for layer in layers.values()]
-    common = {f: _common([getattr(s, f) for s in settings], f, adapter_name) for f in _SETTING_FIELDS}
-    sizes = collections.Counter(s.block_size for s in settings)
-    ranks = collections.Counter(s.r for s in settings)
-    candidates = [dict(r=0, oft_block_size=b) for b, _ in sizes.most_common()]
-    candidates += [dict(r=r, oft_block_size=0) for r, _ in ranks.most_common()]
-    for cand in candidates:
-        config = OFTConfig(target_modules=sorted(layers), bias=bias, **cand, **common)
-        if not _layout_mismatches(config, layers, adapter_name):
-            return config
-    raise InteropError(
-        f"adapter {adapter_name!r}: the layers' block sizes {dict(sizes)} / blocks {dict(ranks)} cannot come "
-        "from one PEFT config (no single r or oft_block_size gives them all); PEFT could not load this "
-        "adapter"
-    )
-
-
-def _layout_mismatches(config: OFTConfig, layers: Mapping[str, OFTLinear], adapter_name: str) -> list[str]:
-    bad = []
-    for path, layer in layers.items():
-        s = layer.adapters[adapter_name]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PEFT's "Adjusted ..." warning: expected here
-            r, b = oft.resolve_block_size(layer.in_features, config.r, config.oft_block_size)
-        if (r, b) != (s.r, s.block_size):
-            bad.append(f"{path}: has r={s.r}, b={s.block_size}; the config gives r={r}, b={b}")
-    return bad
-
-
-def _check_config(
-    config: OFTConfig, layers: Mapping[str, OFTLinear], table: Mapping, adapter_name: str
-) -> None:
-    bad = _layout_mismatches(config, layers, adapter_name)
-    for path, layer in layers.items():
-        s = layer.adapters[adapter_name]
-        for f in _SETTING_FIELDS:
-            if getattr(s, f) != getattr(config, f):
-                bad.append(f"{path}: {f}={getattr(s, f)!r} but the config has {getattr(config, f)!r}")
-        if not config.is_target(path):
-            bad.append(f"{path}: carries the adapter but the config's target_modules do not select it")
-    for path, (_, module) in table.items():
-        if path not in layers and (_is_linear_like(module) or isinstance(module, OFTLinear)):
-            if config.is_target(path):
-                bad.append(
-                    f"{path}: selected by the config's target_modules but has no {adapter_name!r} adapter"
-                )
-    if bad:
-        raise InteropError(
-            f"adapter {adapter_name!r}: the config disagrees with the model, so PEFT would load it with "
-            "missing "
-            f"or mis-shaped keys: {bad[:5]}"
-        )
-
-
-def collect_adapter(
-    model: Any, adapter_name: str = "default", config: OFTConfig | None = None
-) -> tuple[OFTConfig, dict[str, np.ndarray]]:
-    """The ``(config, PEFT-named tensors)`` of one adapter of an NNX model (what ``save_adapter`` writes).
-
-    Without ``config``, one is inferred from the layers (``target_modules`` = their full paths; ``bias`` from
-    which biases are trainable ``OFTBias``: "oft_only" if only this adapter's layers' ones, "all" if those
-    and others, else "none"). A given config
-    is checked: it must select exactly the layers carrying the adapter and reproduce each layer's layout.
-    """
-    table = module_table(model)
-    layers = {
-        path: m for path, (_, m) in table.items() if isinstance(m, OFTLinear) and adapter_name in m.adapters
-    }
-    if not layers:
-        found = sorted({n for _, m in table.values() if isinstance(m, OFTLinear) for n in m.adapters})
-        raise InteropError(f"the model has no OFT adapter named {adapter_name!r} (adapters found: {found})")
-    if config is None:
-        config = _infer_config(layers, adapter_name, _bias_mode(table, layers))
-    else:
-        _check_config(config, layers, table, adapter_name)
-    tensors: dict[str, np.ndarray] = {}
-    for path, layer in layers.items():
-        tensors[f"{fmt.PEFT_PREFIX}{path}.oft_R.weight"] = np.asarray(layer.oft_R[adapter_name][...])
-    if config.bias in ("oft_only", "all"):
-        for path, layer in layers.items():
-            if getattr(layer, "bias", None) is not None:
-                tensors[f"{fmt.PEFT_PREFIX}{path}.base_layer.bias"] = np.asarray(layer.bias[...])
-    if config.bias == "all":
-        for path, (_, module) in table.items():
-            bias = getattr(module, "bias", None)
-            if path not in layers and isinstance(bias, nnx.Variable) and bias[...] is not None:
-                tensors[f"{fmt.PEFT_PREFIX}{path}.bias"] = np.asarray(bias[...])
-    return config, tensors
-
-
-def save_adapter(
-    model: Any,
-    path: str | os.PathLike,
-    adapter_name: str = "default",
-    force: bool = False,
-    *,
-    config: OFTConfig | None = None,
-) -> Path:
-    """Write one adapter of ``model`` as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it with
-    no missing or unexpected keys). A non-default ``adapter_name`` goes to ``path/<adapter_name>``, as PEFT
-    saves.
-
-    Args:
-        model: an NNX model with ``OFTLinear`` layers carrying ``adapter_name``.
-        path: the save directory.
-        adapter_name: which adapter.
-        force: overwrite existing adapter files.
-        config: the OFTConfig to write (checked against the model); inferred when None.
-
-    Returns:
-        The directory written.
-
-    Example:
-        >>> save_adapter(model, "peft_adapter_dir")  # doctest: +SKIP
-    """
-    from .peft import write_adapter
-
-    fmt.check_adapter_name(adapter_name)
-    config, tensors = collect_adapter(model, adapter_name, config)
-    # As PEFT's save_pretrained: inference_mode is saved True; the file is ours, so claim our PEFT version
-    # (a legacy-series adapter keeps its pre-0.18 version so PEFT warns).
-    version = config.peft_version if config.legacy_neumann else None
-    config = dataclasses.replace(config, inference_mode=True, peft_version=version)
-    return write_adapter(path, config, tensors, adapter_name=adapter_name, force=force)

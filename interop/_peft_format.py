@@ -6,7 +6,7 @@ The one place where PEFT's external names are translated. Reference: PEFT 0.21.2
 
 | PEFT        | tensors                                         | how we read it                          |
 |-------------|-------------------------------------------------|-----------------------------------------|
-| <= 0.13     | ``oft_r`` [r, out/r, out/r], no ``oft_block_size`` | refused: rotates the output side      |
+| <= 0.13     | ``oft_r`` [r, out/r, out/r], no oft_block_size  | refused: rotates the output side        |
 | 0.14-0.15   | ``oft_r`` [r, b, b] + ``oft_s`` [out, 1]        | converted exactly when ``oft_s`` == 1   |
 | 0.16-0.17   | ``oft_R.weight`` [r or 1, b(b-1)/2]             | as is; Cayley-Neumann -> legacy series  |
 | >= 0.18     | same, ``peft_version`` in the config            | as is                                   |
@@ -31,9 +31,6 @@ from ._io import InteropError
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# The version we claim in files we write: >= 0.18 so PEFT evaluates Cayley-Neumann with the current series and
-# does not warn. It is the PEFT release our parity tests run against.
-WRITE_PEFT_VERSION = "0.21.2"
 
 # Config keys that are not OFTConfig fields, each knowingly ignored, with the reason.
 IGNORED_CONFIG_KEYS: dict[str, str] = {
@@ -67,9 +64,8 @@ def precheck_config(raw: Mapping[str, Any], source: Path) -> None:
     if "oft_block_size" not in raw:
         raise InteropError(
             f"{source}: no 'oft_block_size' key, so this is a PEFT <= 0.13 OFT adapter. Those rotate the "
-            "output "
-            "side of the weight (R @ W, blocks of ceil(out/r)), which the current input-side format cannot "
-            "represent; retrain the adapter with PEFT >= 0.14 or use PEFT 0.13 to run it."
+            "output side of the weight (R @ W, blocks of ceil(out/r)), which the current input-side format "
+            "cannot represent; retrain the adapter with PEFT >= 0.14 or use PEFT 0.13 to run it."
         )
 
 

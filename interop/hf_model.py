@@ -12,7 +12,7 @@ No torch: numpy, ml_dtypes (bf16) and the safetensors readers of ``interop``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -229,23 +229,7 @@ def _np(var: Any) -> np.ndarray:
     return np.asarray(var[...] if isinstance(var, nnx.Variable) else var)
 
 
-def flat_tensors(modules: Mapping[str, Mapping[str, Any]]) -> Iterator[tuple[str, Any]]:
-    """``(hf_name, value)`` pairs of ``modules`` (quantized values are not expanded)."""
-    for path, tensors in modules.items():
-        for name, value in tensors.items():
-            yield f"{path}.{name}", value
-
-
-def group_tensors(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{"a.b.weight": x}`` -> ``{"a.b": {"weight": x}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        path, _, name = key.rpartition(".")
-        out.setdefault(path, {})[name] = value
-    return out
-
-
-# -------------------------------------------------------------------------------------------- directories
+# ------------------------------------------------------------------------------------------ directories
 
 
 def load_model(
@@ -305,24 +289,26 @@ def save_model(model: LlamaForCausalLM, path: str | os.PathLike, *, force: bool 
 def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
     """The transformers ``BitsAndBytesConfig`` dict describing ``model``'s quantized layers (None if float).
 
+    Float projections among quantized ones are listed in ``llm_int8_skip_modules`` (full module paths, which
+    transformers matches from the start), with ``lm_head`` when it is float, so ``from_pretrained`` keeps them
+    float; a float ``lm_head`` alone needs no list (transformers never quantizes it).
+
     Raises:
-      ValueError: the layers mix formats transformers cannot describe with one config.
+      ValueError: the quantized layers mix formats one bitsandbytes config cannot describe.
     """
-    kinds = set()
+    kinds, floats = set(), []
     for path in linear_paths(model.config):
         layer = _get(model, path)
-        if hasattr(layer, "weight") and not hasattr(layer, "kernel"):
-            q = layer.weight.get_value()
-            if isinstance(q, Int8Weight):
-                kinds.add(("int8",))
-            else:
-                kinds.add(
-                    ("4bit", q.quant_type, q.compress_statistics, np.dtype(q.packed.dtype).name,
-                     jnp.dtype(layer.compute_dtype).name)
-                )  # fmt: skip
-        elif path != "lm_head":
-            kinds.add(("float",))
-    if not kinds - {("float",)}:
+        if hasattr(layer, "kernel"):
+            floats.append(path)
+            continue
+        q = layer.weight.get_value()
+        if isinstance(q, Int8Weight):
+            kinds.add(("int8",))
+        else:
+            storage, cd = np.dtype(q.packed.dtype).name, jnp.dtype(layer.compute_dtype).name
+            kinds.add(("4bit", q.quant_type, q.compress_statistics, storage, cd))
+    if not kinds:
         return None
     if len(kinds) != 1:
         raise ValueError(f"cannot describe mixed layer formats {sorted(kinds)} with one bitsandbytes config")
@@ -330,11 +316,15 @@ def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
 
     (kind,) = kinds
     if kind[0] == "int8":
-        return hf.bnb_quantization_config("int8")
-    _, quant_type, dq, storage, cd = kind
-    return hf.bnb_quantization_config(
-        "4bit", quant_type=quant_type, use_double_quant=dq, quant_storage=storage, compute_dtype=cd
-    )
+        out = hf.bnb_quantization_config("int8")
+    else:
+        _, quant_type, dq, storage, cd = kind
+        out = hf.bnb_quantization_config(
+            "4bit", quant_type=quant_type, use_double_quant=dq, quant_storage=storage, compute_dtype=cd
+        )
+    if floats and floats != ["lm_head"]:
+        out["llm_int8_skip_modules"] = floats
+    return out
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

@@ -57,10 +57,15 @@ def _set_child(node: Any, key: PathKey, value: Any) -> None:
         setattr(node, key, value)
 
 
+def _sort_key(path: Sequence[PathKey]) -> tuple[tuple[int, Any], ...]:
+    return tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in path)
+
+
 def _modules(model: nnx.Module) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
     """Every module below the root with its path, not descending into OFT layers."""
     oft_paths: list[tuple[PathKey, ...]] = []
-    for path, module in sorted(nnx.iter_modules(model), key=lambda pm: tuple(map(str, pm[0]))):
+    # Parents before children; list indices in numeric order ("layers.2" before "layers.10").
+    for path, module in sorted(nnx.iter_modules(model), key=lambda pm: _sort_key(pm[0])):
         if not path or any(path[: len(p)] == p for p in oft_paths):
             continue
         if isinstance(module, OFTLinear):
@@ -122,7 +127,7 @@ def apply_oft(
       param_dtype: dtype of the rotation parameters (PEFT upcasts adapters to fp32 by default).
 
     Returns:
-      The dotted paths of the adapted layers, sorted.
+      The dotted paths of the adapted layers, in model order (attributes sorted, list indices numeric).
 
     Raises:
       ValueError: nothing matches (the message names the patterns and some candidate paths), or the adapter

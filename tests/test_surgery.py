@@ -202,3 +202,17 @@ def test_modules_to_save_warns():
         warnings.simplefilter("always")
         apply_oft(Tiny(), cfg(modules_to_save=["lm_head"]))
     assert any("modules_to_save" in str(w.message) for w in rec)
+
+
+def test_list_indices_sort_numerically_and_plain_lists_work():
+    class Deep(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([nnx.Linear(4, 4, rngs=nnx.Rngs(i)) for i in range(11)])
+            self.extra = nnx.data([nnx.Linear(4, 4, rngs=nnx.Rngs(0))])
+
+    model = Deep()
+    paths = apply_oft(model, cfg(target_modules=r"(layers|extra)\.\d+", oft_block_size=2))
+    assert paths == [f"layers.{i}" for i in range(11)] + ["extra.0"] or paths == ["extra.0"] + [
+        f"layers.{i}" for i in range(11)
+    ]
+    assert isinstance(model.layers[10], OFTLinear) and isinstance(model.extra[0], OFTLinear)

@@ -13,7 +13,7 @@ from oftjax.models._llama import LlamaForCausalLM as LlamaForCausalLM
 from oftjax.models._llama import MistralForCausalLM as MistralForCausalLM
 from oftjax.models._llama import Qwen2ForCausalLM as Qwen2ForCausalLM
 from oftjax.models._llama import RMSNorm as RMSNorm
-from oftjax.models._llama import attention_mask as attention_mask
+from oftjax.models._llama import causal_mask as causal_mask
 
 __all__ = [
     "AXIS_DATA",
@@ -24,5 +24,5 @@ __all__ = [
     "Qwen2ForCausalLM",
     "RMSNorm",
     "UnsupportedConfigError",
-    "attention_mask",
+    "causal_mask",
 ]

@@ -67,8 +67,9 @@ class ModelConfig:
       rope_type: "default", "linear" (positions / factor) or "llama3" (Llama 3.1 frequency smoothing).
       qkv_bias / o_bias / mlp_bias: biases on q/k/v, o and the MLP projections (Qwen2: q/k/v only; Llama:
         ``attention_bias`` puts them on all four attention projections).
-      sliding_window / layer_types: per-layer windowed causal attention; a token attends to the keys with
-        ``q - window < k <= q`` on "sliding_attention" layers (Mistral: all layers when a window is set).
+      sliding_window / layer_types: windowed causal attention; a token attends to the keys with
+        ``q - window < k <= q`` on "sliding_attention" layers. Empty ``layer_types`` (Llama, Mistral): all
+        layers are windowed exactly when ``sliding_window`` is set; see ``attention_types``.
       extra: harmless HF keys (token ids, init range) kept for ``to_hf``; not compared.
 
     Example:
@@ -119,11 +120,8 @@ class ModelConfig:
             raise UnsupportedConfigError(
                 f"rope_type {self.rope_type!r} is not implemented (one of {ROPE_TYPES})"
             )
-        if not self.layer_types:
-            kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
-            object.__setattr__(self, "layer_types", (kind,) * self.num_hidden_layers)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        if len(self.layer_types) != self.num_hidden_layers:
+        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"layer_types has {len(self.layer_types)} entries for "
                 f"num_hidden_layers={self.num_hidden_layers}"
@@ -138,9 +136,17 @@ class ModelConfig:
     def num_kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def attention_types(self) -> tuple[str, ...]:
+        """Per-layer "full_attention" / "sliding_attention" (``layer_types``, or all layers alike)."""
+        if self.layer_types:
+            return self.layer_types
+        kind = "sliding_attention" if self.sliding_window is not None else "full_attention"
+        return (kind,) * self.num_hidden_layers
+
     def window(self, layer: int) -> int | None:
         """The attention window of ``layer`` (None: full causal attention)."""
-        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+        return self.sliding_window if self.attention_types[layer] == "sliding_attention" else None
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any], *, strict: bool = True) -> ModelConfig:
@@ -255,14 +261,14 @@ class ModelConfig:
         elif self.model_type == "mistral":
             out.update(sliding_window=self.sliding_window)
         else:  # qwen2: the window is switched on by use_sliding_window, per layer by layer_types
-            sliding = "sliding_attention" in self.layer_types
+            types = self.attention_types
+            sliding = "sliding_attention" in types
+            first = types.index("sliding_attention") if sliding else self.num_hidden_layers
             out.update(
                 use_sliding_window=sliding,
                 sliding_window=self.sliding_window if sliding else None,
-                layer_types=list(self.layer_types),
-                max_window_layers=self.layer_types.index("sliding_attention")
-                if sliding
-                else self.num_hidden_layers,
+                layer_types=list(types),
+                max_window_layers=first,
             )
         if dtype is not None:
             out["dtype"] = dtype

@@ -119,7 +119,7 @@ class DecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def attention_mask(
+def causal_mask(
     seq_len: int, padding_mask: jax.Array | None, window: int | None, batch: int = 1
 ) -> jax.Array:
     """Boolean ``[batch, q, k]``: causal (``k <= q``), windowed (``k > q - window``) and key padding.
@@ -162,7 +162,7 @@ class LlamaModel(nnx.Module):
     def __call__(
         self,
         input_ids: jax.Array,
-        attention_mask_: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> jax.Array:
         b, s = input_ids.shape
@@ -172,7 +172,7 @@ class LlamaModel(nnx.Module):
         positions = jnp.broadcast_to(positions, (b, s))
         cos, sin = rope_cos_sin(self.config, positions, h.dtype)
         masks = {
-            w: attention_mask(s, attention_mask_, w, b)
+            w: causal_mask(s, attention_mask, w, b)
             for w in set(map(self.config.window, range(len(self.layers))))
         }
         for i, layer in enumerate(self.layers):

@@ -16,16 +16,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from oftjax import oft, quant
-from oftjax.nn._base import dense_weight, set_dense_weight
-from oftjax.nn._oft_linear import OFTLinear
+from oftjax.nn._base import set_dense_weight
+from oftjax.nn._oft_linear import AdapterSettings, OFTLinear, rotation_from_vec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,45 @@ def _requant_error(layer: OFTLinear, target: jax.Array) -> tuple[float, float]:
     return float(np.linalg.norm(diff)) / denom, float(np.abs(diff).max(initial=0.0))
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "settings", "inverse"))
+def _rotate_weight(
+    source: Any,
+    vecs: tuple[jax.Array, ...],
+    *,
+    kind: str,
+    settings: tuple[AdapterSettings, ...],
+    inverse: bool,
+) -> tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
+    """Jitted merge math: (rotated weight in the stored dtype, COFT-projected vecs, finiteness per step)."""
+    W0 = (
+        source.T
+        if kind == "float"
+        else quant.dequantize(source, jnp.float32 if kind == "int8" else source.dtype)
+    )
+    W = W0.astype(jnp.float32)
+    projected, finite = [], []
+    for vec, s in zip(vecs, settings, strict=True):
+        vec = oft.coft_project(vec, s.eps) if s.coft else vec
+        projected.append(vec)
+        R = rotation_from_vec(vec, s).astype(jnp.float32)
+        W = oft.unmerge_rotation(W, R) if inverse else oft.merge_rotation(W, R)
+        finite.append(jnp.isfinite(W).all())
+    return W.astype(W0.dtype), tuple(projected), jnp.stack(finite)
+
+
+def _rotated(layer: OFTLinear, names: Sequence[str], *, inverse: bool) -> tuple[jax.Array, jax.Array]:
+    source = layer.kernel[...] if layer.base_kind == "float" else layer.weight.get_value()
+    settings = tuple(layer.adapters[n] for n in names)
+    vecs = tuple(layer.oft_R[n][...] for n in names)
+    W, projected, finite = _rotate_weight(
+        source, vecs, kind=layer.base_kind, settings=settings, inverse=inverse
+    )
+    for n, s, v in zip(names, settings, projected, strict=True):
+        if s.coft:  # PEFT's get_delta_weight projects in place too
+            layer.oft_R[n][...] = v
+    return W, finite
+
+
 def merged_weight(layer: OFTLinear, names: Sequence[str], *, safe_merge: bool = False) -> jax.Array:
     """The float weight ``[out, in]`` that merging ``names`` (forward order) writes, before requantization.
 
@@ -85,14 +126,16 @@ def merged_weight(layer: OFTLinear, names: Sequence[str], *, safe_merge: bool = 
     (float: kernel dtype; int8: fp32; 4-bit: the original weight dtype), i.e. the tensor bitsandbytes would be
     handed to quantize.
     """
-    W0 = dense_weight(layer, layer.base_kind)
-    W = W0.astype(jnp.float32)
     # Forward order a, b means W (BD_a BD_b)^T = (W BD_b^T) BD_a^T: rotate by the last adapter first.
-    for name in reversed(names):
-        W = oft.merge_rotation(W, layer.rotation_blocks(name).astype(jnp.float32))
-        if safe_merge and not bool(jnp.isfinite(W).all()):
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-    return W.astype(W0.dtype)
+    order = list(reversed(names))
+    W, finite = _rotated(layer, order, inverse=False)
+    if safe_merge:
+        for name, ok in zip(order, np.asarray(finite), strict=True):
+            if not ok:
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
+                )
+    return W
 
 
 def merge_layer(
@@ -135,14 +178,8 @@ def unmerge_layer(layer: OFTLinear) -> LayerMergeReport | None:
     if not layer.merged_adapters:
         warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
         return None
-    W0 = dense_weight(layer, layer.base_kind)
-    W = W0.astype(jnp.float32)
-    undone = []
-    for name in reversed(layer.merged_adapters):
-        R = layer.rotation_blocks(name).astype(jnp.float32)
-        W = oft.unmerge_rotation(W, R)
-        undone.append(name)
-    target = W.astype(W0.dtype)
+    undone = list(reversed(layer.merged_adapters))
+    target, _ = _rotated(layer, undone, inverse=True)
     set_dense_weight(layer, layer.base_kind, target)
     layer.merged_adapters = ()
     rel, mx = _requant_error(layer, target)

@@ -98,6 +98,19 @@ class AdapterSettings:
         )
 
 
+def rotation_from_vec(vec: jax.Array, s: AdapterSettings) -> jax.Array:
+    """Rotation blocks ``[r, b, b]`` from (already COFT-projected) parameters, as ``s`` says."""
+    return oft.rotation_blocks(
+        vec,
+        block_size=s.block_size,
+        num_blocks=s.r,
+        use_cayley_neumann=s.use_cayley_neumann,
+        num_terms=s.num_cayley_neumann_terms,
+        legacy=s.legacy_neumann,
+        block_share=s.block_share,
+    )
+
+
 class OFTLinear(nnx.Module):
     """A frozen linear layer with named OFT adapters (PEFT's ``oft.layer.Linear``).
 
@@ -252,15 +265,7 @@ class OFTLinear(nnx.Module):
         if s.coft:
             vec = oft.coft_project(vec, s.eps)
             param[...] = jax.lax.stop_gradient(vec)
-        R = oft.rotation_blocks(
-            vec,
-            block_size=s.block_size,
-            num_blocks=s.r,
-            use_cayley_neumann=s.use_cayley_neumann,
-            num_terms=s.num_cayley_neumann_terms,
-            legacy=s.legacy_neumann,
-            block_share=s.block_share,
-        )
+        R = rotation_from_vec(vec, s)
         if training and s.module_dropout > 0 and not self.deterministic:
             if self.oft_rngs is None:
                 raise ValueError(

@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oftjax.quant._host_f32 import decode, encode, r32
 from oftjax.quant._tables import DYNAMIC
+from oftjax.quant._torch_mean import mean_bits
 
 _LUT_SIZE = 65536
 
@@ -120,3 +122,41 @@ def quantize_blockwise(
         case _:
             raise ValueError(f"unknown rounding {rounding!r}: expected 'cpu' or 'cuda'")
     return q.reshape(-1)[:n], absmax
+
+
+def quantize_blockwise_host(x64: np.ndarray, *, blocksize: int = 256, code: np.ndarray = DYNAMIC):
+    """The CPU LUT rule in exact host float32 arithmetic (``_host_f32``), subnormals included.
+
+    Args:
+      x64: float32 values carried as float64 (``_host_f32.decode``).
+
+    Returns:
+      ``(q uint8 [n], absmax [nb] as float64 carriers)``.
+    """
+    n = x64.shape[0]
+    nb = -(-n // blocksize)
+    xp = np.pad(x64, (0, nb * blocksize - n)).reshape(nb, blocksize)
+    ax = np.abs(xp)
+    absmax = np.max(np.where(np.isnan(ax), 0.0, ax), axis=1)
+    zero = absmax == 0
+    with np.errstate(all="ignore"):
+        inv = r32(1.0 / np.where(zero, 1.0, absmax))
+        v = r32(xp * inv[:, None])
+        v = np.where(v < -1.0, -1.0, np.where(v > 1.0, 1.0, v))  # std::clamp: NaN passes through
+        t = r32(r32(v + 1.0) * 0.5 * (_LUT_SIZE - 1))  # *0.5 is exact
+        t = r32(t + 0.5)
+        idx = np.where(np.isnan(t), 0, np.trunc(np.nan_to_num(t))).astype(np.int64)
+    q = np.where(zero[:, None], np.uint8(0), _lut(code.tobytes())[idx])
+    return q.reshape(-1)[:n].astype(np.uint8), absmax
+
+
+def double_quant_host(absmax: np.ndarray, *, num_threads: int | None = None) -> tuple[np.ndarray, ...]:
+    """bnb's CPU double quantization of float32 ``absmax``: ``(q uint8, nested_absmax bits, offset bits)``.
+
+    ``offset = torch.mean(absmax)`` (``_torch_mean``), then the CPU LUT rule on ``absmax - offset`` in blocks
+    of 256. Float32 results are returned as uint32 bits so no flush-to-zero can touch them on the way back.
+    """
+    a = decode(absmax)
+    offset = decode(mean_bits(absmax, num_threads=num_threads))
+    q, absmax2 = quantize_blockwise_host(r32(a - offset), blocksize=256)
+    return q, encode(absmax2), encode(offset)

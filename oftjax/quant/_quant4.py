@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oftjax.quant._blockwise import quantize_blockwise
+from oftjax.quant._blockwise import double_quant_host, quantize_blockwise
 from oftjax.quant._formats import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, FourBitWeight
 from oftjax.quant._tables import code_table
-from oftjax.quant._torch_mean import torch_mean_f32
+from oftjax.quant._torch_mean import mean_bits
 
 ROUNDINGS = ("cpu", "cuda")
 QUANT_STORAGES = tuple(np.dtype(d) for d in (jnp.uint8, jnp.float16, jnp.bfloat16, jnp.float32))
@@ -189,15 +189,34 @@ def quantize_4bit(
     meta = dict(shape=shape, dtype=np.dtype(w.dtype), blocksize=blocksize, quant_type=quant_type)
     if not compress_statistics:
         return FourBitWeight(packed, absmax, **meta)
-    offset = nested_offset(absmax, mean_threads=mean_threads)
-    qabsmax, absmax2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE, rounding=rounding)
+    if rounding == "cpu":
+        qabsmax, absmax2, offset = _double_quant_cpu(absmax, mean_threads)
+    else:
+        offset = _bits_to_f32(_host(lambda a: mean_bits(a, num_threads=mean_threads), absmax, ((), jnp.uint32)))
+        qabsmax, absmax2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE, rounding=rounding)
     return FourBitWeight(packed, qabsmax, absmax2, offset, **meta)
 
 
-def nested_offset(absmax: jax.Array, *, mean_threads: int | None = None) -> jax.Array:
-    """float32 ``torch.mean(absmax)`` on the CPU, computed on the host (jit-able through ``pure_callback``)."""
+def _bits_to_f32(bits: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
-    def host_mean(a: np.ndarray) -> np.ndarray:
-        return np.asarray(torch_mean_f32(np.asarray(a), num_threads=mean_threads), np.float32)
 
-    return jax.pure_callback(host_mean, jax.ShapeDtypeStruct((), jnp.float32), absmax)
+def _host(fn: Any, x: jax.Array, *out: tuple[tuple[int, ...], Any]) -> Any:
+    """Run numpy ``fn`` on the host (jit-able); outputs described by (shape, dtype) pairs."""
+    specs = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in out)
+    res = jax.pure_callback(fn, specs if len(specs) > 1 else specs[0], x)
+    return res
+
+
+def _double_quant_cpu(absmax: jax.Array, mean_threads: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """bnb's CPU double quantization, on the host: exact float32 there, subnormals included (``_host_f32``)."""
+    nb = absmax.shape[0]
+    nb2 = -(-nb // NESTED_BLOCKSIZE)
+    q, absmax2, offset = _host(
+        lambda a: double_quant_host(np.asarray(a), num_threads=mean_threads),
+        absmax,
+        ((nb,), jnp.uint8),
+        ((nb2,), jnp.uint32),
+        ((), jnp.uint32),
+    )
+    return q, _bits_to_f32(absmax2), _bits_to_f32(offset)

@@ -1,8 +1,8 @@
 """Model preparation for training: quantize float linears in memory, as transformers + bitsandbytes would.
 
 ``quantize_model(model, "nf4", double_quant=True)`` replaces every float ``nnx.Linear`` except the skipped
-ones (``lm_head``, as transformers never quantizes it) with ``oftjax.nn.Linear4bit`` / ``Linear8bit``, quantized
-with bitsandbytes' CPU rounding from the same float weights, so the base equals what
+ones (``lm_head``, as transformers never quantizes it) with ``oftjax.nn.Linear4bit`` / ``Linear8bit``,
+quantized with bitsandbytes' CPU rounding from the same float weights, so the base equals what
 ``from_pretrained(float_dir, quantization_config=BitsAndBytesConfig(...))`` builds in torch (blocksize 64).
 """
 

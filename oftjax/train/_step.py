@@ -40,42 +40,42 @@ def _forward(model: nnx.Module, batch: dict) -> jax.Array:
 
 
 def _loss_and_grads(model: nnx.Module, wrt: Any, batch: dict, micro: int):
-    """Summed loss, token count, summed grads; also the side-effect state (COFT write-back, RNG counters)."""
-    graphdef, params, rest = nnx.split(model, wrt, ...)
-    side = nnx.Any(wrt, nnx.RngState)
+    """Summed loss, token count and summed gradients of the ``wrt`` variables over ``micro`` micro-batches.
 
-    def micro_loss(params, rest, mb):
-        m = nnx.merge(graphdef, params, rest)
-        total, count = causal_lm_loss_sum(_forward(m, mb), mb["input_ids"], mb.get("loss_mask"))
-        return total, (count, jax.lax.stop_gradient(nnx.state(m, side)))
+    ``nnx.value_and_grad`` (not ``jax.value_and_grad`` on a merged copy) keeps NNX transforms inside the model
+    (``nnx.remat``) on the right trace level and writes forward side effects (COFT's projected parameters,
+    RNG counters) back into ``model``, as PEFT projects in place before the optimizer step.
+    """
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    def loss_fn(m: nnx.Module, mb: dict):
+        return causal_lm_loss_sum(_forward(m, mb), mb["input_ids"], mb.get("loss_mask"))
+
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
     if micro == 1:
-        (total, (count, new_side)), grads = grad_fn(params, rest, batch)
-        return total, count, grads, new_side
+        (total, count), grads = grad_fn(model, batch)
+        return total, count, grads
 
     mbs = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+    graphdef, state = nnx.split(model)
 
     def body(carry, mb):
-        g_acc, t_acc, c_acc, rest = carry
-        (t, (c, new_side)), g = grad_fn(params, rest, mb)
-        rngs = nnx.filter_state(new_side, nnx.RngState)
-        if jax.tree.leaves(rngs):  # advance dropout RNG counters between micro-batches
-            rest = nnx.merge_state(rest, rngs)
-        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, c_acc + c, rest), new_side
+        g_acc, t_acc, c_acc, state = carry
+        m = nnx.merge(graphdef, state)
+        (t, c), g = grad_fn(m, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, c_acc + c, nnx.state(m)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, wrt))
     zero = jnp.zeros((), jnp.float32)
-    (grads, total, count, _), sides = jax.lax.scan(body, (zeros, zero, zero, rest), mbs)
-    return total, count, grads, jax.tree.map(lambda x: x[-1], sides)
+    (grads, total, count, state), _ = jax.lax.scan(body, (zeros, zero, zero, state), mbs)
+    nnx.update(model, state)
+    return total, count, grads
 
 
 def _train_step(graphdef, wrt, micro: int, state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    total, count, grads, new_side = _loss_and_grads(model, wrt, batch, micro)
+    total, count, grads = _loss_and_grads(model, wrt, batch, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    nnx.update(model, new_side)  # PEFT projects COFT params in place before the optimizer step
     # optax's Adam bias correction (``1 - b1**count``, int count) relies on implicit int->float promotion.
     with jax.numpy_dtype_promotion("standard"):
         optimizer.update(model, grads)

@@ -23,7 +23,7 @@ def test_llama_defaults_match_transformers():
         2048,
     )
     assert not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias or cfg.tie_word_embeddings)
-    assert cfg.layer_types == ("full_attention", "full_attention") and cfg.window(0) is None
+    assert cfg.attention_types == ("full_attention", "full_attention") and cfg.window(0) is None
 
 
 def test_llama_missing_kv_heads_means_mha():
@@ -66,7 +66,7 @@ def test_attention_and_mlp_bias_on_llama():
 def test_mistral_window_defaults_to_4096():
     cfg = ModelConfig.from_hf({"model_type": "mistral", **BASE, "num_attention_heads": 8})
     assert cfg.sliding_window == 4096 and cfg.num_key_value_heads == 8  # MistralConfig's class default
-    assert cfg.layer_types == ("sliding_attention",) * 2 and cfg.window(1) == 4096
+    assert cfg.attention_types == ("sliding_attention",) * 2 and cfg.window(1) == 4096
     assert ModelConfig.from_hf(hf("mistral", sliding_window=None, num_key_value_heads=4)).window(0) is None
 
 
@@ -76,7 +76,7 @@ def test_qwen2_bias_tied_and_window_per_layer():
     windowed = ModelConfig.from_hf(
         hf("qwen2", use_sliding_window=True, sliding_window=3, max_window_layers=1)
     )
-    assert windowed.layer_types == ("full_attention", "sliding_attention")
+    assert windowed.attention_types == ("full_attention", "sliding_attention")
     assert (windowed.window(0), windowed.window(1)) == (None, 3)
     # transformers drops the window when use_sliding_window is false, whatever sliding_window says
     assert ModelConfig.from_hf(hf("qwen2", sliding_window=3, max_window_layers=0)).window(1) is None

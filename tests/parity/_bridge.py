@@ -1,7 +1,7 @@
 """Move models and OFT parameters between torch (PEFT + bitsandbytes) and JAX for the parity tests.
 
-Deliberately tiny and in-memory: the file formats are interop's job (tests/interop). torch is imported at module
-top: without the oracle these tests must fail, never skip.
+Deliberately tiny and in-memory: the file formats are interop's job (tests/interop). torch is imported at
+module top: without the oracle these tests must fail, never skip.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from oftjax.nn import Linear4bit, Linear8bit, OFTLinear
 
 
 class TorchMLP(nn.Module):
-    """PEFT's test MLP (tests/test_custom_models.py ``MLP``): lin0 10->20, ReLU, Dropout, lin1 20->2, LogSoftmax."""
+    """PEFT's test MLP (test_custom_models.py): lin0 10->20, ReLU, Dropout, lin1 20->2, LogSoftmax."""
 
     def __init__(self, bias: bool = True):
         super().__init__()
@@ -174,7 +174,12 @@ def peft_params(peft_model: nn.Module, adapter: str = "default") -> dict[str, np
 
 
 def peft_grads(peft_model: nn.Module, adapter: str = "default") -> dict[str, np.ndarray]:
-    return {p: m.oft_R[adapter].weight.grad.numpy().copy() for p, m in peft_oft_layers(peft_model).items()}
+    out = {}
+    for p, m in peft_oft_layers(peft_model).items():
+        w = m.oft_R[adapter].weight
+        # No grad at all when the rotation does not depend on it (Neumann t=1: R = I).
+        out[p] = np.zeros(tuple(w.shape), np.float32) if w.grad is None else w.grad.numpy().copy()
+    return out
 
 
 def jax_params(model: nnx.Module, paths: list[str], adapter: str = "default") -> dict[str, np.ndarray]:

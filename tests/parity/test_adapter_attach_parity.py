@@ -246,6 +246,15 @@ def test_attach_trained_adapter_and_save_back(tmp_path, case):
     loaded = _peft_loads_cleanly(fresh, tmp_path / "jax")
     np.testing.assert_array_equal(_torch_out(loaded, x), y_torch)
 
+    # PEFT dir -> JAX-native -> PEFT dir: identical tensors, equivalent config
+    peft.adapter_to_native(tmp_path / "peft", tmp_path / "native")
+    peft.native_to_adapter(tmp_path / "native", tmp_path / "back")
+    c_back, t_back = peft.read_adapter(tmp_path / "back")
+    assert c_back == config
+    assert sorted(t_back) == sorted(t_peft)
+    for k in t_peft:
+        np.testing.assert_array_equal(t_back[k], t_peft[k], err_msg=k)
+
     # without a config: inferred from the layers (full-path targets, r or block size, bias from OFTBias)
     peft.save_adapter(model, tmp_path / "inferred")
     fresh = torch_cls()

@@ -258,3 +258,27 @@ def test_bnb_cuda_logits_match(float_dirs, tmp_path, name):
     with jax.default_matmul_precision("highest"):
         got = jax_logits(load_model(tmp_path / name), ids, mask)
     assert_close_on_tokens(got, want, mask, TOL["fp32_forward"])
+
+
+def test_partly_quantized_model_saves_skip_modules(float_dirs, quant_dirs, tmp_path):
+    """Float projections among NF4 ones are written as float and listed in llm_int8_skip_modules."""
+    import bitsandbytes as bnb
+
+    ours = load_model(quant_dirs["nf4-dq"][0])
+    float_model = load_model(float_dirs["llama"][0])
+    ours.model.layers[0].self_attn.q_proj = float_model.model.layers[0].self_attn.q_proj
+    ours.model.layers[1].mlp.down_proj = float_model.model.layers[1].mlp.down_proj
+    save_model(ours, tmp_path / "mixed")
+    config = json.loads((tmp_path / "mixed" / "config.json").read_text())
+    skip = config["quantization_config"]["llm_int8_skip_modules"]
+    assert skip == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "mixed", device_map="cpu", dtype=torch.float32
+    )
+    oracle.disable_cpu_repacking(again)
+    assert not isinstance(again.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert isinstance(again.model.layers[0].self_attn.k_proj, bnb.nn.Linear4bit)
+    ids, mask = inputs()
+    assert_close_on_tokens(
+        jax_logits(ours, ids, mask), hf_logits(again.eval(), ids, mask), mask, TOL["fp32_forward"]
+    )

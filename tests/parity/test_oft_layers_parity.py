@@ -57,9 +57,10 @@ def _mlp_pair(case, seed=0):
 
 def _jax_loss_and_grads(model, x, G):
     def loss(m):
-        return jnp.sum(m(x) * G)
+        y = m(x)
+        return jnp.sum(y * G), y
 
-    return nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, OFTParam)))(model)
+    return nnx.jit(nnx.value_and_grad(loss, argnums=nnx.DiffState(0, OFTParam), has_aux=True))(model)
 
 
 def _grad_of(grads, path):
@@ -73,10 +74,10 @@ def _compare_forward_and_grads(pm, jm, paths, x_np, G_np):
     xt = torch.from_numpy(x_np)
     out_t = pm(xt)
     loss_t = (out_t * torch.from_numpy(G_np)).sum()
-    loss_t.backward()
-    out_j = nnx.jit(lambda m, x: m(x))(jm, jnp.asarray(x_np))
+    if loss_t.requires_grad:  # not with Neumann t=1 (R = I whatever the parameters)
+        loss_t.backward()
+    (_, out_j), grads = _jax_loss_and_grads(jm, jnp.asarray(x_np), jnp.asarray(G_np))
     np.testing.assert_allclose(np.asarray(out_j), out_t.detach().numpy(), rtol=FWD.rtol, atol=FWD.atol)
-    _, grads = _jax_loss_and_grads(jm, jnp.asarray(x_np), jnp.asarray(G_np))
     tg = br.peft_grads(pm)
     assert sorted(tg) == sorted(paths)
     for p in paths:
@@ -100,6 +101,8 @@ def test_mlp_forward_grads_and_merge_match_peft(case):
         assert (s.r, s.block_size) == (m.r["default"], m.oft_block_size["default"])
     x, G = _inputs(6, 10, 2)
     _compare_forward_and_grads(pm, jm, paths, x, G)
+    if case.startswith("neumann-t"):
+        return  # the series only changes R; merging is covered by the other cases (keeps the run short)
     # merged weights: PEFT's dense merge W BD^T vs ours (nnx layout kernel' = BD kernel).
     pm.base_model.merge_adapter()
     merge(jm)

@@ -1,0 +1,161 @@
+"""One OFT layer, forward + backward: oftjax (JAX) vs PEFT + bitsandbytes (torch), float / int8 / nf4 bases.
+
+Setup (defaults; flags change them): tokens = 512, a 2048 x 2048 linear with bias, OFT block size 32
+(Cayley-Neumann, 5 terms, PEFT's default), fp32 activations and compute. The loss is ``sum(y * G)`` for a
+fixed ``G``; the backward produces the rotation gradients (and, as any layer inside a network must, the input
+gradient). Both sides use the same float weight; the JAX quantized layers hold bitsandbytes' own bytes
+(read through ``interop.bnb.from_state_dict``), so they dequantize to the same weights.
+
+The floor is a JAX dense matmul without adapter, forward + input gradient: the two matmuls a frozen linear
+costs in training. Targets on a CPU: JAX <= 0.8x torch, and JAX <= 1.2x the floor.
+
+Times are medians of ``--reps`` runs after warm-up (JAX: compilation). Both frameworks run in this process,
+one after the other, on the same cores; on a shared machine the numbers move with the load.
+
+Usage: python benchmarks/bench_layer.py [--tokens 512 --dim 2048 --block 32 --reps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from interop import bnb as bnb_io
+from interop import oracle
+from oftjax.config import OFTConfig
+from oftjax.nn import Linear4bit, Linear8bit, OFTParam
+from oftjax.surgery import apply_oft
+
+BASES = ("float", "int8", "nf4")
+
+
+def median_ms(fn, reps: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+class Holder(nnx.Module):
+    def __init__(self, layer):
+        self.lin = layer
+
+    def __call__(self, x):
+        return self.lin(x)
+
+
+def torch_layer(kind: str, w, b):
+    torch = oracle.require("torch")
+    bnb = oracle.require("bitsandbytes")
+    out_f, in_f = w.shape
+    if kind == "float":
+        layer = torch.nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        return layer
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=True, has_fp16_weights=False, threshold=0.0)
+        layer.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=torch.float32, quant_type=kind)
+        layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=kind, blocksize=64)
+    layer.bias = torch.nn.Parameter(b.clone())
+    layer = layer.to("cpu")
+    oracle.disable_cpu_repacking(layer)
+    return layer
+
+
+def jax_layer(kind: str, tlayer):
+    bias = jnp.asarray(tlayer.bias.detach().numpy())
+    if kind == "float":
+        lin = nnx.Linear(tlayer.in_features, tlayer.out_features, rngs=nnx.Rngs(0))
+        lin.kernel[...] = jnp.asarray(tlayer.weight.detach().numpy().T)
+        lin.bias[...] = bias
+        return lin
+    sd = {k: v.detach().numpy() for k, v in tlayer.state_dict().items() if k != "bias"}
+    q = bnb_io.from_state_dict(sd, "")
+    return Linear8bit(q, bias) if kind == "int8" else Linear4bit(q, bias)
+
+
+def bench(a: argparse.Namespace) -> list[tuple[str, float, float, float]]:
+    torch = oracle.require("torch")
+    peft = oracle.require("peft")
+    oracle.use_default_cpu_dequant()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(a.dim, a.dim, generator=g) * 0.02
+    b = torch.randn(a.dim, generator=g) * 0.1
+    x_t = torch.randn(a.tokens, a.dim, generator=g)
+    G_t = torch.randn(a.tokens, a.dim, generator=g)
+    x, G = jnp.asarray(x_t.numpy()), jnp.asarray(G_t.numpy())
+    kw = dict(r=0, oft_block_size=a.block, target_modules=["lin"], init_weights=False)
+
+    # floor: dense matmul, forward + input gradient
+    W = jnp.asarray(w.numpy().T)
+    floor_fn = jax.jit(jax.value_and_grad(lambda x, W: jnp.sum((x @ W) * G)))
+    floor = median_ms(lambda: jax.block_until_ready(floor_fn(x, W)), a.reps)
+
+    rows = []
+    for kind in BASES:
+        tl = torch_layer(kind, w, b)
+        model = Holder(jax_layer(kind, tl))
+        apply_oft(model, OFTConfig(**kw), rngs=nnx.Rngs(0))
+
+        @nnx.jit
+        def step(m, x):
+            return nnx.value_and_grad(lambda m: jnp.sum(m(x) * G), argnums=nnx.DiffState(0, OFTParam))(m)
+
+        t_jax = median_ms(lambda m=model, f=step: jax.block_until_ready(f(m, x)), a.reps)
+
+        holder = torch.nn.Module()
+        holder.lin = tl
+        holder.forward = lambda x, h=holder: h.lin(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(holder, peft.OFTConfig(**kw)).train()
+        params = [p for n, p in pm.named_parameters() if "oft_R" in n]
+
+        def torch_step(pm=pm, params=params):
+            for p in params:
+                p.grad = None
+            (pm(x_t) * G_t).sum().backward()
+
+        t_torch = median_ms(torch_step, a.reps)
+        rows.append((kind, t_jax, t_torch, floor))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--reps", type=int, default=10)
+    a = p.parse_args()
+    torch = oracle.require("torch")
+    print(
+        f"OFT layer fwd+bwd: tokens={a.tokens}, {a.dim}x{a.dim}, block {a.block}, fp32; "
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); median of {a.reps}"
+    )
+    rows = bench(a)
+    print(f"{'base':<6} {'JAX ms':>8} {'torch ms':>9} {'JAX/torch':>9} {'floor ms':>9} {'JAX/floor':>9}")
+    for kind, tj, tt, fl in rows:
+        print(f"{kind:<6} {tj:>8.1f} {tt:>9.1f} {tj / tt:>9.2f} {fl:>9.1f} {tj / fl:>9.2f}")
+    print(
+        "targets: JAX/torch <= 0.80, JAX/floor <= 1.20 (floor: JAX dense matmul fwd + input grad, no adapter)"
+    )
+
+
+if __name__ == "__main__":
+    main()

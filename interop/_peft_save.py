@@ -1,0 +1,190 @@
+"""Save adapters of NNX models as PEFT adapters (``interop.peft.save_adapter`` / ``collect_adapter``).
+
+The written ``adapter_config.json`` must make PEFT rebuild exactly the model's layers and block layouts, or
+``PeftModel.from_pretrained`` reports missing or mis-shaped keys. A given config is checked against the model;
+without one, a config is inferred: ``target_modules`` = the layers' full paths, one ``r`` or
+``oft_block_size`` that PEFT's per-layer adjustment turns into every layer's layout, ``bias`` from which
+biases are trainable (``OFTBias``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from oftjax import oft
+from oftjax.config import OFTConfig
+from oftjax.nn import OFTBias, OFTLinear
+
+from . import _peft_format as fmt
+from ._io import InteropError
+from ._peft_attach import PathKey, _is_linear_like, module_table
+
+
+def _common(values: list[Any], what: str, adapter_name: str) -> Any:
+    distinct = sorted(set(values), key=repr)
+    if len(distinct) != 1:
+        raise InteropError(
+            f"adapter {adapter_name!r}: layers disagree on {what} ({distinct}); one PEFT config cannot "
+            "express that"
+        )
+    return distinct[0]
+
+
+# AdapterSettings fields that are OFTConfig fields of the same name (one value per adapter in PEFT).
+_SETTING_FIELDS = (
+    "coft",
+    "eps",
+    "block_share",
+    "use_cayley_neumann",
+    "num_cayley_neumann_terms",
+    "legacy_neumann",
+    "module_dropout",
+)
+
+
+def _bias_mode(table: Mapping[str, tuple[PathKey, Any]], layers: Mapping[str, OFTLinear]) -> str:
+    """PEFT's ``bias`` that saves exactly the biases made trainable (``OFTBias``) in the model."""
+    trainable = {p for p, (_, m) in table.items() if isinstance(getattr(m, "bias", None), OFTBias)}
+    with_bias = {p for p, m in layers.items() if getattr(m, "bias", None) is not None}
+    if trainable and trainable <= set(layers):
+        return "oft_only"
+    if trainable and with_bias <= trainable:
+        return "all"
+    return "none"  # no trainable biases, or they belong to another adapter's layers
+
+
+def _infer_config(layers: Mapping[str, OFTLinear], adapter_name: str, bias: str = "none") -> OFTConfig:
+    """An OFTConfig reproducing every layer's settings (the layout PEFT rebuilds from it must match)."""
+    settings = [layer.adapters[adapter_name] for layer in layers.values()]
+    common = {f: _common([getattr(s, f) for s in settings], f, adapter_name) for f in _SETTING_FIELDS}
+    sizes = collections.Counter(s.block_size for s in settings)
+    ranks = collections.Counter(s.r for s in settings)
+    candidates = [dict(r=0, oft_block_size=b) for b, _ in sizes.most_common()]
+    candidates += [dict(r=r, oft_block_size=0) for r, _ in ranks.most_common()]
+    for cand in candidates:
+        config = OFTConfig(target_modules=sorted(layers), bias=bias, **cand, **common)
+        if not _layout_mismatches(config, layers, adapter_name):
+            return config
+    raise InteropError(
+        f"adapter {adapter_name!r}: the layers' block sizes {dict(sizes)} / blocks {dict(ranks)} cannot come "
+        "from one PEFT config (no single r or oft_block_size gives them all); PEFT could not load this "
+        "adapter"
+    )
+
+
+def _layout_mismatches(config: OFTConfig, layers: Mapping[str, OFTLinear], adapter_name: str) -> list[str]:
+    bad = []
+    for path, layer in layers.items():
+        s = layer.adapters[adapter_name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's "Adjusted ..." warning: expected here
+            r, b = oft.resolve_block_size(layer.in_features, config.r, config.oft_block_size)
+        if (r, b) != (s.r, s.block_size):
+            bad.append(f"{path}: has r={s.r}, b={s.block_size}; the config gives r={r}, b={b}")
+    return bad
+
+
+def _check_config(
+    config: OFTConfig, layers: Mapping[str, OFTLinear], table: Mapping, adapter_name: str
+) -> None:
+    bad = _layout_mismatches(config, layers, adapter_name)
+    for path, layer in layers.items():
+        s = layer.adapters[adapter_name]
+        for f in _SETTING_FIELDS:
+            if getattr(s, f) != getattr(config, f):
+                bad.append(f"{path}: {f}={getattr(s, f)!r} but the config has {getattr(config, f)!r}")
+        if not config.is_target(path):
+            bad.append(f"{path}: carries the adapter but the config's target_modules do not select it")
+    for path, (_, module) in table.items():
+        if path not in layers and (_is_linear_like(module) or isinstance(module, OFTLinear)):
+            if config.is_target(path):
+                bad.append(
+                    f"{path}: selected by the config's target_modules but has no {adapter_name!r} adapter"
+                )
+    if bad:
+        raise InteropError(
+            f"adapter {adapter_name!r}: the config disagrees with the model, so PEFT would load it with "
+            "missing "
+            f"or mis-shaped keys: {bad[:5]}"
+        )
+
+
+def collect_adapter(
+    model: Any, adapter_name: str = "default", config: OFTConfig | None = None
+) -> tuple[OFTConfig, dict[str, np.ndarray]]:
+    """The ``(config, PEFT-named tensors)`` of one adapter of an NNX model (what ``save_adapter`` writes).
+
+    Without ``config``, one is inferred from the layers (``target_modules`` = their full paths; ``bias`` from
+    which biases are trainable ``OFTBias``: "oft_only" if only this adapter's layers' ones, "all" if those
+    and others, else "none"). A given config
+    is checked: it must select exactly the layers carrying the adapter and reproduce each layer's layout.
+    """
+    table = module_table(model)
+    layers = {
+        path: m for path, (_, m) in table.items() if isinstance(m, OFTLinear) and adapter_name in m.adapters
+    }
+    if not layers:
+        found = sorted({n for _, m in table.values() if isinstance(m, OFTLinear) for n in m.adapters})
+        raise InteropError(f"the model has no OFT adapter named {adapter_name!r} (adapters found: {found})")
+    if config is None:
+        config = _infer_config(layers, adapter_name, _bias_mode(table, layers))
+    else:
+        _check_config(config, layers, table, adapter_name)
+    tensors: dict[str, np.ndarray] = {}
+    for path, layer in layers.items():
+        tensors[f"{fmt.PEFT_PREFIX}{path}.oft_R.weight"] = np.asarray(layer.oft_R[adapter_name][...])
+    if config.bias in ("oft_only", "all"):
+        for path, layer in layers.items():
+            if getattr(layer, "bias", None) is not None:
+                tensors[f"{fmt.PEFT_PREFIX}{path}.base_layer.bias"] = np.asarray(layer.bias[...])
+    if config.bias == "all":
+        for path, (_, module) in table.items():
+            bias = getattr(module, "bias", None)
+            if path not in layers and isinstance(bias, nnx.Variable) and bias[...] is not None:
+                tensors[f"{fmt.PEFT_PREFIX}{path}.bias"] = np.asarray(bias[...])
+    return config, tensors
+
+
+def save_adapter(
+    model: Any,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    force: bool = False,
+    *,
+    config: OFTConfig | None = None,
+) -> Path:
+    """Write one adapter of ``model`` as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it with
+    no missing or unexpected keys). A non-default ``adapter_name`` goes to ``path/<adapter_name>``, as PEFT
+    saves.
+
+    Args:
+        model: an NNX model with ``OFTLinear`` layers carrying ``adapter_name``.
+        path: the save directory.
+        adapter_name: which adapter.
+        force: overwrite existing adapter files.
+        config: the OFTConfig to write (checked against the model); inferred when None.
+
+    Returns:
+        The directory written.
+
+    Example:
+        >>> save_adapter(model, "peft_adapter_dir")  # doctest: +SKIP
+    """
+    from .peft import write_adapter
+
+    fmt.check_adapter_name(adapter_name)
+    config, tensors = collect_adapter(model, adapter_name, config)
+    # As PEFT's save_pretrained: inference_mode is saved True; the file is ours, so claim our PEFT version
+    # (a legacy-series adapter keeps its pre-0.18 version so PEFT warns).
+    version = config.peft_version if config.legacy_neumann else None
+    config = dataclasses.replace(config, inference_mode=True, peft_version=version)
+    return write_adapter(path, config, tensors, adapter_name=adapter_name, force=force)
