@@ -271,19 +271,30 @@ def load_model(
     )
 
 
-def save_model(model: LlamaForCausalLM, path: str | os.PathLike, *, force: bool = False) -> None:
+def save_model(
+    model: LlamaForCausalLM,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    max_shard_size: int | str = "5GB",
+) -> None:
     """Write ``model`` as an HF checkpoint directory that transformers ``from_pretrained`` loads.
 
     Quantized layers are written in bitsandbytes' serialization with a matching ``quantization_config``; an
     OFT-wrapped model saves its base weights only (call ``oftjax.merge`` first to save adapted weights, or
     ``interop.peft.save_adapter`` for the adapter). Atomic; refuses an existing ``path`` unless ``force``.
+    Shards (``model-0000i-of-0000N.safetensors`` + index) beyond ``max_shard_size`` (bytes or "5GB").
+
+    Example:
+      >>> save_model(model, "runs/base")                       # doctest: +SKIP
+      >>> load_model("runs/base")                              # doctest: +SKIP
     """
     modules = modules_from_model(model)
     hf_config = model.config.to_hf(dtype=str(np.dtype(modules["model.embed_tokens"]["weight"].dtype)))
     qcfg = quantization_config(model)
     if qcfg is not None:
         hf_config["quantization_config"] = qcfg
-    _write(Path(path), hf_config, modules, force=force)
+    _write(Path(path), hf_config, modules, force=force, max_shard_size=max_shard_size)
 
 
 def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
@@ -334,7 +345,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     return hf.read_checkpoint(path, lazy=True)
 
 
-def _write(path: Path, hf_config: dict[str, Any], modules: dict[str, dict[str, Any]], *, force: bool) -> None:
+def _write(path: Path, hf_config: dict[str, Any], modules: dict[str, dict[str, Any]], **kw: Any) -> None:
     from interop import hf
 
-    hf.write_checkpoint(path, hf_config, modules, force=force)
+    hf.write_checkpoint(path, hf_config, modules, **kw)

@@ -219,7 +219,8 @@ def _mark_biases(model: nnx.Module, bias: str, oft_modules: list[OFTLinear]) -> 
         for name, value in list(vars(module).items()):
             is_bias = name == "bias" if bias == "oft_only" else "bias" in name
             if is_bias and isinstance(value, nnx.Param) and not isinstance(value, OFTParam):
-                setattr(module, name, OFTBias(value[...]))
+                # Same value and metadata (e.g. sharding names); only the variable type changes.
+                setattr(module, name, OFTBias(value[...], **value.get_metadata()))
 
 
 def set_adapter(model: nnx.Module, adapter_names: str | Sequence[str]) -> None:

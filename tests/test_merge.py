@@ -126,7 +126,6 @@ def test_disable_adapters_unmerges_first():
 QUANT = ["int8", "nf4", "fp4", "nf4-dq"]
 
 
-@pytest.mark.skipif(not hasattr(quant, "quantize_4bit"), reason="needs oftjax.quant.quantize_* (helper A)")
 @pytest.mark.parametrize("kind", QUANT, ids=QUANT)
 def test_quantized_merge_requantizes_like_quantizing_the_float_weight(kind):
     model = adapted(kind)

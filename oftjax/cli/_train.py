@@ -15,7 +15,16 @@ from oftjax import default_job as dj
 __all__ = ["add_train_parser", "run_train"]
 
 # What a run directory may contain; --force removes only these (never other files).
-RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.jsonl", "loss.png", "run.json", "base", "pretrain")
+RUN_OUTPUTS = (
+    "adapter",
+    "checkpoints",
+    "metrics.jsonl",
+    "loss.png",
+    "run.json",
+    "summary.json",
+    "base",
+    "pretrain",
+)
 # Settings that must not change when a run is resumed.
 RESUME_KEYS = (
     "model",
@@ -276,24 +285,25 @@ def _checkpoint_quant(model) -> str | None:
 
 
 def _frozen_bytes_per_param(model) -> tuple[float, int]:
-    """Bytes of the frozen linear weights (packed where quantized) per weight parameter, and the count."""
+    """Bytes per weight of the quantized linears (packed leaves' nbytes / weights), or of the float linears
+    when nothing is quantized; and that weight count. Embeddings, norms and lm_head are not included."""
+    import jax
     import numpy as np
     from flax import nnx
 
     from oftjax.nn import Linear4bit, Linear8bit
 
-    nbytes = params = 0
+    quant = [0, 0]
+    flt = [0, 0]
     for _, m in nnx.iter_graph(model):
         if isinstance(m, Linear4bit | Linear8bit):
-            q = m.weight.get_value()
-            import jax
-
-            nbytes += sum(np.asarray(x).nbytes for x in jax.tree.leaves(q))
-            params += m.in_features * m.out_features
+            quant[0] += sum(np.asarray(x).nbytes for x in jax.tree.leaves(m.weight.get_value()))
+            quant[1] += m.in_features * m.out_features
         elif type(m) is nnx.Linear:
             k = m.kernel.get_value()
-            nbytes += k.size * k.dtype.itemsize
-            params += k.size
+            flt[0] += k.size * k.dtype.itemsize
+            flt[1] += k.size
+    nbytes, params = quant if quant[1] else flt
     return (nbytes / params if params else 0.0), params
 
 
@@ -402,7 +412,7 @@ def run_train(args: argparse.Namespace) -> int:
     _say(
         args,
         f"OFT: {len(matched)} layers, block size {args.oft_block_size}, {n_train:,} trainable parameters "
-        f"({n_frozen:,} frozen linear weights at {bpp:.3f} bytes/parameter)",
+        f"({n_frozen:,} frozen {quant if quant != 'none' else 'float'} weights at {bpp:.3f} bytes/parameter)",
     )
 
     # --- data

@@ -55,17 +55,26 @@ def in_out_features(module: Any, kind: str) -> tuple[int, int]:
     return int(d_in), int(d_out)
 
 
-def dense_weight(module: Any, kind: str) -> jax.Array:
-    """The base weight as a torch-layout ``[out, in]`` array, in the dtype merges start from.
+def weight_source(module: Any, kind: str) -> Any:
+    """The array (float: kernel ``[in, out]``) or quantized pytree holding the base weight."""
+    return module.kernel[...] if kind == "float" else module.weight.get_value()
+
+
+def dense_from_source(source: Any, kind: str) -> jax.Array:
+    """The base weight as a torch-layout ``[out, in]`` array, in the dtype merges start from (jit-able).
 
     float: the kernel transposed (its own dtype); int8: fp32 (PEFT dequantizes with
     ``int8_vectorwise_dequant``, fp32); 4-bit: the original weight dtype (``quant_state.dtype``, what
     ``dequantize_4bit`` returns).
     """
     if kind == "float":
-        return module.kernel[...].T
-    q = module.weight.get_value()
-    return quant.dequantize(q, jnp.float32 if kind == "int8" else q.dtype)
+        return source.T
+    return quant.dequantize(source, jnp.float32 if kind == "int8" else source.dtype)
+
+
+def dense_weight(module: Any, kind: str) -> jax.Array:
+    """``dense_from_source`` of a module's base weight."""
+    return dense_from_source(weight_source(module, kind), kind)
 
 
 def requantize(q: Any, w: jax.Array) -> Any:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oftjax import oft, quant
-from oftjax.nn._base import set_dense_weight
+from oftjax.nn._base import dense_from_source, set_dense_weight, weight_source
 from oftjax.nn._oft_linear import AdapterSettings, OFTLinear, rotation_from_vec
 
 
@@ -90,11 +90,7 @@ def _rotate_weight(
     inverse: bool,
 ) -> tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
     """Jitted merge math: (rotated weight in the stored dtype, COFT-projected vecs, finiteness per step)."""
-    W0 = (
-        source.T
-        if kind == "float"
-        else quant.dequantize(source, jnp.float32 if kind == "int8" else source.dtype)
-    )
+    W0 = dense_from_source(source, kind)
     W = W0.astype(jnp.float32)
     projected, finite = [], []
     for vec, s in zip(vecs, settings, strict=True):
@@ -107,7 +103,7 @@ def _rotate_weight(
 
 
 def _rotated(layer: OFTLinear, names: Sequence[str], *, inverse: bool) -> tuple[jax.Array, jax.Array]:
-    source = layer.kernel[...] if layer.base_kind == "float" else layer.weight.get_value()
+    source = weight_source(layer, layer.base_kind)
     settings = tuple(layer.adapters[n] for n in names)
     vecs = tuple(layer.oft_R[n][...] for n in names)
     W, projected, finite = _rotate_weight(

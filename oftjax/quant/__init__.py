@@ -9,6 +9,10 @@ from oftjax.quant._formats import NESTED_BLOCKSIZE as NESTED_BLOCKSIZE
 from oftjax.quant._formats import QUANT_TYPES as QUANT_TYPES
 from oftjax.quant._formats import FourBitWeight as FourBitWeight
 from oftjax.quant._formats import Int8Weight as Int8Weight
+from oftjax.quant._quant4 import QUANT_STORAGES as QUANT_STORAGES
+from oftjax.quant._quant4 import ROUNDINGS as ROUNDINGS
+from oftjax.quant._quant4 import quantize_4bit as quantize_4bit
+from oftjax.quant._quant8 import quantize_int8 as quantize_int8
 from oftjax.quant._tables import DYNAMIC as DYNAMIC
 from oftjax.quant._tables import FP4 as FP4
 from oftjax.quant._tables import NF4 as NF4
@@ -20,9 +24,13 @@ __all__ = [
     "FP4",
     "NESTED_BLOCKSIZE",
     "NF4",
+    "QUANT_STORAGES",
     "QUANT_TYPES",
+    "ROUNDINGS",
     "FourBitWeight",
     "Int8Weight",
     "code_table",
     "dequantize",
+    "quantize_4bit",
+    "quantize_int8",
 ]

@@ -54,7 +54,7 @@ def _lut_codes(v: jax.Array, code: np.ndarray) -> jax.Array:
 
 
 def _search_cuda(v: jax.Array, code: np.ndarray) -> jax.Array:
-    """``dQuantize<0>`` (csrc/kernels.cu): binary search from pivot 127, then nearest of the two neighbours."""
+    """``dQuantize<0>`` (csrc/kernels.cu): binary search from pivot 127, then the nearer neighbour."""
     c = jnp.asarray(code)
     pivot = jnp.full(v.shape, 127, jnp.int32)
     upper = jnp.full(v.shape, 255, jnp.int32)

@@ -1,7 +1,8 @@
 """Dequantization of bitsandbytes int8 and NF4/FP4 weights, bit-exact with bitsandbytes 0.50.2.
 
 Follows bnb's pure-torch default kernels (``bitsandbytes/backends/default/ops.py``:
-``_dequantize_4bit_compute``, ``dequantize_blockwise``; ``bitsandbytes/_ops.py``: ``int8_vectorwise_dequant``),
+``_dequantize_4bit_compute``, ``dequantize_blockwise``; ``bitsandbytes/_ops.py``:
+``int8_vectorwise_dequant``),
 which CPU and CUDA agree with (../shared/notes/bitsandbytes-formats.md §4, §6):
 
   * 4-bit: ``out = dtype(fl32(code[nibble] * absmax[i // blocksize]))``, one float32 multiply then one
@@ -16,6 +17,7 @@ shapes does not recompile.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -49,6 +51,14 @@ def dequantize(q: Int8Weight | FourBitWeight, dtype: Any = None) -> jax.Array:
       (64, 64)
     """
     out_dtype = jnp.dtype(q.dtype if dtype is None else dtype)
+    if not isinstance(q, Int8Weight | FourBitWeight):
+        raise TypeError(f"dequantize expects an Int8Weight or a FourBitWeight, got {type(q).__name__}")
+    return _dequantize(q, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(q: Int8Weight | FourBitWeight, out_dtype: np.dtype) -> jax.Array:
+    """The body of ``dequantize``, compiled once per format, shape and output dtype."""
     match q:
         case Int8Weight():
             return dequantize_int8(q.CB, q.SCB).astype(out_dtype)
@@ -59,8 +69,8 @@ def dequantize(q: Int8Weight | FourBitWeight, dtype: Any = None) -> jax.Array:
             return dequantize_4bit_values(q.packed, absmax, q.shape, q.blocksize, q.quant_type).astype(
                 out_dtype
             )
-        case _:
-            raise TypeError(f"dequantize expects an Int8Weight or a FourBitWeight, got {type(q).__name__}")
+        case _:  # pragma: no cover - checked by the caller
+            raise TypeError(type(q).__name__)
 
 
 def dequantize_int8(CB: jax.Array, SCB: jax.Array) -> jax.Array:
@@ -122,7 +132,8 @@ def dequantize_4bit_values(
     nb = -(-n // blocksize)
     if absmax.shape != (nb,):
         raise ValueError(
-            f"absmax must have shape [{nb}] for {n} elements in blocks of {blocksize}, got {tuple(absmax.shape)}"
+            f"absmax must have shape [{nb}] for {n} elements in blocks of {blocksize}, "
+            f"got {tuple(absmax.shape)}"
         )
     idx = unpack_nibbles(packed, n)
     vals = jnp.asarray(code_table(quant_type))[idx.astype(jnp.int32)]

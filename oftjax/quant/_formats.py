@@ -48,13 +48,14 @@ class FourBitWeight:
     Invariants (n = prod(shape), nb = ceil(n / blocksize)):
       * ``packed``: the packed bytes exactly as bnb stores them, in the quant_storage dtype, shape
         ``[ceil(n/2) / itemsize, 1]``. Viewed as uint8 and flattened (C order), byte k holds element 2k in its
-        high nibble and element 2k+1 in its low nibble; for odd n the last low nibble is padding (code of 0.0).
+        high nibble and element 2k+1 in its low nibble; for odd n the last low nibble is padding (code of
+        0.0).
       * ``absmax``: float32 ``[nb]`` without double quantization; uint8 ``[nb]`` (8-bit dynamic-map codes of
         ``absmax - offset``) with it.
       * ``nested_absmax``: float32 ``[ceil(nb / 256)]`` or None; ``offset``: float32 scalar or None. Both are
         present exactly when the statistics are compressed (double quantization).
-      * static: ``shape`` (the true weight shape), ``dtype`` (original weight dtype, the default output dtype of
-        ``dequantize``), ``blocksize`` (one of BLOCKSIZES), ``quant_type`` ("nf4" or "fp4").
+      * static: ``shape`` (the true weight shape), ``dtype`` (original weight dtype, the default output dtype
+        of ``dequantize``), ``blocksize`` (one of BLOCKSIZES), ``quant_type`` ("nf4" or "fp4").
     """
 
     packed: jax.Array

@@ -1,12 +1,12 @@
 """Exact float32 arithmetic on the host, immune to flush-to-zero (numpy, float64 carriers).
 
 XLA:CPU runs its threads, ``jax.pure_callback`` bodies included, with the FTZ/DAZ flags set, so float32
-subnormals become zero there (even ``np.float32(1e-38)`` does). bitsandbytes (torch) keeps them, and they occur
-in real formats: an all-zero ragged 4-bit block stores absmax 1e-38 and the double-quant statistics of a
+subnormals become zero there (even ``np.float32(1e-38)`` does). bitsandbytes (torch) keeps them, and they
+occur in real formats: an all-zero ragged 4-bit block stores absmax 1e-38 and the double-quant statistics of a
 near-zero weight are subnormal. Here a float32 value is carried as the float64 holding exactly the same value
 (float32 subnormals are normal float64 numbers), each operation is done in float64 and rounded back to float32
-by ``r32``; one float64 +, -, *, / followed by rounding to float32 equals the float32 operation (53 >= 2*24 + 2,
-so the double rounding is innocuous). The subnormal range is rounded with integer arithmetic.
+by ``r32``; one float64 +, -, *, / followed by rounding to float32 equals the float32 operation
+(53 >= 2*24 + 2, so the double rounding is innocuous). The subnormal range is rounded with integer arithmetic.
 """
 
 from __future__ import annotations

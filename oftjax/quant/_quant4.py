@@ -7,8 +7,8 @@ References: bitsandbytes ``backends/default/ops.py`` (``quantize_4bit``, the ker
 rounding="cpu" (bnb's default torch kernel):
   * x = w.astype(float32) flattened in C order, blocks of ``blocksize``; ``absmax = max|x|`` per block.
   * full blocks: ``clip(x * fl32(1 / max(absmax, 1e-38)), -1, 1)``; the ragged last block *divides*:
-    ``clip(x / max(absmax, 1e-38), -1, 1)``, and stores the clamped absmax (1e-38 for an all-zero ragged block;
-    an all-zero full block stores 0).
+    ``clip(x / max(absmax, 1e-38), -1, 1)``, and stores the clamped absmax (1e-38 for an all-zero ragged
+    block; an all-zero full block stores 0).
   * code = ``#{mids < s}`` over the fp32 midpoints of the sorted code (``torch.bucketize``, ties go down; NaN
     goes to the top bucket like torch), mapped back through ``argsort(code)`` for FP4.
   * odd n: a 0.0 is appended before packing; byte k = code[2k] << 4 | code[2k+1].
@@ -24,6 +24,7 @@ the mean runs through ``jax.pure_callback``, so ``quantize_4bit`` stays jit-able
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -86,16 +87,22 @@ def _scale_blocks(x: jax.Array, blocksize: int, rounding: str) -> tuple[jax.Arra
     absmax = jnp.max(jnp.abs(xp), axis=1)
     if rounding == "cuda":
         return (xp * (jnp.float32(1.0) / absmax)[:, None]).reshape(-1)[:n], absmax
-    # bnb divides by clamp(absmax, 1e-38). XLA:CPU flushes subnormals (1e-38 included) to zero, so the clamp is
-    # spelled out: an all-zero block scales to its own zeros and the ragged one stores 1e-38 by its bits.
+    # bnb divides by clamp(absmax, 1e-38). XLA:CPU flushes subnormals (1e-38 included) to zero, so the clamp
+    # is spelled out: an all-zero block scales to its own zeros and the ragged one stores 1e-38 by its bits.
     zero = absmax == 0
     safe = jnp.where(zero, jnp.float32(1.0), absmax)
     scaled = jnp.where(zero[:, None], xp, xp * (jnp.float32(1.0) / safe)[:, None])
     if rem:
         # bnb's ragged block: `A_flat[full:] / am` (a true division) and the clamped absmax is stored.
-        scaled = scaled.at[-1].set(jnp.where(zero[-1], xp[-1], xp[-1] / safe[-1]))
-        tiny = jax.lax.bitcast_convert_type(jnp.asarray(_TINY_BITS, jnp.uint32), jnp.float32)
-        absmax = absmax.at[-1].set(jnp.where(zero[-1], tiny, absmax[-1]))
+        # XLA rewrites `row / broadcast(scalar)` into `row * (1 / scalar)`; a data-dependent select for the
+        # denominator blocks that (NaN / 1 is NaN / am: the value is unchanged).
+        row = xp[-1]
+        den = jnp.where(jnp.isnan(row), jnp.float32(1.0), safe[-1])
+        scaled = scaled.at[-1].set(jnp.where(zero[-1], row, row / den))
+        # The select is done on the bits: LLVM may treat a subnormal float constant as zero under XLA's flags.
+        bits = jax.lax.bitcast_convert_type(absmax, jnp.uint32)
+        bits = bits.at[-1].set(jnp.where(zero[-1], jnp.uint32(_TINY_BITS), bits[-1]))
+        absmax = jax.lax.bitcast_convert_type(bits, jnp.float32)
     return jnp.clip(scaled, -1.0, 1.0).reshape(-1)[:n], absmax
 
 
@@ -135,8 +142,9 @@ def _check(
     nbytes = (int(w.size) + 1) // 2
     if nbytes % storage.itemsize:
         raise ValueError(
-            f"quant_storage {storage} ({storage.itemsize} bytes) does not divide the {nbytes} packed bytes of a "
-            f"weight with {w.size} elements; use uint8 or a shape with ceil(n/2) a multiple of {storage.itemsize}"
+            f"quant_storage {storage} ({storage.itemsize} bytes) does not divide the {nbytes} packed bytes "
+            f"of a weight with {w.size} elements; use uint8 or a shape with ceil(n/2) a multiple of "
+            f"{storage.itemsize}"
         )
     return w, storage
 
@@ -167,8 +175,8 @@ def quantize_4bit(
       A ``FourBitWeight`` with the packed bytes, absmax (and nested statistics), ``shape=w.shape`` and
       ``dtype=w.dtype``.
 
-    Non-finite input: mirrors bnb on the CPU. A NaN element gets the top code (NF4 1.0, FP4 +1.0) and makes its
-    block's absmax NaN (every element of that block then codes as 1.0); an inf makes absmax inf, the inf
+    Non-finite input: mirrors bnb on the CPU. A NaN element gets the top code (NF4 1.0, FP4 +1.0) and makes
+    its block's absmax NaN (every element of that block then codes as 1.0); an inf makes absmax inf, the inf
     element codes as 1.0 and the rest of its block as 0. With double quantization the offset becomes NaN and
     bnb's nested statistics are meaningless (codes 0, nested absmax 0); dequantizing gives NaN.
 
@@ -179,8 +187,34 @@ def quantize_4bit(
       ((32, 1), [1.0, 1.0])
     """
     w, storage = _check(w, quant_type, blocksize, quant_storage, rounding)
+    return _quantize_4bit(
+        jnp.asarray(w),
+        quant_type=quant_type,
+        blocksize=int(blocksize),
+        compress_statistics=bool(compress_statistics),
+        storage=storage,
+        rounding=rounding,
+        mean_threads=mean_threads,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("quant_type", "blocksize", "compress_statistics", "storage", "rounding", "mean_threads"),
+)
+def _quantize_4bit(
+    w: jax.Array,
+    *,
+    quant_type: str,
+    blocksize: int,
+    compress_statistics: bool,
+    storage: np.dtype,
+    rounding: str,
+    mean_threads: int | None,
+) -> FourBitWeight:
+    """The validated body of ``quantize_4bit``, compiled once per shape and format."""
     shape = tuple(int(d) for d in w.shape)
-    x = jnp.asarray(w).astype(jnp.float32).reshape(-1)
+    x = w.astype(jnp.float32).reshape(-1)
     scaled, absmax = _scale_blocks(x, blocksize, rounding)
     if scaled.shape[0] % 2:
         scaled = jnp.pad(scaled, (0, 1))
@@ -192,7 +226,9 @@ def quantize_4bit(
     if rounding == "cpu":
         qabsmax, absmax2, offset = _double_quant_cpu(absmax, mean_threads)
     else:
-        offset = _bits_to_f32(_host(lambda a: mean_bits(a, num_threads=mean_threads), absmax, ((), jnp.uint32)))
+        offset = _bits_to_f32(
+            _host(lambda a: mean_bits(a, num_threads=mean_threads), absmax, ((), jnp.uint32))
+        )
         qabsmax, absmax2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE, rounding=rounding)
     return FourBitWeight(packed, qabsmax, absmax2, offset, **meta)
 
@@ -209,7 +245,7 @@ def _host(fn: Any, x: jax.Array, *out: tuple[tuple[int, ...], Any]) -> Any:
 
 
 def _double_quant_cpu(absmax: jax.Array, mean_threads: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """bnb's CPU double quantization, on the host: exact float32 there, subnormals included (``_host_f32``)."""
+    """bnb's CPU double quantization on the host, in exact float32 with subnormals (``_host_f32``)."""
     nb = absmax.shape[0]
     nb2 = -(-nb // NESTED_BLOCKSIZE)
     q, absmax2, offset = _host(

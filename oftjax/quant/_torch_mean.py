@@ -131,7 +131,9 @@ def torch_sum_f32(x: np.ndarray, *, num_threads: int | None = None, vec_width: i
     return encode(_sum64(x64, num_threads, vec_width)).view(np.float32)[()]
 
 
-def torch_mean_f32(x: np.ndarray, *, num_threads: int | None = None, vec_width: int = VEC_WIDTH) -> np.float32:
+def torch_mean_f32(
+    x: np.ndarray, *, num_threads: int | None = None, vec_width: int = VEC_WIDTH
+) -> np.float32:
     """``torch.mean`` of a float32 vector on the CPU: ``fl32(torch_sum_f32(x) / n)``.
 
     Exact also where float32 subnormals occur, and also inside XLA's flush-to-zero threads (``_host_f32``).
@@ -147,5 +149,7 @@ def mean_bits(x: np.ndarray, *, num_threads: int | None = None, vec_width: int =
     """The float32 bits (uint32 scalar array) of ``torch_mean_f32(x)``; FTZ-safe to pass across callbacks."""
     x64 = decode(np.asarray(x, np.float32).reshape(-1))
     if x64.size == 0:
-        raise ValueError("torch_mean_f32 needs at least one value (the mean of an empty tensor is NaN in torch)")
+        raise ValueError(
+            "torch_mean_f32 needs at least one value (the mean of an empty tensor is NaN in torch)"
+        )
     return encode(r32(_sum64(x64, num_threads, vec_width) / x64.size))

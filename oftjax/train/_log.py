@@ -37,8 +37,17 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike, *, title: str = "loss") -> Path:
-    """Plot train loss (and eval loss where recorded) against step into a PNG; returns its path."""
+def plot_loss(
+    metrics_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    title: str = "loss",
+    initial_eval: float | None = None,
+) -> Path:
+    """Plot train loss (raw and a 10-step moving average) and eval loss against step into a PNG.
+
+    ``initial_eval`` (the eval loss before the first step) is drawn at step 0. Returns the PNG path.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,8 +57,15 @@ def plot_loss(metrics_path: str | os.PathLike, out_path: str | os.PathLike, *, t
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if initial_eval is not None:
+        evals.insert(0, (0, initial_eval))
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=0.8, alpha=0.45)
+        if len(train) >= 10:
+            steps, losses = zip(*train, strict=True)
+            k = 10
+            avg = [sum(losses[i - k + 1 : i + 1]) / k for i in range(k - 1, len(losses))]
+            ax.plot(steps[k - 1 :], avg, label="train loss (10-step mean)", lw=1.6, color="C0")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", ms=4)
     ax.set_xlabel("step")

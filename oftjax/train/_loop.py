@@ -127,7 +127,7 @@ def fit(
         log.write(record)
         records.append(record)
         if progress and (done % max(cfg.log_every, 1) == 0 or done == cfg.steps):
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
         if (cfg.save_every and done % cfg.save_every == 0) or done == end:
             save_checkpoint(
                 output_dir, done, trainer.state, trainer.wrt, config=cfg, write_adapter=adapter_writer
@@ -136,5 +136,5 @@ def fit(
     model = trainer.model
     if write_adapter is not None:
         write_adapter(model, output_dir / "adapter")
-    plot_loss(log.path, output_dir / "loss.png", title=plot_title)
+    plot_loss(log.path, output_dir / "loss.png", title=plot_title, initial_eval=eval_before)
     return FitResult(model, records, start, eval_before, eval_after, time.perf_counter() - t_start)

@@ -275,3 +275,13 @@ def test_tied_model_has_no_lm_head_tensor(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(run(load_model(tmp_path / "qwen"), IDS)), np.asarray(run(m, IDS))
     )
+
+
+def test_sharded_save_and_load(model, tmp_path):
+    save_model(model, tmp_path / "sharded", max_shard_size=40_000)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    again = load_model(tmp_path / "sharded")
+    a, b = flat_params(model), flat_params(again)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -91,7 +91,6 @@ def test_injectable_dot_general():
     assert calls
 
 
-@pytest.mark.skipif(not hasattr(quant, "quantize_int8"), reason="needs oftjax.quant.quantize_* (helper A)")
 @pytest.mark.parametrize("kind", ("int8", "nf4", "fp4-dq"), ids=("int8", "nf4", "fp4-dq"))
 def test_from_float_quantizes_like_quant(kind):
     w = rand((8, 64), seed=3)

@@ -139,3 +139,30 @@ def test_parity_against_cuda_bitsandbytes(dirs, capsys):
                    "--per-layer", "--rtol", str(tol.rtol)])  # fmt: skip
     print(capsys.readouterr().out)
     assert status == 0
+
+
+@pytest.mark.slow
+def test_main_job_no_arguments(tmp_path, capsys, monkeypatch):
+    """`oftjax train` with no arguments: <= 5 minutes, loss falls clearly, outputs; torch agrees with it."""
+    import time
+
+    from oftjax.train import read_metrics
+
+    monkeypatch.chdir(tmp_path)  # the default --output is runs/default, relative to the working directory
+    t0 = time.perf_counter()
+    assert main([]) == 0
+    elapsed = time.perf_counter() - t0
+    run = tmp_path / "runs" / "default"
+    assert elapsed < 300, f"the main job took {elapsed:.0f} s"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["quant"] == "nf4" and summary["bytes_per_frozen_param"] <= 0.52
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.1, summary
+    assert len(read_metrics(run / "metrics.jsonl")) == 150
+    assert (run / "loss.png").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    # transformers quantizes the cached float base with bitsandbytes itself; PEFT loads our adapter on it
+    assert (
+        main(["parity", "--model", str(run / "base"), "--quant", "nf4", "--adapter", str(run / "adapter")])
+        == 0
+    )
+    assert "PASS" in capsys.readouterr().out

@@ -282,3 +282,45 @@ def test_partly_quantized_model_saves_skip_modules(float_dirs, quant_dirs, tmp_p
     assert_close_on_tokens(
         jax_logits(ours, ids, mask), hf_logits(again.eval(), ids, mask), mask, TOL["fp32_forward"]
     )
+
+
+@pytest.mark.parametrize("name", ["nf4-dq", "fp4", "int8"], ids=str)
+def test_jax_quantized_model_saves_what_transformers_writes(float_dirs, quant_dirs, tmp_path, name):
+    """Float checkpoint -> load_model -> quantize every projection in JAX (bnb CPU rounding) -> save_model:
+    the directory equals what transformers + bitsandbytes write when quantizing the same checkpoint on load
+    (every tensor byte for byte, same quantization_config)."""
+    from safetensors import safe_open
+
+    from interop.hf_model import linear_paths
+    from oftjax.nn import Linear4bit, Linear8bit
+
+    ours = load_model(float_dirs["llama"][0])
+    for path in linear_paths(ours.config)[:-1]:  # all but lm_head, as transformers
+        parent, _, attr = path.rpartition(".")
+        holder = ours
+        for part in parent.split("."):
+            holder = holder[int(part)] if part.isdigit() else getattr(holder, part)
+        weight = getattr(holder, attr).kernel[...].T
+        kw = QUANT_CASES[name]
+        if name == "int8":
+            layer = Linear8bit.from_float(weight)
+        else:
+            dq = kw.get("bnb_4bit_use_double_quant", False)
+            layer = Linear4bit.from_float(
+                weight, quant_type=kw["bnb_4bit_quant_type"], compress_statistics=dq
+            )
+        setattr(holder, attr, layer)
+    save_model(ours, tmp_path / "ours")
+    theirs = quant_dirs[name][0]
+    with (
+        safe_open(theirs / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "ours" / "model.safetensors", "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (
+        config["quantization_config"]
+        == json.loads((theirs / "config.json").read_text())["quantization_config"]
+    )

@@ -249,7 +249,7 @@ def _run_bnb_case(kind, d, case):
         W = peft_layer.get_base_weight().float()
         dense = torch.mm(peft_layer.get_delta_weight("default"), W.t()).t().numpy()
     layer = jq.lin0
-    target = np.asarray(merged_weight(layer, ["default"]))
+    target = np.array(merged_weight(layer, ["default"]))  # writable: handed to torch
     np.testing.assert_allclose(target.astype(np.float32), dense, rtol=FWD.rtol, atol=FWD.atol)
     # requantized bytes == bitsandbytes quantizing the same float weight
     report = merge(jq).layers["lin0"]
