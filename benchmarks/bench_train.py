@@ -66,8 +66,7 @@ def run_jax(a: argparse.Namespace, out: mp.Queue) -> None:
     from oftjax.models import LlamaForCausalLM, ModelConfig
     from oftjax.nn import Linear4bit
     from oftjax.surgery import apply_oft, trainable_count
-    from oftjax.train import TrainConfig, Trainer
-    from oftjax.train._prepare import quantize_model
+    from oftjax.train import TrainConfig, Trainer, quantize_model
 
     model = LlamaForCausalLM(ModelConfig.from_hf(hf_config(a)), rngs=nnx.Rngs(0))
     quantize_model(model, "nf4", double_quant=True, compute_dtype=jnp.float32)

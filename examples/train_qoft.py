@@ -26,8 +26,7 @@ from oftjax.data import ByteTokenizer, pack, read_texts, split, tokenize
 from oftjax.default_job import stdlib_dir
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.surgery import apply_oft, trainable_count
-from oftjax.train import TrainConfig, fit
-from oftjax.train._prepare import quantize_model
+from oftjax.train import TrainConfig, fit, quantize_model
 
 CONFIG = {
     "model_type": "llama",

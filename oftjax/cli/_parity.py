@@ -112,7 +112,7 @@ def run_parity(args: argparse.Namespace) -> int:
     from interop.hf_model import load_model
     from interop.peft import load_adapter
     from oftjax.cli import CLIError
-    from oftjax.train._prepare import quantize_model
+    from oftjax.train import quantize_model
 
     if not (args.model / "config.json").is_file():
         raise CLIError(f"{args.model}: not an HF checkpoint directory (no config.json)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import time
@@ -317,8 +316,7 @@ def run_train(args: argparse.Namespace) -> int:
     from oftjax.config import OFTConfig
     from oftjax.data import ByteTokenizer, load_tokenizer, read_texts, split, tokenize
     from oftjax.surgery import apply_oft, trainable_count
-    from oftjax.train import TrainConfig, fit, make_mesh
-    from oftjax.train._prepare import quantize_model
+    from oftjax.train import TrainConfig, fit, make_mesh, quantize_model
 
     _validate(args)
     _prepare_output(args)
@@ -490,7 +488,3 @@ def run_train(args: argparse.Namespace) -> int:
     )
     _say(args, f"wrote {out / 'adapter'} (PEFT adapter), {out / 'metrics.jsonl'}, {out / 'loss.png'}")
     return 0
-
-
-def _asdict(x: Any) -> Any:
-    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x

@@ -18,6 +18,8 @@ from oftjax.train._loop import eval_batches as eval_batches
 from oftjax.train._loop import fit as fit
 from oftjax.train._loss import causal_lm_loss as causal_lm_loss
 from oftjax.train._loss import causal_lm_loss_sum as causal_lm_loss_sum
+from oftjax.train._prepare import QUANT_CHOICES as QUANT_CHOICES
+from oftjax.train._prepare import quantize_model as quantize_model
 from oftjax.train._sharding import batch_sharding as batch_sharding
 from oftjax.train._sharding import make_mesh as make_mesh
 from oftjax.train._sharding import shard_batch as shard_batch
@@ -28,6 +30,7 @@ from oftjax.train._step import default_wrt as default_wrt
 __all__ = [
     "FitResult",
     "MetricsLog",
+    "QUANT_CHOICES",
     "TrainConfig",
     "Trainer",
     "batch_sharding",
@@ -41,6 +44,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "plot_loss",
+    "quantize_model",
     "read_metrics",
     "restore_train_state",
     "save_checkpoint",

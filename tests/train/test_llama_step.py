@@ -10,8 +10,7 @@ from oftjax.config import OFTConfig
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.nn import OFTParam, QuantWeight
 from oftjax.surgery import apply_oft
-from oftjax.train import TrainConfig, Trainer, make_mesh
-from oftjax.train._prepare import quantize_model
+from oftjax.train import TrainConfig, Trainer, make_mesh, quantize_model
 from tests.tolerances import TOL
 
 CFG = ModelConfig.from_hf(
