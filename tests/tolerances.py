@@ -42,6 +42,16 @@ TOL: dict[str, Tol] = {
         1e-5, 1e-6, "cross-device all-reduce of grads and loss sums in a different order than one device"
     ),
     # oftjax.nn / merge (helper C)
+    "requant_int8": Tol(
+        1e-2,
+        0.0,
+        "budget: int8 requantization of a rotated weight, rel. Frobenius (notes/peft-oft §5.2: 6e-3)",
+    ),
+    "requant_4bit": Tol(
+        0.2,
+        0.0,
+        "budget: NF4/FP4 requantization of a rotated weight, rel. Frobenius (notes/peft-oft §5.2: 0.07-0.12)",
+    ),
     "rotate_paths": Tol(
         1e-4,
         1e-5,

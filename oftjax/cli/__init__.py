@@ -26,7 +26,7 @@ class CLIError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``oftjax`` command."""
     from oftjax.cli._parity import add_parity_parser
-    from oftjax.cli._train import add_train_parser
+    from oftjax.cli._train_args import add_train_parser
 
     parser = argparse.ArgumentParser(
         prog="oftjax",

@@ -123,9 +123,9 @@ def run_parity(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     quant = args.quant
-    from oftjax.cli._train import _checkpoint_quant
+    from oftjax.cli._train import checkpoint_quant
 
-    ck = _checkpoint_quant(model)
+    ck = checkpoint_quant(model)
     if ck is not None and quant not in ("none", ck):
         raise CLIError(f"{args.model}: checkpoint is already quantized ({ck}); omit --quant")
     if ck is None and quant != "none":

@@ -22,8 +22,6 @@ from flax import nnx
 from oftjax import quant
 from oftjax.nn._quant_linear import Linear4bit, Linear8bit
 
-KINDS = ("float", "int8", "4bit")
-
 
 def base_kind(module: Any) -> str:
     """The kind of base layer ``module`` is: "float", "int8" or "4bit"; TypeError when unsupported.
@@ -70,11 +68,6 @@ def dense_from_source(source: Any, kind: str) -> jax.Array:
     if kind == "float":
         return source.T
     return quant.dequantize(source, jnp.float32 if kind == "int8" else source.dtype)
-
-
-def dense_weight(module: Any, kind: str) -> jax.Array:
-    """``dense_from_source`` of a module's base weight."""
-    return dense_from_source(weight_source(module, kind), kind)
 
 
 def requantize(q: Any, w: jax.Array) -> Any:

@@ -60,18 +60,20 @@ def _nnx_linear(lin: nn.Linear) -> nnx.Linear:
 class TorchQuantNet(nn.Module):
     """One bnb layer ``lin0`` (Linear8bitLt or Linear4bit) over a float weight."""
 
-    def __init__(self, kind: str, in_f: int, out_f: int, seed: int = 0):
+    def __init__(self, kind: str, in_f: int, out_f: int, seed: int = 0, compute_dtype=torch.float32):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         w = torch.randn(out_f, in_f, generator=g) * 0.05
         bias = torch.randn(out_f, generator=g) * 0.1
-        self.lin0 = bnb_layer(kind, w, bias)
+        self.lin0 = bnb_layer(kind, w, bias, compute_dtype)
 
     def forward(self, X):
         return self.lin0(X)
 
 
-def bnb_layer(kind: str, w: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def bnb_layer(
+    kind: str, w: torch.Tensor, bias: torch.Tensor | None, compute_dtype=torch.float32
+) -> nn.Module:
     """A bnb layer quantizing ``w`` [out, in] on the CPU (kind: int8, nf4, fp4, nf4-dq, fp4-dq)."""
     out_f, in_f = w.shape
     if kind == "int8":
@@ -80,7 +82,7 @@ def bnb_layer(kind: str, w: torch.Tensor, bias: torch.Tensor | None) -> nn.Modul
     else:
         qt, _, dq = kind.partition("-")
         layer = bnb.nn.Linear4bit(
-            in_f, out_f, bias=bias is not None, compute_dtype=torch.float32, compress_statistics=dq == "dq",
+            in_f, out_f, bias=bias is not None, compute_dtype=compute_dtype, compress_statistics=dq == "dq",
             quant_type=qt,
         )  # fmt: skip
         layer.weight = bnb.nn.Params4bit(
@@ -129,7 +131,11 @@ class JaxQuantNet(nnx.Module):
     def __init__(self, tq: TorchQuantNet):
         q = quant_weight_from_bnb(tq.lin0)
         bias = jnp.asarray(tq.lin0.bias.detach().numpy())
-        self.lin0 = Linear8bit(q, bias) if isinstance(q, quant.Int8Weight) else Linear4bit(q, bias)
+        if isinstance(q, quant.Int8Weight):
+            self.lin0 = Linear8bit(q, bias)
+        else:
+            cd = jnp.dtype(str(tq.lin0.compute_dtype).removeprefix("torch."))
+            self.lin0 = Linear4bit(q, bias, compute_dtype=cd)
 
     def __call__(self, x):
         return self.lin0(x)

@@ -98,7 +98,9 @@ def assert_same_values(ours, ref) -> None:
 def run_4bit_case(shape, bs, qt, dq, storage, dtype, kind, outer_jit=True):
     x = make_data(shape, kind, qt, seed=hash((shape, bs, kind)) % 2**32)
     w_t = torch.from_numpy(x).to(TORCH[dtype])
-    p, st = F.quantize_4bit(w_t, blocksize=bs, quant_type=qt, compress_statistics=dq, quant_storage=TORCH[storage])
+    p, st = F.quantize_4bit(
+        w_t, blocksize=bs, quant_type=qt, compress_statistics=dq, quant_storage=TORCH[storage]
+    )
     ref = F.dequantize_4bit(p, st)
     w = jnp.asarray(to_numpy(w_t))
     jq = jax.jit(quant.quantize_4bit, static_argnums=(1, 2, 3, 4))
@@ -129,7 +131,15 @@ def covering_cases():
         if not storage_fits(shape, storage):
             storage = "uint8"
         cases.append(
-            (shape, BLOCKSIZES[i % 8], QTYPES[i % 2], bool((i // 4) % 2), storage, DTYPES[i % 3], KINDS[i % 4])
+            (
+                shape,
+                BLOCKSIZES[i % 8],
+                QTYPES[i % 2],
+                bool((i // 4) % 2),
+                storage,
+                DTYPES[i % 3],
+                KINDS[i % 4],
+            )
         )
     return cases
 
@@ -231,7 +241,10 @@ def run_int8_case(shape, dtype, kind):
         np.testing.assert_array_equal(np.asarray(q.CB), p.CB.numpy())
         np.testing.assert_array_equal(bits(q.SCB), bits(p.SCB.numpy()))
         assert q.dtype == np.dtype(JAX[dtype])
-        for dq in (quant.dequantize(q, jnp.float32), jax.jit(quant.dequantize, static_argnums=1)(q, jnp.float32)):
+        for dq in (
+            quant.dequantize(q, jnp.float32),
+            jax.jit(quant.dequantize, static_argnums=1)(q, jnp.float32),
+        ):
             assert_bits_equal(dq, ref.numpy())
         # default output dtype: the original one, rounded once from float32 (what `.to(dtype)` does)
         assert_bits_equal(quant.dequantize(q), to_numpy(ref.to(TORCH[dtype])))

@@ -1,0 +1,237 @@
+"""``oftjax train`` arguments: the parser, validation, and the run directory's overwrite/resume policy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from oftjax import default_job as dj
+
+__all__ = [
+    "RESUME_KEYS",
+    "RUN_OUTPUTS",
+    "add_train_parser",
+    "fail",
+    "parse_mesh",
+    "prepare_output",
+    "validate",
+]
+
+# What a run directory may contain; --force removes only these (never other files).
+RUN_OUTPUTS = (
+    "adapter",
+    "checkpoints",
+    "metrics.jsonl",
+    "loss.png",
+    "run.json",
+    "summary.json",
+    "base",
+    "pretrain",
+)
+# Settings that must not change when a run is resumed.
+RESUME_KEYS = (
+    "model",
+    "quant",
+    "double_quant",
+    "target_modules",
+    "oft_block_size",
+    "cayley",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "lr",
+    "steps",
+    "seed",
+    "data",
+    "max_data_bytes",
+)
+
+
+def add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with (quantized) OFT; with no arguments, the embedded default job",
+        description=(
+            "Fine-tune a Llama-family HF checkpoint with OFT in JAX and write a PEFT adapter. Without "
+            "--model, a small Llama is pretrained on the Python standard library's sources (cached in "
+            "OUTPUT/base), quantized to NF4 with double quantization and fine-tuned with OFT on another "
+            "slice of the text."
+        ),
+    )
+    g = p.add_argument_group("model and adapter")
+    g.add_argument(
+        "--model",
+        type=Path,
+        help="HF checkpoint dir (float, bnb 8-bit or 4-bit); default: the "
+        "embedded small Llama, pretrained on first use",
+    )
+    g.add_argument(
+        "--quant",
+        choices=("nf4", "fp4", "int8", "none"),
+        default=None,
+        help="quantize a float checkpoint's linears (default nf4; a bnb checkpoint keeps its format)",
+    )
+    g.add_argument(
+        "--no-double-quant",
+        dest="double_quant",
+        action="store_false",
+        help="4-bit without double quantization of the absmax statistics",
+    )
+    g.add_argument(
+        "--target-modules",
+        default=",".join(dj.TARGET_MODULES),
+        help="comma-separated module names (PEFT target_modules) (default: %(default)s)",
+    )
+    g.add_argument("--oft-block-size", type=int, default=dj.OFT_BLOCK_SIZE, help="default: %(default)s")
+    g.add_argument(
+        "--cayley",
+        choices=("neumann", "exact"),
+        default="neumann",
+        help="rotation parameterization: PEFT's default Cayley-Neumann series or the exact Cayley map",
+    )
+    g.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=dj.PRETRAIN["steps"],
+        help="pretraining steps of the embedded default model (default: %(default)s)",
+    )
+    g.add_argument(
+        "--bf16", action="store_true", help="bfloat16 compute (parameters, loss and optimizer fp32)"
+    )
+    g.add_argument("--remat", action="store_true", help="rematerialize decoder layers in the backward pass")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        type=Path,
+        help="a text file or a folder of text files (default: the Python standard library's sources)",
+    )
+    g.add_argument("--max-data-bytes", type=int, default=dj.DATA_BYTES, help="default: %(default)s")
+    g.add_argument("--seq-len", type=int, default=dj.FINETUNE["seq_len"], help="default: %(default)s")
+    g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out rows (default: %(default)s)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=dj.FINETUNE["steps"], help="default: %(default)s")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=dj.FINETUNE["learning_rate"],
+        help="peak AdamW learning rate (default: %(default)s)",
+    )
+    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
+    g.add_argument("--batch-size", type=int, default=dj.FINETUNE["batch_size"], help="default: %(default)s")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--mesh",
+        default=None,
+        metavar="DATAxFSDP",
+        help="device mesh, e.g. 1x8 (FSDP over 8 devices) or 8x1; default: one device",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--output", type=Path, default=Path(dj.DEFAULT_OUTPUT), help="run dir (default: %(default)s)"
+    )
+    g.add_argument(
+        "--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)"
+    )
+    g.add_argument("--eval-every", type=int, default=25, help="default: %(default)s")
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+    )
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="start over in a non-empty --output (removes only oftjax's own outputs there)",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
+    return p
+
+
+def fail(msg: str):
+    from oftjax.cli import CLIError
+
+    raise CLIError(msg)
+
+
+def record(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_KEYS}
+
+
+def prepare_output(args: argparse.Namespace) -> None:
+    out: Path = args.output
+    if args.resume and args.force:
+        fail("--resume and --force exclude each other")
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a directory")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and args.resume:
+        run_json = out / "run.json"
+        if run_json.is_file():
+            before = json.loads(run_json.read_text())
+            now = record(args)
+            diff = sorted(k for k in RESUME_KEYS if before.get(k) != now.get(k))
+            if diff:
+                fail(
+                    f"{out}: cannot resume with changed settings {diff} (was "
+                    f"{ {k: before.get(k) for k in diff} })"
+                )
+    elif nonempty and args.force:
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif nonempty:
+        fail(f"{out}: exists and is not empty; pass --resume to continue that run or --force to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(record(args), indent=2, sort_keys=True) + "\n")
+
+
+def validate(args: argparse.Namespace) -> None:
+    for name in (
+        "steps",
+        "pretrain_steps",
+        "batch_size",
+        "seq_len",
+        "oft_block_size",
+        "grad_accum",
+        "max_data_bytes",
+    ):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0:
+        fail(f"--lr must be > 0, got {args.lr}")
+    if args.batch_size % args.grad_accum:
+        fail(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        fail(f"{args.model}: not an HF checkpoint directory (no config.json)")
+    if args.data is not None and not args.data.exists():
+        fail(f"{args.data}: data path not found")
+    if not [m for m in args.target_modules.split(",") if m.strip()]:
+        fail("--target-modules is empty")
+    if args.mesh is not None:
+        parse_mesh(args.mesh)
+
+
+def parse_mesh(spec: str) -> tuple[int, int]:
+    try:
+        data, fsdp = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        fail(f"--mesh must look like DATAxFSDP (e.g. 2x4), got {spec!r}")
+    import jax
+
+    if data < 1 or fsdp < 1 or data * fsdp > jax.device_count():
+        fail(f"--mesh {spec} needs {data * fsdp} devices; this host has {jax.device_count()}")
+    return data, fsdp
+
+
+def _run(args: argparse.Namespace) -> int:
+    from oftjax.cli._train import run_train
+
+    return run_train(args)
