@@ -10,8 +10,8 @@ The floor is a JAX dense matmul without adapter, forward + input gradient: the t
 costs in training. Targets on a CPU: JAX <= 0.8x torch, and JAX <= 1.2x the floor.
 
 Times are the best of ``--reps`` runs after warm-up (JAX: compilation): on a shared machine the minimum is
-the estimate least disturbed by other load (medians are printed too). Both frameworks run in this process,
-one after the other, on the same cores.
+the estimate least disturbed by other load (medians are printed too). Both frameworks run in this process on
+the same cores, round-robin (JAX step, torch step, floor, repeat) so that all three see the same load.
 
 Usage: python benchmarks/bench_layer.py [--tokens 512 --dim 2048 --block 32 --reps 10]
 """
@@ -22,6 +22,7 @@ import argparse
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,16 +37,18 @@ from oftjax.surgery import apply_oft
 BASES = ("float", "int8", "nf4")
 
 
-def time_ms(fn, reps: int) -> tuple[float, float]:
-    """(best, median) wall time in ms over ``reps`` calls after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
+def time_interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tuple[float, float]]:
+    """name -> (best, median) wall time in ms; the functions run round-robin so that they share the load."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times), 1e3 * statistics.median(times)
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: (1e3 * min(ts), 1e3 * statistics.median(ts)) for name, ts in times.items()}
 
 
 class Holder(nnx.Module):
@@ -108,7 +111,7 @@ def bench(
     W = jnp.asarray(w.numpy().T)
     # Every array is an argument: closed-over arrays become compile-time constants that XLA folds.
     floor_fn = jax.jit(jax.value_and_grad(lambda x, W, G: jnp.sum((x @ W) * G)))
-    floor = time_ms(lambda: jax.block_until_ready(floor_fn(x, W, G)), a.reps)
+    floor = lambda: jax.block_until_ready(floor_fn(x, W, G))  # noqa: E731
 
     rows = []
     for kind in BASES:
@@ -119,8 +122,6 @@ def bench(
         @nnx.jit
         def step(m, x, G):
             return nnx.value_and_grad(lambda m: jnp.sum(m(x) * G), argnums=nnx.DiffState(0, OFTParam))(m)
-
-        t_jax = time_ms(lambda m=model, f=step: jax.block_until_ready(f(m, x, G)), a.reps)
 
         holder = torch.nn.Module()
         holder.lin = tl
@@ -135,8 +136,15 @@ def bench(
                 p.grad = None
             (pm(x_t) * G_t).sum().backward()
 
-        t_torch = time_ms(torch_step, a.reps)
-        rows.append((kind, t_jax, t_torch, floor))
+        t = time_interleaved(
+            {
+                "jax": lambda m=model, f=step: jax.block_until_ready(f(m, x, G)),
+                "torch": torch_step,
+                "floor": floor,
+            },
+            a.reps,
+        )
+        rows.append((kind, t["jax"], t["torch"], t["floor"]))
     return rows
 
 

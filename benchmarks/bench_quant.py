@@ -92,7 +92,8 @@ def main() -> None:
         f"host cores {os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}"
     )
     print(
-        "| format | dequantize JAX ms | dequantize bnb ms | bnb/JAX | quantize JAX ms | quantize bnb ms | bnb/JAX |"
+        "| format | dequantize JAX ms | dequantize bnb ms | bnb/JAX "
+        "| quantize JAX ms | quantize bnb ms | bnb/JAX |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, dj, db, qj, qb in rows:

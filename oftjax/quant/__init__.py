@@ -1,5 +1,14 @@
 """bitsandbytes' int8 and NF4/FP4 weight formats in pure JAX, bit-exact with bitsandbytes 0.50.2.
 
+* ``quantize_int8(w)`` -> ``Int8Weight``; ``quantize_4bit(w, quant_type, blocksize, compress_statistics,
+  quant_storage)`` -> ``FourBitWeight``; ``dequantize(q, dtype=None)`` for both. All jit-able; each public
+  function compiles once per shape and format. ``rounding="cpu"`` (default) is bit-exact with bitsandbytes on
+  the CPU, ``rounding="cuda"`` follows the CUDA kernels where they differ.
+* Host side: the double-quantization statistics (a torch-order float32 mean and the nested 8-bit codes of the
+  n / blocksize absmax values) run in numpy via ``jax.pure_callback``; everything else is XLA.
+* Subnormal float32 *inputs* are flushed to zero by XLA:CPU (bitsandbytes keeps them); the subnormal values
+  bnb itself produces (absmax 1e-38 of an all-zero ragged block, statistics of near-zero weights) are exact.
+
 See ../shared/notes/bitsandbytes-formats.md for the numerics this package reproduces.
 """
 

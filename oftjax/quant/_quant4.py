@@ -17,9 +17,12 @@ rounding="cuda" (from the kernel source; not verified on a GPU here):
     all-zero block gives ``0 * inf = NaN``, which both CUDA trees send to code 0b0000.
   * NF4: strict ``x > t`` against the same fp32 midpoints; FP4: sign bit from ``x < 0``, then ``|x|`` against
     the kernel's literal thresholds (off the true midpoints by up to 14 ulps).
-Double quantization: ``offset = torch.mean(absmax)`` (emulated on the host, ``_torch_mean``), then the 8-bit
-blockwise quantizer on ``absmax - offset`` in blocks of 256 (``_blockwise``). Everything but the mean is jnp;
-the mean runs through ``jax.pure_callback``, so ``quantize_4bit`` stays jit-able.
+Double quantization: ``offset = torch.mean(absmax)`` (torch's CPU summation order, ``_torch_mean``), then the
+8-bit blockwise quantizer on ``absmax - offset`` in blocks of 256 (``_blockwise``). Host side: with the CPU
+rules this whole nested stage (n / blocksize values) runs in numpy through ``jax.pure_callback`` in exact
+float32 arithmetic (``_host_f32``), as XLA flushes the subnormal statistics of near-zero weights; with the
+CUDA rules only the mean does (CUDA's own mean order is not emulated: its offset can differ in the last bits).
+Everything else is jnp; ``quantize_4bit`` is jit-able either way.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from oftjax.quant._torch_mean import mean_bits
 ROUNDINGS = ("cpu", "cuda")
 QUANT_STORAGES = tuple(np.dtype(d) for d in (jnp.uint8, jnp.float16, jnp.bfloat16, jnp.float32))
 
+# float32 1e-38 (a subnormal) as bits: bnb's clamp floor, stored as the absmax of an all-zero ragged block.
+_TINY_BITS = np.float32(1e-38).view(np.uint32)
 # dQuantizeFP4 (csrc/kernels.cu:64) literal thresholds on |x| and the magnitude code of each bucket.
 _FP4_CUDA_THRESHOLDS = np.array(
     [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333], np.float32
 )
-# float32 1e-38 (a subnormal) as bits: bnb's clamp floor, stored as the absmax of an all-zero ragged block.
-_TINY_BITS = np.float32(1e-38).view(np.uint32)
 _FP4_CUDA_BUCKET_CODE = np.array([0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011], np.uint8)
 
 

@@ -13,6 +13,7 @@ rounding="cuda" uses ``fl32(127 / SCB)`` (a true division) for the scale: CUDA's
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -42,7 +43,13 @@ def quantize_int8(w: jax.Array, rounding: str = "cpu") -> Int8Weight:
       ([[64, -127], [0, 0]], [1.0, 0.0])
     """
     _check(w, rounding)
-    w16 = jnp.asarray(w).astype(jnp.float16)
+    return _quantize_int8(jnp.asarray(w), rounding=rounding)
+
+
+@functools.partial(jax.jit, static_argnames=("rounding",))
+def _quantize_int8(w: jax.Array, *, rounding: str) -> Int8Weight:
+    """The validated body of ``quantize_int8``, compiled once per shape and dtype."""
+    w16 = w.astype(jnp.float16)
     SCB = jnp.max(jnp.abs(w16), axis=1).astype(jnp.float32)
     if rounding == "cpu":
         scale = (jnp.float32(1.0) / SCB) * jnp.float32(127.0)

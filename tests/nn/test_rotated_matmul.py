@@ -59,3 +59,18 @@ def test_rotate_kernel_is_block_diag_product():
     K = jax.random.normal(jax.random.key(2), (8, 3))
     want = np.asarray(oft.block_diag(R1)) @ np.asarray(oft.block_diag(R2)) @ np.asarray(K)
     np.testing.assert_allclose(np.asarray(rotate_kernel(K, (R1, R2))), want, rtol=FWD.rtol, atol=FWD.atol)
+
+
+def test_rotate_blocks_equals_oft_rotate_input():
+    R = _blocks(jax.random.key(0), 4, 8)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 32))
+    from oftjax.nn._rotated_matmul import rotate_blocks
+
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(rotate_blocks)(x, R)),
+        np.asarray(oft.rotate_input(x, R)),
+        rtol=FWD.rtol,
+        atol=FWD.atol,
+    )
+    eye = jnp.broadcast_to(jnp.eye(8), (4, 8, 8))
+    np.testing.assert_array_equal(np.asarray(rotate_blocks(x, eye)), np.asarray(x))  # identity is exact
