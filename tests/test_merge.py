@@ -10,7 +10,7 @@ from flax import nnx
 
 from oftjax import quant
 from oftjax.config import OFTConfig
-from oftjax.merge import merge, unmerge
+from oftjax import merge, unmerge
 from oftjax.nn._merge import unmerge_layer
 from oftjax.surgery import apply_oft, disable_adapters, set_adapter
 from tests.nn._helpers import make_base, rand

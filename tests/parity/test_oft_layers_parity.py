@@ -18,7 +18,7 @@ from flax import nnx
 
 from interop import oracle
 from oftjax import quant
-from oftjax.merge import merge, unmerge
+from oftjax import merge, unmerge
 from oftjax.nn import OFTParam
 from oftjax.nn._merge import merged_weight
 from oftjax.surgery import apply_oft, set_adapter
