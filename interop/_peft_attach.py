@@ -3,8 +3,11 @@
 A model's module paths are its attribute names joined by dots, list indices as numbers
 (``model.layers.0.self_attn.q_proj``): exactly PEFT's module names for a torch model built the same way. The
 per-layer block layout comes from the tensor shapes (PEFT adjusts r/b per layer): ``b`` from
-``n = b(b-1)/2`` and ``r = shape[0]`` (``in_features / b`` with ``block_share``). Layers are wrapped in
-``oftjax.nn.OFTLinear`` (or get one more adapter if already wrapped).
+``n = b(b-1)/2`` and ``r = shape[0]`` (``in_features / b`` with ``block_share``). Layers named by
+``oft_R.weight`` are wrapped in ``oftjax.nn.OFTLinear``, embeddings (``nnx.Embed``) named by
+``oft_embedding_R.weight`` in ``oftjax.nn.OFTEmbed`` (or get one more adapter if already wrapped). The base
+table PEFT saves next to a targeted input embedding (``<module>.base_layer.weight``) is loaded into the
+embedding, as PEFT does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from oftjax.config import OFTConfig
-from oftjax.nn import AdapterSettings, OFTBias, OFTLinear, base_kind
+from oftjax.nn import AdapterSettings, OFTAdapters, OFTBias, OFTEmbed, OFTLinear, base_kind
 
 from . import _peft_format as fmt
 from ._io import InteropError
@@ -63,6 +66,10 @@ def _is_linear_like(module: Any) -> bool:
     return True
 
 
+def _is_embed_like(module: Any) -> bool:
+    return isinstance(module, OFTEmbed | nnx.Embed)
+
+
 def _settings(
     config: OFTConfig, rows: int, b: int, in_features: int, key: str, source: Path
 ) -> AdapterSettings:
@@ -87,7 +94,7 @@ def _settings(
 def _current_active(table: Mapping[str, tuple[PathKey, Any]]) -> tuple[str, ...] | None:
     """The model's active adapters (those of its first OFT layer), or None when it has no OFT layer yet."""
     for _, m in table.values():
-        if isinstance(m, OFTLinear) and m.adapters:
+        if isinstance(m, OFTAdapters) and m.adapters:
             return m.active_adapters
     return None
 
@@ -117,14 +124,14 @@ def load_adapter(
             OFT adapter before (as ``PeftModel.from_pretrained``/``PeftModel.load_adapter``); otherwise newly
             wrapped layers keep the model's current active adapters (``oftjax.surgery.set_adapter`` switches).
         rngs: needed only when ``module_dropout > 0`` (training-time block dropout).
-        strict: refuse a file that lacks the tensor of a linear layer its config targets (PEFT would warn
-            about missing adapter keys and leave that layer at its fresh initialization).
+        strict: refuse a file that lacks the tensor of a layer (linear or embedding) its config targets
+            (PEFT would warn about missing adapter keys and leave that layer at its fresh initialization).
 
     Returns:
         The module paths the adapter was attached to, sorted.
 
     Raises:
-        InteropError: a module named in the file is missing or not a linear layer, a shape does not tile its
+        InteropError: a module named in the file is missing or of the wrong kind, a shape does not tile its
             layer, the adapter name exists on a layer, or the file is bad. The model is left unchanged.
 
     Example:
@@ -167,6 +174,7 @@ def attach_adapter(
         activate = current is None
     plans: list[tuple[str, PathKey, Any, AdapterSettings, np.ndarray]] = []
     bias_updates: list[tuple[str, Any, np.ndarray]] = []
+    table_updates: list[tuple[Any, np.ndarray]] = []
     for key, p in sorted(parsed.items()):
         if p.kind == "module_to_save":
             raise InteropError(
@@ -182,22 +190,43 @@ def attach_adapter(
             )
         mpath, module = table[p.module]
         array = np.asarray(tensors[key])
-        if p.kind == "oft_embedding_R":
-            raise InteropError(f"{source}: {key!r}: OFT on embeddings is not supported by oftjax.nn")
-        if p.kind == "oft_R":
-            if not (isinstance(module, OFTLinear) or _is_linear_like(module)):
+        if p.kind in fmt.ROTATION_KINDS:
+            embed = p.kind == "oft_embedding_R"
+            if embed and not _is_embed_like(module):
+                raise InteropError(
+                    f"{source}: {key!r}: module {p.module!r} is a {type(module).__name__}, not an embedding "
+                    "(nnx.Embed)"
+                )
+            if not embed and not (isinstance(module, OFTLinear) or _is_linear_like(module)):
+                what = (
+                    "an embedding: PEFT names its rotation 'oft_embedding_R'"
+                    if _is_embed_like(module)
+                    else ""
+                )
                 raise InteropError(
                     f"{source}: {key!r}: module {p.module!r} is a {type(module).__name__}, not a linear layer"
+                    + (f" ({what})" if what else "")
                 )
-            if isinstance(module, OFTLinear) and adapter_name in module.adapters:
+            if isinstance(module, OFTAdapters) and adapter_name in module.adapters:
                 raise InteropError(
                     f"{source}: {key!r}: module {p.module!r} already has an adapter named {adapter_name!r}; "
                     "delete it or load under another adapter_name"
                 )
             rows, n = array.shape
-            in_features = int(module.in_features) if isinstance(module, OFTLinear) else _in_features(module)
+            in_features = int(module.in_features) if isinstance(module, OFTAdapters) else _in_features(module)
             settings = _settings(config, rows, fmt.block_size_of(n), in_features, key, source)
             plans.append((p.module, mpath, module, settings, array))
+        elif p.kind == "embedding_base":
+            # PEFT loads this into the base embedding (set_peft_model_state_dict): so do we.
+            table_var = getattr(module, "embedding", None)
+            if not _is_embed_like(module) or not isinstance(table_var, nnx.Variable):
+                raise InteropError(f"{source}: {key!r}: module {p.module!r} is not an embedding (nnx.Embed)")
+            if tuple(table_var[...].shape) != tuple(array.shape):
+                raise InteropError(
+                    f"{source}: {key!r} has shape {list(array.shape)}; module {p.module!r} embedding is "
+                    f"{list(table_var[...].shape)} (a resized vocabulary: resize the model's embedding first)"
+                )
+            table_updates.append((module, array))
         else:
             bias = getattr(module, "bias", None)
             if not isinstance(bias, nnx.Variable):
@@ -214,21 +243,26 @@ def attach_adapter(
     if needs_rngs and rngs is None:
         raise InteropError(f"{source}: module_dropout={config.module_dropout} > 0 needs rngs=nnx.Rngs(...)")
     # Everything checked: now mutate the model.
-    wrapped: dict[str, OFTLinear] = {}
+    wrapped: dict[str, OFTAdapters] = {}
     for name, mpath, module, settings, array in plans:
-        layer = module if isinstance(module, OFTLinear) else OFTLinear(module)
+        if isinstance(module, OFTAdapters):
+            layer = module
+        else:
+            layer = OFTEmbed(module) if _is_embed_like(module) else OFTLinear(module)
         layer.add_adapter(adapter_name, settings, init_weights=True, rngs=rngs, param_dtype=array.dtype)
-        layer.oft_R[adapter_name][...] = jnp.asarray(array)
+        layer.rotation_params[adapter_name][...] = jnp.asarray(array)
         if layer is not module:
             _replace(model, mpath, layer)
         wrapped[name] = layer
     if activate:
         for _, m in module_table(model).values():
-            if isinstance(m, OFTLinear) and m.adapters:
+            if isinstance(m, OFTAdapters) and m.adapters:
                 m.active_adapters = (adapter_name,) if adapter_name in m.adapters else ()
     else:
         for layer in wrapped.values():
             layer.active_adapters = tuple(current or ())
+    for module, array in table_updates:  # the wrapper shares the base's variable: either one works
+        module.embedding[...] = jnp.asarray(array, dtype=module.embedding[...].dtype)
     for name, module, array in bias_updates:
         target = wrapped.get(name, module)
         old = target.bias
@@ -247,23 +281,26 @@ def _check_no_missing_keys(
         return  # PEFT's per-architecture default targets: nothing to compare against here
     expected = []
     for path, (key, module) in table.items():
-        if not (isinstance(module, OFTLinear) or _is_linear_like(module)):
+        embed = _is_embed_like(module)
+        if not (embed or isinstance(module, OFTLinear) or _is_linear_like(module)):
             continue
-        if config.is_all_linear and key[-1] == "lm_head":
-            continue  # PEFT's "all-linear" never adapts the output layer
+        if config.is_all_linear and (embed or key[-1] == "lm_head"):
+            continue  # PEFT's "all-linear" never adapts embeddings or the output layer
         if config.is_target(path) and path not in rotated:
-            expected.append(path)
+            expected.append((path, "oft_embedding_R" if embed else "oft_R"))
     if expected:
-        keys = [f"{fmt.PEFT_PREFIX}{p}.oft_R.weight" for p in expected[:5]]
+        keys = [f"{fmt.PEFT_PREFIX}{p}.{kind}.weight" for p, kind in expected[:5]]
         raise InteropError(
             f"{source}: missing tensor key(s) {keys}: the config's target_modules select {len(expected)} "
-            "linear layer(s) of the model that the file has no rotation for (PEFT would leave them at a "
-            "fresh init); "
+            "linear/embedding layer(s) of the model that the file has no rotation for (PEFT would leave them "
+            "at a fresh init); "
             "fix the file, or pass strict=False to attach only the modules the file names"
         )
 
 
 def _in_features(module: Any) -> int:
+    if isinstance(module, nnx.Embed):  # PEFT's in_features of an embedding: embedding_dim (rotated output)
+        return int(module.features)
     kind = base_kind(module)
     if kind == "float":
         return int(module.kernel[...].shape[0])

@@ -47,6 +47,10 @@ ROTATION_KINDS = ("oft_R", "oft_embedding_R")
 _ROT_RE = re.compile(r"^(?P<path>.+)\.(?P<kind>oft_R|oft_embedding_R)\.weight$")
 _OLD_RE = re.compile(r"^(?P<path>.+)\.(?P<kind>oft_r|oft_s)$")
 _BASE_BIAS_RE = re.compile(r"^(?P<path>.+)\.base_layer\.bias$")
+# PEFT's save_pretrained also writes the base table of a targeted input embedding of a transformers model
+# (``save_embedding_layers="auto"``: "Setting `save_embedding_layers` to `True` as embedding layers found in
+# `target_modules`"), as ``<module>.base_layer.weight`` next to its ``oft_embedding_R.weight``.
+_EMBED_BASE_RE = re.compile(r"^(?P<path>.+)\.base_layer\.weight$")
 
 
 def config_fields() -> frozenset[str]:
@@ -113,7 +117,9 @@ class ParsedKey:
     """One adapter tensor key, split: ``module`` path (PEFT names, no prefix) and what it holds."""
 
     module: str
-    kind: str  # "oft_R" | "oft_embedding_R" | "base_bias" | "bias" | "oft_r" | "oft_s" | "module_to_save"
+    # "oft_R" | "oft_embedding_R" | "base_bias" | "bias" | "embedding_base" | "oft_r" | "oft_s" |
+    # "module_to_save"
+    kind: str
     attr: str = ""  # for "module_to_save": the parameter name (weight, bias, ...)
 
 
@@ -128,6 +134,8 @@ def parse_key(key: str, config: OFTConfig | None, source: Path) -> ParsedKey:
         return ParsedKey(m["path"], m["kind"])
     if m := _BASE_BIAS_RE.match(rest):
         return ParsedKey(m["path"], "base_bias")
+    if m := _EMBED_BASE_RE.match(rest):
+        return ParsedKey(m["path"], "embedding_base")
     module, _, attr = rest.rpartition(".")
     saved = getattr(config, "modules_to_save", None) or ()
     if module and any(module == s or module.endswith("." + s) for s in saved):
@@ -137,7 +145,8 @@ def parse_key(key: str, config: OFTConfig | None, source: Path) -> ParsedKey:
         return ParsedKey(module, "bias")
     raise InteropError(
         f"{source}: unexpected tensor key {key!r}: expected '<module>.oft_R.weight', "
-        f"'<module>.oft_embedding_R.weight' or (bias={bias_mode!r}) '<module>.base_layer.bias'"
+        f"'<module>.oft_embedding_R.weight' (with its '<module>.base_layer.weight') or (bias={bias_mode!r}) "
+        "'<module>.base_layer.bias'"
     )
 
 
@@ -291,7 +300,18 @@ def check_tensors(tensors: Mapping[str, np.ndarray], config: OFTConfig, source: 
             check_rotation(key, np.asarray(array), config, source)
         elif p.kind in ("base_bias", "bias") and np.ndim(array) != 1:
             raise InteropError(f"{source}: {key!r} has shape {list(np.shape(array))}; a bias is 1-D")
+        elif p.kind == "embedding_base" and np.ndim(array) != 2:
+            raise InteropError(
+                f"{source}: {key!r} has shape {list(np.shape(array))}; an embedding table is 2-D"
+            )
         parsed[key] = p
+    embedded = {p.module for p in parsed.values() if p.kind == "oft_embedding_R"}
+    for key, p in parsed.items():
+        if p.kind == "embedding_base" and p.module not in embedded:
+            raise InteropError(
+                f"{source}: unexpected tensor key {key!r}: a base table is saved only next to "
+                f"'{PEFT_PREFIX}{p.module}.oft_embedding_R.weight', which the file lacks"
+            )
     if not any(p.kind in ROTATION_KINDS for p in parsed.values()):
         raise InteropError(
             f"{source}: no OFT tensors ('<module>.oft_R.weight' or '.oft_embedding_R.weight') among "

@@ -2,10 +2,11 @@
 
 ``oftjax_adapter.json``: ``{"format": "oftjax-adapter", "format_version": 1, "adapters": {name: {"config":
 <every OFTConfig field, legacy_neumann included>, "keys": [...], "peft_extras": {"auto_mapping": ...}}}}``;
-``oftjax_adapter.safetensors``: the tensors under the NNX state paths of ``oftjax.nn.OFTLinear``:
+``oftjax_adapter.safetensors``: the tensors under the NNX state paths of ``oftjax.nn.OFTLinear``/``OFTEmbed``:
 ``<module>.oft_R.<adapter>`` (``oftjax.nn.OFTParam`` ``[R, b(b-1)/2]``),
-``<module>.oft_embedding_R.<adapter>`` and ``<module>.bias`` (base biases saved with ``bias != "none"``; at
-most one adapter may carry them, as in PEFT).
+``<module>.oft_embedding_R.<adapter>``, ``<module>.bias`` (base biases saved with ``bias != "none"``; at
+most one adapter may carry them, as in PEFT) and ``<module>.embedding`` (the base table PEFT saves next to a
+targeted input embedding, its ``<module>.base_layer.weight``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def native_key(peft_key: str, adapter_name: str, config: OFTConfig) -> str:
         return f"{parsed.module}.{parsed.kind}.{adapter_name}"
     if parsed.kind in ("base_bias", "bias"):
         return f"{parsed.module}.bias"
+    if parsed.kind == "embedding_base":  # the base table, under nnx.Embed's state name
+        return f"{parsed.module}.embedding"
     return f"{parsed.module}.{parsed.attr}"
 
 
@@ -66,6 +69,8 @@ def peft_key(key: str, adapter_name: str, rotated: set[str]) -> str:
     module, _, attr = key.rpartition(".")
     if attr == "bias" and module in rotated:
         return f"{fmt.PEFT_PREFIX}{module}.base_layer.bias"
+    if attr == "embedding" and module in rotated:
+        return f"{fmt.PEFT_PREFIX}{module}.base_layer.weight"
     return f"{fmt.PEFT_PREFIX}{key}"
 
 

@@ -22,11 +22,11 @@ from flax import nnx
 
 from oftjax import oft
 from oftjax.config import OFTConfig
-from oftjax.nn import OFTBias, OFTLinear
+from oftjax.nn import OFTAdapters, OFTBias, OFTEmbed
 
 from . import _peft_format as fmt
 from ._io import InteropError
-from ._peft_attach import PathKey, _is_linear_like, module_table
+from ._peft_attach import PathKey, _is_embed_like, _is_linear_like, module_table
 
 
 def _common(values: list[Any], what: str, adapter_name: str) -> Any:
@@ -51,7 +51,7 @@ _SETTING_FIELDS = (
 )
 
 
-def _bias_mode(table: Mapping[str, tuple[PathKey, Any]], layers: Mapping[str, OFTLinear]) -> str:
+def _bias_mode(table: Mapping[str, tuple[PathKey, Any]], layers: Mapping[str, OFTAdapters]) -> str:
     """PEFT's ``bias`` that saves exactly the biases made trainable (``OFTBias``) in the model."""
     trainable = {p for p, (_, m) in table.items() if isinstance(getattr(m, "bias", None), OFTBias)}
     with_bias = {p for p, m in layers.items() if getattr(m, "bias", None) is not None}
@@ -62,7 +62,7 @@ def _bias_mode(table: Mapping[str, tuple[PathKey, Any]], layers: Mapping[str, OF
     return "none"  # no trainable biases, or they belong to another adapter's layers
 
 
-def _infer_config(layers: Mapping[str, OFTLinear], adapter_name: str, bias: str = "none") -> OFTConfig:
+def _infer_config(layers: Mapping[str, OFTAdapters], adapter_name: str, bias: str = "none") -> OFTConfig:
     """An OFTConfig reproducing every layer's settings (the layout PEFT rebuilds from it must match)."""
     settings = [layer.adapters[adapter_name] for layer in layers.values()]
     common = {f: _common([getattr(s, f) for s in settings], f, adapter_name) for f in _SETTING_FIELDS}
@@ -81,7 +81,7 @@ def _infer_config(layers: Mapping[str, OFTLinear], adapter_name: str, bias: str 
     )
 
 
-def _layout_mismatches(config: OFTConfig, layers: Mapping[str, OFTLinear], adapter_name: str) -> list[str]:
+def _layout_mismatches(config: OFTConfig, layers: Mapping[str, OFTAdapters], adapter_name: str) -> list[str]:
     bad = []
     for path, layer in layers.items():
         s = layer.adapters[adapter_name]
@@ -94,7 +94,7 @@ def _layout_mismatches(config: OFTConfig, layers: Mapping[str, OFTLinear], adapt
 
 
 def _check_config(
-    config: OFTConfig, layers: Mapping[str, OFTLinear], table: Mapping, adapter_name: str
+    config: OFTConfig, layers: Mapping[str, OFTAdapters], table: Mapping, adapter_name: str
 ) -> None:
     bad = _layout_mismatches(config, layers, adapter_name)
     for path, layer in layers.items():
@@ -105,7 +105,8 @@ def _check_config(
         if not config.is_target(path):
             bad.append(f"{path}: carries the adapter but the config's target_modules do not select it")
     for path, (_, module) in table.items():
-        if path not in layers and (_is_linear_like(module) or isinstance(module, OFTLinear)):
+        adaptable = _is_linear_like(module) or _is_embed_like(module) or isinstance(module, OFTAdapters)
+        if path not in layers and adaptable and not (config.is_all_linear and _is_embed_like(module)):
             if config.is_target(path):
                 bad.append(
                     f"{path}: selected by the config's target_modules but has no {adapter_name!r} adapter"
@@ -118,8 +119,26 @@ def _check_config(
         )
 
 
+def _saves_embedding_table(path: str, layer: Any, save_embedding_layers: bool | str) -> bool:
+    """PEFT's ``save_embedding_layers``: "auto" saves the base table of a targeted input embedding
+    (``embed_tokens``: what PEFT writes for a transformers model); True for every adapted embedding."""
+    if not isinstance(layer, OFTEmbed):
+        return False
+    if save_embedding_layers == "auto":
+        return path.rpartition(".")[2] == "embed_tokens"
+    if not isinstance(save_embedding_layers, bool):
+        raise ValueError(
+            f"save_embedding_layers must be True, False or 'auto'; got {save_embedding_layers!r}"
+        )
+    return save_embedding_layers
+
+
 def collect_adapter(
-    model: Any, adapter_name: str = "default", config: OFTConfig | None = None
+    model: Any,
+    adapter_name: str = "default",
+    config: OFTConfig | None = None,
+    *,
+    save_embedding_layers: bool | str = "auto",
 ) -> tuple[OFTConfig, dict[str, np.ndarray]]:
     """The ``(config, PEFT-named tensors)`` of one adapter of an NNX model (what ``save_adapter`` writes).
 
@@ -127,13 +146,16 @@ def collect_adapter(
     which biases are trainable ``OFTBias``: "oft_only" if only this adapter's layers' ones, "all" if those
     and others, else "none"). A given config
     is checked: it must select exactly the layers carrying the adapter and reproduce each layer's layout.
+    ``save_embedding_layers`` (PEFT's option) adds ``<module>.base_layer.weight``, the base table of adapted
+    embeddings: "auto" for ``embed_tokens`` modules, as PEFT's ``save_pretrained`` does for transformers
+    models.
     """
     table = module_table(model)
     layers = {
-        path: m for path, (_, m) in table.items() if isinstance(m, OFTLinear) and adapter_name in m.adapters
+        path: m for path, (_, m) in table.items() if isinstance(m, OFTAdapters) and adapter_name in m.adapters
     }
     if not layers:
-        found = sorted({n for _, m in table.values() if isinstance(m, OFTLinear) for n in m.adapters})
+        found = sorted({n for _, m in table.values() if isinstance(m, OFTAdapters) for n in m.adapters})
         raise InteropError(f"the model has no OFT adapter named {adapter_name!r} (adapters found: {found})")
     if config is None:
         config = _infer_config(layers, adapter_name, _bias_mode(table, layers))
@@ -141,7 +163,11 @@ def collect_adapter(
         _check_config(config, layers, table, adapter_name)
     tensors: dict[str, np.ndarray] = {}
     for path, layer in layers.items():
-        tensors[f"{fmt.PEFT_PREFIX}{path}.oft_R.weight"] = np.asarray(layer.oft_R[adapter_name][...])
+        # oft_R for linears, oft_embedding_R for embeddings (the layer's PEFT attribute name).
+        key = f"{fmt.PEFT_PREFIX}{path}.{layer.PARAM_NAME}.weight"
+        tensors[key] = np.asarray(layer.rotation_params[adapter_name][...])
+        if _saves_embedding_table(path, layer, save_embedding_layers):
+            tensors[f"{fmt.PEFT_PREFIX}{path}.base_layer.weight"] = np.asarray(layer.embedding[...])
     if config.bias in ("oft_only", "all"):
         for path, layer in layers.items():
             if getattr(layer, "bias", None) is not None:
@@ -161,17 +187,20 @@ def save_adapter(
     force: bool = False,
     *,
     config: OFTConfig | None = None,
+    save_embedding_layers: bool | str = "auto",
 ) -> Path:
     """Write one adapter of ``model`` as a PEFT adapter directory (``PeftModel.from_pretrained`` loads it with
     no missing or unexpected keys). A non-default ``adapter_name`` goes to ``path/<adapter_name>``, as PEFT
     saves.
 
     Args:
-        model: an NNX model with ``OFTLinear`` layers carrying ``adapter_name``.
+        model: an NNX model with OFT layers (``OFTLinear``, ``OFTEmbed``) carrying ``adapter_name``.
         path: the save directory.
         adapter_name: which adapter.
         force: overwrite existing adapter files.
         config: the OFTConfig to write (checked against the model); inferred when None.
+        save_embedding_layers: also write the base table of adapted embeddings (PEFT's option; "auto": of
+            ``embed_tokens`` modules, as PEFT does for transformers models).
 
     Returns:
         The directory written.
@@ -182,7 +211,9 @@ def save_adapter(
     from .peft import write_adapter
 
     fmt.check_adapter_name(adapter_name)
-    config, tensors = collect_adapter(model, adapter_name, config)
+    config, tensors = collect_adapter(
+        model, adapter_name, config, save_embedding_layers=save_embedding_layers
+    )
     # As PEFT's save_pretrained: inference_mode is saved True; the file is ours, so claim our PEFT version
     # (a legacy-series adapter keeps its pre-0.18 version so PEFT warns).
     version = config.peft_version if config.legacy_neumann else None

@@ -2,7 +2,8 @@
 
 A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
 ``base_model.model.<module path>.oft_R.weight`` of shape ``[r or 1, b(b-1)/2]`` (``oft_embedding_R.weight``
-for embeddings; ``<module>.base_layer.bias`` with ``bias="oft_only"``). A non-default adapter is saved by PEFT
+for embeddings, with the base table ``<module>.base_layer.weight`` when PEFT saves embedding layers;
+``<module>.base_layer.bias`` with ``bias="oft_only"``). A non-default adapter is saved by PEFT
 in a subfolder named after it. File format versions (``_peft_format``): PEFT >= 0.18 is read as is;
 0.16-0.17 Cayley-Neumann adapters are evaluated with the series they were trained with
 (``OFTConfig.legacy_neumann``), with a warning; 0.14-0.15 adapters (``oft_r`` + ``oft_s``) are converted
@@ -275,12 +276,12 @@ def attach_adapter(
 
 
 def collect_adapter(
-    model: Any, adapter_name: str = "default", config: OFTConfig | None = None
+    model: Any, adapter_name: str = "default", config: OFTConfig | None = None, **kwargs: Any
 ) -> tuple[OFTConfig, dict[str, np.ndarray]]:
     """One adapter of an NNX model as ``(config, PEFT-named tensors)``; see ``save_adapter``."""
     from ._peft_save import collect_adapter as _collect
 
-    return _collect(model, adapter_name, config)
+    return _collect(model, adapter_name, config, **kwargs)
 
 
 def load_adapter(
@@ -317,12 +318,12 @@ def save_native(
     Example:
         >>> save_native(model, "jax_adapter")  # doctest: +SKIP
     """
-    from oftjax.nn import OFTLinear
+    from oftjax.nn import OFTAdapters
 
     from ._peft_attach import module_table
 
     if adapter_names is None:
-        found = [n for _, m in module_table(model).values() if isinstance(m, OFTLinear) for n in m.adapters]
+        found = [n for _, m in module_table(model).values() if isinstance(m, OFTAdapters) for n in m.adapters]
         adapter_names = list(dict.fromkeys(found))
     adapters = {}
     for name in adapter_names:

@@ -5,8 +5,10 @@ graph (attributes, ``nnx.List`` / ``nnx.Dict`` / lists), names every module by i
 indices as numbers (``"model.layers.0.self_attn.q_proj"``, PEFT's module names), and wraps each selected
 linear in an
 ``OFTLinear`` chosen by the base type (float ``nnx.Linear``, ``Linear8bit``, ``Linear4bit``: PEFT's
-``dispatch_bnb_8bit`` / ``dispatch_bnb_4bit``). The wrapper keeps the base's state names, so paths like
-``...q_proj.kernel`` do not change.
+``dispatch_bnb_8bit`` / ``dispatch_bnb_4bit``) and each selected ``nnx.Embed`` in an ``OFTEmbed`` (PEFT's
+``Embedding``: the output is rotated; embeddings are adapted only when ``target_modules`` names them, never
+by "all-linear"). The wrapper keeps the base's state names, so paths like ``...q_proj.kernel`` and
+``model.embed_tokens.embedding`` do not change.
 
 Training selects by type: ``nnx.Optimizer(model, optax.adamw(1e-3), wrt=OFTParam)`` trains the rotations (and
 the biases that ``OFTConfig.bias`` made trainable, which become ``OFTBias``, a subclass of ``OFTParam``); the
@@ -23,8 +25,10 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from oftjax.nn._adapters import AdapterSettings, OFTAdapters
 from oftjax.nn._base import base_kind
-from oftjax.nn._oft_linear import AdapterSettings, OFTLinear
+from oftjax.nn._oft_embed import OFTEmbed
+from oftjax.nn._oft_linear import OFTLinear
 from oftjax.nn._variables import OFTBias, OFTParam
 
 __all__ = [
@@ -68,7 +72,7 @@ def _modules(model: nnx.Module) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
     for path, module in sorted(nnx.iter_modules(model), key=lambda pm: _sort_key(pm[0])):
         if not path or any(path[: len(p)] == p for p in oft_paths):
             continue
-        if isinstance(module, OFTLinear):
+        if isinstance(module, OFTAdapters):
             oft_paths.append(tuple(path))
         yield tuple(path), module
 
@@ -83,8 +87,12 @@ def _is_linear(module: Any) -> bool:
     return True
 
 
-def oft_layers(model: nnx.Module) -> Iterator[tuple[str, OFTLinear]]:
-    """``(dotted path, layer)`` for every ``OFTLinear`` in the model.
+def _is_embed(module: Any) -> bool:
+    return isinstance(module, OFTEmbed | nnx.Embed)
+
+
+def oft_layers(model: nnx.Module) -> Iterator[tuple[str, OFTAdapters]]:
+    """``(dotted path, layer)`` for every OFT layer (``OFTLinear``, ``OFTEmbed``) in the model.
 
     Example:
       >>> from flax import nnx
@@ -92,7 +100,7 @@ def oft_layers(model: nnx.Module) -> Iterator[tuple[str, OFTLinear]]:
       []
     """
     for path, module in _modules(model):
-        if isinstance(module, OFTLinear):
+        if isinstance(module, OFTAdapters):
             yield _path_str(path), module
 
 
@@ -113,7 +121,8 @@ def apply_oft(
 ) -> list[str]:
     """Add an OFT adapter to every layer of ``model`` that ``config`` targets; return the matched paths.
 
-    Layers are wrapped in ``OFTLinear`` (or, when already wrapped, get one more named adapter). Per layer the
+    Layers are wrapped in ``OFTLinear``, embeddings (``nnx.Embed``, only when named by ``target_modules``) in
+    ``OFTEmbed`` (or, when already wrapped, get one more named adapter). Per layer the
     ``(r, block_size)`` follow PEFT's rule, adjusting a block size that does not divide ``in_features`` with
     PEFT's warning. As in PEFT, the first adapter of a model is active; a later one is added inactive (use
     ``set_adapter``).
@@ -132,7 +141,7 @@ def apply_oft(
     Raises:
       ValueError: nothing matches (the message names the patterns and some candidate paths), or the adapter
         name already exists on a matched layer.
-      TypeError: a targeted module is not a supported linear layer.
+      TypeError: a targeted module is neither a supported linear layer nor an ``nnx.Embed``.
 
     Example:
       >>> from flax import nnx
@@ -154,35 +163,41 @@ def apply_oft(
     matched: list[tuple[tuple[PathKey, ...], Any]] = []
     candidates: list[str] = []
     for path, module in _modules(model):
-        linear = _is_linear(module)
+        linear, embed = _is_linear(module), _is_embed(module)
         name = _path_str(path)
-        if linear:
+        if linear or embed:
             candidates.append(name)
         if config.is_all_linear and (not linear or path[-1] == "lm_head"):
-            continue  # PEFT's "all-linear" skips non-linear modules and the output layer
+            continue  # PEFT's "all-linear" skips non-linear modules (embeddings too) and the output layer
         if not config.is_target(name):
             continue
-        if not linear:
+        if not (linear or embed):
             raise TypeError(
                 f"Target module {name} ({type(module).__name__}) is not supported. Currently, only "
-                "nnx.Linear-like layers, oftjax.nn.Linear8bit and oftjax.nn.Linear4bit are supported."
+                "nnx.Linear-like layers, oftjax.nn.Linear8bit, oftjax.nn.Linear4bit and nnx.Embed are "
+                "supported."
             )
         matched.append((path, module))
     if not matched:
         raise ValueError(
-            f"Target modules {_describe_targets(config)} not found in the base model. Candidate linear "
-            f"layers: {candidates[:8]}{' ...' if len(candidates) > 8 else ''}. Please check the target "
-            "modules and try again."
+            f"Target modules {_describe_targets(config)} not found in the base model. Candidate linear/"
+            f"embedding layers: {candidates[:8]}{' ...' if len(candidates) > 8 else ''}. Please check the "
+            "target modules and try again."
         )
     for path, module in matched:
-        if isinstance(module, OFTLinear) and adapter_name in module.adapters:
+        if isinstance(module, OFTAdapters) and adapter_name in module.adapters:
             raise ValueError(
                 f"adapter {adapter_name!r} already exists on {_path_str(path)}; pick another adapter_name or "
                 "delete_adapter first"
             )
     active = _current_active(model)
     for path, module in matched:
-        layer = module if isinstance(module, OFTLinear) else OFTLinear(module, rotate=rotate)
+        if isinstance(module, OFTAdapters):
+            layer = module
+        elif _is_embed(module):
+            layer = OFTEmbed(module)
+        else:
+            layer = OFTLinear(module, rotate=rotate)
         settings = AdapterSettings.from_config(config, layer.in_features)
         layer.add_adapter(
             adapter_name,
@@ -208,7 +223,7 @@ def _describe_targets(config: Any) -> str:
     return repr(t) if isinstance(t, str) else str(sorted(t))
 
 
-def _mark_biases(model: nnx.Module, bias: str, oft_modules: list[OFTLinear]) -> None:
+def _mark_biases(model: nnx.Module, bias: str, oft_modules: list[OFTAdapters]) -> None:
     """PEFT's ``bias``: "all" makes every bias trainable, "oft_only" the biases of OFT layers."""
     if bias == "none":
         return

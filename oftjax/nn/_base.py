@@ -54,19 +54,23 @@ def in_out_features(module: Any, kind: str) -> tuple[int, int]:
 
 
 def weight_source(module: Any, kind: str) -> Any:
-    """The array (float: kernel ``[in, out]``) or quantized pytree holding the base weight."""
+    """The array (float: kernel ``[in, out]``; embed: table ``[num, d]``) or quantized pytree of a weight."""
+    if kind == "embed":
+        return module.embedding[...]
     return module.kernel[...] if kind == "float" else module.weight.get_value()
 
 
 def dense_from_source(source: Any, kind: str) -> jax.Array:
     """The base weight as a torch-layout ``[out, in]`` array, in the dtype merges start from (jit-able).
 
-    float: the kernel transposed (its own dtype); int8: fp32 (PEFT dequantizes with
-    ``int8_vectorwise_dequant``, fp32); 4-bit: the original weight dtype (``quant_state.dtype``, what
-    ``dequantize_4bit`` returns).
+    float: the kernel transposed (its own dtype); embed: the table ``[num_embeddings, d]`` as is; int8: fp32
+    (PEFT dequantizes with ``int8_vectorwise_dequant``, fp32); 4-bit: the original weight dtype
+    (``quant_state.dtype``, what ``dequantize_4bit`` returns).
     """
     if kind == "float":
         return source.T
+    if kind == "embed":  # nn.Embedding's weight layout [num_embeddings, d] is nnx.Embed's too
+        return source
     return quant.dequantize(source, jnp.float32 if kind == "int8" else source.dtype)
 
 
@@ -98,5 +102,7 @@ def set_dense_weight(module: Any, kind: str, w: jax.Array) -> None:
     """Write a torch-layout ``[out, in]`` weight back (float: cast to kernel dtype; quantized: requantize)."""
     if kind == "float":
         module.kernel[...] = w.T.astype(module.kernel[...].dtype)
+    elif kind == "embed":
+        module.embedding[...] = w.astype(module.embedding[...].dtype)
     else:
         module.weight.set_value(requantize(module.weight.get_value(), w))

@@ -11,6 +11,8 @@
 * Several adapters merge in forward order: the forward computes ``x BD_a BD_b W^T``, so the merged weight is
   ``W (BD_a BD_b)^T = W BD_b^T BD_a^T``. PEFT merges ``W BD_a^T BD_b^T`` (wrong once blocks do not commute,
   i.e. block size >= 4); we do not reproduce that.
+* Embeddings (``OFTEmbed``, PEFT's ``Embedding``) rotate the output rows: ``W' = W BD_a BD_b`` (the table
+  ``[num_embeddings, d]``, fp32, cast back), unmerge ``W' BD_b^-1 BD_a^-1``; PEFT gets this order right.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from oftjax import oft, quant
+from oftjax.nn._adapters import AdapterSettings, OFTAdapters, rotation_from_vec
 from oftjax.nn._base import dense_from_source, set_dense_weight, weight_source
-from oftjax.nn._oft_linear import AdapterSettings, OFTLinear, rotation_from_vec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,7 @@ class LayerMergeReport:
     requant_max_abs_error: float = 0.0
 
 
-def adapters_to_merge(layer: OFTLinear, adapter_names: Sequence[str] | None) -> list[str]:
+def adapters_to_merge(layer: OFTAdapters, adapter_names: Sequence[str] | None) -> list[str]:
     """PEFT's ``check_adapters_to_merge``: already merged adapters are skipped with PEFT's warnings."""
     if adapter_names is None:
         adapter_names = layer.active_adapters
@@ -69,8 +71,8 @@ def adapters_to_merge(layer: OFTLinear, adapter_names: Sequence[str] | None) -> 
     return names
 
 
-def _requant_error(layer: OFTLinear, target: jax.Array) -> tuple[float, float]:
-    if layer.base_kind == "float":
+def _requant_error(layer: OFTAdapters, target: jax.Array) -> tuple[float, float]:
+    if layer.base_kind in ("float", "embed"):
         return 0.0, 0.0
     q = layer.weight.get_value()
     got = np.asarray(quant.dequantize(q, jnp.float32))
@@ -97,33 +99,43 @@ def _rotate_weight(
         vec = oft.coft_project(vec, s.eps) if s.coft else vec
         projected.append(vec)
         R = rotation_from_vec(vec, s).astype(jnp.float32)
-        W = oft.unmerge_rotation(W, R) if inverse else oft.merge_rotation(W, R)
+        if kind == "embed":  # output rotation: W BD (merge) / W BD^-1 (unmerge), rows as the forward's
+            W = oft.rotate_input(W, oft.inverse_blocks(R) if inverse else R)
+        else:
+            W = oft.unmerge_rotation(W, R) if inverse else oft.merge_rotation(W, R)
         finite.append(jnp.isfinite(W).all())
     return W.astype(W0.dtype), tuple(projected), jnp.stack(finite)
 
 
-def _rotated(layer: OFTLinear, names: Sequence[str], *, inverse: bool) -> tuple[jax.Array, jax.Array]:
+def _rotated(layer: OFTAdapters, names: Sequence[str], *, inverse: bool) -> tuple[jax.Array, jax.Array]:
     source = weight_source(layer, layer.base_kind)
     settings = tuple(layer.adapters[n] for n in names)
-    vecs = tuple(layer.oft_R[n][...] for n in names)
+    vecs = tuple(layer.rotation_params[n][...] for n in names)
     W, projected, finite = _rotate_weight(
         source, vecs, kind=layer.base_kind, settings=settings, inverse=inverse
     )
     for n, s, v in zip(names, settings, projected, strict=True):
         if s.coft:  # PEFT's get_delta_weight projects in place too
-            layer.oft_R[n][...] = v
+            layer.rotation_params[n][...] = v
     return W, finite
 
 
-def merged_weight(layer: OFTLinear, names: Sequence[str], *, safe_merge: bool = False) -> jax.Array:
+def _application_order(layer: OFTAdapters, names: Sequence[str]) -> list[str]:
+    """The order the rotations are applied to the weight so the merged layer computes the forward."""
+    if layer.base_kind == "embed":
+        return list(names)  # W BD_a BD_b: the first adapter first
+    # Linear: forward order a, b means W (BD_a BD_b)^T = (W BD_b^T) BD_a^T: rotate by the last adapter first.
+    return list(reversed(names))
+
+
+def merged_weight(layer: OFTAdapters, names: Sequence[str], *, safe_merge: bool = False) -> jax.Array:
     """The float weight ``[out, in]`` that merging ``names`` (forward order) writes, before requantization.
 
     ``W (BD_1 ... BD_n)^T`` computed in fp32 from the current base weight, cast to the dtype the base stores
     (float: kernel dtype; int8: fp32; 4-bit: the original weight dtype), i.e. the tensor bitsandbytes would be
     handed to quantize.
     """
-    # Forward order a, b means W (BD_a BD_b)^T = (W BD_b^T) BD_a^T: rotate by the last adapter first.
-    order = list(reversed(names))
+    order = _application_order(layer, names)
     W, finite = _rotated(layer, order, inverse=False)
     if safe_merge:
         for name, ok in zip(order, np.asarray(finite), strict=True):
@@ -135,7 +147,7 @@ def merged_weight(layer: OFTLinear, names: Sequence[str], *, safe_merge: bool = 
 
 
 def merge_layer(
-    layer: OFTLinear, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False
+    layer: OFTAdapters, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False
 ) -> LayerMergeReport | None:
     """Merge adapters (default: the active ones) into the base weight; None when there is nothing to merge.
 
@@ -159,14 +171,14 @@ def merge_layer(
     if not names:
         return None
     target = merged_weight(layer, names, safe_merge=safe_merge)
-    applied = tuple(reversed(names))
+    applied = tuple(_application_order(layer, names))
     set_dense_weight(layer, layer.base_kind, target)
     layer.merged_adapters = (*layer.merged_adapters, *applied)
     rel, mx = _requant_error(layer, target)
     return LayerMergeReport(tuple(applied), layer.base_kind, rel, mx)
 
 
-def unmerge_layer(layer: OFTLinear) -> LayerMergeReport | None:
+def unmerge_layer(layer: OFTAdapters) -> LayerMergeReport | None:
     """Undo every merge on the layer with the true inverse (lossy on quantized bases: it requantizes).
 
     Returns None (with PEFT's "Already unmerged. Nothing to do." warning) when nothing is merged.

@@ -194,7 +194,10 @@ def test_native_save_and_load_on_models(tmp_path):
         peft.load_native(Deep(nnx.Rngs(0)), tmp_path / "native", ["nope"])
 
 
-def test_embedding_adapter_is_read_but_not_attached(tmp_path):
+def test_embedding_adapter_is_read_and_attached(tmp_path):
+    """``oft_embedding_R`` attaches to an ``nnx.Embed`` as ``OFTEmbed`` (full coverage: tests/nn, parity)."""
+    from oftjax.nn import OFTEmbed
+
     config = OFTConfig(r=1, oft_block_size=0, target_modules=["emb"])
     vec = np.zeros((1, 6), np.float32)
     out = peft.write_adapter(tmp_path / "emb", config, {f"{P}emb.oft_embedding_R.weight": vec})
@@ -205,5 +208,19 @@ def test_embedding_adapter_is_read_but_not_attached(tmp_path):
         def __init__(self, rngs):
             self.emb = nnx.Embed(10, 4, rngs=rngs)
 
-    with pytest.raises(InteropError, match="OFT on embeddings is not supported"):
-        peft.load_adapter(WithEmb(nnx.Rngs(0)), out)
+    model = WithEmb(nnx.Rngs(0))
+    assert peft.load_adapter(model, out) == ["emb"]
+    assert isinstance(model.emb, OFTEmbed)
+    np.testing.assert_array_equal(np.asarray(model.emb.oft_embedding_R["default"][...]), vec)
+    # PEFT's saved base table (save_embedding_layers) is loaded into the embedding; wrong kinds are refused.
+    table = np.arange(40, dtype=np.float32).reshape(10, 4)
+    with_table = {f"{P}emb.oft_embedding_R.weight": vec, f"{P}emb.base_layer.weight": table}
+    model = WithEmb(nnx.Rngs(0))
+    peft.attach_adapter(model, config, with_table)
+    np.testing.assert_array_equal(np.asarray(model.emb.embedding[...]), table)
+    with pytest.raises(InteropError, match="lacks"):
+        peft.attach_adapter(WithEmb(nnx.Rngs(0)), config, {**tensors, f"{P}other.base_layer.weight": table})
+    with pytest.raises(InteropError, match="not a linear layer .an embedding"):
+        peft.attach_adapter(WithEmb(nnx.Rngs(0)), config, {f"{P}emb.oft_R.weight": vec})
+    with pytest.raises(InteropError, match="resized vocabulary"):
+        peft.attach_adapter(WithEmb(nnx.Rngs(0)), config, {**tensors, f"{P}emb.base_layer.weight": table[:5]})

@@ -1,0 +1,257 @@
+"""Named-adapter management shared by the OFT layers (``OFTLinear``, ``OFTEmbed``): PEFT's ``OFTLayer``.
+
+``OFTAdapters`` adopts a frozen base layer's state under the base's own attribute names and holds the named
+adapters in one ``nnx.Dict`` of ``OFTParam`` ``[R, b(b-1)/2]``, whose attribute name is PEFT's
+(``oft_R`` for linears, ``oft_embedding_R`` for embeddings: ``PARAM_NAME``). It knows nothing about where the
+rotation is applied; each layer's ``__call__`` does that (input side for linears, output side for embeddings).
+Reference: PEFT 0.21.2 ``src/peft/tuners/oft/layer.py`` (``OFTLayer``, ``OFTRotationModule``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from oftjax import oft
+from oftjax.nn._variables import OFTParam
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+    """Static settings of one adapter on one layer (hashable: part of the module's graph definition).
+
+    Attributes:
+      r: number of rotation blocks applied, ``in_features // block_size`` (also with ``block_share``).
+      block_size: ``b``.
+      coft, eps: COFT projection (``eps / sqrt(#stored blocks)`` radius per block).
+      block_share: one stored block shared by all ``r`` blocks.
+      use_cayley_neumann, num_cayley_neumann_terms: Neumann series instead of exact Cayley.
+      legacy_neumann: PEFT 0.16-0.17 Neumann series (adapters saved before PEFT 0.18).
+      module_dropout: block dropout probability in training.
+
+    Example:
+      >>> AdapterSettings(r=2, block_size=4).param_shape
+      (2, 6)
+    """
+
+    r: int
+    block_size: int
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    legacy_neumann: bool = False
+    module_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.block_size < 1:
+            raise ValueError(
+                f"AdapterSettings: r and block_size must be >= 1; got r={self.r}, b={self.block_size}"
+            )
+        if not 0.0 <= self.module_dropout <= 1.0:
+            raise ValueError(f"AdapterSettings: module_dropout must be in [0, 1]; got {self.module_dropout}")
+
+    @property
+    def num_stored(self) -> int:
+        """Rows of the parameter: 1 with block_share, else r."""
+        return 1 if self.block_share else self.r
+
+    @property
+    def param_shape(self) -> tuple[int, int]:
+        """``[R, b(b-1)/2]``, PEFT's ``oft_R.weight`` shape."""
+        return (self.num_stored, self.block_size * (self.block_size - 1) // 2)
+
+    @classmethod
+    def from_config(cls, config: Any, in_features: int) -> AdapterSettings:
+        """Settings for a layer with ``in_features`` inputs from an ``OFTConfig`` (PEFT's per-layer r/b rule).
+
+        A block size (or r) that does not divide ``in_features`` is adjusted with PEFT's warning.
+        """
+        r, b = oft.resolve_block_size(in_features, config.r, config.oft_block_size)
+        return cls(
+            r=r,
+            block_size=b,
+            coft=bool(config.coft),
+            eps=float(config.eps),
+            block_share=bool(config.block_share),
+            use_cayley_neumann=bool(config.use_cayley_neumann),
+            num_cayley_neumann_terms=int(config.num_cayley_neumann_terms),
+            legacy_neumann=bool(getattr(config, "legacy_neumann", False)),
+            module_dropout=float(config.module_dropout),
+        )
+
+
+def rotation_from_vec(vec: jax.Array, s: AdapterSettings) -> jax.Array:
+    """Rotation blocks ``[r, b, b]`` from (already COFT-projected) parameters, as ``s`` says."""
+    return oft.rotation_blocks(
+        vec,
+        block_size=s.block_size,
+        num_blocks=s.r,
+        use_cayley_neumann=s.use_cayley_neumann,
+        num_terms=s.num_cayley_neumann_terms,
+        legacy=s.legacy_neumann,
+        block_share=s.block_share,
+    )
+
+
+class OFTAdapters(nnx.Module):
+    """Base of the OFT layers: adopted base state plus named adapters (add, activate, disable, delete).
+
+    Subclasses set ``PARAM_NAME`` (PEFT's attribute name for the adapter dict), call ``_adopt_base`` and
+    ``_init_adapters`` in ``__init__``, define ``in_features`` (the rotated dimension) and ``__call__``.
+
+    Attributes:
+      active_adapters: names applied in the forward, in order.
+      merged_adapters: names folded into the base weight (in the order applied to it).
+      deterministic: True turns module_dropout off (``model.eval()`` sets it, ``model.train()`` clears it).
+    """
+
+    PARAM_NAME: ClassVar[str] = "oft_R"
+    in_features: int
+
+    def _adopt_base(self, base: nnx.Module) -> None:
+        """Share (not copy) the base layer's attributes under the same names; remember its type."""
+        nodes = getattr(base, "_pytree__nodes", {})
+        for name, value in vars(base).items():
+            if name.startswith("_pytree__") or name.startswith("_object__"):
+                continue
+            setattr(self, name, nnx.data(value) if nodes.get(name, False) else value)
+        self.base_type = type(base)
+
+    def _init_adapters(self) -> None:
+        setattr(self, self.PARAM_NAME, nnx.Dict())
+        self.oft_settings: tuple[tuple[str, AdapterSettings], ...] = ()
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: tuple[str, ...] = ()
+        self.adapters_disabled = False
+        self.deterministic = False
+        self.oft_rngs = nnx.data(None)
+
+    @property
+    def rotation_params(self) -> nnx.Dict:
+        """Adapter name -> ``OFTParam`` (``self.oft_R`` or ``self.oft_embedding_R``)."""
+        return getattr(self, self.PARAM_NAME)
+
+    @property
+    def adapters(self) -> dict[str, AdapterSettings]:
+        """Adapter name -> static settings, in insertion order."""
+        return dict(self.oft_settings)
+
+    def add_adapter(
+        self,
+        name: str,
+        settings: AdapterSettings,
+        *,
+        init_weights: bool = True,
+        rngs: nnx.Rngs | None = None,
+        param_dtype: Any = jnp.float32,
+        activate: bool = True,
+    ) -> None:
+        """Add a named adapter (zeros = identity when ``init_weights``, else ``N(0, 0.1)`` as PEFT).
+
+        Raises ValueError if ``name`` exists or the block layout does not tile ``in_features``.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string; got {name!r}")
+        if name in self.adapters:
+            raise ValueError(
+                f"adapter {name!r} already exists on this layer; delete it first or pick another name"
+            )
+        if settings.r * settings.block_size != self.in_features:
+            raise ValueError(
+                f"adapter {name!r}: r={settings.r} blocks of size {settings.block_size} do not tile "
+                f"in_features={self.in_features}"
+            )
+        needs_rngs = (not init_weights) or settings.module_dropout > 0
+        if needs_rngs and rngs is None:
+            raise ValueError(
+                f"adapter {name!r}: init_weights=False and module_dropout > 0 need rngs=nnx.Rngs(...)"
+            )
+        if init_weights:
+            value = jnp.zeros(settings.param_shape, param_dtype)
+        else:
+            value = (0.1 * jax.random.normal(rngs.params(), settings.param_shape, jnp.float32)).astype(
+                param_dtype
+            )
+        self.rotation_params[name] = OFTParam(value)
+        self.oft_settings = (*self.oft_settings, (name, settings))
+        if settings.module_dropout > 0 and self.oft_rngs is None:
+            self.oft_rngs = rngs["dropout"].fork()
+        if activate and name not in self.active_adapters:
+            self.active_adapters = (*self.active_adapters, name)
+
+    def set_active_adapters(self, names: str | Sequence[str]) -> None:
+        """Activate these adapters, applied in the given order (PEFT's ``set_adapter``)."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            raise ValueError(f"unknown adapter(s) {missing}; this layer has {list(self.adapters)}")
+        self.active_adapters = names
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter (its parameters, settings, and from the active set). It must not be merged."""
+        if name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; this layer has {list(self.adapters)}")
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged into the base weight; unmerge before deleting it")
+        del self.rotation_params[name]
+        self.oft_settings = tuple((n, s) for n, s in self.oft_settings if n != name)
+        self.active_adapters = tuple(n for n in self.active_adapters if n != name)
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base layer only inside the context (PEFT's ``disable_adapter``: unmerges first)."""
+        if self.merged_adapters:
+            from oftjax.nn._merge import unmerge_layer
+
+            unmerge_layer(self)
+        previous = self.adapters_disabled
+        self.adapters_disabled = True
+        try:
+            yield
+        finally:
+            self.adapters_disabled = previous
+
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """``nnx.view(model, deterministic=...)`` support: True turns module_dropout off."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def rotation_blocks(self, name: str, *, training: bool = False) -> jax.Array:
+        """Rotation blocks ``[r, b, b]`` of an adapter, in the parameter dtype.
+
+        With COFT the parameters are projected and the projected values written back into the parameter
+        (PEFT projects in place); the gradient passes straight through. With ``training`` and
+        ``module_dropout > 0`` (and ``deterministic`` False), random blocks become the identity.
+        """
+        s = self.adapters[name]
+        param = self.rotation_params[name]
+        vec = param[...]
+        if s.coft:
+            vec = oft.coft_project(vec, s.eps)
+            param[...] = jax.lax.stop_gradient(vec)
+        R = rotation_from_vec(vec, s)
+        if training and s.module_dropout > 0 and not self.deterministic:
+            if self.oft_rngs is None:
+                raise ValueError(
+                    f"adapter {name!r}: module_dropout > 0 in training needs rngs (none were given)"
+                )
+            R = oft.dropout_blocks(R, s.module_dropout, self.oft_rngs(), block_share=s.block_share)
+        return R
+
+    def delta_weight(self, name: str) -> jax.Array:
+        """The dense block-diagonal rotation ``[d, d]`` of an adapter (PEFT's ``get_delta_weight``)."""
+        return oft.block_diag(self.rotation_blocks(name))
+
+    def forward_adapters(self) -> tuple[str, ...]:
+        """The adapters the forward applies: active, not merged, none when disabled."""
+        if self.adapters_disabled:
+            return ()
+        return tuple(n for n in self.active_adapters if n in self.adapters and n not in self.merged_adapters)

@@ -1,0 +1,84 @@
+"""``OFTEmbed``: named OFT adapters over a frozen ``nnx.Embed`` (PEFT's ``oft.layer.Embedding``, >= 0.19).
+
+The wrapper adopts the base's state under its own names (``embedding`` ``[num_embeddings, d]``, plus its
+``num_embeddings``/``features``/``dtype``), so a checkpoint maps onto it exactly as onto the base, and adds
+``oft_embedding_R[adapter]`` (an ``OFTParam`` ``[R, b(b-1)/2]`` over ``d``, PEFT's
+``oft_embedding_R.<adapter>.weight``). Unlike a linear, the rotation acts on the OUTPUT (reference: PEFT
+0.21.2 ``src/peft/tuners/oft/layer.py`` class ``Embedding``)::
+
+    y = emb(ids) BD(R_a) BD(R_b) ...     # row vectors times blocks; active adapters in order
+    merge:   W' = W BD(R_a) BD(R_b)      # W = the table [num_embeddings, d]; same order as the forward
+    unmerge: W  = W' BD(R_b)^-1 BD(R_a)^-1
+
+PEFT merges several embedding adapters in forward order already (its linear merge is the one in the wrong
+order). ``module_dropout`` works in training, as in ``OFTLinear``; ``attend`` (tied output heads) uses the
+base table, as PEFT's tied ``lm_head`` does (it sees the rotation only once merged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from oftjax.nn._adapters import OFTAdapters
+from oftjax.nn._rotated_matmul import rotate_chain
+
+__all__ = ["OFTEmbed"]
+
+
+class OFTEmbed(OFTAdapters):
+    """A frozen ``nnx.Embed`` with named OFT adapters rotating its output (PEFT's ``oft.layer.Embedding``).
+
+    Build it with ``OFTEmbed(base)`` then ``add_adapter``, or let ``oftjax.surgery.apply_oft`` do both when
+    ``target_modules`` names the embedding (PEFT targets embeddings only when named).
+
+    Args:
+      base: an ``nnx.Embed``. Its variables are adopted (shared, not copied) under the same names.
+
+    Attributes:
+      oft_embedding_R: ``nnx.Dict`` adapter name -> ``OFTParam`` ``[R, b(b-1)/2]``.
+      in_features: the rotated dimension ``d`` (``features``; PEFT's ``in_features`` = ``embedding_dim``).
+      active_adapters, merged_adapters, deterministic: as in ``OFTLinear``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from oftjax.nn import AdapterSettings
+      >>> layer = OFTEmbed(nnx.Embed(10, 8, rngs=nnx.Rngs(0)))
+      >>> layer.add_adapter("default", AdapterSettings(r=2, block_size=4))
+      >>> ids = jnp.array([[1, 2, 3]])
+      >>> bool((layer(ids) == layer.base_forward(ids)).all())  # identity at init
+      True
+    """
+
+    PARAM_NAME = "oft_embedding_R"
+    base_kind = "embed"
+
+    def __init__(self, base: nnx.Module):
+        if isinstance(base, OFTEmbed):
+            raise TypeError("OFTEmbed: the base layer is already an OFTEmbed; add an adapter to it instead")
+        if not isinstance(base, nnx.Embed):
+            raise TypeError(f"OFTEmbed wraps an nnx.Embed; got {type(base).__name__}")
+        self._adopt_base(base)
+        self.in_features = int(base.features)
+        self.out_features = int(base.features)
+        self._init_adapters()
+
+    def base_forward(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """The base embedding lookup on these variables."""
+        return self.base_type.__call__(self, inputs, out_sharding=out_sharding)
+
+    def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """The base ``nnx.Embed.attend`` (unrotated table, as PEFT's tied output layer)."""
+        return self.base_type.attend(self, query, out_sharding=out_sharding)
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        y = self.base_forward(inputs, out_sharding=out_sharding)
+        names = self.forward_adapters()
+        if not names:
+            return y
+        # Rotate the looked-up rows (tokens * d * b), not the table (vocab * d * b; vocab >> tokens).
+        rotations = tuple(self.rotation_blocks(n, training=True) for n in names)
+        return rotate_chain(y, rotations).astype(y.dtype)
