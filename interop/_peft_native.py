@@ -124,7 +124,12 @@ def write_native(
     meta: dict[str, Any] = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "adapters": {}}
     for name, (config, arrays) in adapters.items():
         keys = sorted(arrays)
-        clash = [k for k in keys if k in tensors]
+        # A base embedding table saved with several adapters is one tensor (listed by each adapter).
+        clash = [
+            k
+            for k in keys
+            if k in tensors and not (k.endswith(".embedding") and np.array_equal(tensors[k], arrays[k]))
+        ]
         if clash:
             raise InteropError(f"{target / NATIVE_WEIGHTS}: adapter {name!r}: key(s) {clash[:5]} used twice")
         tensors.update({k: np.asarray(arrays[k]) for k in keys})

@@ -224,3 +224,39 @@ def test_embedding_adapter_is_read_and_attached(tmp_path):
         peft.attach_adapter(WithEmb(nnx.Rngs(0)), config, {f"{P}emb.oft_R.weight": vec})
     with pytest.raises(InteropError, match="resized vocabulary"):
         peft.attach_adapter(WithEmb(nnx.Rngs(0)), config, {**tensors, f"{P}emb.base_layer.weight": table[:5]})
+
+
+def test_embed_tokens_adapters_save_and_load_native(tmp_path):
+    """Two adapters on an ``embed_tokens``: the base table PEFT saves with each is stored once natively."""
+    from oftjax.config import OFTConfig as Cfg
+    from oftjax.nn import OFTEmbed
+    from oftjax.surgery import apply_oft
+
+    class WithEmbTokens(nnx.Module):
+        def __init__(self, rngs):
+            self.embed_tokens = nnx.Embed(10, 4, rngs=rngs)
+
+    model = WithEmbTokens(nnx.Rngs(0))
+    for name, seed in (("default", 1), ("two", 2)):
+        cfg = Cfg(r=2, oft_block_size=0, target_modules=["embed_tokens"], init_weights=False)
+        apply_oft(model, cfg, adapter_name=name, rngs=nnx.Rngs(seed))
+    _, tensors = peft.collect_adapter(model, "two")
+    assert sorted(tensors) == [
+        f"{P}embed_tokens.base_layer.weight",
+        f"{P}embed_tokens.oft_embedding_R.weight",
+    ]
+    peft.save_native(model, tmp_path / "native")
+    fresh = WithEmbTokens(nnx.Rngs(5))
+    assert peft.load_native(fresh, tmp_path / "native") == ["embed_tokens"]
+    assert isinstance(fresh.embed_tokens, OFTEmbed) and list(fresh.embed_tokens.adapters) == [
+        "default",
+        "two",
+    ]
+    np.testing.assert_array_equal(
+        np.asarray(fresh.embed_tokens.embedding[...]), np.asarray(model.embed_tokens.embedding[...])
+    )
+    for name in ("default", "two"):
+        np.testing.assert_array_equal(
+            np.asarray(fresh.embed_tokens.oft_embedding_R[name][...]),
+            np.asarray(model.embed_tokens.oft_embedding_R[name][...]),
+        )

@@ -17,8 +17,7 @@ import torch
 from flax import nnx
 
 from interop import oracle
-from oftjax import quant
-from oftjax import merge, unmerge
+from oftjax import merge, quant, unmerge
 from oftjax.nn import OFTParam
 from oftjax.nn._merge import merged_weight
 from oftjax.surgery import apply_oft, set_adapter
