@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from oftjax import quant
+from oftjax import merge, quant, unmerge
 from oftjax.config import OFTConfig
-from oftjax import merge, unmerge
 from oftjax.nn._merge import unmerge_layer
 from oftjax.surgery import apply_oft, disable_adapters, set_adapter
 from tests.nn._helpers import make_base, rand
