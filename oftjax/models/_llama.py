@@ -13,6 +13,8 @@ the specs for a ``Mesh(devices, ("data", "fsdp"))``. No tensor-parallel axis is 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -62,7 +64,17 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary embeddings; softmax in float32 as HF's eager path."""
+    """Grouped-query self-attention with rotary embeddings; softmax in float32 as HF's eager path.
+
+    Without a padding mask the mask is causal (optionally windowed), so query block ``[i0, i1)`` never sees
+    a key at or past ``i1``: the scores are computed block by block over keys ``[0, i1)`` only
+    (``causal_blocks`` query blocks), which skips about half of the ``seq^2`` work and memory of the full
+    score matrix. The skipped keys would get probability exactly 0, so the values are the same up to
+    summation order. With a padding mask a fully padded query row is uniform over *all* keys in HF, so the
+    full matrix is kept.
+    """
+
+    causal_blocks: int = 8
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -76,17 +88,35 @@ class Attention(nnx.Module):
             hd,
         )
 
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, *, causal_only: bool = False
+    ) -> jax.Array:
         b, s, _ = x.shape
         kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         q = apply_rope(_project(self.q_proj, x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(_project(self.k_proj, x).reshape(b, s, kv, self.head_dim), cos, sin)
         v = _project(self.v_proj, x).reshape(b, s, kv, self.head_dim)
-        q = q.reshape(b, s, kv, groups, self.head_dim)  # query head h uses kv head h // groups (repeat_kv)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k) * jnp.asarray(self.head_dim**-0.5, x.dtype)
-        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
+        scale = self.head_dim**-0.5
+        exact = math.frexp(scale)[0] == 0.5  # a power of two: scaling q first gives the same bits
+        if exact:
+            q = q * jnp.asarray(scale, q.dtype)
+        # Heads-major [b, kv, groups, s, d]: query head h uses kv head h // groups (repeat_kv).
+        q = q.reshape(b, s, kv, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        n = min(self.causal_blocks, max(1, s // 32)) if causal_only else 1
+        bounds = [round(s * i / n) for i in range(n + 1)]
+        outs = []
+        for i0, i1 in zip(bounds[:-1], bounds[1:], strict=True):
+            e = i1 if n > 1 else s
+            scores = jnp.einsum("bkgqd,bktd->bkgqt", q[:, :, :, i0:i1], k[:, :, :e])
+            if not exact:
+                scores = scores * jnp.asarray(scale, x.dtype)
+            m = mask[:, None, None, i0:i1, :e]
+            scores = jnp.where(m, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+            outs.append(jnp.einsum("bkgqt,bktd->bkgqd", probs, v[:, :, :e]))
+        out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
         return _project(self.o_proj, out)
 
 
@@ -114,8 +144,10 @@ class DecoderLayer(nnx.Module):
             cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype
         )
 
-    def __call__(self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        h = h + self.self_attn(self.input_layernorm(h), mask, cos, sin)
+    def __call__(
+        self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, *, causal_only: bool = False
+    ) -> jax.Array:
+        h = h + self.self_attn(self.input_layernorm(h), mask, cos, sin, causal_only=causal_only)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -175,12 +207,15 @@ class LlamaModel(nnx.Module):
             w: causal_mask(s, attention_mask, w, b)
             for w in set(map(self.config.window, range(len(self.layers))))
         }
+        causal_only = attention_mask is None  # no padding: the mask is causal (and windowed)
         for i, layer in enumerate(self.layers):
             mask = masks[self.config.window(i)]
             if self.remat:
-                h = nnx.remat(lambda lyr, h, m, c, s_: lyr(h, m, c, s_))(layer, h, mask, cos, sin)
+                h = nnx.remat(lambda lyr, h, m, c, s_: lyr(h, m, c, s_, causal_only=causal_only))(
+                    layer, h, mask, cos, sin
+                )
             else:
-                h = layer(h, mask, cos, sin)
+                h = layer(h, mask, cos, sin, causal_only=causal_only)
         return self.norm(h)
 
 

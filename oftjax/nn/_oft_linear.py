@@ -28,7 +28,7 @@ from flax import nnx
 from oftjax import quant
 from oftjax.nn._adapters import AdapterSettings, OFTAdapters, rotation_from_vec
 from oftjax.nn._base import base_kind, in_out_features
-from oftjax.nn._rotated_matmul import rotate_chain, rotated_matmul
+from oftjax.nn._rotated_matmul import rotate_chain, rotated_dequant_matmul, rotated_matmul
 
 __all__ = ["ROTATE_MODES", "AdapterSettings", "OFTLinear", "rotation_from_vec"]
 
@@ -115,8 +115,7 @@ class OFTLinear(OFTAdapters):
             y = rotated_matmul(x_c, rotations, kernel)
             return y + bias if bias is not None else y
         cd = self.compute_dtype
-        w = self.dequantized_weight()
-        y = rotated_matmul(x.astype(cd), rotations, w.T)
+        y = rotated_dequant_matmul(x.astype(cd), rotations, self.weight.get_value(), cd)
         return _finish(y, bias, cd, x.dtype)
 
     def dequantized_weight(self, dtype: Any = None) -> jax.Array:

@@ -9,14 +9,21 @@ dequantize inside the traced computation, so nothing holds a float copy:
 * ``Linear4bit``: ``y = x.astype(cd) @ RNE_cd(code[q] * absmax_fp32).T + bias.astype(cd)`` then cast back to
   ``x.dtype`` (bnb ``Linear4bit.forward`` with the CPU repacking disabled, notes §7.1): the weight is
   dequantized straight into the compute dtype, not through the original weight dtype.
+
+In training the dense weight lives only inside the forward matmul and again inside the backward one
+(``dequant_matmul``'s custom VJP keeps the packed weight as its residual and dequantizes it a second time, as
+bnb's ``MatMul4Bit`` backward does): no float copy of a frozen weight survives from the forward to the
+backward pass, so activation memory does not grow by 4 bytes per frozen parameter.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from oftjax import quant
@@ -41,6 +48,61 @@ def linear_t(
     if bias is not None:
         y = y + bias.astype(compute_dtype)
     return y.astype(out_dtype)
+
+
+def zero_cotangent(tree: Any) -> Any:
+    """Zero cotangents for a frozen pytree: ``float0`` for integer leaves, zeros for float leaves."""
+
+    def zero(a: Any) -> Any:
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.zeros(a.shape, a.dtype)
+        return np.zeros(a.shape, jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dequant_matmul(
+    x: jax.Array,
+    q: Any,
+    compute_dtype: Any,
+    dot_general: DotGeneral = jax.lax.dot_general,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """``x @ dequantize(q, compute_dtype).T`` whose backward dequantizes ``q`` again instead of saving it.
+
+    Args:
+      x: ``[..., in]`` in ``compute_dtype``.
+      q: an ``Int8Weight`` or ``FourBitWeight`` ``[out, in]`` (frozen: its cotangent is zero).
+      compute_dtype: the dtype the weight is dequantized into (static).
+      dot_general, precision: the matmul (static).
+
+    Returns:
+      ``[..., out]`` in ``compute_dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from oftjax import quant
+      >>> q = quant.quantize_int8(jnp.eye(4))
+      >>> dequant_matmul(jnp.ones((2, 4)), q, jnp.float32).shape
+      (2, 4)
+    """
+    w = quant.dequantize(q, compute_dtype)
+    return dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+def _dequant_matmul_fwd(x, q, compute_dtype, dot_general, precision):
+    # The residual is the packed weight (0.5-1 byte per parameter), not its float dequantization.
+    return dequant_matmul(x, q, compute_dtype, dot_general, precision), q
+
+
+def _dequant_matmul_bwd(compute_dtype, dot_general, precision, q, g):
+    w = quant.dequantize(q, compute_dtype)
+    dx = dot_general(g.astype(compute_dtype), w, (((g.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return dx, zero_cotangent(q)
+
+
+dequant_matmul.defvjp(_dequant_matmul_fwd, _dequant_matmul_bwd)
 
 
 def _bias_param(bias: Any, out_features: int) -> Any:
@@ -88,16 +150,11 @@ class _QuantLinear(nnx.Module):
         return quant.dequantize(self.weight.get_value(), self.compute_dtype if dtype is None else dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        bias = self.bias[...] if self.bias is not None else None
-        w = quant.dequantize(self.weight.get_value(), self.compute_dtype)
-        return linear_t(
-            x,
-            w,
-            bias,
-            compute_dtype=self.compute_dtype,
-            dot_general=self.dot_general,
-            precision=self.precision,
-        )
+        cd = self.compute_dtype
+        y = dequant_matmul(x.astype(cd), self.weight.get_value(), cd, self.dot_general, self.precision)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(cd)
+        return y.astype(x.dtype)
 
 
 class Linear8bit(_QuantLinear):

@@ -4,16 +4,21 @@ Rotating the inputs costs ``tokens * d_in * b`` per adapter; rotating the kernel
 autodiff of the kernel-rotation path would also need the full weight gradient ``x^T g`` (``tokens * d_in *
 d_out``) to reach the rotations, so ``rotated_matmul`` has a custom VJP that back-propagates the input-centric
 way (``g K^T`` then the blockwise chain): the kernel path then costs no more than the input path in training.
+``rotated_dequant_matmul`` is the same over a quantized weight: its residual is the packed weight, which the
+backward dequantizes again (no float copy of the frozen weight is kept between the passes).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from oftjax import oft
+from oftjax import oft, quant
+from oftjax.nn._quant_linear import zero_cotangent
 
 
 def rotate_blocks(x: jax.Array, R: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
@@ -87,3 +92,38 @@ def _bwd(res, g):
 
 
 rotated_matmul.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def rotated_dequant_matmul(
+    x: jax.Array, rotations: tuple[jax.Array, ...], q: Any, compute_dtype: Any
+) -> jax.Array:
+    """``rotated_matmul(x, rotations, dequantize(q, compute_dtype).T)`` for a frozen quantized ``q``.
+
+    The backward dequantizes ``q`` again (``g W`` needs the weight) rather than keeping the forward's float
+    copy alive, and gives ``q`` a zero cotangent.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from oftjax import quant
+      >>> R = (jnp.stack([jnp.eye(2)] * 2),)
+      >>> rotated_dequant_matmul(jnp.ones((1, 4)), R, quant.quantize_int8(jnp.eye(4)), jnp.float32).shape
+      (1, 4)
+    """
+    return _forward(x, rotations, quant.dequantize(q, compute_dtype).T)
+
+
+def _dq_fwd(x, rotations, q, compute_dtype):
+    return rotated_dequant_matmul(x, rotations, q, compute_dtype), (x, rotations, q)
+
+
+def _dq_bwd(compute_dtype, res, g):
+    x, rotations, q = res
+    w = quant.dequantize(q, compute_dtype)  # [out, in]: g @ w is g K^T without a transpose
+    gu = jnp.matmul(g, w)
+    _, chain_vjp = jax.vjp(lambda x_, rs: rotate_chain(x_, rs).astype(compute_dtype), x, rotations)
+    dx, drot = chain_vjp(gu)
+    return dx.astype(x.dtype), drot, zero_cotangent(q)
+
+
+rotated_dequant_matmul.defvjp(_dq_fwd, _dq_bwd)

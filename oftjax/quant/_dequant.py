@@ -12,7 +12,9 @@ which CPU and CUDA agree with (../shared/notes/bitsandbytes-formats.md §4, §6)
   * int8: ``fl32(fl32(CB * SCB) * fl32(1/127))`` with bnb's constant ``7.874015718698502e-3``.
 
 Everything here is jnp and jit-able; shapes and format metadata are static, so a second call with the same
-shapes does not recompile.
+shapes does not recompile. The 4-bit path computes each block's 16 possible values once and selects among
+them per nibble instead of gathering from the code table (``dequantize_4bit_values`` says why and what it
+costs on XLA:CPU); the bits are the same.
 """
 
 from __future__ import annotations
@@ -66,9 +68,7 @@ def _dequantize(q: Int8Weight | FourBitWeight, out_dtype: np.dtype) -> jax.Array
             absmax = q.absmax
             if q.compress_statistics:
                 absmax = dequantize_nested_absmax(q.absmax, q.nested_absmax, q.offset)
-            return dequantize_4bit_values(q.packed, absmax, q.shape, q.blocksize, q.quant_type).astype(
-                out_dtype
-            )
+            return dequantize_4bit_values(q.packed, absmax, q.shape, q.blocksize, q.quant_type, out_dtype)
         case _:  # pragma: no cover - checked by the caller
             raise TypeError(type(q).__name__)
 
@@ -117,17 +117,68 @@ def dequantize_nested_absmax(qabsmax: jax.Array, nested_absmax: jax.Array, offse
             f"nested_absmax must be float32 [{n2}] (one per {NESTED_BLOCKSIZE} absmax codes), "
             f"got {tuple(nested_absmax.shape)}"
         )
-    codes = jnp.asarray(DYNAMIC).at[qabsmax.astype(jnp.int32)].get(mode="promise_in_bounds")
-    scale = jnp.repeat(nested_absmax.astype(jnp.float32), NESTED_BLOCKSIZE, total_repeat_length=n2 * 256)[:nb]
-    p = codes * scale
+    # [n2, 256] layout: the nested scale broadcasts along the minor axis (a plain broadcast, where jnp.repeat
+    # lowers to a scatter, cumulative sums and a gather)
+    qabs = qabsmax.reshape(-1)
+    if n2 * NESTED_BLOCKSIZE != nb:
+        qabs = jnp.pad(qabs, (0, n2 * NESTED_BLOCKSIZE - nb))
+    codes = jnp.asarray(DYNAMIC).at[qabs.reshape(n2, NESTED_BLOCKSIZE)].get(mode="promise_in_bounds")
+    p = codes * nested_absmax.astype(jnp.float32)[:, None]
     p = jnp.where(jnp.isnan(p), jnp.float32(jnp.nan), p)  # FMA guard: keeps the product rounded
-    return p + jnp.asarray(offset, jnp.float32)
+    absmax = (p + jnp.asarray(offset, jnp.float32)).reshape(-1)
+    return absmax if absmax.shape[0] == nb else absmax[:nb]
 
 
+_UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def select_by_nibble(idx: jax.Array, leaves: list[jax.Array]) -> jax.Array:
+    """``leaves[idx]`` for 4-bit ``idx`` (uint8 < 16) as a branch-free tree of 15 selects.
+
+    XLA:CPU lowers a gather from a 16-entry table to one scalar load per element; a binary tree of ``where``
+    selects on the four bits of ``idx`` vectorizes instead. The result is the chosen leaf itself, bit for bit.
+    """
+    level = list(leaves)
+    for bit in range(4):  # bit 0 picks within pairs, bit 3 picks the half
+        on = (idx & np.uint8(1 << bit)) != 0
+        level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+    return level[0]
+
+
+# blocks per tile of the per-block value table (see dequantize_4bit_values); 8 measured best of 1, 8, 16, 64
+_TILE = 8
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def dequantize_4bit_values(
-    packed: jax.Array, absmax: jax.Array, shape: tuple[int, ...], blocksize: int, quant_type: str
+    packed: jax.Array,
+    absmax: jax.Array,
+    shape: tuple[int, ...],
+    blocksize: int,
+    quant_type: str,
+    dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """float32 ``code[nibble] * absmax[i // blocksize]`` reshaped to ``shape`` (one multiply, no cast)."""
+    """``dtype(fl32(code[nibble] * absmax[i // blocksize]))`` reshaped to ``shape``: one multiply, one cast.
+
+    Differentiable in ``absmax`` (reverse mode, ``_dequantize_4bit_bwd``): the lookup works on raw bits,
+    which carry no gradient, so the backward pass is written out.
+
+    A block has only 16 possible outputs, so they are computed first (a quarter of the multiplies and casts
+    of the direct formula at blocksize 64; the same float32 product and the same rounding, so the same bits)
+    and each nibble then *selects* its block's value (``select_by_nibble``) on the raw bits, as unsigned
+    integers of the output's width (XLA:CPU would widen bf16 selects to float32). The table is laid out
+    ``[tiles, 16, _TILE]`` so that writing it is a contiguous vectorized loop and a block's 16 values are
+    close together when read. The packed bytes are viewed as ``[tiles, _TILE, blocksize // 2]`` so the
+    values broadcast along the minor axis; high and low nibbles are looked up separately and interleaved
+    last, which XLA fuses into one vectorized loop per nibble that writes the output once. Blocks are
+    zero-padded up to whole tiles (the ragged last block too) and the padding is sliced off.
+
+    Measured on XLA:CPU (4096 x 4096, bf16, one core, no page faults): 13.3 ms with a gather, 7.7 ms with
+    the select tree on float32 codes, 5.5 ms as here. What remains is mostly the interleave: XLA writes each
+    nibble's half of the output with one scalar store per element (strided by two), and every formulation
+    that writes whole vectors instead (an interleaving bitcast of 32-bit pairs, pads, transposes, a select
+    on the parity, output-order indices) compiled 2-10x slower.
+    """
     n = int(np.prod(shape, dtype=np.int64))
     nb = -(-n // blocksize)
     if absmax.shape != (nb,):
@@ -135,11 +186,43 @@ def dequantize_4bit_values(
             f"absmax must have shape [{nb}] for {n} elements in blocks of {blocksize}, "
             f"got {tuple(absmax.shape)}"
         )
-    idx = unpack_nibbles(packed, n)
-    # nibbles are < 16 by construction: skip the gather's bounds clamp
-    vals = jnp.asarray(code_table(quant_type)).at[idx.astype(jnp.int32)].get(mode="promise_in_bounds")
-    pad = nb * blocksize - n
-    if pad:
-        vals = jnp.pad(vals, (0, pad))
-    out = vals.reshape(nb, blocksize) * absmax.astype(jnp.float32)[:, None]
-    return out.reshape(-1)[:n].reshape(shape)
+    b = packed_bytes(packed)
+    if b.shape[0] * 2 < n:
+        raise ValueError(f"packed holds {b.shape[0]} bytes, {2 * b.shape[0]} nibbles; expected at least {n}")
+    dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 is float32 unless x64 is enabled
+    uint = _UINT_OF_SIZE[dtype.itemsize]
+    tiles = -(-nb // _TILE)
+    nbytes = tiles * _TILE * blocksize // 2  # blocksize is even: a block is whole bytes
+    b = b[:nbytes] if b.shape[0] >= nbytes else jnp.pad(b, (0, nbytes - b.shape[0]))
+    b = b.reshape(tiles, _TILE, blocksize // 2)
+    scale = absmax.astype(jnp.float32)
+    if tiles * _TILE != nb:
+        scale = jnp.pad(scale, (0, tiles * _TILE - nb))
+    code = jnp.asarray(code_table(quant_type))
+    values = (code[None, :, None] * scale.reshape(tiles, 1, _TILE)).astype(dtype)  # [tiles, 16, _TILE]
+    # materialized (a quarter of the output at blocksize 64): XLA would otherwise fuse it into the lookup and
+    # redo all 16 products for every element
+    values = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(values, uint))
+    leaves = [values[:, k, :, None] for k in range(16)]
+    hi = select_by_nibble(b >> 4, leaves)  # element 2k: high nibble of byte k
+    lo = select_by_nibble(b & 15, leaves)
+    out = jax.lax.bitcast_convert_type(jnp.stack([hi, lo], axis=-1), dtype).reshape(-1)
+    return (out if out.shape[0] == n else out[:n]).reshape(shape)
+
+
+def _dequantize_4bit_fwd(packed, absmax, shape, blocksize, quant_type, dtype=jnp.float32):
+    out = dequantize_4bit_values(packed, absmax, shape, blocksize, quant_type, dtype)
+    return out, (packed, absmax)
+
+
+def _dequantize_4bit_bwd(shape, blocksize, quant_type, dtype, res, g):
+    """d absmax[j] = sum over block j of code[nibble] * g (the output is linear in absmax)."""
+    packed, absmax = res
+    n = int(np.prod(shape, dtype=np.int64))
+    nb = absmax.shape[0]
+    codes = jnp.asarray(code_table(quant_type))[unpack_nibbles(packed, n).astype(jnp.int32)]
+    prod = jnp.pad(codes * g.reshape(-1).astype(jnp.float32), (0, nb * blocksize - n))
+    return None, prod.reshape(nb, blocksize).sum(axis=1).astype(absmax.dtype)
+
+
+dequantize_4bit_values.defvjp(_dequantize_4bit_fwd, _dequantize_4bit_bwd)
