@@ -129,7 +129,8 @@ def atomic_save_safetensors(
 ) -> None:
     """Save numpy tensors as safetensors atomically (metadata ``{"format": "pt"}`` unless given)."""
     st = _safetensors_numpy()
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    # np.require keeps 0-d tensors 0-d (np.ascontiguousarray would make them shape [1]).
+    arrays = {k: np.require(v, requirements="C") for k, v in tensors.items()}
     data = st.save(arrays, metadata=dict(metadata) if metadata is not None else {"format": "pt"})
     atomic_write_bytes(path, data, force=force)
 

@@ -361,3 +361,16 @@ def test_native_missing_tensor(tmp_path):
     )
     with pytest.raises(InteropError, match=r"missing tensor key\(s\) \['lin1.oft_R.default'\]"):
         peft.native_to_adapter(tmp_path / "native", tmp_path / "back")
+
+
+def test_atomic_save_safetensors_keeps_scalar_shape(tmp_path):
+    """A 0-d tensor (bnb's int8 ``weight_format``) stays 0-d through the atomic writer."""
+    from interop._io import atomic_save_safetensors, read_safetensors
+
+    path = tmp_path / "t.safetensors"
+    atomic_save_safetensors(
+        path, {"weight_format": np.array(0, np.uint8), "w": np.ones((2, 4), np.float32)[:, ::2]}
+    )
+    back = read_safetensors(path)
+    assert back["weight_format"].shape == ()
+    assert back["w"].shape == (2, 2)
