@@ -25,7 +25,7 @@ import numpy as np
 from interop import bnb
 from interop._hf_config import bnb_quantization_config as bnb_quantization_config
 from interop._hf_config import check_weights_match_config, validate_quantization_config
-from interop._io import InteropError, output_dir, read_json
+from interop._io import InteropError, atomic_write_bytes, output_dir, read_json
 from interop._safetensors import LazyTensor, SafetensorsFile, total_nbytes, write_safetensors
 from oftjax.quant import FourBitWeight, Int8Weight
 
@@ -247,6 +247,42 @@ def flatten(weights: Weights) -> dict[str, Any]:
                     raise InteropError(f"tensor name {k!r} produced twice (module {module!r})")
                 out[k] = v
     return out
+
+
+def write_torch_state_dict(path: str | os.PathLike, weights: Weights, *, force: bool = False) -> Path:
+    """Write ``weights`` as one plain torch state-dict file (``torch.save``; ``.bin`` / ``.pt``). Needs torch.
+
+    The keys, dtypes and bytes are those ``write_checkpoint`` puts in safetensors (bnb serialization for
+    quantized layers), i.e. what ``torch.save(model.state_dict())`` of the transformers model holds; it loads
+    with ``torch.load(path, weights_only=True)``. Written atomically (temporary file, then rename).
+
+    Example:
+      >>> config, weights = read_checkpoint("llama-nf4")  # doctest: +SKIP
+      >>> write_torch_state_dict("llama-nf4/pytorch_model.bin", weights)  # doctest: +SKIP
+    """
+    try:
+        import torch  # lazily: only this writer needs torch
+    except ImportError as e:
+        raise InteropError(
+            f"{path}: writing a torch state-dict file needs torch, which is not installed; "
+            "write safetensors with write_checkpoint instead"
+        ) from e
+    import io
+
+    import ml_dtypes
+
+    sd = {}
+    for k, v in flatten(materialize(weights)).items():
+        a = np.asarray(v)
+        if a.dtype == ml_dtypes.bfloat16:
+            # torch has no numpy bf16: move the bits through int16 and reinterpret them
+            sd[k] = torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            sd[k] = torch.from_numpy(np.array(a, copy=True))
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    atomic_write_bytes(path, buf.getvalue(), force=force)
+    return Path(path)
 
 
 def _shards(tensors: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:

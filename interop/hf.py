@@ -30,6 +30,7 @@ from interop._hf_checkpoint import materialize as materialize
 from interop._hf_checkpoint import read_checkpoint as read_checkpoint
 from interop._hf_checkpoint import validate_quantization_config as validate_quantization_config
 from interop._hf_checkpoint import write_checkpoint as write_checkpoint
+from interop._hf_checkpoint import write_torch_state_dict as write_torch_state_dict
 from interop._native_checkpoint import checkpoint_to_native as checkpoint_to_native
 from interop._native_checkpoint import native_to_checkpoint as native_to_checkpoint
 from interop._native_checkpoint import read_native as read_native
@@ -50,6 +51,7 @@ __all__ = [  # noqa: F822 - load_model/save_model come from __getattr__
     "validate_quantization_config",
     "write_checkpoint",
     "write_native",
+    "write_torch_state_dict",
 ]
 
 

@@ -362,3 +362,24 @@ def test_quantized_layer_with_bias_and_top_level_tensor(root, tmp_path):
     q = back["model.layers.0.self_attn.q_proj"]
     assert isinstance(q["weight"], quant.Int8Weight) and q["bias"].tobytes() == bias.tobytes()
     assert back[""]["scalar"] == 3.0
+
+
+def test_write_torch_state_dict_matches_the_safetensors_and_reads_back(root, tmp_path):
+    """Our .bin holds the same keys, dtypes and bytes as the transformers-saved safetensors; it reads back."""
+    src = fx.quantized_dir(root, "nf4_dq_bf16storage")
+    config, weights = hf.read_checkpoint(src)
+    dst = tmp_path / "bin"
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    hf.write_torch_state_dict(dst / "pytorch_model.bin", weights)
+    ours = torch.load(dst / "pytorch_model.bin", weights_only=True)
+    theirs = safetensors.torch.load_file(src / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for k, t in theirs.items():
+        assert ours[k].dtype == t.dtype and ours[k].shape == t.shape, k
+        assert (
+            torch.equal(ours[k].view(torch.uint8), t.view(torch.uint8)) if t.ndim else torch.equal(ours[k], t)
+        ), k
+    _assert_same_tensors(src, hf.write_checkpoint(tmp_path / "back", *hf.read_checkpoint(dst)))
+    with pytest.raises(FileExistsError, match="exists"):
+        hf.write_torch_state_dict(dst / "pytorch_model.bin", weights)
