@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from tests._tiny import TINY_LLAMA
+
 VARIANTS = {
     "int8": dict(load_in_8bit=True),
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -31,14 +33,7 @@ _CACHE: dict[str, Path] = {}
 
 
 def tiny_llama_config() -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    return transformers.LlamaConfig(**TINY_LLAMA)
 
 
 def float_dir(root: Path) -> Path:

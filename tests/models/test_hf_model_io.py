@@ -17,17 +17,9 @@ from interop.hf_model import linear_paths, load_model, modules_from_model, quant
 from oftjax.models import LlamaForCausalLM, ModelConfig, UnsupportedConfigError
 from oftjax.nn import Linear4bit, Linear8bit
 from oftjax.quant import FourBitWeight, Int8Weight
+from tests._tiny import TINY_LLAMA
 
-CFG = ModelConfig(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    extra={"bos_token_id": 1, "eos_token_id": 2},
-)
+CFG = ModelConfig(**TINY_LLAMA, head_dim=16, extra={"bos_token_id": 1, "eos_token_id": 2})
 IDS = jnp.arange(14, dtype=jnp.int32).reshape(2, 7) * 5
 
 

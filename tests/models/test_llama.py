@@ -11,17 +11,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from oftjax.models import AXIS_DATA, AXIS_FSDP, LlamaForCausalLM, ModelConfig, causal_mask
 from oftjax.models._rope import inv_freq
+from tests._tiny import TINY_LLAMA
 from tests.tolerances import TOL
 
-CFG = ModelConfig(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+CFG = ModelConfig(**TINY_LLAMA, head_dim=16)
 
 
 def ids(batch=2, seq=9, seed=0):

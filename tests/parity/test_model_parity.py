@@ -19,12 +19,9 @@ from transformers import BitsAndBytesConfig
 
 from interop import oracle
 from interop.hf_model import load_model, save_model
+from tests._tiny import TINY_LLAMA
 from tests.tolerances import TOL
 
-TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2,
-)  # fmt: skip
 LLAMA3 = dict(
     rope_type="llama3",
     rope_theta=10000.0,
@@ -85,7 +82,7 @@ def assert_close_on_tokens(got, want, mask, tol):
 
 def build_hf(kind, kw, seed=0):
     torch.manual_seed(seed)
-    cfg = getattr(transformers, kind)(**TINY, **kw)
+    cfg = getattr(transformers, kind)(**TINY_LLAMA, **kw)
     arch = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM"}.get(
         kind, "Qwen2ForCausalLM"
     )

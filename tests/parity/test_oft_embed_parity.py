@@ -36,6 +36,7 @@ from oftjax import merge, unmerge
 from oftjax.config import OFTConfig
 from oftjax.nn import OFTEmbed, OFTParam
 from oftjax.surgery import apply_oft, set_adapter
+from tests._tiny import TINY_LLAMA
 from tests.tolerances import TOL
 
 FWD, GRAD = TOL["fp32_forward"], TOL["fp32_grad"]
@@ -199,11 +200,6 @@ def test_two_adapters_chain_and_merge_like_peft():
 # ----------------------------------------------------------------------------------------------------
 # tiny Llama: embed_tokens + q_proj, trained in torch, attached in JAX, saved back
 
-TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2,
-)  # fmt: skip
-
 
 def _peft_loads_cleanly(base, path):
     """``PeftModel.from_pretrained(base, path)``, asserting no missing and no unexpected adapter keys."""
@@ -225,7 +221,7 @@ def _logits_t(model, ids):
 
 def test_llama_embed_tokens_adapter_round_trip(tmp_path):
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
     base.save_pretrained(tmp_path / "base")
     cfg = torch_peft.OFTConfig(
         oft_block_size=16, target_modules=["embed_tokens", "q_proj"], init_weights=False, coft=False
@@ -235,14 +231,14 @@ def test_llama_embed_tokens_adapter_round_trip(tmp_path):
     gen = torch.Generator().manual_seed(1)
     pm.train()
     for _ in range(3):
-        batch = torch.randint(0, TINY["vocab_size"], (2, 8), generator=gen)
+        batch = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 8), generator=gen)
         loss = pm(input_ids=batch, labels=batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     pm.eval()
     pm.save_pretrained(tmp_path / "adapter")
-    ids = np.random.default_rng(5).integers(0, TINY["vocab_size"], size=(2, 9)).astype(np.int64)
+    ids = np.random.default_rng(5).integers(0, TINY_LLAMA["vocab_size"], size=(2, 9)).astype(np.int64)
     want = _logits_t(pm, ids)
 
     model = load_model(tmp_path / "base")
