@@ -33,9 +33,23 @@ What makes the comparison fair (checked, not assumed):
     non-alternating run, though bnb does strictly more work there (the nested absmax): it was allocator
     state (the previous point), not the work; with ``--allocator fresh`` or ``keep`` nf4+DQ is never faster.
 
-XLA:CPU options tried per computation (``jax.jit(..., compiler_options=...)``) on the 4-bit dequantize, none
-of which helped, so none is set here or in the library: ``xla_cpu_prefer_vector_width=512`` (the loop stays
-8-wide), ``xla_cpu_enable_fast_math`` (no change; it would also be unsafe for bit-exactness),
+The JAX 4-bit dequantize on CPU is the native kernel (csrc/dequant4.cc, an XLA FFI custom call; AVX-512
+permutes, the XLA intra-op thread pool, huge-page advice for its output). ``OFTJAX_NATIVE=0`` benchmarks the
+pure-XLA formulation instead (what runs on GPU/TPU), ``OFTJAX_HUGEPAGES=0`` the kernel without the huge-page
+advice. Measured here (4096 x 4096 bf16, 2 threads, one run each, bnb/JAX):
+
+  | XLA formulation, default allocator   | nf4 0.83 | fp4 0.85 | nf4+DQ 0.86 |  (previous session, quiet)
+  | native, 4 KiB pages, default         | nf4 1.07 | fp4 1.07 | nf4+DQ 1.18 |  (loaded machine)
+  | native + huge pages, default         | nf4 4.85 | fp4 3.60 | nf4+DQ 2.05 |  (loaded machine)
+  | native + huge pages, --allocator keep| nf4 0.60-1.5 (1-2 ms either side: compute only, noisy) |
+
+Why huge pages matter: with 4 KiB pages a fresh 32 MiB output takes 8192 page faults (8-15 ms here, more than
+the kernel's ~1-2 ms of compute); with 2 MiB pages it takes 16. Prefaulting 4 KiB pages with one
+``MADV_POPULATE_WRITE`` per chunk gained 20% and is what the kernel does when the advice is off.
+
+XLA:CPU options tried per computation (``jax.jit(..., compiler_options=...)``) on the XLA 4-bit dequantize,
+none of which helped, so none is set here or in the library: ``xla_cpu_prefer_vector_width=512`` (the loop
+stays 8-wide), ``xla_cpu_enable_fast_math`` (no change; it would also be unsafe for bit-exactness),
 ``xla_cpu_use_fusion_emitters=False`` (3-10x slower).
 """
 
@@ -66,6 +80,14 @@ def set_allocator(keep: bool) -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
     else:
         libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # glibc's default value, now fixed
+
+
+def _dequant_path() -> str:
+    info = quant.native_info()
+    if not info["available"]:
+        return f"XLA ({info['reason']})"
+    pages = "4 KiB pages" if os.environ.get("OFTJAX_HUGEPAGES", "1") == "0" else "huge-page advice"
+    return f"native kernel ({'AVX-512' if info['avx512'] else 'scalar'}, {pages})"
 
 
 def paired_medians(fj, fb, repeats: int, rounds: int = 3) -> tuple[float, float]:
@@ -149,7 +171,7 @@ def main() -> None:
     print(
         f"{n}x{n} {args.dtype}, blocksize 64, CPU threads: torch {torch.get_num_threads()}, "
         f"host cores {os.cpu_count()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"allocator: glibc {args.allocator}"
+        f"allocator: glibc {args.allocator}, 4-bit dequantize: {_dequant_path()}"
     )
     print(
         "| format | dequantize JAX ms | dequantize bnb ms | bnb/JAX "

@@ -4,6 +4,9 @@
   quant_storage)`` -> ``FourBitWeight``; ``dequantize(q, dtype=None)`` for both. All jit-able; each public
   function compiles once per shape and format. ``rounding="cpu"`` (default) is bit-exact with bitsandbytes on
   the CPU, ``rounding="cuda"`` follows the CUDA kernels where they differ.
+* CPU: the 4-bit dequantize runs a native kernel (csrc/dequant4.cc, an XLA FFI custom call built by
+  ``pip install``; ``native_info()`` says whether it is loaded) with the same bits as the XLA formulation that
+  runs on GPU/TPU, except that it keeps float32 subnormal products as bitsandbytes does.
 * Host side: the double-quantization statistics (a torch-order float32 mean and the nested 8-bit codes of the
   n / blocksize absmax values) run in numpy via ``jax.pure_callback``; everything else is XLA.
 * Subnormal float32 *inputs* are flushed to zero by XLA:CPU (bitsandbytes keeps them); the subnormal values
@@ -18,6 +21,7 @@ from oftjax.quant._formats import NESTED_BLOCKSIZE as NESTED_BLOCKSIZE
 from oftjax.quant._formats import QUANT_TYPES as QUANT_TYPES
 from oftjax.quant._formats import FourBitWeight as FourBitWeight
 from oftjax.quant._formats import Int8Weight as Int8Weight
+from oftjax.quant._native import native_info as native_info
 from oftjax.quant._quant4 import QUANT_STORAGES as QUANT_STORAGES
 from oftjax.quant._quant4 import ROUNDINGS as ROUNDINGS
 from oftjax.quant._quant4 import quantize_4bit as quantize_4bit
@@ -40,6 +44,7 @@ __all__ = [
     "Int8Weight",
     "code_table",
     "dequantize",
+    "native_info",
     "quantize_4bit",
     "quantize_int8",
 ]

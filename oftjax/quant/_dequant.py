@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oftjax.quant import _native
 from oftjax.quant._formats import NESTED_BLOCKSIZE, FourBitWeight, Int8Weight
 from oftjax.quant._tables import DYNAMIC, code_table
 
@@ -163,6 +164,38 @@ def dequantize_4bit_values(
     Differentiable in ``absmax`` (reverse mode, ``_dequantize_4bit_bwd``): the lookup works on raw bits,
     which carry no gradient, so the backward pass is written out.
 
+    On CPU this runs the native kernel (``oftjax.quant._native``, csrc/dequant4.cc) when it is built, chosen
+    at lowering time with ``jax.lax.platform_dependent``; elsewhere (and for other output dtypes) the XLA
+    formulation ``_dequantize_4bit_xla``. Both give the same bits, except float32 subnormal products, which
+    the kernel keeps (as bitsandbytes does) and XLA:CPU flushes to zero.
+    """
+    n = int(np.prod(shape, dtype=np.int64))
+    nb = -(-n // blocksize)
+    if absmax.shape != (nb,):
+        raise ValueError(
+            f"absmax must have shape [{nb}] for {n} elements in blocks of {blocksize}, "
+            f"got {tuple(absmax.shape)}"
+        )
+    b = packed_bytes(packed)
+    if b.shape[0] * 2 < n:
+        raise ValueError(f"packed holds {b.shape[0]} bytes, {2 * b.shape[0]} nibbles; expected at least {n}")
+    dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 is float32 unless x64 is enabled
+    scale = absmax.astype(jnp.float32)
+    xla = functools.partial(
+        _dequantize_4bit_xla, n=n, blocksize=blocksize, quant_type=quant_type, dtype=dtype
+    )
+    if not _native.supports(dtype):
+        return xla(b, scale).reshape(shape)
+    code = jnp.asarray(code_table(quant_type))
+    cpu = functools.partial(_native.dequantize_4bit_cpu, code=code, n=n, blocksize=blocksize, dtype=dtype)
+    return jax.lax.platform_dependent(b, scale, cpu=cpu, default=xla).reshape(shape)
+
+
+def _dequantize_4bit_xla(
+    b: jax.Array, scale: jax.Array, *, n: int, blocksize: int, quant_type: str, dtype: np.dtype
+) -> jax.Array:
+    """The XLA formulation (GPU/TPU, and CPU without the native kernel), flat ``[n]``; same bits.
+
     A block has only 16 possible outputs, so they are computed first (a quarter of the multiplies and casts
     of the direct formula at blocksize 64; the same float32 product and the same rounding, so the same bits)
     and each nibble then *selects* its block's value (``select_by_nibble``) on the raw bits, as unsigned
@@ -179,23 +212,12 @@ def dequantize_4bit_values(
     that writes whole vectors instead (an interleaving bitcast of 32-bit pairs, pads, transposes, a select
     on the parity, output-order indices) compiled 2-10x slower.
     """
-    n = int(np.prod(shape, dtype=np.int64))
-    nb = -(-n // blocksize)
-    if absmax.shape != (nb,):
-        raise ValueError(
-            f"absmax must have shape [{nb}] for {n} elements in blocks of {blocksize}, "
-            f"got {tuple(absmax.shape)}"
-        )
-    b = packed_bytes(packed)
-    if b.shape[0] * 2 < n:
-        raise ValueError(f"packed holds {b.shape[0]} bytes, {2 * b.shape[0]} nibbles; expected at least {n}")
-    dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 is float32 unless x64 is enabled
     uint = _UINT_OF_SIZE[dtype.itemsize]
+    nb = -(-n // blocksize)
     tiles = -(-nb // _TILE)
     nbytes = tiles * _TILE * blocksize // 2  # blocksize is even: a block is whole bytes
     b = b[:nbytes] if b.shape[0] >= nbytes else jnp.pad(b, (0, nbytes - b.shape[0]))
     b = b.reshape(tiles, _TILE, blocksize // 2)
-    scale = absmax.astype(jnp.float32)
     if tiles * _TILE != nb:
         scale = jnp.pad(scale, (0, tiles * _TILE - nb))
     code = jnp.asarray(code_table(quant_type))
@@ -207,7 +229,7 @@ def dequantize_4bit_values(
     hi = select_by_nibble(b >> 4, leaves)  # element 2k: high nibble of byte k
     lo = select_by_nibble(b & 15, leaves)
     out = jax.lax.bitcast_convert_type(jnp.stack([hi, lo], axis=-1), dtype).reshape(-1)
-    return (out if out.shape[0] == n else out[:n]).reshape(shape)
+    return out if out.shape[0] == n else out[:n]
 
 
 def _dequantize_4bit_fwd(packed, absmax, shape, blocksize, quant_type, dtype=jnp.float32):

@@ -69,8 +69,8 @@ def test_matches_the_formula_bit_for_bit(shape, blocksize, qt, dtype):
 
 
 def test_non_finite_absmax_propagates_like_the_formula():
-    # inf * code 0 is NaN, inf * nonzero is +-inf, NaN stays NaN: as the direct multiply gives. (Not here:
-    # a float32 *subnormal* product, which XLA:CPU flushes to zero, before this kernel as after it.)
+    # inf * code 0 is NaN, inf * nonzero is +-inf, NaN stays NaN: as the direct multiply gives. (Subnormal
+    # float32 products, which only the native CPU kernel keeps: tests/quant/test_native.py.)
     raw = np.arange(256, dtype=np.uint8)
     absmax = np.float32([np.inf, np.nan, 1.0, -0.0, 3.0e38, 1e-30, 2.0, 0.5])
     out = np.asarray(jax.jit(quant.dequantize)(quant.FourBitWeight(

@@ -1,0 +1,121 @@
+"""The native CPU kernel for 4-bit dequantization (``csrc/dequant4.cc``), called from jitted code via jax.ffi.
+
+``pip install`` builds the kernel as ``oftjax/quant/_dequant4_cpu*.so`` (setup.py). It is an XLA FFI handler,
+loaded with ctypes and registered for the ``cpu`` platform once, on first use. ``dequantize`` uses it on CPU
+and the pure-XLA formulation elsewhere (GPU/TPU) or when the library is missing; both give the same bits
+(tests/quant/test_native.py).
+
+Environment switches (read when a computation is traced): ``OFTJAX_NATIVE=0`` forces the XLA path (for
+comparison or debugging); ``OFTJAX_HUGEPAGES=0`` stops the kernel from advising transparent huge pages for its
+output (csrc/dequant4.cc ``AdviseHugePages`` says why it does).
+
+Why it exists: XLA:CPU stores the two interleaved nibble halves of the output one element at a time, which
+left the XLA path at ~0.85x bitsandbytes' AVX-512 CPU kernel (issue 2); the native kernel permutes 32 outputs
+per instruction (benchmarks/bench_quant.py has the figures).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+_TARGET = "oftjax_dequant4"
+_STEM = "_dequant4_cpu"
+# what the kernel can write (others, e.g. float64 under x64, take the XLA path)
+_OUT_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.float16), np.dtype(jax.numpy.bfloat16))
+
+
+def _library_path() -> Path | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"{_STEM}{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(library, reason): the library registered with XLA, or None and why not."""
+    if os.environ.get("OFTJAX_NATIVE", "1") == "0":
+        return None, "disabled by OFTJAX_NATIVE=0"
+    path = _library_path()
+    if path is None:
+        return None, (
+            f"{_STEM}*.so not found next to {__file__}: the package was installed without building csrc/ "
+            "(no C++17 compiler?); reinstall with `pip install -e .`"
+        )
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.OftjaxDequant4), platform="cpu")
+    except (OSError, AttributeError) as e:  # a stale or foreign build
+        return None, f"could not load {path}: {e}"
+    lib.OftjaxDequant4HasAvx512.restype = ctypes.c_int
+    return lib, "loaded"
+
+
+def native_info() -> dict[str, Any]:
+    """Which 4-bit dequantize runs on CPU, and why.
+
+    Returns:
+      ``{"available": bool, "library": str | None, "avx512": bool, "reason": str}``: ``available`` is True
+      when the native kernel is loaded (CPU dequantize uses it), ``avx512`` when this machine runs its AVX-512
+      path (otherwise a portable scalar loop with the same results).
+
+    Example:
+      >>> from oftjax import quant
+      >>> sorted(quant.native_info())
+      ['available', 'avx512', 'library', 'reason']
+    """
+    lib, reason = _load()
+    path = _library_path()
+    return {
+        "available": lib is not None,
+        "library": str(path) if path else None,
+        "avx512": bool(lib is not None and lib.OftjaxDequant4HasAvx512()),
+        "reason": reason,
+    }
+
+
+def supports(dtype: Any) -> bool:
+    """True when the native kernel is loaded and writes ``dtype``."""
+    return _load()[0] is not None and np.dtype(dtype) in _OUT_DTYPES
+
+
+def dequantize_4bit_cpu(
+    packed: jax.Array,
+    absmax: jax.Array,
+    code: jax.Array,
+    n: int,
+    blocksize: int,
+    dtype: Any,
+    *,
+    vectorize: bool = True,
+) -> jax.Array:
+    """``dtype(fl32(code[nibble] * absmax[i // blocksize]))`` for ``i < n``, flat, by the native CPU kernel.
+
+    Args:
+      packed: uint8 bytes, at least ``ceil(n / 2)`` (high nibble first).
+      absmax: float32 ``[ceil(n / blocksize)]``.
+      code: float32 ``[16]``, the code table.
+      n: number of outputs.
+      blocksize: elements per absmax block (even).
+      dtype: float32, float16 or bfloat16.
+      vectorize: False runs the portable scalar loop even where AVX-512 is available (tests use it).
+
+    Only lowers for the CPU platform; callers choose it with ``jax.lax.platform_dependent``.
+    """
+    if _load()[0] is None:
+        raise RuntimeError(f"the native dequantize kernel is not available: {_load()[1]}")
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((n,), dtype), vmap_method="sequential")
+    hugepages = os.environ.get("OFTJAX_HUGEPAGES", "1") != "0"
+    return call(
+        packed, absmax, code, blocksize=np.int64(blocksize), vectorize=bool(vectorize), hugepages=hugepages
+    )

@@ -1,0 +1,197 @@
+"""The native CPU 4-bit dequantize kernel (csrc/dequant4.cc, jax.ffi) against the formula and the XLA path.
+
+Three implementations must give the same bits: the kernel's AVX-512 path, its portable scalar path (forced
+with ``vectorize=False``; what machines without AVX-512 run) and the XLA formulation (what GPUs run). The one
+documented difference: float32 *subnormal* products, which the kernel keeps as bitsandbytes does and XLA:CPU
+flushes to zero.
+"""
+
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from oftjax import quant
+from oftjax.quant import _native
+from oftjax.quant._dequant import _dequantize_4bit_xla, dequantize_4bit_values
+from tests.quant.test_dequant_kernel import DTYPES, bits, reference
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def native(raw, absmax, n, blocksize, qt, dtype, vectorize):
+    f = jax.jit(
+        lambda b, a: _native.dequantize_4bit_cpu(
+            b, a, jnp.asarray(quant.code_table(qt)), n, blocksize, dtype, vectorize=vectorize
+        )
+    )
+    return np.asarray(f(jnp.asarray(raw), jnp.asarray(absmax)))
+
+
+def xla(raw, absmax, n, blocksize, qt, dtype):
+    f = jax.jit(lambda b, a: _dequantize_4bit_xla(b, a, n=n, blocksize=blocksize, quant_type=qt, dtype=dtype))
+    return np.asarray(f(jnp.asarray(raw), jnp.asarray(absmax)))
+
+
+def test_the_kernel_is_built_and_loaded():
+    # CI must not silently fall back to the slower XLA path: on Linux x86-64 (what CI runs) the build is
+    # expected, and the AVX-512 path must run exactly where the CPU has it
+    info = quant.native_info()
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        assert info["available"], info["reason"]
+        assert info["avx512"] == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags())
+    # and dequantize actually lowers to it on CPU
+    q = quant.quantize_4bit(jnp.ones((64, 64), jnp.float32))
+    hlo = jax.jit(quant.dequantize).lower(q).as_text()
+    assert ('custom_call_target="oftjax_dequant4"' in hlo or "oftjax_dequant4" in hlo) == info["available"]
+
+
+@pytest.mark.parametrize(
+    "shape,blocksize",
+    [
+        ((64, 64), 64),
+        ((33, 65), 32),  # ragged last block, odd count
+        ((7, 9), 4096),  # one ragged block larger than the weight
+        ((1001,), 128),
+        ((256, 1024), 64),  # 4 chunks of 65536 values: the thread pool path
+        ((517, 300), 2048),  # chunks of whole blocks, ragged last block in the last chunk
+        ((3, 4096), 4096),
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else f"bs{v}",
+)
+@pytest.mark.parametrize("qt", ["nf4", "fp4"], ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+def test_vector_scalar_and_xla_paths_agree_with_the_formula(shape, blocksize, qt, dtype):
+    rng = np.random.default_rng(blocksize + len(shape))
+    n = int(np.prod(shape))
+    nb = -(-n // blocksize)
+    raw = rng.integers(0, 256, (n + 1) // 2, dtype=np.uint8)
+    # scales over 12 decades: float16 subnormals and overflow to inf, bf16 rounding everywhere
+    absmax = (10.0 ** rng.uniform(-7, 5.5, nb)).astype(np.float32)
+    dt = np.dtype(DTYPES[dtype])
+    expected = bits(reference(raw, absmax, n, blocksize, qt, dt))
+    np.testing.assert_array_equal(bits(native(raw, absmax, n, blocksize, qt, dt, True)), expected)
+    np.testing.assert_array_equal(bits(native(raw, absmax, n, blocksize, qt, dt, False)), expected)
+    np.testing.assert_array_equal(bits(xla(raw, absmax, n, blocksize, qt, dt)), expected)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+@pytest.mark.parametrize("vectorize", [True, False], ids=["avx512", "scalar"])
+def test_non_finite_and_subnormal_products_as_torch(dtype, vectorize):
+    # bitsandbytes' default kernel: (code[idx] * absmax).to(dtype) in torch. inf * 0 is NaN, NaN stays NaN
+    # (compared as NaN: payloads are not part of the contract), huge * code overflows float16, and
+    # 1e-38 * code is a float32 subnormal that torch keeps and the kernel keeps (MXCSR FTZ/DAZ cleared)
+    raw = np.arange(256, dtype=np.uint8).repeat(2)
+    absmax = np.float32(
+        [np.inf, np.nan, 1.0, -0.0, 3.0e38, 1e-38, 2.0e-39, 0.5, -np.inf, 65504.0, 1e-30, 7.0]
+    )
+    absmax = np.resize(absmax, 1024 // 64)
+    dt = np.dtype(DTYPES[dtype])
+    code = torch.from_numpy(quant.code_table("nf4").copy())
+    idx = torch.from_numpy(np.stack([raw >> 4, raw & 15], -1).reshape(-1).astype(np.int64))
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    ref = (code[idx] * torch.from_numpy(absmax).repeat_interleave(64)).to(torch_dtype)
+    ref = ref.float().numpy() if dtype == "bfloat16" else ref.numpy()
+    out = native(raw, absmax, 1024, 64, "nf4", dt, vectorize).astype(np.float32)
+    ref = ref.astype(np.float32)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(bits(out[~nan]), bits(ref[~nan]))
+    assert (np.abs(ref[~nan]) < np.finfo(np.float32).tiny).any() and (ref[~nan] != 0).any()
+
+
+def test_xla_path_flushes_float32_subnormal_products():
+    # the documented difference (XLA:CPU runs with FTZ/DAZ): where the product is a float32 subnormal, the XLA
+    # path writes 0 and the kernel writes the subnormal, as bitsandbytes does
+    raw = np.full(32, 0xFF, np.uint8)  # code 15 = 1.0
+    absmax = np.float32([1e-39])  # subnormal itself
+    kernel = native(raw, absmax, 64, 64, "nf4", np.dtype(np.float32), True)
+    np.testing.assert_array_equal(kernel, np.full(64, np.float32(1e-39)))
+    np.testing.assert_array_equal(
+        xla(raw, absmax, 64, 64, "nf4", np.dtype(np.float32)), np.zeros(64, np.float32)
+    )
+
+
+def test_gradient_through_the_kernel():
+    # dequantize_4bit_values' custom VJP: d absmax[j] = sum over block j of code[nibble] * g (the forward that
+    # ran - kernel or XLA - works on raw bits and carries no gradient itself)
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, 2048, dtype=np.uint8)
+    absmax = rng.random(64).astype(np.float32)
+    g = rng.standard_normal((64, 64)).astype(np.float32)
+
+    def loss(a):
+        out = dequantize_4bit_values(jnp.asarray(raw), a, (64, 64), 64, "nf4", jnp.float32)
+        return jnp.sum(out * jnp.asarray(g))
+
+    codes = quant.code_table("nf4")[np.stack([raw >> 4, raw & 15], -1).reshape(-1)]
+    expected = (codes * g.reshape(-1)).reshape(64, 64).sum(axis=1)
+    got = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(absmax)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_weight_on_eight_devices():
+    # the custom call has no partitioning rule: XLA gathers its operands; the result is the same bits
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((256, 128)), jnp.float32)
+    q = quant.quantize_4bit(w, "nf4", 64, True)
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    qs = jax.tree.map(lambda x: jax.device_put(x, shard) if x.ndim and x.shape[0] % 8 == 0 else x, q)
+    np.testing.assert_array_equal(np.asarray(jax.jit(quant.dequantize)(qs)), np.asarray(quant.dequantize(q)))
+
+
+def test_huge_page_advice_off_gives_the_same_bits(monkeypatch):
+    raw = np.random.default_rng(1).integers(0, 256, 1 << 21, dtype=np.uint8)  # 4 MiB of bf16 output
+    absmax = np.random.default_rng(2).random((1 << 22) // 64).astype(np.float32)
+    dt = np.dtype(DTYPES["bfloat16"])
+    on = native(raw, absmax, 1 << 22, 64, "nf4", dt, True)
+    monkeypatch.setenv("OFTJAX_HUGEPAGES", "0")  # read at trace time: a new jit traces again
+    off = native(raw, absmax, 1 << 22, 64, "nf4", dt, True)
+    np.testing.assert_array_equal(bits(on), bits(off))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"absmax_len": 3}, "absmax has 3 values, expected 2"),
+        ({"bytes_len": 10}, "packed holds 10 bytes, expected at least 64"),
+        ({"blocksize": 63}, "blocksize must be even and positive, got 63"),
+    ],
+    ids=["absmax", "packed", "blocksize"],
+)
+def test_kernel_rejects_inconsistent_operands(kwargs, message):
+    # the Python callers validate first; the kernel checks again rather than read out of bounds
+    raw = jnp.zeros(kwargs.get("bytes_len", 64), jnp.uint8)
+    absmax = jnp.ones(kwargs.get("absmax_len", 2), jnp.float32)
+    with pytest.raises(Exception, match=message):
+        _native.dequantize_4bit_cpu(
+            raw, absmax, jnp.zeros(16, jnp.float32), 128, kwargs.get("blocksize", 64), jnp.float32
+        ).block_until_ready()
+
+
+def test_disabled_by_environment_falls_back_to_xla():
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np; from oftjax import quant\n"
+        "info = quant.native_info()\n"
+        "assert not info['available'] and 'OFTJAX_NATIVE=0' in info['reason'], info\n"
+        "q = quant.quantize_4bit(jnp.linspace(-1, 1, 4096, dtype=jnp.float32).reshape(64, 64))\n"
+        "assert 'oftjax_dequant4' not in jax.jit(quant.dequantize).lower(q).as_text()\n"
+        "import sys; np.save(sys.stdout.buffer, np.asarray(quant.dequantize(q)))\n"
+    )
+    env = dict(os.environ, OFTJAX_NATIVE="0", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout
+    fallback = np.load(__import__("io").BytesIO(out))
+    q = quant.quantize_4bit(jnp.linspace(-1, 1, 4096, dtype=jnp.float32).reshape(64, 64))
+    np.testing.assert_array_equal(fallback, np.asarray(quant.dequantize(q)))
