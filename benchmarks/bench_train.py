@@ -28,6 +28,9 @@ CPU (jax 0.10.2) XLA's default YNNPACK dots, Eigen dots (``xla_cpu_experimental_
 oneDNN dots all ran the step's GEMM shapes at the same ~205 GFLOP/s (torch/MKL: ~175-200), and the
 concurrency- and memory-optimized schedulers did not change the step time.
 
+Where the JAX step's time outside the GEMMs goes (attention, rotations, dequantize, ...):
+``python benchmarks/profile_train.py`` (same model and flags; XLA op times grouped by named scope).
+
 Usage: python benchmarks/bench_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 5]
 """
 

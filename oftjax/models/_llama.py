@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from oftjax.models._attention import causal_attention
 from oftjax.models._config import ModelConfig
 from oftjax.models._rope import apply_rope, rope_cos_sin
 
@@ -57,6 +58,7 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype), **_meta(None))
         self.eps = eps
 
+    @jax.named_scope("rms_norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.float32(self.eps))
@@ -70,11 +72,12 @@ class Attention(nnx.Module):
     a key at or past ``i1``: the scores are computed block by block over keys ``[0, i1)`` only
     (``causal_blocks`` query blocks), which skips about half of the ``seq^2`` work and memory of the full
     score matrix. The skipped keys would get probability exactly 0, so the values are the same up to
-    summation order. With a padding mask a fully padded query row is uniform over *all* keys in HF, so the
-    full matrix is kept.
+    summation order. That path (``oftjax.models._attention.causal_attention``) has a hand-written backward
+    that assembles ``dq``/``dk``/``dv`` without padded per-block copies. With a padding mask a fully padded
+    query row is uniform over *all* keys in HF, so the full matrix is kept (plain autodiff).
     """
 
-    causal_blocks: int = 8
+    causal_blocks: int = 4  # 64-row blocks at seq 256: 5/8 of the full score work, larger matmuls than 8
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -89,13 +92,31 @@ class Attention(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, *, causal_only: bool = False
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        *,
+        causal_only: bool = False,
+        window: int | None = None,
     ) -> jax.Array:
+        """``causal_only``: ``mask`` is exactly the causal mask (with sliding ``window``), no padding."""
         b, s, _ = x.shape
-        kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        q = apply_rope(_project(self.q_proj, x).reshape(b, s, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(_project(self.k_proj, x).reshape(b, s, kv, self.head_dim), cos, sin)
+        kv = self.num_kv_heads
+        q = _project(self.q_proj, x).reshape(b, s, self.num_heads, self.head_dim)
+        k = _project(self.k_proj, x).reshape(b, s, kv, self.head_dim)
         v = _project(self.v_proj, x).reshape(b, s, kv, self.head_dim)
+        with jax.named_scope("rope"):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        with jax.named_scope("attention"):
+            out = self._attend(q, k, v, mask, causal_only, window)
+        return _project(self.o_proj, out)
+
+    def _attend(self, q, k, v, mask, causal_only: bool, window: int | None) -> jax.Array:
+        # q [b, s, heads, d] and k, v [b, s, kv, d] (rotated) -> [b, s, heads * d].
+        b, s, _, _ = q.shape
+        kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         scale = self.head_dim**-0.5
         exact = math.frexp(scale)[0] == 0.5  # a power of two: scaling q first gives the same bits
         if exact:
@@ -103,21 +124,17 @@ class Attention(nnx.Module):
         # Heads-major [b, kv, groups, s, d]: query head h uses kv head h // groups (repeat_kv).
         q = q.reshape(b, s, kv, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        n = min(self.causal_blocks, max(1, s // 32)) if causal_only else 1
-        bounds = [round(s * i / n) for i in range(n + 1)]
-        outs = []
-        for i0, i1 in zip(bounds[:-1], bounds[1:], strict=True):
-            e = i1 if n > 1 else s
-            scores = jnp.einsum("bkgqd,bktd->bkgqt", q[:, :, :, i0:i1], k[:, :, :e])
+        if causal_only:
+            n = min(self.causal_blocks, max(1, s // 32))
+            out = causal_attention(q, k, v, None if exact else scale, window, n)
+        else:
+            scores = jnp.einsum("bkgqd,bktd->bkgqt", q, k)
             if not exact:
-                scores = scores * jnp.asarray(scale, x.dtype)
-            m = mask[:, None, None, i0:i1, :e]
-            scores = jnp.where(m, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-            outs.append(jnp.einsum("bkgqt,bktd->bkgqd", probs, v[:, :, :e]))
-        out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
-        return _project(self.o_proj, out)
+                scores = scores * jnp.asarray(scale, q.dtype)
+            scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+            out = jnp.einsum("bkgqt,bktd->bkgqd", probs, v)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
 
 
 class MLP(nnx.Module):
@@ -130,7 +147,10 @@ class MLP(nnx.Module):
         self.down_proj = _linear(cfg, i, d, bias, dtype, param_dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return _project(self.down_proj, jax.nn.silu(_project(self.gate_proj, x)) * _project(self.up_proj, x))
+        gate, up = _project(self.gate_proj, x), _project(self.up_proj, x)
+        with jax.named_scope("swiglu"):
+            h = jax.nn.silu(gate) * up
+        return _project(self.down_proj, h)
 
 
 class DecoderLayer(nnx.Module):
@@ -145,9 +165,17 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(
-        self, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array, *, causal_only: bool = False
+        self,
+        h: jax.Array,
+        mask: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        *,
+        causal_only: bool = False,
+        window: int | None = None,
     ) -> jax.Array:
-        h = h + self.self_attn(self.input_layernorm(h), mask, cos, sin, causal_only=causal_only)
+        attn = self.self_attn(self.input_layernorm(h), mask, cos, sin, causal_only=causal_only, window=window)
+        h = h + attn
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -166,6 +194,14 @@ def causal_mask(
     if padding_mask is None:
         return jnp.broadcast_to(allowed, (batch, seq_len, seq_len))
     return allowed[None] & padding_mask.astype(jnp.bool_)[:, None, :]
+
+
+def _layer_call(causal_only: bool, window: int | None):
+    # Static settings closed over, not passed: nnx.remat would trace keyword arguments as arrays.
+    def call(layer: DecoderLayer, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        return layer(h, mask, cos, sin, causal_only=causal_only, window=window)
+
+    return call
 
 
 class LlamaModel(nnx.Module):
@@ -209,13 +245,12 @@ class LlamaModel(nnx.Module):
         }
         causal_only = attention_mask is None  # no padding: the mask is causal (and windowed)
         for i, layer in enumerate(self.layers):
-            mask = masks[self.config.window(i)]
+            window = self.config.window(i)
+            call = _layer_call(causal_only, window)
             if self.remat:
-                h = nnx.remat(lambda lyr, h, m, c, s_: lyr(h, m, c, s_, causal_only=causal_only))(
-                    layer, h, mask, cos, sin
-                )
+                h = nnx.remat(call)(layer, h, masks[window], cos, sin)
             else:
-                h = layer(h, mask, cos, sin, causal_only=causal_only)
+                h = call(layer, h, masks[window], cos, sin)
         return self.norm(h)
 
 
@@ -269,10 +304,11 @@ class LlamaForCausalLM(nnx.Module):
             forward does the same, whatever the padding).
         """
         h = self.model(input_ids, attention_mask, positions)
-        if self.lm_head is None:
-            emb = self.model.embed_tokens.embedding[...].astype(h.dtype)
-            return h @ emb.T
-        return _project(self.lm_head, h)
+        with jax.named_scope("gemm"):  # a profile label (benchmarks/profile_train.py), nothing else
+            if self.lm_head is None:
+                emb = self.model.embed_tokens.embedding[...].astype(h.dtype)
+                return h @ emb.T
+            return _project(self.lm_head, h)
 
 
 MistralForCausalLM = LlamaForCausalLM

@@ -224,6 +224,7 @@ class OFTAdapters(nnx.Module):
         if deterministic is not None:
             self.deterministic = deterministic
 
+    @jax.named_scope("oft_build")
     def rotation_blocks(self, name: str, *, training: bool = False) -> jax.Array:
         """Rotation blocks ``[r, b, b]`` of an adapter, in the parameter dtype.
 

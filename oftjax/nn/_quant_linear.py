@@ -88,7 +88,8 @@ def dequant_matmul(
       (2, 4)
     """
     w = quant.dequantize(q, compute_dtype)
-    return dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+    with jax.named_scope("gemm"):  # profile label only
+        return dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
 
 
 def _dequant_matmul_fwd(x, q, compute_dtype, dot_general, precision):
@@ -98,7 +99,8 @@ def _dequant_matmul_fwd(x, q, compute_dtype, dot_general, precision):
 
 def _dequant_matmul_bwd(compute_dtype, dot_general, precision, q, g):
     w = quant.dequantize(q, compute_dtype)
-    dx = dot_general(g.astype(compute_dtype), w, (((g.ndim - 1,), (0,)), ((), ())), precision=precision)
+    with jax.named_scope("gemm"):  # profile label only
+        dx = dot_general(g.astype(compute_dtype), w, (((g.ndim - 1,), (0,)), ((), ())), precision=precision)
     return dx, zero_cotangent(q)
 
 

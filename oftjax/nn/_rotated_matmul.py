@@ -21,6 +21,7 @@ from oftjax import oft, quant
 from oftjax.nn._quant_linear import zero_cotangent
 
 
+@jax.named_scope("oft_rotate")
 def rotate_blocks(x: jax.Array, R: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
     """``x BD(R)`` (``oft.rotate_input``'s math) laid out batch-major for XLA's batched matmul.
 
@@ -44,6 +45,7 @@ def rotate_chain(x: jax.Array, rotations: Sequence[jax.Array]) -> jax.Array:
     return x
 
 
+@jax.named_scope("oft_rotate")
 def rotate_kernel(kernel: jax.Array, rotations: Sequence[jax.Array]) -> jax.Array:
     """``BD(R_1) ... BD(R_n) K`` for a kernel ``[in, out]``, block by block (result in ``kernel.dtype``)."""
     for R in reversed(rotations):
@@ -73,7 +75,9 @@ def rotated_matmul(x: jax.Array, rotations: tuple[jax.Array, ...], kernel: jax.A
 
 
 def _forward(x: jax.Array, rotations: tuple[jax.Array, ...], kernel: jax.Array) -> jax.Array:
-    return jnp.matmul(x, rotate_kernel(kernel, rotations))
+    kernel = rotate_kernel(kernel, rotations)
+    with jax.named_scope("gemm"):
+        return jnp.matmul(x, kernel)
 
 
 def _fwd(x, rotations, kernel):
@@ -83,7 +87,8 @@ def _fwd(x, rotations, kernel):
 def _bwd(res, g):
     x, rotations, kernel = res
     # dL/d(x BD...) = g K^T; the rest is the input-centric chain's own VJP (blockwise, cheap).
-    gu = jnp.matmul(g, kernel.T)
+    with jax.named_scope("gemm"):
+        gu = jnp.matmul(g, kernel.T)
     u, chain_vjp = jax.vjp(lambda x_, rs: rotate_chain(x_, rs).astype(kernel.dtype), x, rotations)
     dx, drot = chain_vjp(gu.astype(u.dtype))
     # The kernel's cotangent is dead code under jit unless someone differentiates the frozen kernel.
@@ -120,7 +125,8 @@ def _dq_fwd(x, rotations, q, compute_dtype):
 def _dq_bwd(compute_dtype, res, g):
     x, rotations, q = res
     w = quant.dequantize(q, compute_dtype)  # [out, in]: g @ w is g K^T without a transpose
-    gu = jnp.matmul(g, w)
+    with jax.named_scope("gemm"):
+        gu = jnp.matmul(g, w)
     _, chain_vjp = jax.vjp(lambda x_, rs: rotate_chain(x_, rs).astype(compute_dtype), x, rotations)
     dx, drot = chain_vjp(gu)
     return dx.astype(x.dtype), drot, zero_cotangent(q)

@@ -48,7 +48,9 @@ def _loss_and_grads(model: nnx.Module, wrt: Any, batch: dict, micro: int):
     """
 
     def loss_fn(m: nnx.Module, mb: dict):
-        return causal_lm_loss_sum(_forward(m, mb), mb["input_ids"], mb.get("loss_mask"))
+        logits = _forward(m, mb)
+        with jax.named_scope("loss"):
+            return causal_lm_loss_sum(logits, mb["input_ids"], mb.get("loss_mask"))
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
     if micro == 1:
@@ -77,7 +79,7 @@ def _train_step(graphdef, wrt, micro: int, state, batch):
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     # optax's Adam bias correction (``1 - b1**count``, int count) relies on implicit int->float promotion.
-    with jax.numpy_dtype_promotion("standard"):
+    with jax.numpy_dtype_promotion("standard"), jax.named_scope("optimizer"):
         optimizer.update(model, grads)
     metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
     return nnx.state((model, optimizer)), metrics

@@ -1,0 +1,151 @@
+"""Where the JAX train step's time goes: XLA:CPU op times from a profiler trace, grouped by named scope.
+
+The model and step are bench_train.py's (same flags). The step runs ``--steps`` times under
+``jax.profiler.trace``; every executed op (an XLA thunk: a fusion, a dot, a custom call) is attributed to the
+innermost label in its ``op_name`` metadata, which the code sets with ``jax.named_scope``:
+
+  gemm         the frozen linears' matmuls (forward ``x W^T`` and input gradient ``g W``): the GEMM floor
+  dequant      4-bit / int8 dequantization (``oftjax.quant``), forward and backward
+  oft_rotate   applying rotations: ``x BD(R)`` (input path), ``BD(R) K`` (weight path), their backward chains
+  oft_build    building rotation blocks from parameters (skew, Cayley-Neumann series) and their gradients
+  attention    scores, softmax, probabilities x values and the head transposes (forward and backward)
+  rope, rms_norm, swiglu, loss, optimizer: as named
+  other        everything else (residual adds, embedding, layout copies XLA put between labelled ops)
+
+Op times are the sum over the threads that ran them (XLA:CPU runs independent ops concurrently, and a GEMM's
+helper threads are not traced separately), so the column sums to more than the wall time; the shares are the
+useful part. A fusion is labelled by its root op, so a label includes whatever XLA fused into it.
+
+Usage: python benchmarks/profile_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_train  # noqa: E402
+
+LABELS = (
+    "_dequantize",
+    "gemm",
+    "oft_build",
+    "oft_rotate",
+    "attention",
+    "rope",
+    "rms_norm",
+    "swiglu",
+    "loss",
+    "optimizer",
+)
+
+
+def op_labels(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> label, from the compiled HLO's ``op_name`` metadata."""
+    labels = {}
+    for m in re.finditer(r"\n\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo_text):
+        name, op_name = m.groups()
+        # the innermost scope wins: take the label that appears last in the op_name path
+        best, pos = "other", -1
+        for label in LABELS:
+            i = op_name.rfind(label)
+            if i > pos:
+                best, pos = label, i
+        labels.setdefault(name, "dequant" if best == "_dequantize" else best)
+    return labels
+
+
+def op_times(trace_dir: str, steps: int) -> dict[str, float]:
+    """Op name -> milliseconds per step, summed over the XLA worker threads."""
+    from jax.profiler import ProfileData
+
+    path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
+    times: dict[str, float] = collections.defaultdict(float)
+    for plane in ProfileData.from_file(path).planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLA"):
+                continue
+            for ev in line.events:
+                if ev.name.startswith(("ThunkExecutor", "Slinky", "Threadpool", "end:")):
+                    continue
+                times[ev.name] += ev.duration_ns / steps / 1e6
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=4)
+    a = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from oftjax.config import OFTConfig
+    from oftjax.models import LlamaForCausalLM, ModelConfig
+    from oftjax.surgery import apply_oft
+    from oftjax.train import TrainConfig, Trainer, quantize_model
+
+    model = LlamaForCausalLM(ModelConfig.from_hf(bench_train.hf_config(a)), rngs=nnx.Rngs(0))
+    quantize_model(model, "nf4", double_quant=True, compute_dtype=jnp.float32)
+    oft_cfg = OFTConfig(r=0, oft_block_size=32, target_modules=list(bench_train.TARGETS))
+    apply_oft(model, oft_cfg, rngs=nnx.Rngs(0))
+    cfg = TrainConfig(steps=1000, learning_rate=1e-4, batch_size=a.batch, seq_len=a.seq, max_grad_norm=None)
+    trainer = Trainer(model, cfg)
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(0, a.vocab, (a.batch, a.seq)).astype(np.int32)}
+    labels = op_labels(trainer._train.lower(trainer.state, jax.device_put(batch)).compile().as_text())
+
+    def step() -> None:
+        float(trainer.train_step(batch)["loss"])
+
+    walls = []
+    for i in range(a.steps + 2):
+        t0 = time.perf_counter()
+        step()
+        if i >= 2:
+            walls.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(a.steps):
+                step()
+        times = op_times(tmp, a.steps)
+
+    by_label: dict[str, float] = collections.defaultdict(float)
+    count: collections.Counter[str] = collections.Counter()
+    for name, ms in times.items():
+        label = labels.get(name, "other")
+        by_label[label] += ms
+        count[label] += 1
+    total = sum(by_label.values())
+    print(
+        f"train step, Llama hidden {a.hidden} x {a.layers} layers, seq {a.seq}, batch {a.batch}: "
+        f"wall {1e3 * statistics.median(walls):.0f} ms (median of {len(walls)}, untraced); "
+        f"traced op time {total:.0f} ms/step over {len(times)} distinct ops"
+    )
+    print(f"| {'label':<12} | {'op ms/step':>10} | {'share':>6} | {'ops':>5} |")
+    print(f"|{'-' * 14}|{'-' * 12}|{'-' * 8}|{'-' * 7}|")
+    for label, ms in sorted(by_label.items(), key=lambda kv: -kv[1]):
+        print(f"| {label:<12} | {ms:>10.1f} | {ms / total:>6.1%} | {count[label]:>5} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
