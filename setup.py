@@ -1,15 +1,20 @@
-"""Builds the native CPU kernel (csrc/dequant4.cc) next to oftjax.quant; everything else is in pyproject.toml.
+"""Builds the native CPU kernel (csrc/dequant4.cc) next to oftjax.quant; the rest is in pyproject.toml.
 
-The kernel is an XLA FFI handler loaded with ctypes (oftjax/quant/_native.py), not a Python module. Its build is
-optional: without a C++17 compiler the install still succeeds and dequantize uses its pure-XLA path
-(``oftjax.quant.native_info()`` says which path runs and why).
+The kernel is an XLA FFI handler loaded with ctypes (oftjax/quant/_native.py), not a Python module. Its build
+is optional: without a C++17 compiler the install still succeeds and dequantize uses its pure-XLA path
+(``oftjax.quant.native_info()`` says which path runs and why). ``-ffp-contract=off``: the double-quant
+absmax is a multiply then an add, rounded twice as bitsandbytes does; an FMA would round once.
 """
 
 import sys
 
 from setuptools import Extension, setup
 
-_ARGS = ["-O3", "-std=c++17", "-Wno-attributes"] if sys.platform != "win32" else ["/O2", "/std:c++17"]
+_ARGS = (
+    ["-O3", "-std=c++17", "-ffp-contract=off", "-Wno-attributes"]
+    if sys.platform != "win32"
+    else ["/O2", "/std:c++17"]
+)
 
 setup(
     ext_modules=[

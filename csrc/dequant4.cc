@@ -131,14 +131,14 @@ OFTJAX_AVX512 inline __m256i RoundF16(__m512 v) {
   return _mm256_mask_mov_epi16(h, nan, _mm512_cvtepi32_epi16(nan_bits));
 }
 
-// Whole blocks [b0, b1), 16-bit outputs; blocksize a multiple of 32.
+// Whole blocks [b0, b1) (absmax[b - b0] scales block b), 16-bit outputs; blocksize a multiple of 32.
 template <Kind K>
 OFTJAX_AVX512 void Avx512Blocks16(const uint8_t* packed, const float* absmax, const float* code, uint16_t* out,
                                   int64_t blocksize, int64_t b0, int64_t b1) {
   const __m512 c = _mm512_loadu_ps(code);
   const __m512i low4 = _mm512_set1_epi32(15);
   for (int64_t b = b0; b < b1; ++b) {
-    const __m512 v = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b]));
+    const __m512 v = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b - b0]));
     const __m512i table = _mm512_zextsi256_si512(K == Kind::kBF16 ? RoundBf16(v) : RoundF16(v));
     const uint8_t* p = packed + b * (blocksize / 2);
     uint16_t* o = out + b * blocksize;
@@ -151,13 +151,13 @@ OFTJAX_AVX512 void Avx512Blocks16(const uint8_t* packed, const float* absmax, co
   }
 }
 
-// Whole blocks [b0, b1), float32 outputs; blocksize a multiple of 16.
+// Whole blocks [b0, b1) (absmax[b - b0] scales block b), float32 outputs; blocksize a multiple of 16.
 OFTJAX_AVX512 void Avx512BlocksF32(const uint8_t* packed, const float* absmax, const float* code, float* out,
                                    int64_t blocksize, int64_t b0, int64_t b1) {
   const __m512 c = _mm512_loadu_ps(code);
   const __m256i low4 = _mm256_set1_epi32(15);
   for (int64_t b = b0; b < b1; ++b) {
-    const __m512 table = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b]));
+    const __m512 table = _mm512_mul_ps(c, _mm512_set1_ps(absmax[b - b0]));
     const uint8_t* p = packed + b * (blocksize / 2);
     float* o = out + b * blocksize;
     for (int64_t j = 0; j < blocksize / 2; j += 8) {
@@ -209,10 +209,9 @@ void AdviseHugePages(void* out, int64_t bytes) {
 #endif
 }
 
-// Blocks [b0, b1) of the output; only the last block of the tensor may be ragged.
+// Blocks [b0, b1) of the output; only the last block of the tensor may be ragged. absmax[b - b0] scales block b.
 void RunBlocks(Kind kind, const uint8_t* packed, const float* absmax, const float* code, void* out, int64_t n,
                int64_t blocksize, int64_t b0, int64_t b1, bool vector, bool prefault) {
-  KeepSubnormals keep;
   if (prefault) {
     const int64_t width = kind == Kind::kF32 ? 4 : 2;
     Prefault(out, b0 * blocksize * width, std::min(n, b1 * blocksize) * width);
@@ -239,13 +238,13 @@ void RunBlocks(Kind kind, const uint8_t* packed, const float* absmax, const floa
     const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
     switch (kind) {
       case Kind::kBF16:
-        ScalarBlock<uint16_t, ToBf16>(packed, absmax[b], code, static_cast<uint16_t*>(out), start, end);
+        ScalarBlock<uint16_t, ToBf16>(packed, absmax[b - b0], code, static_cast<uint16_t*>(out), start, end);
         break;
       case Kind::kF16:
-        ScalarBlock<uint16_t, ToF16>(packed, absmax[b], code, static_cast<uint16_t*>(out), start, end);
+        ScalarBlock<uint16_t, ToF16>(packed, absmax[b - b0], code, static_cast<uint16_t*>(out), start, end);
         break;
       case Kind::kF32:
-        ScalarBlock<float, ToF32>(packed, absmax[b], code, static_cast<float*>(out), start, end);
+        ScalarBlock<float, ToF32>(packed, absmax[b - b0], code, static_cast<float*>(out), start, end);
         break;
     }
   }
@@ -284,9 +283,20 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64
 
 constexpr int64_t kValuesPerChunk = 1 << 16;
 
-ffi::Error Dequant4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> absmax,
-                        ffi::Buffer<ffi::F32> code, ffi::Result<ffi::AnyBuffer> out, int64_t blocksize,
-                        bool vectorize, bool hugepages) {
+// Double quantization: absmax[b] = fl32(fl32(dynamic[q[b]] * nested[b / 256]) + offset), bnb's
+// dequantize_blockwise then `+ offset` (two roundings: the build passes -ffp-contract=off, so no FMA).
+struct Nested {
+  const uint8_t* q;
+  const float* nested;
+  const float* dynamic;
+  float offset;
+};
+
+constexpr int64_t kNestedBlocksize = 256;
+
+ffi::Error Dequant4(ffi::ThreadPool& pool, const ffi::Buffer<ffi::U8>& packed, const float* absmax,
+                    const Nested* nested, const ffi::Buffer<ffi::F32>& code, ffi::Result<ffi::AnyBuffer>& out,
+                    int64_t blocksize, bool vectorize, bool hugepages) {
   Kind kind;
   switch (out->element_type()) {
     case ffi::DataType::F32:
@@ -302,15 +312,7 @@ ffi::Error Dequant4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed, ffi::
       return ffi::Error::InvalidArgument("oftjax_dequant4: output dtype must be float32, float16 or bfloat16");
   }
   const int64_t n = static_cast<int64_t>(out->element_count());
-  if (blocksize <= 0 || blocksize % 2 != 0) {
-    return ffi::Error::InvalidArgument("oftjax_dequant4: blocksize must be even and positive, got " +
-                                       std::to_string(blocksize));
-  }
   const int64_t nb = (n + blocksize - 1) / blocksize;
-  if (static_cast<int64_t>(absmax.element_count()) != nb) {
-    return ffi::Error::InvalidArgument("oftjax_dequant4: absmax has " + std::to_string(absmax.element_count()) +
-                                       " values, expected " + std::to_string(nb));
-  }
   if (static_cast<int64_t>(packed.element_count()) * 2 < n) {
     return ffi::Error::InvalidArgument("oftjax_dequant4: packed holds " + std::to_string(packed.element_count()) +
                                        " bytes, expected at least " + std::to_string((n + 1) / 2));
@@ -320,15 +322,25 @@ ffi::Error Dequant4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed, ffi::
   }
   const bool vector = vectorize && HasAvx512() && blocksize % 32 == 0;
   const uint8_t* p = packed.typed_data();
-  const float* a = absmax.typed_data();
   const float* c = code.typed_data();
   void* o = out->untyped_data();
   if (hugepages) AdviseHugePages(o, n * (kind == Kind::kF32 ? 4 : 2));
   const int64_t blocks_per_chunk = std::max<int64_t>(1, kValuesPerChunk / blocksize);
   const int64_t chunks = (nb + blocks_per_chunk - 1) / blocks_per_chunk;
+  const Nested nest = nested ? *nested : Nested{};
   auto work = [=](int64_t chunk) {
-    const int64_t b0 = chunk * blocks_per_chunk;
-    RunBlocks(kind, p, a, c, o, n, blocksize, b0, std::min(nb, b0 + blocks_per_chunk), vector, !hugepages);
+    KeepSubnormals keep;  // per thread: MXCSR is thread state
+    const int64_t b0 = chunk * blocks_per_chunk, b1 = std::min(nb, b0 + blocks_per_chunk);
+    if (nested == nullptr) {
+      RunBlocks(kind, p, absmax + b0, c, o, n, blocksize, b0, b1, vector, !hugepages);
+      return;
+    }
+    std::unique_ptr<float[]> local(new float[b1 - b0]);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float scaled = nest.dynamic[nest.q[b]] * nest.nested[b / kNestedBlocksize];
+      local[b - b0] = scaled + nest.offset;
+    }
+    RunBlocks(kind, p, local.get(), c, o, n, blocksize, b0, b1, vector, !hugepages);
   };
   if (chunks <= 1) {
     work(0);
@@ -338,6 +350,46 @@ ffi::Error Dequant4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed, ffi::
   return ffi::Error::Success();
 }
 
+ffi::Error CheckBlocks(const char* what, size_t got, int64_t expected) {
+  if (static_cast<int64_t>(got) != expected) {
+    return ffi::Error::InvalidArgument(std::string("oftjax_dequant4: ") + what + " has " + std::to_string(got) +
+                                       " values, expected " + std::to_string(expected));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckBlocksize(int64_t blocksize) {
+  if (blocksize <= 0 || blocksize % 2 != 0) {
+    return ffi::Error::InvalidArgument("oftjax_dequant4: blocksize must be even and positive, got " +
+                                       std::to_string(blocksize));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Dequant4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> absmax,
+                        ffi::Buffer<ffi::F32> code, ffi::Result<ffi::AnyBuffer> out, int64_t blocksize,
+                        bool vectorize, bool hugepages) {
+  if (auto e = CheckBlocksize(blocksize); e.failure()) return e;
+  const int64_t nb = (static_cast<int64_t>(out->element_count()) + blocksize - 1) / blocksize;
+  if (auto e = CheckBlocks("absmax", absmax.element_count(), nb); e.failure()) return e;
+  return Dequant4(pool, packed, absmax.typed_data(), nullptr, code, out, blocksize, vectorize, hugepages);
+}
+
+ffi::Error Dequant4NestedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::U8> qabsmax,
+                              ffi::Buffer<ffi::F32> nested_absmax, ffi::Buffer<ffi::F32> offset,
+                              ffi::Buffer<ffi::F32> dynamic, ffi::Buffer<ffi::F32> code,
+                              ffi::Result<ffi::AnyBuffer> out, int64_t blocksize, bool vectorize, bool hugepages) {
+  if (auto e = CheckBlocksize(blocksize); e.failure()) return e;
+  const int64_t nb = (static_cast<int64_t>(out->element_count()) + blocksize - 1) / blocksize;
+  const int64_t n2 = (nb + kNestedBlocksize - 1) / kNestedBlocksize;
+  if (auto e = CheckBlocks("absmax", qabsmax.element_count(), nb); e.failure()) return e;
+  if (auto e = CheckBlocks("nested_absmax", nested_absmax.element_count(), n2); e.failure()) return e;
+  if (auto e = CheckBlocks("offset", offset.element_count(), 1); e.failure()) return e;
+  if (auto e = CheckBlocks("dynamic code", dynamic.element_count(), 256); e.failure()) return e;
+  const Nested nested{qabsmax.typed_data(), nested_absmax.typed_data(), dynamic.typed_data(), offset.typed_data()[0]};
+  return Dequant4(pool, packed, nullptr, &nested, code, out, blocksize, vectorize, hugepages);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxDequant4, Dequant4Impl,
@@ -345,6 +397,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxDequant4, Dequant4Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U8>>()   // packed bytes (at least ceil(n / 2))
                                   .Arg<ffi::Buffer<ffi::F32>>()  // absmax [ceil(n / blocksize)]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // code table [16]
+                                  .Ret<ffi::AnyBuffer>()         // [n] float32 / float16 / bfloat16
+                                  .Attr<int64_t>("blocksize")
+                                  .Attr<bool>("vectorize")
+                                  .Attr<bool>("hugepages"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxDequant4Nested, Dequant4NestedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // packed bytes (at least ceil(n / 2))
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // absmax codes [ceil(n / blocksize)]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // nested absmax [ceil(blocks / 256)]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset []
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dynamic 8-bit code [256]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // code table [16]
                                   .Ret<ffi::AnyBuffer>()         // [n] float32 / float16 / bfloat16
                                   .Attr<int64_t>("blocksize")

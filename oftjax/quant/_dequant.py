@@ -66,10 +66,10 @@ def _dequantize(q: Int8Weight | FourBitWeight, out_dtype: np.dtype) -> jax.Array
         case Int8Weight():
             return dequantize_int8(q.CB, q.SCB).astype(out_dtype)
         case FourBitWeight():
-            absmax = q.absmax
             if q.compress_statistics:
-                absmax = dequantize_nested_absmax(q.absmax, q.nested_absmax, q.offset)
-            return dequantize_4bit_values(q.packed, absmax, q.shape, q.blocksize, q.quant_type, out_dtype)
+                stats = (q.absmax, q.nested_absmax, q.offset)
+                return dequantize_4bit_nested(q.packed, *stats, q.shape, q.blocksize, q.quant_type, out_dtype)
+            return dequantize_4bit_values(q.packed, q.absmax, q.shape, q.blocksize, q.quant_type, out_dtype)
         case _:  # pragma: no cover - checked by the caller
             raise TypeError(type(q).__name__)
 
@@ -248,3 +248,68 @@ def _dequantize_4bit_bwd(shape, blocksize, quant_type, dtype, res, g):
 
 
 dequantize_4bit_values.defvjp(_dequantize_4bit_fwd, _dequantize_4bit_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def dequantize_4bit_nested(
+    packed: jax.Array,
+    qabsmax: jax.Array,
+    nested_absmax: jax.Array,
+    offset: jax.Array,
+    shape: tuple[int, ...],
+    blocksize: int,
+    quant_type: str,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
+    """``dequantize_4bit_values`` with the absmax itself double-quantized (``dequantize_nested_absmax``).
+
+    On CPU with the native kernel both steps run in one pass (each block's absmax is computed where the block
+    is written, two float32 roundings as bnb); elsewhere the two XLA steps. Differentiable in
+    ``nested_absmax`` and ``offset`` (reverse mode, through the absmax).
+    """
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64))
+    nb = -(-n // blocksize)
+    if qabsmax.shape != (nb,) or qabsmax.dtype != jnp.uint8:
+        raise ValueError(
+            f"absmax codes must be uint8 [{nb}] for {n} elements in blocks of {blocksize}, "
+            f"got {qabsmax.dtype} {tuple(qabsmax.shape)}"
+        )
+
+    def xla(b, qabs, nested, off):
+        absmax = dequantize_nested_absmax(qabs, nested, off)
+        return dequantize_4bit_values(b, absmax, (n,), blocksize, quant_type, dtype)
+
+    b = packed_bytes(packed)
+    if b.shape[0] * 2 < n:
+        raise ValueError(f"packed holds {b.shape[0]} bytes, {2 * b.shape[0]} nibbles; expected at least {n}")
+    args = (b, qabsmax, nested_absmax.astype(jnp.float32), jnp.asarray(offset, jnp.float32))
+    if not _native.supports(dtype):
+        return xla(*args).reshape(shape)
+    cpu = functools.partial(
+        _native.dequantize_4bit_nested_cpu,
+        dynamic=jnp.asarray(DYNAMIC),
+        code=jnp.asarray(code_table(quant_type)),
+        n=n,
+        blocksize=blocksize,
+        dtype=dtype,
+    )
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=xla).reshape(shape)
+
+
+def _dequantize_4bit_nested_fwd(packed, qabsmax, nested_absmax, offset, shape, blocksize, quant_type, dtype):
+    out = dequantize_4bit_nested(packed, qabsmax, nested_absmax, offset, shape, blocksize, quant_type, dtype)
+    return out, (packed, qabsmax, nested_absmax, offset)
+
+
+def _dequantize_4bit_nested_bwd(shape, blocksize, quant_type, dtype, res, g):
+    packed, qabsmax, nested_absmax, offset = res
+    absmax, pullback = jax.vjp(
+        lambda a2, off: dequantize_nested_absmax(qabsmax, a2, off), nested_absmax, offset
+    )
+    _, g_absmax = _dequantize_4bit_bwd(shape, blocksize, quant_type, dtype, (packed, absmax), g)
+    g_nested, g_offset = pullback(g_absmax)
+    return None, None, g_nested, g_offset
+
+
+dequantize_4bit_nested.defvjp(_dequantize_4bit_nested_fwd, _dequantize_4bit_nested_bwd)

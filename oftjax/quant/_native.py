@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 _TARGET = "oftjax_dequant4"
+_TARGET_NESTED = "oftjax_dequant4_nested"
 _STEM = "_dequant4_cpu"
 # what the kernel can write (others, e.g. float64 under x64, take the XLA path)
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.float16), np.dtype(jax.numpy.bfloat16))
@@ -55,6 +56,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.OftjaxDequant4), platform="cpu")
+        jax.ffi.register_ffi_target(
+            _TARGET_NESTED, jax.ffi.pycapsule(lib.OftjaxDequant4Nested), platform="cpu"
+        )
     except (OSError, AttributeError) as e:  # a stale or foreign build
         return None, f"could not load {path}: {e}"
     lib.OftjaxDequant4HasAvx512.restype = ctypes.c_int
@@ -112,10 +116,43 @@ def dequantize_4bit_cpu(
 
     Only lowers for the CPU platform; callers choose it with ``jax.lax.platform_dependent``.
     """
+    return _call(_TARGET, n, dtype, blocksize, vectorize)(packed, absmax, code)
+
+
+def dequantize_4bit_nested_cpu(
+    packed: jax.Array,
+    qabsmax: jax.Array,
+    nested_absmax: jax.Array,
+    offset: jax.Array,
+    *,
+    dynamic: jax.Array,
+    code: jax.Array,
+    n: int,
+    blocksize: int,
+    dtype: Any,
+    vectorize: bool = True,
+) -> jax.Array:
+    """``dequantize_4bit_cpu`` with a double-quantized absmax, computed per block inside the kernel.
+
+    ``absmax[j] = fl32(fl32(dynamic[qabsmax[j]] * nested_absmax[j // 256]) + offset)`` (bnb's
+    ``dequantize_blockwise`` of the statistics, then ``+ offset``; two roundings, no FMA).
+
+    Args:
+      packed: uint8 bytes, at least ``ceil(n / 2)``.
+      qabsmax: uint8 ``[ceil(n / blocksize)]``, the 8-bit absmax codes.
+      nested_absmax: float32 ``[ceil(len(qabsmax) / 256)]``.
+      offset: float32 scalar.
+      dynamic: float32 ``[256]``, bnb's dynamic 8-bit code.
+      code: float32 ``[16]``; n, blocksize, dtype, vectorize: as ``dequantize_4bit_cpu``.
+    """
+    call = _call(_TARGET_NESTED, n, dtype, blocksize, vectorize)
+    return call(packed, qabsmax, nested_absmax, offset, dynamic, code)
+
+
+def _call(target: str, n: int, dtype: Any, blocksize: int, vectorize: bool):
     if _load()[0] is None:
         raise RuntimeError(f"the native dequantize kernel is not available: {_load()[1]}")
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((n,), dtype), vmap_method="sequential")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((n,), dtype), vmap_method="sequential")
     hugepages = os.environ.get("OFTJAX_HUGEPAGES", "1") != "0"
-    return call(
-        packed, absmax, code, blocksize=np.int64(blocksize), vectorize=bool(vectorize), hugepages=hugepages
-    )
+    attrs = {"blocksize": np.int64(blocksize), "vectorize": bool(vectorize), "hugepages": hugepages}
+    return functools.partial(call, **attrs)

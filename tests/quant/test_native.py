@@ -19,7 +19,12 @@ import torch
 
 from oftjax import quant
 from oftjax.quant import _native
-from oftjax.quant._dequant import _dequantize_4bit_xla, dequantize_4bit_values
+from oftjax.quant._dequant import (
+    _dequantize_4bit_xla,
+    dequantize_4bit_nested,
+    dequantize_4bit_values,
+    dequantize_nested_absmax,
+)
 from tests.quant.test_dequant_kernel import DTYPES, bits, reference
 
 
@@ -124,6 +129,80 @@ def test_xla_path_flushes_float32_subnormal_products():
     )
 
 
+def native_nested(raw, qabs, nested, offset, n, blocksize, qt, dtype, vectorize):
+    f = jax.jit(
+        lambda *args: _native.dequantize_4bit_nested_cpu(
+            *args,
+            dynamic=jnp.asarray(quant.DYNAMIC),
+            code=jnp.asarray(quant.code_table(qt)),
+            n=n,
+            blocksize=blocksize,
+            dtype=dtype,
+            vectorize=vectorize,
+        )
+    )
+    return np.asarray(f(*map(jnp.asarray, (raw, qabs, nested, offset))))
+
+
+@pytest.mark.parametrize(
+    "n,blocksize",
+    [(4096, 64), (256 * 64 * 3 + 37, 64), (1001, 32), (300_000, 128), (5 * 4096, 4096)],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=str)
+def test_nested_absmax_in_the_kernel(n, blocksize, dtype):
+    # absmax = fl32(fl32(DYNAMIC[q] * nested[j // 256]) + offset), two roundings, computed per block in the
+    # kernel: the same bits as the XLA statistics path followed by the formula; several nested groups, a
+    # ragged last group and block, and the thread-pool path at 300,000 values
+    rng = np.random.default_rng(n)
+    nb = -(-n // blocksize)
+    raw = rng.integers(0, 256, (n + 1) // 2, dtype=np.uint8)
+    qabs = rng.integers(0, 256, nb, dtype=np.uint8)
+    nested = (rng.random(-(-nb // 256)) * 0.2).astype(np.float32)
+    offset = np.float32(0.0549545)
+    absmax = np.asarray(jax.jit(dequantize_nested_absmax)(qabs, nested, offset))
+    expected = (quant.DYNAMIC[qabs] * np.repeat(nested, 256)[:nb]).astype(np.float32) + offset
+    np.testing.assert_array_equal(bits(absmax), bits(expected))  # the statistics themselves
+    dt = np.dtype(DTYPES[dtype])
+    want = bits(reference(raw, absmax, n, blocksize, "nf4", dt))
+    for vectorize in (True, False):
+        got = native_nested(raw, qabs, nested, offset, n, blocksize, "nf4", dt, vectorize)
+        np.testing.assert_array_equal(bits(got), want)
+
+
+def test_nested_subnormal_statistics_kept():
+    # an all-zero weight with a ragged block stores absmax 1e-38 (subnormal) and subnormal nested statistics;
+    # bnb's dequantize keeps the subnormal products, and so does the kernel (XLA:CPU would flush them)
+    qabs = np.full(2, 255, np.uint8)  # DYNAMIC[255] = 1.0
+    nested = np.float32([1e-38])
+    out = native_nested(
+        np.full(64, 0xFF, np.uint8), qabs, nested, np.float32(0), 128, 64, "nf4", np.float32, True
+    )
+    np.testing.assert_array_equal(bits(out), bits(np.full(128, np.float32(1e-38))))
+
+
+def test_gradient_through_the_nested_path():
+    # d nested_absmax and d offset through the kernel's custom VJP equal autodiff through the XLA statistics
+    rng = np.random.default_rng(4)
+    raw = jnp.asarray(rng.integers(0, 256, 2048 * 8, dtype=np.uint8))
+    qabs = jnp.asarray(rng.integers(0, 256, 512, dtype=np.uint8))
+    nested = jnp.asarray(rng.random(2).astype(np.float32))
+    offset = jnp.asarray(np.float32(0.03))
+    g = jnp.asarray(rng.standard_normal((256, 128)).astype(np.float32))
+
+    def fused(a2, off):
+        return jnp.sum(dequantize_4bit_nested(raw, qabs, a2, off, (256, 128), 64, "nf4", jnp.float32) * g)
+
+    def two_steps(a2, off):
+        absmax = dequantize_nested_absmax(qabs, a2, off)
+        return jnp.sum(dequantize_4bit_values(raw, absmax, (256, 128), 64, "nf4", jnp.float32) * g)
+
+    got = jax.jit(jax.grad(fused, argnums=(0, 1)))(nested, offset)
+    want = jax.jit(jax.grad(two_steps, argnums=(0, 1)))(nested, offset)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_gradient_through_the_kernel():
     # dequantize_4bit_values' custom VJP: d absmax[j] = sum over block j of code[nibble] * g (the forward that
     # ran - kernel or XLA - works on raw bits and carries no gradient itself)
@@ -168,13 +247,28 @@ def test_huge_page_advice_off_gives_the_same_bits(monkeypatch):
         ({"absmax_len": 3}, "absmax has 3 values, expected 2"),
         ({"bytes_len": 10}, "packed holds 10 bytes, expected at least 64"),
         ({"blocksize": 63}, "blocksize must be even and positive, got 63"),
+        ({"nested_len": 2}, "nested_absmax has 2 values, expected 1"),
     ],
-    ids=["absmax", "packed", "blocksize"],
+    ids=["absmax", "packed", "blocksize", "nested"],
 )
 def test_kernel_rejects_inconsistent_operands(kwargs, message):
     # the Python callers validate first; the kernel checks again rather than read out of bounds
     raw = jnp.zeros(kwargs.get("bytes_len", 64), jnp.uint8)
     absmax = jnp.ones(kwargs.get("absmax_len", 2), jnp.float32)
+    if "nested_len" in kwargs:
+        with pytest.raises(Exception, match=message):
+            _native.dequantize_4bit_nested_cpu(
+                raw,
+                jnp.zeros(2, jnp.uint8),
+                jnp.ones(kwargs["nested_len"], jnp.float32),
+                jnp.float32(0),
+                dynamic=jnp.asarray(quant.DYNAMIC),
+                code=jnp.zeros(16, jnp.float32),
+                n=128,
+                blocksize=64,
+                dtype=jnp.float32,
+            ).block_until_ready()
+        return
     with pytest.raises(Exception, match=message):
         _native.dequantize_4bit_cpu(
             raw, absmax, jnp.zeros(16, jnp.float32), 128, kwargs.get("blocksize", 64), jnp.float32
