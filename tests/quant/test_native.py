@@ -231,6 +231,17 @@ def test_sharded_weight_on_eight_devices():
     np.testing.assert_array_equal(np.asarray(jax.jit(quant.dequantize)(qs)), np.asarray(quant.dequantize(q)))
 
 
+@pytest.mark.parametrize("dtype,n", [("bfloat16", 1 << 23), ("float32", 1 << 22)], ids=["bf16", "f32"])
+def test_outputs_over_16_mib_use_streaming_stores_same_bits(dtype, n):
+    # from 16 MiB of output the kernel writes with non-temporal stores (its kStreamBytes): same values
+    rng = np.random.default_rng(n)
+    raw = rng.integers(0, 256, n // 2, dtype=np.uint8)
+    absmax = rng.random(n // 64).astype(np.float32)
+    dt = np.dtype(DTYPES[dtype])
+    expected = bits(xla(raw, absmax, n, 64, "fp4", dt))
+    np.testing.assert_array_equal(bits(native(raw, absmax, n, 64, "fp4", dt, True)), expected)
+
+
 def test_huge_page_advice_off_gives_the_same_bits(monkeypatch):
     raw = np.random.default_rng(1).integers(0, 256, 1 << 21, dtype=np.uint8)  # 4 MiB of bf16 output
     absmax = np.random.default_rng(2).random((1 << 22) // 64).astype(np.float32)
