@@ -33,19 +33,26 @@ What makes the comparison fair (checked, not assumed):
     non-alternating run, though bnb does strictly more work there (the nested absmax): it was allocator
     state (the previous point), not the work; with ``--allocator fresh`` or ``keep`` nf4+DQ is never faster.
 
-The JAX 4-bit dequantize on CPU is the native kernel (csrc/dequant4.cc, an XLA FFI custom call; AVX-512
-permutes, the XLA intra-op thread pool, huge-page advice for its output). ``OFTJAX_NATIVE=0`` benchmarks the
-pure-XLA formulation instead (what runs on GPU/TPU), ``OFTJAX_HUGEPAGES=0`` the kernel without the huge-page
-advice. Measured here (4096 x 4096 bf16, 2 threads, one run each, bnb/JAX):
+The JAX 4-bit dequantize on CPU is the native kernel (csrc/dequant4.cc, an XLA FFI custom call: AVX-512
+permutes, the double-quant absmax computed per block in the same pass, XLA's intra-op thread pool, huge-page
+advice for its output, non-temporal stores from 16 MiB). ``OFTJAX_NATIVE=0`` benchmarks the pure-XLA
+formulation instead (what runs on GPU/TPU), ``OFTJAX_HUGEPAGES=0`` the kernel without the huge-page advice.
+Measured on the 2-core development CPU, quiet machine, one run each (dequantize, bnb/JAX; > 1: JAX faster):
 
-  | XLA formulation, default allocator   | nf4 0.83 | fp4 0.85 | nf4+DQ 0.86 |  (previous session, quiet)
-  | native, 4 KiB pages, default         | nf4 1.07 | fp4 1.07 | nf4+DQ 1.18 |  (loaded machine)
-  | native + huge pages, default         | nf4 4.85 | fp4 3.60 | nf4+DQ 2.05 |  (loaded machine)
-  | native + huge pages, --allocator keep| nf4 0.60-1.5 (1-2 ms either side: compute only, noisy) |
+  | configuration (4096 x 4096)                        | nf4  | fp4  | nf4+DQ |
+  | native kernel, bf16, default allocator             | 1.89 | 2.90 | 1.86   |
+  | native kernel, bf16, --allocator fresh             | 2.95 | 2.85 | 1.97   |
+  | native kernel, bf16, --allocator keep (compute)    | 1.05 | 1.03 | 1.13   |  (1.3 ms either side)
+  | native kernel, float16, default                    | 2.94 | 2.11 | 2.07   |
+  | native kernel, float32, default                    | 2.14 | 2.15 | 3.29   |
+  | XLA formulation (OFTJAX_NATIVE=0), bf16, default   | 0.84 | 0.80 | 0.83   |
+  | native kernel, 4 KiB pages (OFTJAX_HUGEPAGES=0)    | 1.00 | 1.02 | 1.10   |  (loaded machine)
 
-Why huge pages matter: with 4 KiB pages a fresh 32 MiB output takes 8192 page faults (8-15 ms here, more than
-the kernel's ~1-2 ms of compute); with 2 MiB pages it takes 16. Prefaulting 4 KiB pages with one
-``MADV_POPULATE_WRITE`` per chunk gained 20% and is what the kernel does when the advice is off.
+Where the time goes: with 4 KiB pages a fresh 32 MiB output takes 8192 page faults (8-15 ms here, far more
+than the ~1.3 ms the kernel computes); with 2 MiB pages it takes 16. Prefaulting 4 KiB pages with one
+``MADV_POPULATE_WRITE`` per chunk gained 20% and is what the kernel does when the advice is off. Without page
+faults (``keep``), both sides write 32 MiB at ~25 GB/s; non-temporal stores (no read-for-ownership) took the
+kernel from ~1.15 to ~0.9 ms in an A/B run.
 
 XLA:CPU options tried per computation (``jax.jit(..., compiler_options=...)``) on the XLA 4-bit dequantize,
 none of which helped, so none is set here or in the library: ``xla_cpu_prefer_vector_width=512`` (the loop
