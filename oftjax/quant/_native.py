@@ -5,9 +5,9 @@ loaded with ctypes and registered for the ``cpu`` platform once, on first use. `
 and the pure-XLA formulation elsewhere (GPU/TPU) or when the library is missing; both give the same bits
 (tests/quant/test_native.py).
 
-Environment switches (read when a computation is traced): ``OFTJAX_NATIVE=0`` forces the XLA path (for
-comparison or debugging); ``OFTJAX_HUGEPAGES=0`` stops the kernel from advising transparent huge pages for its
-output (csrc/dequant4.cc ``AdviseHugePages`` says why it does).
+Environment switches: ``OFTJAX_NATIVE=0`` (read once, at the first dequantize) forces the XLA path, for
+comparison or debugging; ``OFTJAX_HUGEPAGES=0`` (read when a computation is traced) stops the kernel from
+advising transparent huge pages for its output (csrc/dequant4.cc ``AdviseHugePages`` says why it does).
 
 Why it exists: XLA:CPU stores the two interleaved nibble halves of the output one element at a time, which
 left the XLA path at ~0.85x bitsandbytes' AVX-512 CPU kernel (issue 2); the native kernel permutes 32 outputs
