@@ -120,7 +120,25 @@ class Turns:
         return times
 
 
+def _apply_malloc(a: argparse.Namespace) -> str:
+    """The same process-level allocator setting on both sides, before either framework starts."""
+    if a.malloc == "default":
+        return "glibc as configured"
+    from oftjax._malloc import keep_freed_memory
+
+    return keep_freed_memory()
+
+
+def _faults_per_step(fn, n: int = 3) -> float:
+    """Minor page faults per call of ``fn`` (the process's own counter)."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / n
+
+
 def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
+    malloc = _apply_malloc(a)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -162,9 +180,13 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     floor()
     times, floor_times = turns.time([lambda: float(trainer.train_step(batch)["loss"]), floor], a.steps)
     step = statistics.median(times)
+    faults: list[float] = []  # measured in one more turn, so the two processes stay in step
+    turns.time([lambda: faults.append(_faults_per_step(lambda: float(trainer.train_step(batch)["loss"])))], 1)
     out.put(
         {
             "side": "oftjax",
+            "malloc": malloc,
+            "faults_per_step": faults[0],
             "backend": jax.default_backend(),
             "step_s": step,
             "floor_s": statistics.median(floor_times),
@@ -183,6 +205,7 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
 
 
 def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
+    malloc = _apply_malloc(a)
     import tempfile
 
     import torch
@@ -235,9 +258,13 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
         floor()
     times, floor_times = turns.time([step_fn, floor], a.steps)
     step = statistics.median(times)
+    faults: list[float] = []
+    turns.time([lambda: faults.append(_faults_per_step(step_fn))], 1)
     out.put(
         {
             "side": "torch",
+            "malloc": malloc,
+            "faults_per_step": faults[0],
             "backend": device,
             "step_s": step,
             "floor_s": statistics.median(floor_times),
@@ -274,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="glibc setting applied to BOTH sides (oftjax/_malloc.py; `oftjax train` uses keep by default)",
+    )
     a = p.parse_args(argv)
     load0 = os.getloadavg()[0]
     jx, th = _run_both(a)
@@ -303,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     row("step time outside floor GEMMs", f"{out_j:.0%}", f"{out_t:.0%}")
     bound = th["step_s"] / jx["floor_s"]
     row("ratio bound (torch step/JAX floor)", "", "", f"{bound:.2f}")
+    row("page faults per step", f"{jx['faults_per_step']:,.0f}", f"{th['faults_per_step']:,.0f}")
     rss = jx["peak_rss_mb"] / th["peak_rss_mb"]
     row("peak RSS (MB)", f"{jx['peak_rss_mb']:,.0f}", f"{th['peak_rss_mb']:,.0f}", f"{rss:.2f}")
     if jx["compiled_mb"]:
@@ -311,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     bpp = jx["base_bytes_per_param_linears"]
     row("base bytes/param (NF4+DQ linears)", f"{bpp:.4f}")
     row("base bytes/param (whole base)", f"{jx['base_bytes_per_param_all']:.4f}")
+    print(f"malloc (both sides): {jx['malloc']}")
     print(
         f"1-min load average {load0:.2f} before, {load1:.2f} after ({os.cpu_count()} CPUs): above ~0.5 other "
         "processes shared the cores; torch's OpenMP threads slow down far more than XLA's under such load"

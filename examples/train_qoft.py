@@ -26,7 +26,7 @@ from oftjax.data import ByteTokenizer, pack, read_texts, split, tokenize
 from oftjax.default_job import stdlib_dir
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.surgery import apply_oft, trainable_count
-from oftjax.train import TrainConfig, fit, quantize_model
+from oftjax.train import TrainConfig, fit, keep_freed_memory, quantize_model
 
 CONFIG = {
     "model_type": "llama",
@@ -47,6 +47,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("runs/example_qoft"))
     p.add_argument("--data", type=Path, default=None)
     a = p.parse_args()
+    # a training process: let glibc reuse XLA's per-step buffers instead of faulting them in every step
+    # (oftjax/_malloc.py); must come before JAX's first computation
+    print(keep_freed_memory())
     if a.out.exists():
         shutil.rmtree(a.out)  # an example: always start fresh
 

@@ -102,6 +102,14 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         "--bf16", action="store_true", help="bfloat16 compute (parameters, loss and optimizer fp32)"
     )
     g.add_argument("--remat", action="store_true", help="rematerialize decoder layers in the backward pass")
+    g.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse, so XLA:CPU's per-step buffers are not faulted in "
+        "again every step (13%% faster steps on CPU; the peak memory stays mapped); default: glibc as "
+        "configured (default: %(default)s)",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",

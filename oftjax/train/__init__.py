@@ -4,6 +4,7 @@ The step trains exactly the variables of one type (``oftjax.nn.OFTParam`` by def
 ``nnx.Optimizer(model, tx, wrt=OFTParam)``; see ``Trainer`` and ``fit``.
 """
 
+from oftjax._malloc import keep_freed_memory as keep_freed_memory
 from oftjax.train._checkpoint import latest_checkpoint as latest_checkpoint
 from oftjax.train._checkpoint import restore_train_state as restore_train_state
 from oftjax.train._checkpoint import save_checkpoint as save_checkpoint
@@ -38,6 +39,7 @@ __all__ = [
     "causal_lm_loss_sum",
     "default_wrt",
     "eval_batches",
+    "keep_freed_memory",
     "fit",
     "latest_checkpoint",
     "make_mesh",
