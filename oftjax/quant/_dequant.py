@@ -11,10 +11,11 @@ which CPU and CUDA agree with (../shared/notes/bitsandbytes-formats.md §4, §6)
     the multiply *and* after the add.
   * int8: ``fl32(fl32(CB * SCB) * fl32(1/127))`` with bnb's constant ``7.874015718698502e-3``.
 
-Everything here is jnp and jit-able; shapes and format metadata are static, so a second call with the same
-shapes does not recompile. The 4-bit path computes each block's 16 possible values once and selects among
-them per nibble instead of gathering from the code table (``dequantize_4bit_values`` says why and what it
-costs on XLA:CPU); the bits are the same.
+Everything here is jit-able; shapes and format metadata are static, so a second call with the same shapes
+does not recompile. On CPU the 4-bit path runs the native kernel (``oftjax.quant._native``); the XLA
+formulation (GPU/TPU, or CPU without the kernel) computes each block's 16 possible values once and selects
+among them per nibble instead of gathering from the code table (``_dequantize_4bit_xla`` says why and what
+it costs on XLA:CPU); the bits are the same.
 """
 
 from __future__ import annotations
@@ -96,11 +97,17 @@ def packed_bytes(packed: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(packed, jnp.uint8).reshape(-1)
 
 
-def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
-    """uint8 codes ``[n]``: byte k holds element 2k in its high nibble and element 2k+1 in its low nibble."""
+def packed_bytes_for(packed: jax.Array, n: int) -> jax.Array:
+    """``packed_bytes(packed)``, checked to hold at least ``n`` nibbles."""
     b = packed_bytes(packed)
     if b.shape[0] * 2 < n:
         raise ValueError(f"packed holds {b.shape[0]} bytes, {2 * b.shape[0]} nibbles; expected at least {n}")
+    return b
+
+
+def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
+    """uint8 codes ``[n]``: byte k holds element 2k in its high nibble and element 2k+1 in its low nibble."""
+    b = packed_bytes_for(packed, n)
     return jnp.stack([b >> 4, b & 15], axis=-1).reshape(-1)[:n]
 
 
@@ -176,9 +183,7 @@ def dequantize_4bit_values(
             f"absmax must have shape [{nb}] for {n} elements in blocks of {blocksize}, "
             f"got {tuple(absmax.shape)}"
         )
-    b = packed_bytes(packed)
-    if b.shape[0] * 2 < n:
-        raise ValueError(f"packed holds {b.shape[0]} bytes, {2 * b.shape[0]} nibbles; expected at least {n}")
+    b = packed_bytes_for(packed, n)
     dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 is float32 unless x64 is enabled
     scale = absmax.astype(jnp.float32)
     xla = functools.partial(
@@ -276,14 +281,12 @@ def dequantize_4bit_nested(
             f"got {qabsmax.dtype} {tuple(qabsmax.shape)}"
         )
 
-    def xla(b, qabs, nested, off):
+    def xla(b, qabs, nested, off):  # this function's own VJP differentiates; no inner custom VJP needed
         absmax = dequantize_nested_absmax(qabs, nested, off)
-        return dequantize_4bit_values(b, absmax, (n,), blocksize, quant_type, dtype)
+        return _dequantize_4bit_xla(b, absmax, n=n, blocksize=blocksize, quant_type=quant_type, dtype=dtype)
 
-    b = packed_bytes(packed)
-    if b.shape[0] * 2 < n:
-        raise ValueError(f"packed holds {b.shape[0]} bytes, {2 * b.shape[0]} nibbles; expected at least {n}")
-    args = (b, qabsmax, nested_absmax.astype(jnp.float32), jnp.asarray(offset, jnp.float32))
+    stats = (qabsmax, nested_absmax.astype(jnp.float32), jnp.asarray(offset, jnp.float32))
+    args = (packed_bytes_for(packed, n), *stats)
     if not _native.supports(dtype):
         return xla(*args).reshape(shape)
     cpu = functools.partial(
