@@ -143,6 +143,44 @@ def _faults_per_step(fn, n: int = 3) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / n
 
 
+def add_shape_args(p: argparse.ArgumentParser, steps: int) -> None:
+    """The model/batch flags shared with profile_train.py."""
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=steps)
+
+
+def jax_quantized_model(a: argparse.Namespace):
+    """The JAX side's model: the Llama of ``hf_config(a)`` with NF4 + double-quant linears (fp32 compute)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from oftjax.models import LlamaForCausalLM, ModelConfig
+    from oftjax.train import quantize_model
+
+    model = LlamaForCausalLM(ModelConfig.from_hf(hf_config(a)), rngs=nnx.Rngs(0))
+    quantize_model(model, "nf4", double_quant=True, compute_dtype=jnp.float32)
+    return model
+
+
+def jax_trainer(model, a: argparse.Namespace, rng):
+    """OFT (b=32 on ``TARGETS``) applied to ``model``, its Trainer (AdamW, no decay/clipping) and a batch."""
+    import numpy as np
+    from flax import nnx
+
+    from oftjax.config import OFTConfig
+    from oftjax.surgery import apply_oft
+    from oftjax.train import TrainConfig, Trainer
+
+    apply_oft(model, OFTConfig(r=0, oft_block_size=32, target_modules=list(TARGETS)), rngs=nnx.Rngs(0))
+    tcfg = TrainConfig(steps=1000, learning_rate=1e-4, batch_size=a.batch, seq_len=a.seq, max_grad_norm=None)
+    batch = {"input_ids": rng.integers(0, a.vocab, (a.batch, a.seq)).astype(np.int32)}
+    return Trainer(model, tcfg), batch
+
+
 def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     malloc = _apply_malloc(a)
     import jax
@@ -150,14 +188,10 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     import numpy as np
     from flax import nnx
 
-    from oftjax.config import OFTConfig
-    from oftjax.models import LlamaForCausalLM, ModelConfig
     from oftjax.nn import Linear4bit
-    from oftjax.surgery import apply_oft, trainable_count
-    from oftjax.train import TrainConfig, Trainer, quantize_model
+    from oftjax.surgery import trainable_count
 
-    model = LlamaForCausalLM(ModelConfig.from_hf(hf_config(a)), rngs=nnx.Rngs(0))
-    quantize_model(model, "nf4", double_quant=True, compute_dtype=jnp.float32)
+    model = jax_quantized_model(a)
     packed = weights = 0
     for _, m in nnx.iter_graph(model):
         if isinstance(m, Linear4bit):
@@ -165,12 +199,9 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
             weights += m.in_features * m.out_features
     frozen_all = sum(np.asarray(x).nbytes for x in jax.tree.leaves(nnx.state(model)))
     params_all = weights + sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    apply_oft(model, OFTConfig(r=0, oft_block_size=32, target_modules=list(TARGETS)), rngs=nnx.Rngs(0))
-    n_train = trainable_count(model)
-    tcfg = TrainConfig(steps=1000, learning_rate=1e-4, batch_size=a.batch, seq_len=a.seq, max_grad_norm=None)
-    trainer = Trainer(model, tcfg)
     rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(0, a.vocab, (a.batch, a.seq)).astype(np.int32)}
+    trainer, batch = jax_trainer(model, a, rng)
+    n_train = trainable_count(model)
     compiled = trainer._train.lower(trainer.state, jax.device_put(batch)).compile()
     mem = compiled.memory_analysis()
     for _ in range(a.warmup):
@@ -299,12 +330,7 @@ def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=5)
+    add_shape_args(p, steps=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument(

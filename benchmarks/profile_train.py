@@ -85,32 +85,14 @@ def op_times(trace_dir: str, steps: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=4)
+    bench_train.add_shape_args(p, steps=4)
     a = p.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
-    from oftjax.config import OFTConfig
-    from oftjax.models import LlamaForCausalLM, ModelConfig
-    from oftjax.surgery import apply_oft
-    from oftjax.train import TrainConfig, Trainer, quantize_model
-
-    model = LlamaForCausalLM(ModelConfig.from_hf(bench_train.hf_config(a)), rngs=nnx.Rngs(0))
-    quantize_model(model, "nf4", double_quant=True, compute_dtype=jnp.float32)
-    oft_cfg = OFTConfig(r=0, oft_block_size=32, target_modules=list(bench_train.TARGETS))
-    apply_oft(model, oft_cfg, rngs=nnx.Rngs(0))
-    cfg = TrainConfig(steps=1000, learning_rate=1e-4, batch_size=a.batch, seq_len=a.seq, max_grad_norm=None)
-    trainer = Trainer(model, cfg)
-    rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(0, a.vocab, (a.batch, a.seq)).astype(np.int32)}
+    model = bench_train.jax_quantized_model(a)
+    trainer, batch = bench_train.jax_trainer(model, a, np.random.default_rng(0))
     labels = op_labels(trainer._train.lower(trainer.state, jax.device_put(batch)).compile().as_text())
 
     def step() -> None:
