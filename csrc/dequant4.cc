@@ -17,14 +17,11 @@
 // Built by setup.py as oftjax/quant/_dequant4_cpu*.so and loaded by oftjax/quant/_native.py with ctypes.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 
 #if defined(__linux__)
@@ -32,6 +29,7 @@
 #include <unistd.h>
 #endif
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -42,6 +40,7 @@
 #endif
 
 namespace ffi = xla::ffi;
+using oftjax::ParallelFor;
 
 namespace {
 
@@ -266,37 +265,6 @@ void RunBlocks(Kind kind, const uint8_t* packed, const float* absmax, const floa
         break;
     }
   }
-}
-
-// Runs work(0..chunks-1) on the calling thread and the XLA intra-op pool. Chunks are claimed from a shared
-// counter, so a pool task that starts late finds nothing left and touches no buffer; the caller waits only for
-// chunks that were claimed.
-void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> work) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    int64_t done = 0;
-    int64_t chunks = 0;
-    std::function<void(int64_t)> work;
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  state->chunks = chunks;
-  state->work = std::move(work);
-  auto drain = [state]() {
-    int64_t mine = 0;
-    for (int64_t c; (c = state->next.fetch_add(1)) < state->chunks; ++mine) state->work(c);
-    if (mine > 0) {
-      std::lock_guard<std::mutex> lock(state->mu);
-      state->done += mine;
-      if (state->done == state->chunks) state->cv.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(std::function<void()>(drain));  // a copy per task
-  drain();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done == state->chunks; });
 }
 
 constexpr int64_t kValuesPerChunk = 1 << 16;

@@ -79,6 +79,12 @@ TOL: dict[str, Tol] = {
         "bf16 q/k/v and cotangent products vs fp32 ones, scaled by max|ref|: a few bf16 ulps (2^-8) per "
         "matmul input in causal_attention's hand-written backward",
     ),
+    "native_rotate": Tol(
+        1e-5,
+        1e-6,
+        "csrc/rotate.cc vs a float64 evaluation: fp32 sums of b products (x BD, g BD^T) or of tokens x b "
+        "products in fixed 128-token chunks (dR), with fused multiply-adds; atol x max(1, max |expected|)",
+    ),
     "dequant_absmax_grad": Tol(
         1e-6, 1e-7, "fp32 sum of 64 code*g products per block: XLA reduction order vs numpy's pairwise sum"
     ),

@@ -3,6 +3,7 @@
 from oftjax.nn._adapters import AdapterSettings as AdapterSettings
 from oftjax.nn._adapters import OFTAdapters as OFTAdapters
 from oftjax.nn._base import base_kind as base_kind
+from oftjax.nn._native_rotate import native_info as rotation_native_info
 from oftjax.nn._oft_embed import OFTEmbed as OFTEmbed
 from oftjax.nn._oft_linear import OFTLinear as OFTLinear
 from oftjax.nn._quant_linear import Linear4bit as Linear4bit
@@ -22,4 +23,5 @@ __all__ = [
     "OFTParam",
     "QuantWeight",
     "base_kind",
+    "rotation_native_info",
 ]

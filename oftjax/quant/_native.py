@@ -1,8 +1,8 @@
 """The native CPU kernel for 4-bit dequantization (``csrc/dequant4.cc``), called from jitted code via jax.ffi.
 
-``pip install`` builds the kernel as ``oftjax/quant/_dequant4_cpu*.so`` (setup.py). It is an XLA FFI handler,
-loaded with ctypes and registered for the ``cpu`` platform once, on first use. ``dequantize`` uses it on CPU
-and the pure-XLA formulation elsewhere (GPU/TPU) or when the library is missing; both give the same bits
+``pip install`` builds the kernel as ``oftjax/quant/_dequant4_cpu*.so`` (setup.py); ``oftjax._ffi`` loads
+it and registers it for the ``cpu`` platform once, on first use. ``dequantize`` uses it on CPU and the
+pure-XLA formulation elsewhere (GPU/TPU) or when the library is missing; both give the same bits
 (tests/quant/test_native.py).
 
 Environment switches: ``OFTJAX_NATIVE=0`` (read once, at the first dequantize) forces the XLA path, for
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
 import os
 from pathlib import Path
 from typing import Any
@@ -26,43 +25,24 @@ from typing import Any
 import jax
 import numpy as np
 
+from oftjax import _ffi
+
 _TARGET = "oftjax_dequant4"
 _TARGET_NESTED = "oftjax_dequant4_nested"
 _STEM = "_dequant4_cpu"
 # what the kernel can write (others, e.g. float64 under x64, take the XLA path)
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.float16), np.dtype(jax.numpy.bfloat16))
+_DIR = Path(__file__).parent
 
 
-def _library_path() -> Path | None:
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = here / f"{_STEM}{suffix}"
-        if candidate.exists():
-            return candidate
-    return None
-
-
-@functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """(library, reason): the library registered with XLA, or None and why not."""
-    if os.environ.get("OFTJAX_NATIVE", "1") == "0":
-        return None, "disabled by OFTJAX_NATIVE=0"
-    path = _library_path()
-    if path is None:
-        return None, (
-            f"{_STEM}*.so not found next to {__file__}: the package was installed without building csrc/ "
-            "(no C++17 compiler?); reinstall with `pip install -e .`"
-        )
-    try:
-        lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.OftjaxDequant4), platform="cpu")
-        jax.ffi.register_ffi_target(
-            _TARGET_NESTED, jax.ffi.pycapsule(lib.OftjaxDequant4Nested), platform="cpu"
-        )
-    except (OSError, AttributeError) as e:  # a stale or foreign build
-        return None, f"could not load {path}: {e}"
-    lib.OftjaxDequant4HasAvx512.restype = ctypes.c_int
-    return lib, "loaded"
+    lib, reason = _ffi.load(
+        _DIR, _STEM, ((_TARGET, "OftjaxDequant4"), (_TARGET_NESTED, "OftjaxDequant4Nested"))
+    )
+    if lib is not None:
+        lib.OftjaxDequant4HasAvx512.restype = ctypes.c_int
+    return lib, reason
 
 
 def native_info() -> dict[str, Any]:
@@ -79,7 +59,7 @@ def native_info() -> dict[str, Any]:
       ['available', 'avx512', 'library', 'reason']
     """
     lib, reason = _load()
-    path = _library_path()
+    path = _ffi.library_path(_DIR, _STEM)
     return {
         "available": lib is not None,
         "library": str(path) if path else None,

@@ -1,0 +1,252 @@
+// Native CPU kernels for OFT's block-diagonal rotation of activations, registered with XLA through jax.ffi.
+//
+// For x [T, r*b] (row-major, float32) and rotation blocks R [r, b, b]:
+//   OftjaxRotate:      y[t, n*b + c] = sum_k x[t, n*b + k] * R[n, k, c]     (x BD(R); with transpose, BD(R)^T)
+//   OftjaxRotateGrad:  dx[t, n*b + k] = sum_c g[t, n*b + c] * R[n, k, c]   (g BD(R)^T)
+//                      dR[n, k, c]    = sum_t x[t, n*b + k] * g[t, n*b + c]
+//
+// Why a native kernel: XLA:CPU runs x BD(R) as a batched matmul over blocks, which needs x transposed to
+// [r, T, b] and the result transposed back; those copies run at 1-2.5 GB/s and cost more than the arithmetic
+// (benchmarks/profile_train.py, label oft_rotate). Here each token row's blocks are read and written in place:
+// the b x b block stays in L1, a few token rows are rotated per pass over it, and the accumulators of a block
+// row stay in vector registers (the block size is a template parameter for 8, 16, 32, 64 and 128; other sizes
+// take a runtime-size loop with the same sums in the same order).
+//
+// Determinism: every output element is one thread's sum in a fixed order. dR sums over tokens in fixed chunks
+// of kGradChunk tokens (each chunk's partial sum is written to its own slot), then adds the chunk partials in
+// chunk order: the result does not depend on the number of threads or on which thread ran which chunk.
+//
+// Built by setup.py as oftjax/nn/_rotate_cpu*.so and loaded by oftjax/nn/_native_rotate.py with ctypes.
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+using oftjax::ParallelFor;
+
+namespace {
+
+constexpr int64_t kRowChunk = 32;    // token rows per work item of the forward / dx pass
+constexpr int64_t kGradChunk = 128;  // token rows per partial dR sum (fixed: it sets the summation order)
+constexpr int64_t kMaxBlock = 64;    // block sizes b = 16 * NV for NV in 1..4 (larger: XLA's GEMMs do better)
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define OFTJAX_AVX512 __attribute__((target("avx512f")))
+
+// Token rows per pass over a block (forward) and block rows per pass over the tokens (dR): as many as keep
+// the accumulators (and, forward, the block row) within the 32 vector registers; nv <= 4.
+constexpr int RowsPerPass(int nv) { return std::min(8, 24 / nv - 1); }
+// a power of two, so it divides b
+constexpr int BlockRowsPerPass(int nv) { return nv == 1 ? 16 : nv == 2 ? 8 : 4; }
+
+// y rows [t0, t1) = x BD(R) for b = 16 * NV; R[n][k][c] multiplies x's column n*b + k into y's column n*b + c.
+// Each output is sum_k x[k] * R[k][c] accumulated in k order with fused multiply-adds.
+template <int NV, int TT>
+OFTJAX_AVX512 void RotateRowsTile(const float* __restrict x, const float* __restrict R, float* __restrict y,
+                                  int64_t r, int64_t t0, int64_t t1) {
+  constexpr int B = 16 * NV;
+  const int64_t d = r * B;
+  for (int64_t n = 0; n < r; ++n) {
+    const float* Rn = R + n * B * B;
+    for (int64_t t = t0; t < t1; t += TT) {
+      __m512 acc[TT][NV];
+      for (int tt = 0; tt < TT; ++tt)
+        for (int v = 0; v < NV; ++v) acc[tt][v] = _mm512_setzero_ps();
+      for (int k = 0; k < B; ++k) {
+        const float* row = Rn + k * B;
+        for (int v = 0; v < NV; ++v) {
+          const __m512 rv = _mm512_loadu_ps(row + 16 * v);
+          for (int tt = 0; tt < TT; ++tt)
+            acc[tt][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[(t + tt) * d + n * B + k]), rv, acc[tt][v]);
+        }
+      }
+      for (int tt = 0; tt < TT; ++tt)
+        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + (t + tt) * d + n * B + 16 * v, acc[tt][v]);
+    }
+  }
+}
+
+template <int NV>
+OFTJAX_AVX512 void RotateRowsNV(const float* x, const float* R, float* y, int64_t r, int64_t t0, int64_t t1) {
+  constexpr int TT = RowsPerPass(NV);
+  const int64_t whole = t0 + (t1 - t0) / TT * TT;
+  RotateRowsTile<NV, TT>(x, R, y, r, t0, whole);
+  if constexpr (TT > 1) RotateRowsTile<NV, 1>(x, R, y, r, whole, t1);
+}
+
+// out[n][k][c] = sum over t in [t0, t1) of x[t, n*b + k] * g[t, n*b + c] (t ascending, fused multiply-adds).
+template <int NV>
+OFTJAX_AVX512 void BlockGramNV(const float* __restrict x, const float* __restrict g, float* __restrict out,
+                               int64_t r, int64_t t0, int64_t t1) {
+  constexpr int B = 16 * NV, KT = BlockRowsPerPass(NV);
+  const int64_t d = r * B;
+  for (int64_t n = 0; n < r; ++n) {
+    for (int k0 = 0; k0 < B; k0 += KT) {
+      __m512 acc[KT][NV];
+      for (int kk = 0; kk < KT; ++kk)
+        for (int v = 0; v < NV; ++v) acc[kk][v] = _mm512_setzero_ps();
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* gr = g + t * d + n * B;
+        const float* xr = x + t * d + n * B + k0;
+        for (int v = 0; v < NV; ++v) {
+          const __m512 gv = _mm512_loadu_ps(gr + 16 * v);
+          for (int kk = 0; kk < KT; ++kk) acc[kk][v] = _mm512_fmadd_ps(_mm512_set1_ps(xr[kk]), gv, acc[kk][v]);
+        }
+      }
+      for (int kk = 0; kk < KT; ++kk)
+        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + (n * B + k0 + kk) * B + 16 * v, acc[kk][v]);
+    }
+  }
+}
+
+using RotateFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
+using GramFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
+
+template <int... NV>
+constexpr std::array<RotateFn, sizeof...(NV)> RotateTable(std::integer_sequence<int, NV...>) {
+  return {&RotateRowsNV<NV + 1>...};
+}
+template <int... NV>
+constexpr std::array<GramFn, sizeof...(NV)> GramTable(std::integer_sequence<int, NV...>) {
+  return {&BlockGramNV<NV + 1>...};
+}
+constexpr auto kRotate = RotateTable(std::make_integer_sequence<int, kMaxBlock / 16>{});
+constexpr auto kGram = GramTable(std::make_integer_sequence<int, kMaxBlock / 16>{});
+
+bool HasAvx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+#else
+bool HasAvx512() { return false; }
+#endif
+
+bool Supported(int64_t b) { return HasAvx512() && b > 0 && b % 16 == 0 && b <= kMaxBlock; }
+
+void RotateRows(const float* x, const float* R, float* y, int64_t r, int64_t b, int64_t t0, int64_t t1) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  kRotate[b / 16 - 1](x, R, y, r, t0, t1);
+#endif
+}
+
+void BlockGram(const float* x, const float* g, float* out, int64_t r, int64_t b, int64_t t0, int64_t t1) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  kGram[b / 16 - 1](x, g, out, r, t0, t1);
+#endif
+}
+
+// R^T per block, [r, b, b].
+std::vector<float> TransposeBlocks(const float* R, int64_t r, int64_t b) {
+  std::vector<float> out(static_cast<size_t>(r * b * b));
+  for (int64_t n = 0; n < r; ++n)
+    for (int64_t k = 0; k < b; ++k)
+      for (int64_t c = 0; c < b; ++c) out[(n * b + c) * b + k] = R[(n * b + k) * b + c];
+  return out;
+}
+
+// Shapes: x (and g) [..., d] with d = r * b; R [r, b, b] with a supported b.
+ffi::Error CheckShapes(const char* target, const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& R,
+                       int64_t* tokens, int64_t* r, int64_t* b) {
+  const auto rd = R.dimensions();
+  if (rd.size() != 3 || rd[1] != rd[2]) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": rotation blocks must be [r, b, b]");
+  }
+  if (!Supported(rd[1])) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": block size " + std::to_string(rd[1]) +
+                                       " needs AVX-512 and a multiple of 16 up to " + std::to_string(kMaxBlock));
+  }
+  const auto xd = x.dimensions();
+  if (xd.size() < 1 || xd[xd.size() - 1] != rd[0] * rd[1]) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": x's last dimension must be r * b = " +
+                                       std::to_string(rd[0] * rd[1]));
+  }
+  *r = rd[0];
+  *b = rd[1];
+  *tokens = *r == 0 ? 0 : static_cast<int64_t>(x.element_count()) / (*r * *b);
+  return ffi::Error::Success();
+}
+
+ffi::Error RotateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> R,
+                      ffi::ResultBuffer<ffi::F32> y, bool transpose) {
+  int64_t tokens, r, b;
+  if (auto e = CheckShapes("oftjax_rotate", x, R, &tokens, &r, &b); e.failure()) return e;
+  if (y->element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("oftjax_rotate: the output must have x's shape");
+  }
+  std::vector<float> Rt;
+  const float* Rp = R.typed_data();
+  if (transpose) {
+    Rt = TransposeBlocks(Rp, r, b);
+    Rp = Rt.data();
+  }
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const int64_t chunks = (tokens + kRowChunk - 1) / kRowChunk;
+  ParallelFor(pool, chunks, [=](int64_t c) {
+    RotateRows(xp, Rp, yp, r, b, c * kRowChunk, std::min(tokens, (c + 1) * kRowChunk));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error RotateGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                          ffi::Buffer<ffi::F32> R, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dR) {
+  int64_t tokens, r, b;
+  if (auto e = CheckShapes("oftjax_rotate_grad", x, R, &tokens, &r, &b); e.failure()) return e;
+  if (g.element_count() != x.element_count() || dx->element_count() != x.element_count() ||
+      dR->element_count() != R.element_count()) {
+    return ffi::Error::InvalidArgument("oftjax_rotate_grad: g and dx must have x's shape, dR the blocks' shape");
+  }
+  const std::vector<float> Rt = TransposeBlocks(R.typed_data(), r, b);
+  const int64_t block_elems = r * b * b;
+  const int64_t chunks = std::max<int64_t>((tokens + kGradChunk - 1) / kGradChunk, 1);
+  std::vector<float> partial(static_cast<size_t>(chunks * block_elems));
+  const float *xp = x.typed_data(), *gp = g.typed_data(), *Rtp = Rt.data();
+  float* dxp = dx->typed_data();
+  float* pp = partial.data();
+  ParallelFor(pool, chunks, [=](int64_t c) {
+    const int64_t t0 = c * kGradChunk, t1 = std::min(tokens, t0 + kGradChunk);
+    RotateRows(gp, Rtp, dxp, r, b, t0, t1);
+    BlockGram(xp, gp, pp + c * block_elems, r, b, t0, t1);
+  });
+  float* out = dR->typed_data();
+  if (block_elems > 0) std::memcpy(out, pp, sizeof(float) * static_cast<size_t>(block_elems));
+  for (int64_t c = 1; c < chunks; ++c) {
+    const float* p = pp + c * block_elems;
+    for (int64_t i = 0; i < block_elems; ++i) out[i] += p[i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxRotate, RotateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [..., r * b]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // R [r, b, b]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y, x's shape
+                                  .Attr<bool>("transpose"));     // multiply by BD(R)^T instead
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxRotateGrad, RotateGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [..., r * b], the forward's input
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g, the output cotangent, x's shape
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // R [r, b, b]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx, x's shape
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dR [r, b, b]
+
+// 1 when the kernels run for block size b on this machine (AVX-512, b a multiple of 16 up to 256), else 0.
+extern "C" int OftjaxRotateSupports(int64_t b) { return Supported(b) ? 1 : 0; }

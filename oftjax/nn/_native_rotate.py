@@ -1,0 +1,79 @@
+"""The native CPU kernels for OFT's block-diagonal rotation of activations (``csrc/rotate.cc``), via jax.ffi.
+
+``rotate_blocks`` (oftjax/nn/_rotated_matmul.py) uses them on CPU for float32 rotations whose block size is a
+multiple of 16 up to 64 on a machine with AVX-512 (``supports``); other block sizes, dtypes and machines, and
+GPU/TPU, take the XLA formulation. The two agree to float32 rounding (different summation order; fused
+multiply-adds), not bit for bit (tests/nn/test_native_rotate.py). ``OFTJAX_NATIVE=0`` turns the kernels off.
+
+Why they exist: XLA:CPU runs ``x BD(R)`` as a batched matmul over the blocks, which needs the activations
+transposed to ``[r, tokens, b]`` and back; those copies made applying rotations ~12% of a CPU train step. The
+kernels read and write token rows in place: ~3x faster forward and backward at the train benchmark's shapes
+(benchmarks/bench_layer.py prints the comparison).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from oftjax import _ffi
+
+_STEM = "_rotate_cpu"
+_ROTATE = "oftjax_rotate"
+_ROTATE_GRAD = "oftjax_rotate_grad"
+_DIR = Path(__file__).parent
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    lib, reason = _ffi.load(_DIR, _STEM, ((_ROTATE, "OftjaxRotate"), (_ROTATE_GRAD, "OftjaxRotateGrad")))
+    if lib is not None:
+        lib.OftjaxRotateSupports.restype = ctypes.c_int
+        lib.OftjaxRotateSupports.argtypes = (ctypes.c_int64,)
+    return lib, reason
+
+
+def native_info() -> dict[str, Any]:
+    """Whether the rotation kernels run on this machine, and for which block sizes.
+
+    Returns:
+      ``{"available": bool, "library": str | None, "block_sizes": list[int], "reason": str}``; ``block_sizes``
+      is empty without AVX-512 (the XLA formulation then runs for every block size).
+
+    Example:
+      >>> from oftjax import nn
+      >>> sorted(nn.rotation_native_info())
+      ['available', 'block_sizes', 'library', 'reason']
+    """
+    lib, reason = _load()
+    path = _ffi.library_path(_DIR, _STEM)
+    sizes = [b for b in range(1, 257) if lib is not None and lib.OftjaxRotateSupports(b)]
+    if lib is not None and not sizes:
+        reason = "loaded, but this CPU has no AVX-512: rotations take the XLA path"
+    return {
+        "available": lib is not None,
+        "library": str(path) if path else None,
+        "block_sizes": sizes,
+        "reason": reason,
+    }
+
+
+def supports(block_size: int, dtype: Any) -> bool:
+    """True when the kernels are loaded and rotate float32 blocks of ``block_size`` on this machine."""
+    lib = _load()[0]
+    return lib is not None and np.dtype(dtype) == np.float32 and bool(lib.OftjaxRotateSupports(block_size))
+
+
+def rotate_cpu(x: jax.Array, R: jax.Array, *, transpose: bool = False) -> jax.Array:
+    """``x BD(R)`` (``BD(R)^T`` with ``transpose``), float32 ``x [..., r*b]``, ``R [r, b, b]``; CPU only."""
+    call = jax.ffi.ffi_call(_ROTATE, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
+    return call(x, R, transpose=bool(transpose))
+
+
+def rotate_grad_cpu(x: jax.Array, g: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(g BD(R)^T, dR)`` with ``dR[n] = sum_t x[t, n]^T g[t, n]`` (block ``n`` of token ``t``); CPU only."""
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(R.shape, R.dtype))
+    return jax.ffi.ffi_call(_ROTATE_GRAD, out, vmap_method="sequential")(x, g, R)

@@ -1,0 +1,212 @@
+"""The native CPU rotation kernels (csrc/rotate.cc, jax.ffi) against float64 references and the XLA path.
+
+``rotate_blocks`` runs them on CPU for float32 rotations with block sizes 16, 32, 48, 64 on AVX-512 machines;
+everything else takes the XLA formulation, which is what GPUs run. The kernels sum in another order than
+XLA (and use fused multiply-adds), so the comparisons are to float32 rounding (TOL["native_rotate"]); their
+own results are deterministic (same bits on every call, whatever thread ran which chunk).
+"""
+
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oftjax import nn, oft
+from oftjax.nn import _native_rotate
+from oftjax.nn._rotated_matmul import _rotate_blocks_xla, rotate_blocks, rotate_kernel, rotate_weight
+from tests.tolerances import TOL
+
+NATIVE_SIZES = [16, 32, 48, 64]
+
+
+def _avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+def assert_native_close(got, expected):
+    tol = TOL["native_rotate"]
+    expected = np.asarray(expected, np.float64)
+    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=tol.rtol, atol=tol.atol * scale)
+
+
+def reference(x, R, transpose=False):
+    """x BD(R) (or BD(R)^T) in float64."""
+    x, R = np.asarray(x, np.float64), np.asarray(R, np.float64)
+    r, b = R.shape[0], R.shape[1]
+    if transpose:
+        R = R.transpose(0, 2, 1)
+    return np.einsum("...rk,rkc->...rc", x.reshape(*x.shape[:-1], r, b), R).reshape(x.shape)
+
+
+def data(shape, r, b, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    R = rng.standard_normal((r, b, b)).astype(np.float32)
+    return x, R
+
+
+pytestmark = pytest.mark.skipif(
+    not _native_rotate.supports(32, np.float32) and not (sys.platform == "linux" and _avx512()),
+    reason="no AVX-512 on this machine: rotations take the XLA path (tests/nn/test_rotated_matmul.py)",
+)
+
+
+def test_the_kernels_are_built_and_loaded():
+    # CI must not silently fall back: on Linux x86-64 with AVX-512 (what CI runs) the kernels must run
+    info = nn.rotation_native_info()
+    if sys.platform == "linux" and platform.machine() == "x86_64":
+        assert info["available"], info["reason"]
+        assert info["block_sizes"] == (NATIVE_SIZES if _avx512() else []), info
+    # and rotate_blocks lowers to them on CPU for float32 blocks of those sizes only
+    x = jnp.ones((8, 64), jnp.float32)
+    for b in (8, 16, 32, 64):
+        R = jnp.ones((64 // b, b, b), jnp.float32)
+        fwd = jax.jit(rotate_blocks).lower(x, R).as_text()
+        bwd = jax.jit(jax.grad(lambda x, R: rotate_blocks(x, R).sum(), (0, 1))).lower(x, R).as_text()
+        assert ("@oftjax_rotate(" in fwd and "@oftjax_rotate_grad(" in bwd) == (b in NATIVE_SIZES), b
+    hlo = jax.jit(rotate_blocks).lower(x.astype(jnp.bfloat16), jnp.ones((2, 32, 32), jnp.bfloat16)).as_text()
+    assert "oftjax_rotate" not in hlo
+
+
+@pytest.mark.parametrize("b", NATIVE_SIZES)
+@pytest.mark.parametrize(
+    "shape_of",
+    [
+        lambda d: (1, d),
+        lambda d: (7, d),  # fewer rows than one pass over a block
+        lambda d: (33, d),  # ragged last pass and chunk
+        lambda d: (3, 45, d),  # leading dimensions
+        lambda d: (1000, d),  # several chunks on the thread pool
+        lambda d: (d,),
+    ],
+    ids=["1", "7", "33", "3x45", "1000", "vector"],
+)
+@pytest.mark.parametrize("transpose", [False, True], ids=["BD", "BDT"])
+def test_forward_matches_float64(b, shape_of, transpose):
+    r = 3
+    x, R = data(shape_of(r * b), r, b, seed=b)
+    got = jax.jit(lambda x, R: _native_rotate.rotate_cpu(x, R, transpose=transpose))(x, R)
+    assert got.shape == x.shape and got.dtype == jnp.float32
+    assert_native_close(got, reference(x, R, transpose))
+
+
+@pytest.mark.parametrize("b", NATIVE_SIZES)
+@pytest.mark.parametrize("tokens", [1, 5, 128, 129, 1000])
+def test_gradients_match_float64(b, tokens):
+    r = 2
+    x, R = data((tokens, r * b), r, b, seed=tokens)
+    g = np.random.default_rng(tokens + 1).standard_normal(x.shape).astype(np.float32)
+    dx, dR = jax.jit(_native_rotate.rotate_grad_cpu)(x, g, R)
+    assert_native_close(dx, reference(g, R, transpose=True))
+    xb = x.astype(np.float64).reshape(tokens, r, b)
+    gb = g.astype(np.float64).reshape(tokens, r, b)
+    assert_native_close(dR, np.einsum("trk,trc->rkc", xb, gb))
+
+
+def test_rotate_blocks_gradient_matches_the_xla_path():
+    # what training differentiates: rotate_blocks (custom VJP -> the grad kernel) against autodiff of XLA
+    x, R = data((4, 64, 96), 3, 32, seed=3)
+    w = np.random.default_rng(4).standard_normal(x.shape).astype(np.float32)
+
+    def loss(f):
+        return lambda x, R: jnp.sum(jnp.tanh(f(x, R)) * w)
+
+    got = jax.jit(jax.grad(loss(rotate_blocks), (0, 1)))(x, R)
+    expected = jax.jit(jax.grad(loss(_rotate_blocks_xla), (0, 1)))(x, R)
+    for a, e in zip(got, expected, strict=True):
+        assert_native_close(a, e)
+
+
+def test_results_are_deterministic():
+    # dR sums 128-token chunks in chunk order: the same bits whichever thread ran which chunk
+    x, R = data((2000, 128), 4, 32, seed=5)
+    g = np.random.default_rng(6).standard_normal(x.shape).astype(np.float32)
+    f = jax.jit(_native_rotate.rotate_grad_cpu)
+    first = [np.asarray(a) for a in f(x, g, R)]
+    for _ in range(3):
+        for a, b in zip(first, f(x, g, R), strict=True):
+            np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_rotate_weight_is_the_transpose_of_rotate_kernel():
+    # the dequantized-weight path rotates W's rows in place; two adapters chained in forward order
+    rng = np.random.default_rng(7)
+    W = rng.standard_normal((40, 96)).astype(np.float32)
+    Rs = tuple(oft.cayley(jnp.asarray(rng.standard_normal((3, 32, 32)) * 0.1, jnp.float32)) for _ in range(2))
+    got = jax.jit(rotate_weight)(W, Rs)
+    assert_native_close(got, np.asarray(rotate_kernel(jnp.asarray(W.T), Rs)).T)
+    expected = W
+    for R in Rs[::-1]:
+        expected = oft.merge_rotation(jnp.asarray(expected), R)
+    assert_native_close(got, expected)
+
+
+def test_vmap_runs_the_kernel_per_element():
+    x, R = data((5, 6, 64), 2, 32, seed=8)
+    got = jax.jit(jax.vmap(rotate_blocks, in_axes=(0, None)))(x, R)
+    assert_native_close(got, reference(x, R))
+    Rs = np.stack([R, -R])
+    got = jax.jit(jax.vmap(rotate_blocks, in_axes=(None, 0)))(x[0], Rs)
+    assert_native_close(got, np.stack([reference(x[0], R), reference(x[0], -R)]))
+
+
+def test_sharded_activations_on_eight_devices():
+    # the custom call has no partitioning rule: XLA gathers its operands; results as on one device
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x, R = data((64, 96), 3, 32, seed=9)
+    xs = jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    f = jax.jit(jax.grad(lambda x, R: jnp.sum(rotate_blocks(x, R) ** 2), (0, 1)))
+    for a, b in zip(f(xs, R), f(jnp.asarray(x), R), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize(
+    "x_shape,R_shape,message",
+    [
+        ((4, 64), (8, 8, 8), "block size 8 needs AVX-512 and a multiple of 16 up to 64"),
+        ((4, 256), (2, 128, 128), "block size 128 needs"),
+        ((4, 60), (2, 32, 32), "last dimension must be r \\* b = 64"),
+        ((4, 64), (2, 32, 16), "rotation blocks must be \\[r, b, b\\]"),
+    ],
+    ids=["b8", "b128", "width", "not-square"],
+)
+def test_kernel_rejects_inconsistent_operands(x_shape, R_shape, message):
+    # rotate_blocks validates and routes first; the kernel checks again rather than read out of bounds
+    x, R = jnp.ones(x_shape, jnp.float32), jnp.ones(R_shape, jnp.float32)
+    with pytest.raises(Exception, match=message):
+        _native_rotate.rotate_cpu(x, R).block_until_ready()
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(_native_rotate.rotate_grad_cpu(x, x, R))
+
+
+def test_zero_tokens():
+    x, R = jnp.zeros((0, 64), jnp.float32), jnp.ones((2, 32, 32), jnp.float32)
+    assert _native_rotate.rotate_cpu(x, R).shape == (0, 64)
+    dx, dR = _native_rotate.rotate_grad_cpu(x, x, R)
+    assert dx.shape == (0, 64)
+    np.testing.assert_array_equal(np.asarray(dR), np.zeros((2, 32, 32), np.float32))
+
+
+def test_disabled_by_environment_falls_back_to_xla():
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np; from oftjax import nn\n"
+        "from oftjax.nn._rotated_matmul import rotate_blocks\n"
+        "info = nn.rotation_native_info()\n"
+        "assert not info['available'] and 'OFTJAX_NATIVE=0' in info['reason'], info\n"
+        "x, R = jnp.ones((8, 64)), jnp.ones((2, 32, 32))\n"
+        "assert 'oftjax_rotate' not in jax.jit(rotate_blocks).lower(x, R).as_text()\n"
+        "print(float(rotate_blocks(x, R).sum()))\n"
+    )
+    env = dict(os.environ, OFTJAX_NATIVE="0", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True, text=True)
+    assert float(out.stdout) == 8 * 64 * 32
