@@ -13,7 +13,13 @@ Times are the best of ``--reps`` runs after warm-up (JAX: compilation): on a sha
 the estimate least disturbed by other load (medians are printed too). Both frameworks run in this process on
 the same cores, round-robin (JAX step, torch step, floor, repeat) so that all three see the same load.
 
+A second table times applying the rotations alone, ``x BD(R)`` forward + gradients w.r.t. ``x`` and ``R``,
+at the same tokens x dim for several block sizes: oftjax's ``rotate_blocks`` (the native CPU kernel where it
+runs, csrc/rotate.cc), its XLA formulation (what GPUs and other block sizes run), and PEFT's own
+``einsum("...rk,rkc->...rc")`` in torch.
+
 Usage: python benchmarks/bench_layer.py [--tokens 512 --dim 2048 --block 32 --reps 10]
+                                       [--rotation-blocks 16,32,64]
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from flax import nnx
 from interop import bnb as bnb_io
 from interop import oracle
 from oftjax.config import OFTConfig
-from oftjax.nn import Linear4bit, Linear8bit, OFTParam
+from oftjax.nn import Linear4bit, Linear8bit, OFTParam, rotation_native_info
+from oftjax.nn._rotated_matmul import _rotate_blocks_xla, rotate_blocks
 from oftjax.surgery import apply_oft
 
 BASES = ("float", "int8", "nf4")
@@ -148,12 +155,39 @@ def bench(
     return rows
 
 
+def bench_rotation(a: argparse.Namespace, block: int) -> dict[str, tuple[float, float]]:
+    """Applying the rotations alone: ``sum(x BD(R) * G)`` and its gradients w.r.t. ``x`` and ``R``."""
+    torch = oracle.require("torch")
+    g = torch.Generator().manual_seed(block)
+    x_t = torch.randn(a.tokens, a.dim, generator=g)
+    G_t = torch.randn(a.tokens, a.dim, generator=g)
+    R_t = torch.linalg.qr(torch.randn(a.dim // block, block, block, generator=g))[0]
+    x, G, R = (jnp.asarray(t.numpy()) for t in (x_t, G_t, R_t))
+
+    def jax_step(rotate):
+        f = jax.jit(jax.value_and_grad(lambda x, R, G: jnp.sum(rotate(x, R) * G), argnums=(0, 1)))
+        return lambda: jax.block_until_ready(f(x, R, G))
+
+    x_t.requires_grad_(True)
+    R_t.requires_grad_(True)
+
+    def torch_step():
+        x_t.grad = R_t.grad = None
+        y = torch.einsum("...rk,rkc->...rc", x_t.reshape(a.tokens, -1, block), R_t).reshape(a.tokens, a.dim)
+        (y * G_t).sum().backward()
+
+    return time_interleaved(
+        {"oftjax": jax_step(rotate_blocks), "xla": jax_step(_rotate_blocks_xla), "torch": torch_step}, a.reps
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--reps", type=int, default=12)
+    p.add_argument("--rotation-blocks", default="16,32,64", help="block sizes of the rotation-only table")
     a = p.parse_args()
     torch = oracle.require("torch")
     print(
@@ -169,6 +203,15 @@ def main() -> None:
     print(
         "targets: JAX/torch <= 0.80, JAX/floor <= 1.20 (floor: JAX dense matmul fwd + input grad, no adapter)"
     )
+    native = rotation_native_info()["block_sizes"]
+    print(f"\nx BD(R) alone, fwd + grads (x, R): tokens={a.tokens}, dim {a.dim}; native sizes {native}")
+    head = ("block", "oftjax ms", "XLA path ms", "torch ms", "oftjax/torch", "XLA/oftjax")
+    print(f"{head[0]:<6} {head[1]:>16} {head[2]:>16} {head[3]:>16} {head[4]:>12} {head[5]:>10}")
+    for block in (int(b) for b in a.rotation_blocks.split(",")):
+        t = bench_rotation(a, block)
+        cells = " ".join(f"{f'{b:.2f} ({m:.2f})':>16}" for b, m in (t["oftjax"], t["xla"], t["torch"]))
+        ratios = f"{t['oftjax'][0] / t['torch'][0]:>12.2f} {t['xla'][0] / t['oftjax'][0]:>10.2f}"
+        print(f"{block:<6} {cells} {ratios}{'' if block in native else '  (XLA path: not a native size)'}")
 
 
 if __name__ == "__main__":

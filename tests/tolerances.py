@@ -85,6 +85,12 @@ TOL: dict[str, Tol] = {
         "csrc/rotate.cc vs a float64 evaluation: fp32 sums of b products (x BD, g BD^T) or of tokens x b "
         "products in fixed 128-token chunks (dR), with fused multiply-adds; atol x max(1, max |expected|)",
     ),
+    "native_attention": Tol(
+        1e-5,
+        1e-6,
+        "csrc/attention.cc vs float64: fp32 scores, a polynomial exp (~1 ulp), softmax and products summed "
+        "in tile order with fused multiply-adds (measured <= 1e-6 x max |expected|); atol x that max",
+    ),
     "dequant_absmax_grad": Tol(
         1e-6, 1e-7, "fp32 sum of 64 code*g products per block: XLA reduction order vs numpy's pairwise sum"
     ),

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from oftjax.models import _native_attention
 from oftjax.models._attention import causal_attention
 from oftjax.models._config import ModelConfig
 from oftjax.models._rope import apply_rope, rope_cos_sin
@@ -113,11 +114,19 @@ class Attention(nnx.Module):
             out = self._attend(q, k, v, mask, causal_only, window)
         return _project(self.o_proj, out)
 
+    def _native(self, dtype) -> bool:
+        # The fused CPU kernels (csrc/attention.cc) when the computation targets the CPU; the XLA path on
+        # GPU/TPU. Decided when tracing: a jitted step lowers for the default backend's devices.
+        return jax.default_backend() == "cpu" and _native_attention.supports(self.head_dim, dtype)
+
     def _attend(self, q, k, v, mask, causal_only: bool, window: int | None) -> jax.Array:
         # q [b, s, heads, d] and k, v [b, s, kv, d] (rotated) -> [b, s, heads * d].
         b, s, _, _ = q.shape
         kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         scale = self.head_dim**-0.5
+        if causal_only and self._native(q.dtype):
+            out = _native_attention.fused_causal_attention(q, k, v, scale, window)
+            return out.reshape(b, s, self.num_heads * self.head_dim)
         exact = math.frexp(scale)[0] == 0.5  # a power of two: scaling q first gives the same bits
         if exact:
             q = q * jnp.asarray(scale, q.dtype)

@@ -1,0 +1,109 @@
+"""The native CPU kernels for causal attention, forward and backward (``csrc/attention.cc``), via jax.ffi.
+
+``fused_causal_attention`` runs them: float32 q/k/v in the projections' ``[b, s, heads, d]`` layout, grouped
+kv heads, causal with an optional sliding window, head dim a multiple of 16 up to 128, on an AVX-512 CPU
+(``supports``). The forward saves only the output and the per-row log-sum-exp; the backward recomputes the
+probabilities tile by tile (no ``[s, s]`` matrix is kept). ``Attention`` uses it for unpadded batches when
+JAX's default backend is the CPU; otherwise (GPU/TPU, bf16, padding masks, other head dims) the blocked XLA
+path of ``oftjax.models._attention`` runs. The two agree to float32 rounding (tests/models/
+test_native_attention.py). ``OFTJAX_NATIVE=0`` turns the kernels off.
+
+Why they exist: XLA:CPU ran the attention of a train step as ~80 small ops per layer and it cost ~15% of the
+step; the kernels keep 32 query rows' scores in cache and read q/k/v in place (benchmarks/profile_train.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oftjax import _ffi
+
+_STEM = "_attention_cpu"
+_FORWARD = "oftjax_attention"
+_BACKWARD = "oftjax_attention_grad"
+_DIR = Path(__file__).parent
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    lib, reason = _ffi.load(_DIR, _STEM, ((_FORWARD, "OftjaxAttention"), (_BACKWARD, "OftjaxAttentionGrad")))
+    if lib is not None:
+        lib.OftjaxAttentionSupports.restype = ctypes.c_int
+        lib.OftjaxAttentionSupports.argtypes = (ctypes.c_int64,)
+    return lib, reason
+
+
+def native_info() -> dict[str, Any]:
+    """Whether the attention kernels run on this machine, and for which head dims.
+
+    Returns:
+      ``{"available": bool, "library": str | None, "head_dims": list[int], "reason": str}``; ``head_dims``
+      is empty without AVX-512.
+
+    Example:
+      >>> from oftjax import models
+      >>> sorted(models.attention_native_info())
+      ['available', 'head_dims', 'library', 'reason']
+    """
+    lib, reason = _load()
+    path = _ffi.library_path(_DIR, _STEM)
+    dims = [d for d in range(1, 257) if lib is not None and lib.OftjaxAttentionSupports(d)]
+    if lib is not None and not dims:
+        reason = "loaded, but this CPU has no AVX-512: attention takes the XLA path"
+    library = str(path) if path else None
+    return {"available": lib is not None, "library": library, "head_dims": dims, "reason": reason}
+
+
+def supports(head_dim: int, dtype: Any) -> bool:
+    """True when the kernels are loaded and run float32 attention with this head dim on this machine."""
+    lib = _load()[0]
+    return lib is not None and np.dtype(dtype) == np.float32 and bool(lib.OftjaxAttentionSupports(head_dim))
+
+
+def _attrs(scale: float, window: int | None) -> dict[str, Any]:
+    return {"scale": np.float32(scale), "window": np.int64(window or 0)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, window: int | None = None
+) -> jax.Array:
+    """``softmax(scale * q k^T + causal mask) v`` per query head; CPU only (see ``supports``).
+
+    Args:
+      q: ``[b, s, heads, d]`` float32.
+      k, v: ``[b, s, kv_heads, d]``; query head ``h`` attends with kv head ``h // (heads // kv_heads)``.
+      scale: multiplies the float32 scores after the product (HF's ``* self.scaling``).
+      window: sliding window (keys ``j > i - window`` only), None for plain causal.
+
+    Returns:
+      ``[b, s, heads, d]`` float32.
+    """
+    return _forward(q, k, v, scale, window)[0]
+
+
+def _forward(q, k, v, scale, window):
+    b, s, h, _ = q.shape
+    out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
+    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(q, k, v, **_attrs(scale, window))
+
+
+def _fwd(q, k, v, scale, window):
+    o, lse = _forward(q, k, v, scale, window)
+    return o, (q, k, v, o, lse)
+
+
+def _bwd(scale, window, res, g):
+    q, k, v, o, lse = res
+    out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v))
+    call = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")
+    return call(q, k, v, o, lse, g.astype(q.dtype), **_attrs(scale, window))
+
+
+fused_causal_attention.defvjp(_fwd, _bwd)
