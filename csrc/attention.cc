@@ -3,7 +3,9 @@
 // 128.
 //
 // Layouts are the projections' own: q and o [B, S, H, D], k and v [B, S, KV, D]; query head h reads kv head
-// h / (H / KV) (HF's repeat_kv). With s_ij = scale * (q_i . k_j) over the allowed keys j (j <= i, and
+// h / (H / KV) (HF's repeat_kv). With rope, q and k are first rotated by the rotary tables cos, sin [B, S, D]
+// (HF's apply_rotary_pos_emb, q * cos + rotate_half(q) * sin; the gradients go back through it), so the
+// rotated q and k are never written out. With s_ij = scale * (q_i . k_j) over the allowed keys j (j <= i, and
 // j > i - window with a window):
 //   OftjaxAttention:      o_i = sum_j p_ij v_j,  p_ij = exp(s_ij - m_i) / l_i,  lse_i = m_i + log(l_i)
 //   OftjaxAttentionGrad:  from q, k, v, o, lse and do: p_ij = exp(s_ij - lse_i) recomputed,
@@ -52,13 +54,39 @@ constexpr int64_t kMaxHeadDim = 128;
 struct Dims {
   int64_t B, S, H, KV, D;
   float scale;
-  int64_t window;  // 0: plain causal
+  int64_t window;     // 0: plain causal
+  const float* cos;   // rotary tables [B, S, D] applied to q and k inside the kernels; null: none
+  const float* sin;
   int64_t q_row() const { return H * D; }   // stride between sequence positions in q / o / do / dq
   int64_t kv_row() const { return KV * D; }  // in k / v / dk / dv
   int64_t lo(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0; }
 };
 
 inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// HF's apply_rotary_pos_emb on one row: out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+inline void Rope(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) out[d] = x[d] * c[d] - x[d + h] * s[d];
+  for (int64_t d = h; d < D; ++d) out[d] = x[d] * c[d] + x[d - h] * s[d];
+}
+
+// Its transpose, for gradients: out = g * cos + rotate_half^T(g * sin), rotate_half^T(z) = [z2, -z1].
+inline void RopeTranspose(const float* g, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) out[d] = g[d] * c[d] + g[d + h] * s[d + h];
+  for (int64_t d = h; d < D; ++d) out[d] = g[d] * c[d] - g[d - h] * s[d - h];
+}
+
+// Row j of batch b of x (row stride ld) with the rotary embedding applied (or copied when there is none).
+inline void RotatedRow(const float* x, const Dims& dm, int64_t b, int64_t j, float* out) {
+  if (dm.cos == nullptr) {
+    std::memcpy(out, x, sizeof(float) * dm.D);
+    return;
+  }
+  const int64_t t = (b * dm.S + j) * dm.D;
+  Rope(x, dm.cos + t, dm.sin + t, dm.D, out);
+}
 
 #if OFTJAX_ATTN_X86
 #define OFTJAX_AVX512 __attribute__((target("avx512f")))
@@ -242,6 +270,7 @@ OFTJAX_AVX512 void Probabilities(float* P, int64_t ldp, int64_t i0, int64_t nrow
 
 struct Scratch {
   std::vector<float> kt, vt, p, dp, dk, dv;  // kt, vt: the backward's transposed keys and values
+  std::vector<float> krot, qrot, dqt;        // rotated keys [S, D], a tile's rotated queries and dq [kTile, D]
   std::vector<const float*> rows, rows2;
   std::vector<float*> outs;
   std::vector<int64_t> lo, hi;
@@ -255,12 +284,14 @@ OFTJAX_AVX512 void ForwardTile(const float* q, const float* kt, int64_t ldk, con
   const int64_t ka = dm.lo(i0) / kKeyStep * kKeyStep, width = RoundUp(i1 - ka, kKeyStep);
   const float* vb = v + (b * dm.S) * dm.kv_row() + kh * D;
   s.p.resize(kTile * width);
+  s.qrot.resize(kTile * D);
   s.rows.resize(kTile);
   s.outs.resize(kTile);
   s.lo.resize(kTile);
   s.hi.resize(kTile);
   for (int64_t r = 0; r < n; ++r) {
-    s.rows[r] = q + ((b * dm.S + i0 + r) * dm.H + h) * D;
+    RotatedRow(q + ((b * dm.S + i0 + r) * dm.H + h) * D, dm, b, i0 + r, s.qrot.data() + r * D);
+    s.rows[r] = s.qrot.data() + r * D;
     s.outs[r] = o + ((b * dm.S + i0 + r) * dm.H + h) * D;
     s.lo[r] = dm.lo(i0 + r) - ka;
     s.hi[r] = i0 + r - ka + 1;
@@ -278,20 +309,24 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
   const int64_t D = dm.D, S = dm.S, groups = dm.H / dm.KV, width_all = RoundUp(S, kKeyStep);
   const float* kb = k + (b * S) * dm.kv_row() + kh * D;
   const float* vb = v + (b * S) * dm.kv_row() + kh * D;
+  s.krot.resize(S * D);
+  for (int64_t j = 0; j < S; ++j) RotatedRow(kb + j * dm.kv_row(), dm, b, j, s.krot.data() + j * D);
   s.kt.resize(D * width_all);
   s.vt.resize(D * width_all);
-  TransposeRows(kb, dm.kv_row(), 0, S, D, s.kt.data(), width_all);
+  TransposeRows(s.krot.data(), D, 0, S, D, s.kt.data(), width_all);
   TransposeRows(vb, dm.kv_row(), 0, S, D, s.vt.data(), width_all);
   s.dk.assign(S * D, 0.0f);
   s.dv.assign(S * D, 0.0f);
   s.p.resize(kTile * width_all);
   s.dp.resize(kTile * width_all);
+  s.qrot.resize(kTile * D);
+  s.dqt.resize(kTile * D);
   s.rows.resize(kTile);
   s.rows2.resize(kTile);
   s.outs.resize(kTile);
   s.lo.resize(kTile);
   s.hi.resize(kTile);
-  std::vector<float> delta(kTile);
+  float delta[kTile];
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t h = kh * groups + g;
     for (int64_t i0 = 0; i0 < S; i0 += kTile) {
@@ -301,14 +336,16 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
       const float* vt = s.vt.data() + ka;
       for (int64_t r = 0; r < n; ++r) {
         const int64_t row = ((b * S + i0 + r) * dm.H + h) * D;
-        s.rows[r] = q + row;
+        RotatedRow(q + row, dm, b, i0 + r, s.qrot.data() + r * D);
+        s.rows[r] = s.qrot.data() + r * D;
         s.rows2[r] = dout + row;
-        s.outs[r] = dq + row;
+        s.outs[r] = s.dqt.data() + r * D;
         s.lo[r] = dm.lo(i0 + r) - ka;
         s.hi[r] = i0 + r - ka + 1;
-        float acc = 0.0f;
-        for (int64_t d = 0; d < D; ++d) acc += dout[row + d] * o[row + d];
-        delta[r] = acc;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16)
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(dout + row + d), _mm512_loadu_ps(o + row + d), acc);
+        delta[r] = _mm512_reduce_add_ps(acc);
       }
       float* P = s.p.data();
       float* dP = s.dp.data();
@@ -328,12 +365,26 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
       const int64_t c_lo = s.lo[0];
       Kernels<ND>::Accumulate(P, width, s.rows2.data(), n, c_lo, c_hi, s.dv.data() + ka * D);
       Kernels<ND>::Accumulate(dP, width, s.rows.data(), n, c_lo, c_hi, s.dk.data() + ka * D);
-      Kernels<ND>::Combine(dP, width, n, kb + ka * dm.kv_row(), dm.kv_row(), s.lo.data(), s.hi.data(),
-                           s.outs.data());
+      Kernels<ND>::Combine(dP, width, n, s.krot.data() + ka * D, D, s.lo.data(), s.hi.data(), s.outs.data());
+      for (int64_t r = 0; r < n; ++r) {  // dq through the rotary embedding
+        float* out = dq + ((b * S + i0 + r) * dm.H + h) * D;
+        if (dm.cos == nullptr) {
+          std::memcpy(out, s.outs[r], sizeof(float) * D);
+        } else {
+          const int64_t t = (b * S + i0 + r) * D;
+          RopeTranspose(s.outs[r], dm.cos + t, dm.sin + t, D, out);
+        }
+      }
     }
   }
   for (int64_t j = 0; j < S; ++j) {
-    std::memcpy(dk + (b * S + j) * dm.kv_row() + kh * D, s.dk.data() + j * D, sizeof(float) * D);
+    float* out = dk + (b * S + j) * dm.kv_row() + kh * D;
+    if (dm.cos == nullptr) {
+      std::memcpy(out, s.dk.data() + j * D, sizeof(float) * D);
+    } else {
+      const int64_t t = (b * S + j) * D;
+      RopeTranspose(s.dk.data() + j * D, dm.cos + t, dm.sin + t, D, out);
+    }
     std::memcpy(dv + (b * S + j) * dm.kv_row() + kh * D, s.dv.data() + j * D, sizeof(float) * D);
   }
 }
@@ -375,7 +426,8 @@ bool HasAvx512() { return false; }
 bool Supported(int64_t head_dim) { return HasAvx512() && head_dim > 0 && head_dim % 16 == 0 && head_dim <= kMaxHeadDim; }
 
 ffi::Error CheckDims(const char* target, const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                     const ffi::Buffer<ffi::F32>& v, float scale, int64_t window, Dims* dm) {
+                     const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::F32>& cos,
+                     const ffi::Buffer<ffi::F32>& sin, bool rope, float scale, int64_t window, Dims* dm) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   const std::string t(target);
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) {
@@ -396,15 +448,22 @@ ffi::Error CheckDims(const char* target, const ffi::Buffer<ffi::F32>& q, const f
                                        " needs AVX-512 and a multiple of 16 up to " + std::to_string(kMaxHeadDim));
   }
   if (window < 0) return ffi::Error::InvalidArgument(t + ": window must be >= 0 (0: none)");
-  *dm = Dims{qd[0], qd[1], qd[2], kd[2], qd[3], scale, window};
+  const size_t table = static_cast<size_t>(qd[0] * qd[1] * qd[3]);
+  if (rope && (cos.element_count() != table || sin.element_count() != table)) {
+    return ffi::Error::InvalidArgument(t + ": cos and sin must be [B, S, D] = " + std::to_string(table) +
+                                       " values");
+  }
+  *dm = Dims{qd[0], qd[1], qd[2], kd[2], qd[3], scale, window, rope ? cos.typed_data() : nullptr,
+             rope ? sin.typed_data() : nullptr};
   return ffi::Error::Success();
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                         ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
-                         float scale, int64_t window) {
+                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                         ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, float scale,
+                         int64_t window, bool rope) {
   Dims dm;
-  if (auto e = CheckDims("oftjax_attention", q, k, v, scale, window, &dm); e.failure()) return e;
+  if (auto e = CheckDims("oftjax_attention", q, k, v, cos, sin, rope, scale, window, &dm); e.failure()) return e;
   if (o->element_count() != q.element_count() || lse->element_count() != static_cast<size_t>(dm.B * dm.H * dm.S)) {
     return ffi::Error::InvalidArgument("oftjax_attention: o must have q's shape and lse [B, H, S]");
   }
@@ -417,7 +476,11 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
   float* ktp = kt.data();
   ParallelFor(pool, dm.B * dm.KV, [=](int64_t u) {
     const int64_t b = u / dm.KV, kh = u % dm.KV;
-    TransposeRows(kp + b * dm.S * dm.kv_row() + kh * dm.D, dm.kv_row(), 0, dm.S, dm.D, ktp + u * per, ldk);
+    std::vector<float> rows(static_cast<size_t>(dm.S * dm.D));  // the rotated keys, then transposed
+    for (int64_t j = 0; j < dm.S; ++j) {
+      RotatedRow(kp + (b * dm.S + j) * dm.kv_row() + kh * dm.D, dm, b, j, rows.data() + j * dm.D);
+    }
+    TransposeRows(rows.data(), dm.D, 0, dm.S, dm.D, ktp + u * per, ldk);
   });
   const int64_t tiles = (dm.S + kTile - 1) / kTile;
   ParallelFor(pool, dm.B * dm.H * tiles, [=](int64_t u) {
@@ -431,12 +494,14 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
 }
 
 ffi::Error AttentionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
-                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
-                             int64_t window) {
+                             ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                             ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t window, bool rope) {
   Dims dm;
-  if (auto e = CheckDims("oftjax_attention_grad", q, k, v, scale, window, &dm); e.failure()) return e;
+  if (auto e = CheckDims("oftjax_attention_grad", q, k, v, cos, sin, rope, scale, window, &dm); e.failure()) {
+    return e;
+  }
   if (o.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
       dq->element_count() != q.element_count() || dk->element_count() != k.element_count() ||
       dv->element_count() != k.element_count() || lse.element_count() != static_cast<size_t>(dm.B * dm.H * dm.S)) {
@@ -463,10 +528,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxAttention, AttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q [B, S, H, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [B, S, KV, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v [B, S, KV, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos [B, S, D] (with rope)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin [B, S, D] (with rope)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // o [B, S, H, D]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse [B, H, S]
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("window"));  // 0: plain causal
+                                  .Attr<int64_t>("window")  // 0: plain causal
+                                  .Attr<bool>("rope"));     // rotate q and k by cos / sin first
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxAttentionGrad, AttentionGradImpl,
                               ffi::Ffi::Bind()
@@ -474,6 +542,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxAttentionGrad, AttentionGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
                                   .Arg<ffi::Buffer<ffi::F32>>()  // o, the forward's output
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse, the forward's log-sum-exp
                                   .Arg<ffi::Buffer<ffi::F32>>()  // do, the output cotangent
@@ -481,7 +551,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxAttentionGrad, AttentionGradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<int64_t>("window")
+                                  .Attr<bool>("rope"));
 
 // 1 when the kernels run for this head dim on this machine (AVX-512, a multiple of 16 up to 128), else 0.
 extern "C" int OftjaxAttentionSupports(int64_t head_dim) { return Supported(head_dim) ? 1 : 0; }

@@ -55,10 +55,10 @@ constexpr int BlockRowsPerPass(int nv) { return nv == 1 ? 16 : nv == 2 ? 8 : 4; 
 // Each output is sum_k x[k] * R[k][c] accumulated in k order with fused multiply-adds.
 template <int NV, int TT>
 OFTJAX_AVX512 void RotateRowsTile(const float* __restrict x, const float* __restrict R, float* __restrict y,
-                                  int64_t r, int64_t t0, int64_t t1) {
+                                  int64_t r, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
   constexpr int B = 16 * NV;
   const int64_t d = r * B;
-  for (int64_t n = 0; n < r; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     const float* Rn = R + n * B * B;
     for (int64_t t = t0; t < t1; t += TT) {
       __m512 acc[TT][NV];
@@ -79,20 +79,22 @@ OFTJAX_AVX512 void RotateRowsTile(const float* __restrict x, const float* __rest
 }
 
 template <int NV>
-OFTJAX_AVX512 void RotateRowsNV(const float* x, const float* R, float* y, int64_t r, int64_t t0, int64_t t1) {
+OFTJAX_AVX512 void RotateRowsNV(const float* x, const float* R, float* y, int64_t r, int64_t t0, int64_t t1,
+                               int64_t n0, int64_t n1) {
   constexpr int TT = RowsPerPass(NV);
   const int64_t whole = t0 + (t1 - t0) / TT * TT;
-  RotateRowsTile<NV, TT>(x, R, y, r, t0, whole);
-  if constexpr (TT > 1) RotateRowsTile<NV, 1>(x, R, y, r, whole, t1);
+  RotateRowsTile<NV, TT>(x, R, y, r, t0, whole, n0, n1);
+  if constexpr (TT > 1) RotateRowsTile<NV, 1>(x, R, y, r, whole, t1, n0, n1);
 }
 
-// out[n][k][c] = sum over t in [t0, t1) of x[t, n*b + k] * g[t, n*b + c] (t ascending, fused multiply-adds).
+// out[n][k][c] = sum over t in [t0, t1) of x[t, n*b + k] * g[t, n*b + c] (t ascending, fused multiply-adds),
+// blocks n in [n0, n1).
 template <int NV>
 OFTJAX_AVX512 void BlockGramNV(const float* __restrict x, const float* __restrict g, float* __restrict out,
-                               int64_t r, int64_t t0, int64_t t1) {
+                               int64_t r, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
   constexpr int B = 16 * NV, KT = BlockRowsPerPass(NV);
   const int64_t d = r * B;
-  for (int64_t n = 0; n < r; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     for (int k0 = 0; k0 < B; k0 += KT) {
       __m512 acc[KT][NV];
       for (int kk = 0; kk < KT; ++kk)
@@ -111,8 +113,9 @@ OFTJAX_AVX512 void BlockGramNV(const float* __restrict x, const float* __restric
   }
 }
 
-using RotateFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
-using GramFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
+// (x or g, R or x, out, r, t0, t1, n0, n1): token rows [t0, t1), blocks [n0, n1)
+using RotateFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+using GramFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 template <int... NV>
 constexpr std::array<RotateFn, sizeof...(NV)> RotateTable(std::integer_sequence<int, NV...>) {
@@ -135,15 +138,17 @@ bool HasAvx512() { return false; }
 
 bool Supported(int64_t b) { return HasAvx512() && b > 0 && b % 16 == 0 && b <= kMaxBlock; }
 
-void RotateRows(const float* x, const float* R, float* y, int64_t r, int64_t b, int64_t t0, int64_t t1) {
+void RotateRows(const float* x, const float* R, float* y, int64_t r, int64_t b, int64_t t0, int64_t t1,
+                int64_t n0, int64_t n1) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  kRotate[b / 16 - 1](x, R, y, r, t0, t1);
+  kRotate[b / 16 - 1](x, R, y, r, t0, t1, n0, n1);
 #endif
 }
 
-void BlockGram(const float* x, const float* g, float* out, int64_t r, int64_t b, int64_t t0, int64_t t1) {
+void BlockGram(const float* x, const float* g, float* out, int64_t r, int64_t b, int64_t t0, int64_t t1,
+               int64_t n0, int64_t n1) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  kGram[b / 16 - 1](x, g, out, r, t0, t1);
+  kGram[b / 16 - 1](x, g, out, r, t0, t1, n0, n1);
 #endif
 }
 
@@ -195,7 +200,7 @@ ffi::Error RotateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   float* yp = y->typed_data();
   const int64_t chunks = (tokens + kRowChunk - 1) / kRowChunk;
   ParallelFor(pool, chunks, [=](int64_t c) {
-    RotateRows(xp, Rp, yp, r, b, c * kRowChunk, std::min(tokens, (c + 1) * kRowChunk));
+    RotateRows(xp, Rp, yp, r, b, c * kRowChunk, std::min(tokens, (c + 1) * kRowChunk), 0, r);
   });
   return ffi::Error::Success();
 }
@@ -217,8 +222,10 @@ ffi::Error RotateGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   float* pp = partial.data();
   ParallelFor(pool, chunks, [=](int64_t c) {
     const int64_t t0 = c * kGradChunk, t1 = std::min(tokens, t0 + kGradChunk);
-    RotateRows(gp, Rtp, dxp, r, b, t0, t1);
-    BlockGram(xp, gp, pp + c * block_elems, r, b, t0, t1);
+    for (int64_t n = 0; n < r; ++n) {  // block by block: the chunk's g and x columns stay in L1 for both
+      RotateRows(gp, Rtp, dxp, r, b, t0, t1, n, n + 1);
+      BlockGram(xp, gp, pp + c * block_elems, r, b, t0, t1, n, n + 1);
+    }
   });
   float* out = dR->typed_data();
   if (block_elems > 0) std::memcpy(out, pp, sizeof(float) * static_cast<size_t>(block_elems));

@@ -108,6 +108,12 @@ class Attention(nnx.Module):
         q = _project(self.q_proj, x).reshape(b, s, self.num_heads, self.head_dim)
         k = _project(self.k_proj, x).reshape(b, s, kv, self.head_dim)
         v = _project(self.v_proj, x).reshape(b, s, kv, self.head_dim)
+        if causal_only and self._native(q.dtype):
+            # the fused CPU kernels apply RoPE to q and k themselves
+            with jax.named_scope("attention"):
+                scale = self.head_dim**-0.5
+                out = _native_attention.fused_causal_attention(q, k, v, scale, window, cos=cos, sin=sin)
+            return _project(self.o_proj, out.reshape(b, s, self.num_heads * self.head_dim))
         with jax.named_scope("rope"):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         with jax.named_scope("attention"):
@@ -124,9 +130,6 @@ class Attention(nnx.Module):
         b, s, _, _ = q.shape
         kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
         scale = self.head_dim**-0.5
-        if causal_only and self._native(q.dtype):
-            out = _native_attention.fused_causal_attention(q, k, v, scale, window)
-            return out.reshape(b, s, self.num_heads * self.head_dim)
         exact = math.frexp(scale)[0] == 0.5  # a power of two: scaling q first gives the same bits
         if exact:
             q = q * jnp.asarray(scale, q.dtype)

@@ -1,8 +1,8 @@
 """The native CPU kernels for causal attention, forward and backward (``csrc/attention.cc``), via jax.ffi.
 
 ``fused_causal_attention`` runs them: float32 q/k/v in the projections' ``[b, s, heads, d]`` layout, grouped
-kv heads, causal with an optional sliding window, head dim a multiple of 16 up to 128, on an AVX-512 CPU
-(``supports``). The forward saves only the output and the per-row log-sum-exp; the backward recomputes the
+kv heads, rotary embeddings applied inside (q and k rotated on the fly), causal with an optional sliding
+window, head dim a multiple of 16 up to 128, on an AVX-512 CPU (``supports``). The forward saves only the output and the per-row log-sum-exp; the backward recomputes the
 probabilities tile by tile (no ``[s, s]`` matrix is kept). ``Attention`` uses it for unpadded batches when
 JAX's default backend is the CPU; otherwise (GPU/TPU, bf16, padding masks, other head dims) the blocked XLA
 path of ``oftjax.models._attention`` runs. The two agree to float32 rounding (tests/models/
@@ -66,44 +66,65 @@ def supports(head_dim: int, dtype: Any) -> bool:
     return lib is not None and np.dtype(dtype) == np.float32 and bool(lib.OftjaxAttentionSupports(head_dim))
 
 
-def _attrs(scale: float, window: int | None) -> dict[str, Any]:
-    return {"scale": np.float32(scale), "window": np.int64(window or 0)}
+def _attrs(scale: float, window: int | None, rope: bool) -> dict[str, Any]:
+    return {"scale": np.float32(scale), "window": np.int64(window or 0), "rope": bool(rope)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, window: int | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    scale: float,
+    window: int | None = None,
+    *,
+    cos: jax.Array | None = None,
+    sin: jax.Array | None = None,
 ) -> jax.Array:
-    """``softmax(scale * q k^T + causal mask) v`` per query head; CPU only (see ``supports``).
+    """``softmax(scale * rope(q) rope(k)^T + causal mask) v`` per query head; CPU only (see ``supports``).
 
     Args:
       q: ``[b, s, heads, d]`` float32.
       k, v: ``[b, s, kv_heads, d]``; query head ``h`` attends with kv head ``h // (heads // kv_heads)``.
       scale: multiplies the float32 scores after the product (HF's ``* self.scaling``).
       window: sliding window (keys ``j > i - window`` only), None for plain causal.
+      cos, sin: rotary tables ``[b, s, d]`` (``oftjax.models._rope.rope_cos_sin``): q and k are rotated by
+        them first, exactly HF's ``apply_rotary_pos_emb``, inside the kernels; None (both): no rotation.
+        They get no gradient.
 
     Returns:
       ``[b, s, heads, d]`` float32.
     """
-    return _forward(q, k, v, scale, window)[0]
+    if (cos is None) != (sin is None):
+        raise ValueError("fused_causal_attention: pass both cos and sin, or neither")
+    rope = cos is not None
+    if not rope:
+        cos = sin = jnp.zeros((0,), jnp.float32)
+    return _attention(q, k, v, cos.astype(jnp.float32), sin.astype(jnp.float32), scale, window, rope)
 
 
-def _forward(q, k, v, scale, window):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, cos, sin, scale, window, rope):
+    return _forward(q, k, v, cos, sin, scale, window, rope)[0]
+
+
+def _forward(q, k, v, cos, sin, scale, window, rope):
     b, s, h, _ = q.shape
     out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
-    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(q, k, v, **_attrs(scale, window))
+    call = jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")
+    return call(q, k, v, cos, sin, **_attrs(scale, window, rope))
 
 
-def _fwd(q, k, v, scale, window):
-    o, lse = _forward(q, k, v, scale, window)
-    return o, (q, k, v, o, lse)
+def _fwd(q, k, v, cos, sin, scale, window, rope):
+    o, lse = _forward(q, k, v, cos, sin, scale, window, rope)
+    return o, (q, k, v, cos, sin, o, lse)
 
 
-def _bwd(scale, window, res, g):
-    q, k, v, o, lse = res
+def _bwd(scale, window, rope, res, g):
+    q, k, v, cos, sin, o, lse = res
     out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v))
     call = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")
-    return call(q, k, v, o, lse, g.astype(q.dtype), **_attrs(scale, window))
+    dq, dk, dv = call(q, k, v, cos, sin, o, lse, g.astype(q.dtype), **_attrs(scale, window, rope))
+    return dq, dk, dv, jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
-fused_causal_attention.defvjp(_fwd, _bwd)
+_attention.defvjp(_fwd, _bwd)

@@ -39,16 +39,33 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def assert_close(got, expected):
+def assert_close(got, expected, magnitude=0.0):
+    """Within TOL["native_attention"]; atol times max(1, max |expected|, magnitude)."""
     tol = TOL["native_attention"]
     expected = np.asarray(expected, np.float64)
-    scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    scale = max(1.0, magnitude, float(np.max(np.abs(expected))) if expected.size else 0.0)
     np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=tol.rtol, atol=tol.atol * scale)
 
 
-def reference(q, k, v, do, scale, window):
+def rope(x, cos, sin):
+    """HF's apply_rotary_pos_emb in float64: x * cos + rotate_half(x) * sin, tables [b, s, d]."""
+    half = x.shape[-1] // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None] + rot * sin[:, :, None]
+
+
+def rope_transpose(g, cos, sin):
+    half = g.shape[-1] // 2
+    gs = g * sin[:, :, None]
+    return g * cos[:, :, None] + np.concatenate([gs[..., half:], -gs[..., :half]], axis=-1)
+
+
+def reference(q, k, v, do, scale, window, cos=None, sin=None):
     """Output, log-sum-exp and gradients in float64 (the textbook softmax-attention backward)."""
     q, k, v, do = (np.asarray(a, np.float64) for a in (q, k, v, do))
+    if cos is not None:
+        cos, sin = np.asarray(cos, np.float64), np.asarray(sin, np.float64)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
     _, s, h, _ = q.shape
     groups = h // k.shape[2]
     kk, vv = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
@@ -66,7 +83,10 @@ def reference(q, k, v, do, scale, window):
     dk = np.einsum("bhij,bihd->bjhd", ds, q)
     dv = np.einsum("bhij,bihd->bjhd", p, do)
     fold = lambda x: x.reshape(*x.shape[:2], k.shape[2], groups, x.shape[-1]).sum(3)  # noqa: E731
-    return o, lse, dq, fold(dk), fold(dv)
+    dk = fold(dk)
+    if cos is not None:
+        dq, dk = rope_transpose(dq, cos, sin), rope_transpose(dk, cos, sin)
+    return o, lse, dq, dk, fold(dv)
 
 
 def data(b, s, h, kv, d, seed=0):
@@ -100,16 +120,31 @@ def test_the_kernels_are_built_and_loaded():
     ],
     ids=lambda v: str(v),
 )
-def test_forward_and_gradients_match_float64(b, s, h, kv, d, window):
+@pytest.mark.parametrize("with_rope", [False, True], ids=["plain", "rope"])
+def test_forward_and_gradients_match_float64(b, s, h, kv, d, window, with_rope):
     q, k, v, do = data(b, s, h, kv, d, seed=s + d)
     scale = d**-0.5
-    o, lse = jax.jit(lambda q, k, v: na._forward(q, k, v, scale, window))(q, k, v)
-    out, vjp = jax.vjp(lambda q, k, v: na.fused_causal_attention(q, k, v, scale, window), q, k, v)
+    cos = sin = None
+    if with_rope:  # llama's tables for positions 3.. (any offsets work: the tables are inputs)
+        inv = 10000.0 ** (-np.arange(0, d, 2) / d)
+        ang = (np.arange(s)[:, None] + 3 + np.arange(b)[:, None, None]) * np.concatenate([inv, inv])
+        cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    attend = lambda q, k, v: na.fused_causal_attention(q, k, v, scale, window, cos=cos, sin=sin)  # noqa: E731
+    out, vjp = jax.vjp(attend, q, k, v)
     dq, dk, dv = vjp(jnp.asarray(do))
-    ro, rlse, rdq, rdk, rdv = reference(q, k, v, do, scale, window)
-    for got, expected in ((o, ro), (out, ro), (lse, rlse), (dq, rdq), (dk, rdk), (dv, rdv)):
+    empty = jnp.zeros((0,), jnp.float32)
+    tables = (cos, sin) if with_rope else (empty, empty)
+    o, lse = jax.jit(lambda q, k, v: na._forward(q, k, v, *tables, scale, window, with_rope))(q, k, v)
+    ro, rlse, rdq, rdk, rdv = reference(q, k, v, do, scale, window, cos, sin)
+    for got, expected in ((o, ro), (out, ro), (lse, rlse)):
         assert got.shape == expected.shape
         assert_close(got, expected)
+    # the three gradients are sums of the same products: an entry that cancels to ~0 (window 1: dq, dk are
+    # exactly 0) keeps rounding errors of the size of the largest gradient
+    magnitude = max(float(np.max(np.abs(a))) for a in (rdq, rdk, rdv))
+    for got, expected in ((dq, rdq), (dk, rdk), (dv, rdv)):
+        assert got.shape == expected.shape
+        assert_close(got, expected, magnitude)
 
 
 def test_results_are_deterministic():
@@ -190,15 +225,19 @@ def test_vmap_runs_the_kernel_per_element():
         ((1, 8, 3, 16), (1, 8, 2, 16), "query heads \\(3\\) must be a multiple of the kv heads \\(2\\)"),
         ((1, 8, 2, 16), (1, 9, 1, 16), "must agree on batch, sequence and head dim"),
         ((8, 2, 16), (8, 1, 16), "q must be \\[B, S, H, D\\]"),
+        ((1, 8, 2, 16), (1, 8, 1, 16), "cos and sin must be \\[B, S, D\\] = 128 values"),
     ],
-    ids=["head-dim", "groups", "seq", "rank"],
+    ids=["head-dim", "groups", "seq", "rank", "rope-tables"],
 )
 def test_kernel_rejects_inconsistent_operands(q_shape, kv_shape, message):
     q, kv = jnp.ones(q_shape, jnp.float32), jnp.ones(kv_shape, jnp.float32)
     b, s, h = (q_shape[0], q_shape[1], q_shape[2]) if len(q_shape) == 4 else (1, 1, 1)
     out = (jax.ShapeDtypeStruct(q_shape, jnp.float32), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
     with pytest.raises(Exception, match=message):
-        jax.block_until_ready(jax.ffi.ffi_call(na._FORWARD, out)(q, kv, kv, **na._attrs(1.0, None)))
+        empty = jnp.zeros((0,), jnp.float32)
+        call = jax.ffi.ffi_call(na._FORWARD, out)
+        with_rope = "cos" in message  # tables of the wrong size
+        jax.block_until_ready(call(q, kv, kv, empty, empty, **na._attrs(1.0, None, with_rope)))
 
 
 def test_disabled_by_environment_falls_back_to_xla():
