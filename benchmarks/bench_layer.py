@@ -18,8 +18,14 @@ at the same tokens x dim for several block sizes: oftjax's ``rotate_blocks`` (th
 runs, csrc/rotate.cc), its XLA formulation (what GPUs and other block sizes run), and PEFT's own
 ``einsum("...rk,rkc->...rc")`` in torch.
 
+A third table times rotary embedding + causal attention, forward + gradients w.r.t. q, k, v, at the train
+benchmark's attention shapes (``--attn-shape batch,seq,heads,kv_heads,head_dim``): oftjax's fused CPU kernels
+(RoPE inside, csrc/attention.cc), oftjax's XLA path (``apply_rope`` + blocked ``causal_attention``, what GPUs
+run), and torch as transformers runs Llama by default (``apply_rotary_pos_emb`` +
+``scaled_dot_product_attention`` with ``is_causal``).
+
 Usage: python benchmarks/bench_layer.py [--tokens 512 --dim 2048 --block 32 --reps 10]
-                                       [--rotation-blocks 16,32,64]
+                                       [--rotation-blocks 16,32,64] [--attn-shape 4,256,8,4,64]
 """
 
 from __future__ import annotations
@@ -181,6 +187,58 @@ def bench_rotation(a: argparse.Namespace, block: int) -> dict[str, tuple[float, 
     )
 
 
+def bench_attention(a: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """RoPE + causal attention, ``sum(out * G)`` and its gradients w.r.t. q, k, v, in all three."""
+    import numpy as np
+
+    from oftjax.models import _native_attention
+    from oftjax.models._attention import causal_attention
+    from oftjax.models._rope import apply_rope
+
+    torch = oracle.require("torch")
+    b, s, h, kv, d = (int(v) for v in a.attn_shape.split(","))
+    g = torch.Generator().manual_seed(1)
+    q_t, G_t = (torch.randn(b, s, h, d, generator=g) for _ in range(2))
+    k_t, v_t = (torch.randn(b, s, kv, d, generator=g) for _ in range(2))
+    inv = 10000.0 ** (-torch.arange(0, d, 2) / d)
+    ang = torch.arange(s)[:, None] * torch.cat([inv, inv])[None]
+    cos_t, sin_t = (f(ang)[None].expand(b, s, d).contiguous() for f in (torch.cos, torch.sin))
+    q, k, v, G, cos, sin = (jnp.asarray(t.numpy()) for t in (q_t, k_t, v_t, G_t, cos_t, sin_t))
+    scale = d**-0.5
+
+    def xla(q, k, v):
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qh = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+        out = causal_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale, None, 4)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+
+    def native(q, k, v):
+        return _native_attention.fused_causal_attention(q, k, v, scale, cos=cos, sin=sin)
+
+    def jax_step(f):
+        step = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v) * G), argnums=(0, 1, 2)))
+        return lambda: jax.block_until_ready(step(q, k, v))
+
+    for t in (q_t, k_t, v_t):
+        t.requires_grad_(True)
+
+    def rotate_half(x):
+        return torch.cat((-x[..., d // 2 :], x[..., : d // 2]), dim=-1)
+
+    def torch_step():
+        q_t.grad = k_t.grad = v_t.grad = None
+        c, sn = cos_t[:, None], sin_t[:, None]  # [b, 1, s, d] against [b, heads, s, d]
+        qh, kh, vh = (t.transpose(1, 2) for t in (q_t, k_t, v_t))
+        qh, kh = qh * c + rotate_half(qh) * sn, kh * c + rotate_half(kh) * sn
+        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        (out.transpose(1, 2) * G_t).sum().backward()
+
+    fns = {"xla": jax_step(xla), "torch": torch_step}
+    if _native_attention.supports(d, np.float32) and jax.default_backend() == "cpu":
+        fns["oftjax"] = jax_step(native)
+    return time_interleaved(fns, a.reps)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=512)
@@ -188,6 +246,7 @@ def main() -> None:
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--reps", type=int, default=12)
     p.add_argument("--rotation-blocks", default="16,32,64", help="block sizes of the rotation-only table")
+    p.add_argument("--attn-shape", default="4,256,8,4,64", help="batch,seq,heads,kv_heads,head_dim")
     a = p.parse_args()
     torch = oracle.require("torch")
     print(
@@ -212,6 +271,15 @@ def main() -> None:
         cells = " ".join(f"{f'{b:.2f} ({m:.2f})':>16}" for b, m in (t["oftjax"], t["xla"], t["torch"]))
         ratios = f"{t['oftjax'][0] / t['torch'][0]:>12.2f} {t['xla'][0] / t['oftjax'][0]:>10.2f}"
         print(f"{block:<6} {cells} {ratios}{'' if block in native else '  (XLA path: not a native size)'}")
+
+    t = bench_attention(a)
+    print(f"\nRoPE + causal attention, fwd + grads (q, k, v): batch,seq,heads,kv,head_dim {a.attn_shape}")
+    head = ("oftjax ms", "XLA path ms", "torch ms", "oftjax/torch", "XLA/oftjax")
+    print(f"{head[0]:>16} {head[1]:>16} {head[2]:>16} {head[3]:>12} {head[4]:>10}")
+    if "oftjax" not in t:
+        t["oftjax"] = t["xla"]  # no native kernels here: oftjax runs the XLA path
+    cells = " ".join(f"{f'{b:.2f} ({m:.2f})':>16}" for b, m in (t["oftjax"], t["xla"], t["torch"]))
+    print(f"{cells} {t['oftjax'][0] / t['torch'][0]:>12.2f} {t['xla'][0] / t['oftjax'][0]:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 ``fused_causal_attention`` runs them: float32 q/k/v in the projections' ``[b, s, heads, d]`` layout, grouped
 kv heads, rotary embeddings applied inside (q and k rotated on the fly), causal with an optional sliding
-window, head dim a multiple of 16 up to 128, on an AVX-512 CPU (``supports``). The forward saves only the output and the per-row log-sum-exp; the backward recomputes the
-probabilities tile by tile (no ``[s, s]`` matrix is kept). ``Attention`` uses it for unpadded batches when
-JAX's default backend is the CPU; otherwise (GPU/TPU, bf16, padding masks, other head dims) the blocked XLA
-path of ``oftjax.models._attention`` runs. The two agree to float32 rounding (tests/models/
-test_native_attention.py). ``OFTJAX_NATIVE=0`` turns the kernels off.
+window, head dim a multiple of 16 up to 128, on an AVX-512 CPU (``supports``). The forward saves only the
+output and the per-row log-sum-exp; the backward recomputes the probabilities tile by tile (no ``[s, s]``
+matrix is kept). ``Attention`` uses it for unpadded batches when JAX's default backend is the CPU; otherwise
+(GPU/TPU, bf16, padding masks, other head dims) the blocked XLA path of ``oftjax.models._attention`` runs.
+The two agree to float32 rounding (tests/models/test_native_attention.py). ``OFTJAX_NATIVE=0`` turns the
+kernels off.
 
-Why they exist: XLA:CPU ran the attention of a train step as ~80 small ops per layer and it cost ~15% of the
-step; the kernels keep 32 query rows' scores in cache and read q/k/v in place (benchmarks/profile_train.py).
+Why they exist: XLA:CPU ran the attention of a train step (with RoPE) as ~80 small ops per layer and it cost
+~15% of the step; the kernels keep 32 query rows' scores in cache and read q/k/v in place
+(benchmarks/bench_layer.py times both paths against torch's SDPA).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def native_info() -> dict[str, Any]:
     return {"available": lib is not None, "library": library, "head_dims": dims, "reason": reason}
 
 
+def _require() -> None:
+    if _load()[0] is None:
+        raise RuntimeError(f"the native attention kernels are not available: {_load()[1]}")
+
+
 def supports(head_dim: int, dtype: Any) -> bool:
     """True when the kernels are loaded and run float32 attention with this head dim on this machine."""
     lib = _load()[0]
@@ -94,6 +101,7 @@ def fused_causal_attention(
     Returns:
       ``[b, s, heads, d]`` float32.
     """
+    _require()
     if (cos is None) != (sin is None):
         raise ValueError("fused_causal_attention: pass both cos and sin, or neither")
     rope = cos is not None

@@ -61,6 +61,11 @@ def native_info() -> dict[str, Any]:
     }
 
 
+def _require() -> None:
+    if _load()[0] is None:
+        raise RuntimeError(f"the native rotation kernels are not available: {_load()[1]}")
+
+
 def supports(block_size: int, dtype: Any) -> bool:
     """True when the kernels are loaded and rotate float32 blocks of ``block_size`` on this machine."""
     lib = _load()[0]
@@ -69,11 +74,13 @@ def supports(block_size: int, dtype: Any) -> bool:
 
 def rotate_cpu(x: jax.Array, R: jax.Array, *, transpose: bool = False) -> jax.Array:
     """``x BD(R)`` (``BD(R)^T`` with ``transpose``), float32 ``x [..., r*b]``, ``R [r, b, b]``; CPU only."""
+    _require()
     call = jax.ffi.ffi_call(_ROTATE, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
     return call(x, R, transpose=bool(transpose))
 
 
 def rotate_grad_cpu(x: jax.Array, g: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(g BD(R)^T, dR)`` with ``dR[n] = sum_t x[t, n]^T g[t, n]`` (block ``n`` of token ``t``); CPU only."""
+    _require()
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(R.shape, R.dtype))
     return jax.ffi.ffi_call(_ROTATE_GRAD, out, vmap_method="sequential")(x, g, R)
