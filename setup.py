@@ -17,31 +17,22 @@ from setuptools import Extension, setup
 _ARGS = ["-O3", "-std=c++17", "-Wno-attributes"] if sys.platform != "win32" else ["/O2", "/std:c++17"]
 _NO_CONTRACT = ["-ffp-contract=off"] if sys.platform != "win32" else []
 
+
+def _kernel(module: str, source: str, args: list[str]) -> Extension:
+    return Extension(
+        module,
+        sources=[source],
+        include_dirs=["csrc", "csrc/third_party"],
+        language="c++",
+        extra_compile_args=args,
+        optional=True,
+    )
+
+
 setup(
     ext_modules=[
-        Extension(
-            "oftjax.quant._dequant4_cpu",
-            sources=["csrc/dequant4.cc"],
-            include_dirs=["csrc", "csrc/third_party"],
-            language="c++",
-            extra_compile_args=_ARGS + _NO_CONTRACT,
-            optional=True,
-        ),
-        Extension(
-            "oftjax.models._attention_cpu",
-            sources=["csrc/attention.cc"],
-            include_dirs=["csrc", "csrc/third_party"],
-            language="c++",
-            extra_compile_args=_ARGS,
-            optional=True,
-        ),
-        Extension(
-            "oftjax.nn._rotate_cpu",
-            sources=["csrc/rotate.cc"],
-            include_dirs=["csrc", "csrc/third_party"],
-            language="c++",
-            extra_compile_args=_ARGS,
-            optional=True,
-        ),
+        _kernel("oftjax.quant._dequant4_cpu", "csrc/dequant4.cc", _ARGS + _NO_CONTRACT),
+        _kernel("oftjax.models._attention_cpu", "csrc/attention.cc", _ARGS),
+        _kernel("oftjax.nn._rotate_cpu", "csrc/rotate.cc", _ARGS),
     ]
 )

@@ -6,15 +6,19 @@ innermost label in its ``op_name`` metadata, which the code sets with ``jax.name
 
   gemm         the frozen linears' matmuls (forward ``x W^T`` and input gradient ``g W``): the GEMM floor
   dequant      4-bit / int8 dequantization (``oftjax.quant``), forward and backward
-  oft_rotate   applying rotations: ``x BD(R)`` (input path), ``BD(R) K`` (weight path), their backward chains
+  oft_rotate   applying rotations: ``x BD(R)`` (input path), ``W BD(R)^T`` (weight path), their gradients
+               (on CPU the native kernels of csrc/rotate.cc)
   oft_build    building rotation blocks from parameters (skew, Cayley-Neumann series) and their gradients
-  attention    scores, softmax, probabilities x values and the head transposes (forward and backward)
+  attention    scores, softmax, probabilities x values, forward and backward (on CPU one fused kernel per
+               direction, csrc/attention.cc, which also applies RoPE; the XLA path has its own rope label)
   rope, rms_norm, swiglu, loss, optimizer: as named
   other        everything else (residual adds, embedding, layout copies XLA put between labelled ops)
 
 Op times are the sum over the threads that ran them (XLA:CPU runs independent ops concurrently, and a GEMM's
 helper threads are not traced separately), so the column sums to more than the wall time; the shares are the
-useful part. A fusion is labelled by its root op, so a label includes whatever XLA fused into it.
+useful part. A fusion is labelled by its root op, so a label includes whatever XLA fused into it. Small ops
+that overlap others (the rotation builds, for one) cost less wall time than their op time says: to measure a
+part's wall cost, compare two compiled steps in one process with that part changed.
 
 Usage: python benchmarks/profile_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 4]
 """

@@ -16,7 +16,6 @@ Why they exist: XLA:CPU ran the attention of a train step (with RoPE) as ~80 sma
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from pathlib import Path
 from typing import Any
@@ -27,18 +26,15 @@ import numpy as np
 
 from oftjax import _ffi
 
-_STEM = "_attention_cpu"
 _FORWARD = "oftjax_attention"
 _BACKWARD = "oftjax_attention_grad"
-_DIR = Path(__file__).parent
-
-
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    lib, reason = _ffi.load(_DIR, _STEM, ((_FORWARD, "OftjaxAttention"), (_BACKWARD, "OftjaxAttentionGrad")))
-    if lib is not None:
-        lib.OftjaxAttentionSupports.restype = ctypes.c_int
-        lib.OftjaxAttentionSupports.argtypes = (ctypes.c_int64,)
-    return lib, reason
+_KERNELS = _ffi.Kernels(
+    Path(__file__).parent,
+    "_attention_cpu",
+    ((_FORWARD, "OftjaxAttention"), (_BACKWARD, "OftjaxAttentionGrad")),
+    what="attention",
+    supports_symbol="OftjaxAttentionSupports",
+)
 
 
 def native_info() -> dict[str, Any]:
@@ -53,24 +49,12 @@ def native_info() -> dict[str, Any]:
       >>> sorted(models.attention_native_info())
       ['available', 'head_dims', 'library', 'reason']
     """
-    lib, reason = _load()
-    path = _ffi.library_path(_DIR, _STEM)
-    dims = [d for d in range(1, 257) if lib is not None and lib.OftjaxAttentionSupports(d)]
-    if lib is not None and not dims:
-        reason = "loaded, but this CPU has no AVX-512: attention takes the XLA path"
-    library = str(path) if path else None
-    return {"available": lib is not None, "library": library, "head_dims": dims, "reason": reason}
-
-
-def _require() -> None:
-    if _load()[0] is None:
-        raise RuntimeError(f"the native attention kernels are not available: {_load()[1]}")
+    return _KERNELS.info("head_dims", range(1, 257))
 
 
 def supports(head_dim: int, dtype: Any) -> bool:
     """True when the kernels are loaded and run float32 attention with this head dim on this machine."""
-    lib = _load()[0]
-    return lib is not None and np.dtype(dtype) == np.float32 and bool(lib.OftjaxAttentionSupports(head_dim))
+    return np.dtype(dtype) == np.float32 and _KERNELS.supports(head_dim)
 
 
 def _attrs(scale: float, window: int | None, rope: bool) -> dict[str, Any]:
@@ -101,7 +85,7 @@ def fused_causal_attention(
     Returns:
       ``[b, s, heads, d]`` float32.
     """
-    _require()
+    _KERNELS.require()
     if (cos is None) != (sin is None):
         raise ValueError("fused_causal_attention: pass both cos and sin, or neither")
     rope = cos is not None

@@ -13,7 +13,6 @@ kernels read and write token rows in place: ~3x faster forward and backward at t
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,15 @@ import numpy as np
 
 from oftjax import _ffi
 
-_STEM = "_rotate_cpu"
 _ROTATE = "oftjax_rotate"
 _ROTATE_GRAD = "oftjax_rotate_grad"
-_DIR = Path(__file__).parent
-
-
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    lib, reason = _ffi.load(_DIR, _STEM, ((_ROTATE, "OftjaxRotate"), (_ROTATE_GRAD, "OftjaxRotateGrad")))
-    if lib is not None:
-        lib.OftjaxRotateSupports.restype = ctypes.c_int
-        lib.OftjaxRotateSupports.argtypes = (ctypes.c_int64,)
-    return lib, reason
+_KERNELS = _ffi.Kernels(
+    Path(__file__).parent,
+    "_rotate_cpu",
+    ((_ROTATE, "OftjaxRotate"), (_ROTATE_GRAD, "OftjaxRotateGrad")),
+    what="rotation",
+    supports_symbol="OftjaxRotateSupports",
+)
 
 
 def native_info() -> dict[str, Any]:
@@ -48,39 +44,23 @@ def native_info() -> dict[str, Any]:
       >>> sorted(nn.rotation_native_info())
       ['available', 'block_sizes', 'library', 'reason']
     """
-    lib, reason = _load()
-    path = _ffi.library_path(_DIR, _STEM)
-    sizes = [b for b in range(1, 257) if lib is not None and lib.OftjaxRotateSupports(b)]
-    if lib is not None and not sizes:
-        reason = "loaded, but this CPU has no AVX-512: rotations take the XLA path"
-    return {
-        "available": lib is not None,
-        "library": str(path) if path else None,
-        "block_sizes": sizes,
-        "reason": reason,
-    }
-
-
-def _require() -> None:
-    if _load()[0] is None:
-        raise RuntimeError(f"the native rotation kernels are not available: {_load()[1]}")
+    return _KERNELS.info("block_sizes", range(1, 257))
 
 
 def supports(block_size: int, dtype: Any) -> bool:
     """True when the kernels are loaded and rotate float32 blocks of ``block_size`` on this machine."""
-    lib = _load()[0]
-    return lib is not None and np.dtype(dtype) == np.float32 and bool(lib.OftjaxRotateSupports(block_size))
+    return np.dtype(dtype) == np.float32 and _KERNELS.supports(block_size)
 
 
 def rotate_cpu(x: jax.Array, R: jax.Array, *, transpose: bool = False) -> jax.Array:
     """``x BD(R)`` (``BD(R)^T`` with ``transpose``), float32 ``x [..., r*b]``, ``R [r, b, b]``; CPU only."""
-    _require()
+    _KERNELS.require()
     call = jax.ffi.ffi_call(_ROTATE, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
     return call(x, R, transpose=bool(transpose))
 
 
 def rotate_grad_cpu(x: jax.Array, g: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(g BD(R)^T, dR)`` with ``dR[n] = sum_t x[t, n]^T g[t, n]`` (block ``n`` of token ``t``); CPU only."""
-    _require()
+    _KERNELS.require()
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(R.shape, R.dtype))
     return jax.ffi.ffi_call(_ROTATE_GRAD, out, vmap_method="sequential")(x, g, R)

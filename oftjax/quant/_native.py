@@ -16,7 +16,6 @@ per instruction (benchmarks/bench_quant.py has the figures).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 from pathlib import Path
@@ -29,20 +28,14 @@ from oftjax import _ffi
 
 _TARGET = "oftjax_dequant4"
 _TARGET_NESTED = "oftjax_dequant4_nested"
-_STEM = "_dequant4_cpu"
 # what the kernel can write (others, e.g. float64 under x64, take the XLA path)
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.float16), np.dtype(jax.numpy.bfloat16))
-_DIR = Path(__file__).parent
-
-
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """(library, reason): the library registered with XLA, or None and why not."""
-    lib, reason = _ffi.load(
-        _DIR, _STEM, ((_TARGET, "OftjaxDequant4"), (_TARGET_NESTED, "OftjaxDequant4Nested"))
-    )
-    if lib is not None:
-        lib.OftjaxDequant4HasAvx512.restype = ctypes.c_int
-    return lib, reason
+_KERNELS = _ffi.Kernels(
+    Path(__file__).parent,
+    "_dequant4_cpu",
+    ((_TARGET, "OftjaxDequant4"), (_TARGET_NESTED, "OftjaxDequant4Nested")),
+    what="dequantize",
+)
 
 
 def native_info() -> dict[str, Any]:
@@ -58,8 +51,8 @@ def native_info() -> dict[str, Any]:
       >>> sorted(quant.native_info())
       ['available', 'avx512', 'library', 'reason']
     """
-    lib, reason = _load()
-    path = _ffi.library_path(_DIR, _STEM)
+    lib, reason = _KERNELS.load()
+    path = _ffi.library_path(_KERNELS.directory, _KERNELS.stem)
     return {
         "available": lib is not None,
         "library": str(path) if path else None,
@@ -70,7 +63,7 @@ def native_info() -> dict[str, Any]:
 
 def supports(dtype: Any) -> bool:
     """True when the native kernel is loaded and writes ``dtype``."""
-    return _load()[0] is not None and np.dtype(dtype) in _OUT_DTYPES
+    return _KERNELS.load()[0] is not None and np.dtype(dtype) in _OUT_DTYPES
 
 
 def dequantize_4bit_cpu(
@@ -130,8 +123,7 @@ def dequantize_4bit_nested_cpu(
 
 
 def _call(target: str, n: int, dtype: Any, blocksize: int, vectorize: bool):
-    if _load()[0] is None:
-        raise RuntimeError(f"the native dequantize kernel is not available: {_load()[1]}")
+    _KERNELS.require()
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((n,), dtype), vmap_method="sequential")
     hugepages = os.environ.get("OFTJAX_HUGEPAGES", "1") != "0"
     attrs = {"blocksize": np.int64(blocksize), "vectorize": bool(vectorize), "hugepages": hugepages}

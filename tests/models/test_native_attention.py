@@ -22,19 +22,11 @@ from oftjax import models
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.models import _native_attention as na
 from oftjax.models._llama import Attention
+from tests._cpu import has_avx512f
 from tests.tolerances import TOL
 
-
-def _avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
-
-
 pytestmark = pytest.mark.skipif(
-    not na.supports(64, np.float32) and not (sys.platform == "linux" and _avx512()),
+    not na.supports(64, np.float32) and not (sys.platform == "linux" and has_avx512f()),
     reason="no AVX-512 on this machine: attention takes the XLA path (tests/models/test_attention_blocks.py)",
 )
 
@@ -102,7 +94,7 @@ def test_the_kernels_are_built_and_loaded():
     info = models.attention_native_info()
     if sys.platform == "linux" and platform.machine() == "x86_64":
         assert info["available"], info["reason"]
-        assert info["head_dims"] == (list(range(16, 129, 16)) if _avx512() else []), info
+        assert info["head_dims"] == (list(range(16, 129, 16)) if has_avx512f() else []), info
 
 
 @pytest.mark.parametrize(

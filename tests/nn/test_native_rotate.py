@@ -19,17 +19,10 @@ import pytest
 from oftjax import nn, oft
 from oftjax.nn import _native_rotate
 from oftjax.nn._rotated_matmul import _rotate_blocks_xla, rotate_blocks, rotate_kernel, rotate_weight
+from tests._cpu import has_avx512f
 from tests.tolerances import TOL
 
 NATIVE_SIZES = [16, 32, 48, 64]
-
-
-def _avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
 
 
 def assert_native_close(got, expected):
@@ -56,7 +49,7 @@ def data(shape, r, b, seed=0):
 
 
 pytestmark = pytest.mark.skipif(
-    not _native_rotate.supports(32, np.float32) and not (sys.platform == "linux" and _avx512()),
+    not _native_rotate.supports(32, np.float32) and not (sys.platform == "linux" and has_avx512f()),
     reason="no AVX-512 on this machine: rotations take the XLA path (tests/nn/test_rotated_matmul.py)",
 )
 
@@ -66,7 +59,7 @@ def test_the_kernels_are_built_and_loaded():
     info = nn.rotation_native_info()
     if sys.platform == "linux" and platform.machine() == "x86_64":
         assert info["available"], info["reason"]
-        assert info["block_sizes"] == (NATIVE_SIZES if _avx512() else []), info
+        assert info["block_sizes"] == (NATIVE_SIZES if has_avx512f() else []), info
     # and rotate_blocks lowers to them on CPU for float32 blocks of those sizes only
     x = jnp.ones((8, 64), jnp.float32)
     for b in (8, 16, 32, 64):

@@ -25,15 +25,8 @@ from oftjax.quant._dequant import (
     dequantize_4bit_values,
     dequantize_nested_absmax,
 )
+from tests._cpu import cpu_flags
 from tests.quant.test_dequant_kernel import DTYPES, bits, reference
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
 
 
 def native(raw, absmax, n, blocksize, qt, dtype, vectorize):
@@ -56,7 +49,7 @@ def test_the_kernel_is_built_and_loaded():
     info = quant.native_info()
     if sys.platform == "linux" and platform.machine() == "x86_64":
         assert info["available"], info["reason"]
-        assert info["avx512"] == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags())
+        assert info["avx512"] == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags())
     # and dequantize actually lowers to it on CPU
     q = quant.quantize_4bit(jnp.ones((64, 64), jnp.float32))
     hlo = jax.jit(quant.dequantize).lower(q).as_text()
