@@ -31,8 +31,11 @@ concurrency- and memory-optimized schedulers did not change the step time.
 Allocator (``--malloc keep``, the default, applied to BOTH processes before their framework starts; it is
 what ``oftjax train`` does, see oftjax/_malloc.py): glibc keeps freed memory for reuse. XLA:CPU otherwise maps
 its ~300 MB per-step temporary buffer afresh every step and faults it in page by page (74,817 faults per step;
-torch: 10,391). Quiet-machine run each: keep 1.13 (JAX 0.443 s, torch 0.499 s; faults 18,154 vs 1), default
-1.07 (0.488 vs 0.521 s). ``page faults per step`` is printed for both sides.
+torch: 10,391). Quiet-machine run each, before the native rotation and attention kernels: keep 1.13 (JAX
+0.443 s, torch 0.499 s; faults 18,154 vs 1), default 1.07 (0.488 vs 0.521 s). With them (keep): 1.41-1.44
+(JAX 0.366-0.374 s, torch 0.527 s). ``page faults per step`` is printed for both sides: the JAX figure moves
+between 0 and ~60,000 from one step to the next (some steps find the temporary buffer's pages gone without any
+mmap/munmap/madvise of ours or glibc's in between: strace shows none).
 
 Where the JAX step's time outside the GEMMs goes (attention, rotations, dequantize, ...):
 ``python benchmarks/profile_train.py`` (same model and flags; XLA op times grouped by named scope).
