@@ -76,6 +76,10 @@ class Attention(nnx.Module):
     summation order. That path (``oftjax.models._attention.causal_attention``) has a hand-written backward
     that assembles ``dq``/``dk``/``dv`` without padded per-block copies. With a padding mask a fully padded
     query row is uniform over *all* keys in HF, so the full matrix is kept (plain autodiff).
+
+    On a CPU default backend, unpadded float32 batches with a head dim of 16..128 (multiple of 16) run the
+    fused native kernels instead (``oftjax.models._native_attention``, csrc/attention.cc): RoPE, scores,
+    softmax and the products per 32-row query tile, forward and backward, the same math to float32 rounding.
     """
 
     causal_blocks: int = 4  # 64-row blocks at seq 256: 5/8 of the full score work, larger matmuls than 8
