@@ -1,7 +1,7 @@
 // Native CPU kernels for OFT's block-diagonal rotation of activations, registered with XLA through jax.ffi.
 //
 // For x [T, r*b] (row-major, float32) and rotation blocks R [r, b, b]:
-//   OftjaxRotate:      y[t, n*b + c] = sum_k x[t, n*b + k] * R[n, k, c]     (x BD(R); with transpose, BD(R)^T)
+//   OftjaxRotate:      y[t, n*b + c] = sum_k x[t, n*b + k] * R[n, k, c]     (x BD(R))
 //   OftjaxRotateGrad:  dx[t, n*b + k] = sum_c g[t, n*b + c] * R[n, k, c]   (g BD(R)^T)
 //                      dR[n, k, c]    = sum_t x[t, n*b + k] * g[t, n*b + c]
 //
@@ -184,18 +184,13 @@ ffi::Error CheckShapes(const char* target, const ffi::Buffer<ffi::F32>& x, const
 }
 
 ffi::Error RotateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> R,
-                      ffi::ResultBuffer<ffi::F32> y, bool transpose) {
+                      ffi::ResultBuffer<ffi::F32> y) {
   int64_t tokens, r, b;
   if (auto e = CheckShapes("oftjax_rotate", x, R, &tokens, &r, &b); e.failure()) return e;
   if (y->element_count() != x.element_count()) {
     return ffi::Error::InvalidArgument("oftjax_rotate: the output must have x's shape");
   }
-  std::vector<float> Rt;
   const float* Rp = R.typed_data();
-  if (transpose) {
-    Rt = TransposeBlocks(Rp, r, b);
-    Rp = Rt.data();
-  }
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   const int64_t chunks = (tokens + kRowChunk - 1) / kRowChunk;
@@ -243,8 +238,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxRotate, RotateImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [..., r * b]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // R [r, b, b]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y, x's shape
-                                  .Attr<bool>("transpose"));     // multiply by BD(R)^T instead
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // y, x's shape
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxRotateGrad, RotateGradImpl,
                               ffi::Ffi::Bind()

@@ -52,11 +52,11 @@ def supports(block_size: int, dtype: Any) -> bool:
     return np.dtype(dtype) == np.float32 and _KERNELS.supports(block_size)
 
 
-def rotate_cpu(x: jax.Array, R: jax.Array, *, transpose: bool = False) -> jax.Array:
-    """``x BD(R)`` (``BD(R)^T`` with ``transpose``), float32 ``x [..., r*b]``, ``R [r, b, b]``; CPU only."""
+def rotate_cpu(x: jax.Array, R: jax.Array) -> jax.Array:
+    """``x BD(R)`` for float32 ``x [..., r*b]`` and ``R [r, b, b]``; CPU only."""
     _KERNELS.require()
     call = jax.ffi.ffi_call(_ROTATE, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="sequential")
-    return call(x, R, transpose=bool(transpose))
+    return call(x, R)
 
 
 def rotate_grad_cpu(x: jax.Array, g: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -88,7 +88,9 @@ def test_the_kernels_are_built_and_loaded():
 def test_forward_matches_float64(b, shape_of, transpose):
     r = 3
     x, R = data(shape_of(r * b), r, b, seed=b)
-    got = jax.jit(lambda x, R: _native_rotate.rotate_cpu(x, R, transpose=transpose))(x, R)
+    # BD(R)^T is BD of the transposed blocks (what rotate_weight passes)
+    R_in = R.transpose(0, 2, 1) if transpose else R
+    got = jax.jit(_native_rotate.rotate_cpu)(x, R_in)
     assert got.shape == x.shape and got.dtype == jnp.float32
     assert_native_close(got, reference(x, R, transpose))
 
