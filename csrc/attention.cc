@@ -78,14 +78,15 @@ inline void RopeTranspose(const float* g, const float* c, const float* s, int64_
   for (int64_t d = h; d < D; ++d) out[d] = g[d] * c[d] - g[d - h] * s[d - h];
 }
 
-// Row j of batch b of x (row stride ld) with the rotary embedding applied (or copied when there is none).
-inline void RotatedRow(const float* x, const Dims& dm, int64_t b, int64_t j, float* out) {
+// Row j of batch b with the rotary embedding applied (or copied when there is none); transpose: its
+// transpose, taking a gradient back through it.
+inline void RotatedRow(const float* x, const Dims& dm, int64_t b, int64_t j, float* out, bool transpose = false) {
   if (dm.cos == nullptr) {
     std::memcpy(out, x, sizeof(float) * dm.D);
     return;
   }
   const int64_t t = (b * dm.S + j) * dm.D;
-  Rope(x, dm.cos + t, dm.sin + t, dm.D, out);
+  (transpose ? RopeTranspose : Rope)(x, dm.cos + t, dm.sin + t, dm.D, out);
 }
 
 #if OFTJAX_ATTN_X86
@@ -227,9 +228,10 @@ void TransposeRows(const float* x, int64_t ld, int64_t j0, int64_t j1, int64_t D
 }
 
 // Scores of the tile's rows -> probabilities in place: P[r][c] for key ka + c; zero outside the allowed keys.
-// normalize: softmax (forward; lse written), else exp(s - lse) (backward; lse read).
+// With lse_out: softmax (forward; the rows' log-sum-exp written there), else exp(s - lse_in) (backward).
 OFTJAX_AVX512 void Probabilities(float* P, int64_t ldp, int64_t i0, int64_t nrows, int64_t ka, const Dims& dm,
-                                 float* lse, bool normalize) {
+                                 const float* lse_in, float* lse_out) {
+  const bool normalize = lse_out != nullptr;
   for (int64_t r = 0; r < nrows; ++r) {
     const int64_t i = i0 + r, lo = dm.lo(i) - ka, hi = i - ka + 1;  // allowed columns [lo, hi)
     float* p = P + r * ldp;
@@ -243,7 +245,7 @@ OFTJAX_AVX512 void Probabilities(float* P, int64_t ldp, int64_t i0, int64_t nrow
       m = _mm512_reduce_max_ps(mv);
       for (; c < hi; ++c) m = std::max(m, p[c]);
     } else {
-      m = lse[r];
+      m = lse_in[r];
     }
     const __m512 mb = _mm512_set1_ps(m);
     __m512 sv = _mm512_setzero_ps();
@@ -264,7 +266,7 @@ OFTJAX_AVX512 void Probabilities(float* P, int64_t ldp, int64_t i0, int64_t nrow
     const __m512 lv = _mm512_set1_ps(l);
     for (c = lo; c + 16 <= hi; c += 16) _mm512_storeu_ps(p + c, _mm512_div_ps(_mm512_loadu_ps(p + c), lv));
     for (; c < hi; ++c) p[c] /= l;
-    lse[r] = m + std::log(l);
+    lse_out[r] = m + std::log(l);
   }
 }
 
@@ -297,7 +299,7 @@ OFTJAX_AVX512 void ForwardTile(const float* q, const float* kt, int64_t ldk, con
     s.hi[r] = i0 + r - ka + 1;
   }
   DotRows(s.rows.data(), n, kt + ka, ldk, D, dm.scale, s.p.data(), width, width);
-  Probabilities(s.p.data(), width, i0, n, ka, dm, lse + (b * dm.H + h) * dm.S + i0, true);
+  Probabilities(s.p.data(), width, i0, n, ka, dm, nullptr, lse + (b * dm.H + h) * dm.S + i0);
   Kernels<ND>::Combine(s.p.data(), width, n, vb + ka * dm.kv_row(), dm.kv_row(), s.lo.data(), s.hi.data(),
                        s.outs.data());
 }
@@ -350,7 +352,7 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
       float* P = s.p.data();
       float* dP = s.dp.data();
       DotRows(s.rows.data(), n, kt, width_all, D, dm.scale, P, width, width);
-      Probabilities(P, width, i0, n, ka, dm, const_cast<float*>(lse) + (b * dm.H + h) * S + i0, false);
+      Probabilities(P, width, i0, n, ka, dm, lse + (b * dm.H + h) * S + i0, nullptr);
       DotRows(s.rows2.data(), n, vt, width_all, D, 1.0f, dP, width, width);
       const __m512 sc = _mm512_set1_ps(dm.scale);
       for (int64_t r = 0; r < n; ++r) {  // dP <- scale * P * (dP - delta): the score gradient
@@ -366,25 +368,13 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
       Kernels<ND>::Accumulate(P, width, s.rows2.data(), n, c_lo, c_hi, s.dv.data() + ka * D);
       Kernels<ND>::Accumulate(dP, width, s.rows.data(), n, c_lo, c_hi, s.dk.data() + ka * D);
       Kernels<ND>::Combine(dP, width, n, s.krot.data() + ka * D, D, s.lo.data(), s.hi.data(), s.outs.data());
-      for (int64_t r = 0; r < n; ++r) {  // dq through the rotary embedding
-        float* out = dq + ((b * S + i0 + r) * dm.H + h) * D;
-        if (dm.cos == nullptr) {
-          std::memcpy(out, s.outs[r], sizeof(float) * D);
-        } else {
-          const int64_t t = (b * S + i0 + r) * D;
-          RopeTranspose(s.outs[r], dm.cos + t, dm.sin + t, D, out);
-        }
+      for (int64_t r = 0; r < n; ++r) {  // dq back through the rotary embedding
+        RotatedRow(s.outs[r], dm, b, i0 + r, dq + ((b * S + i0 + r) * dm.H + h) * D, /*transpose=*/true);
       }
     }
   }
   for (int64_t j = 0; j < S; ++j) {
-    float* out = dk + (b * S + j) * dm.kv_row() + kh * D;
-    if (dm.cos == nullptr) {
-      std::memcpy(out, s.dk.data() + j * D, sizeof(float) * D);
-    } else {
-      const int64_t t = (b * S + j) * D;
-      RopeTranspose(s.dk.data() + j * D, dm.cos + t, dm.sin + t, D, out);
-    }
+    RotatedRow(s.dk.data() + j * D, dm, b, j, dk + (b * S + j) * dm.kv_row() + kh * D, /*transpose=*/true);
     std::memcpy(dv + (b * S + j) * dm.kv_row() + kh * D, s.dv.data() + j * D, sizeof(float) * D);
   }
 }
