@@ -1,11 +1,11 @@
 """Loading the native CPU kernels (``csrc/``) and registering their XLA FFI handlers.
 
 ``pip install`` builds each kernel as a shared library next to the module that calls it (setup.py): the
-4-bit dequantize (``oftjax/quant/_dequant4_cpu*.so``) and the block-diagonal rotation
-(``oftjax/nn/_rotate_cpu*.so``). They are XLA FFI handlers, not Python modules: loaded with ctypes and
-registered for the ``cpu`` platform once, on first use. A missing or stale library is not an error: callers
-then run their pure-XLA formulation and say why through their ``native_info()``. ``OFTJAX_NATIVE=0`` (read
-at first use) turns every kernel off.
+4-bit dequantize (``oftjax/quant/_dequant4_cpu*.so``), the block-diagonal rotation
+(``oftjax/nn/_rotate_cpu*.so``) and causal attention (``oftjax/models/_attention_cpu*.so``). They are XLA FFI
+handlers, not Python modules: loaded with ctypes and registered for the ``cpu`` platform once, on first use.
+A missing or stale library is not an error: callers then run their pure-XLA formulation and say why through
+their ``native_info()``. ``OFTJAX_NATIVE=0`` (read at first use) turns every kernel off.
 """
 
 from __future__ import annotations
