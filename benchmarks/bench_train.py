@@ -325,10 +325,30 @@ def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
     pt = ctx.Process(target=run_torch, args=(a, qt, Turns(torch_turn, jax_turn)))
     pj.start()
     pt.start()
-    jx, th = qj.get(), qt.get()
-    pj.join()
-    pt.join()
+    try:
+        jx, th = _result(qj, pj, "oftjax"), _result(qt, pt, "torch")
+    finally:
+        for p in (pj, pt):
+            if p.is_alive() and p.exitcode is None:
+                p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
     return jx, th
+
+
+def _result(q: mp.Queue, proc: mp.Process, side: str) -> dict:
+    """The side's result, or an error as soon as its process has died without one (no hang on a dead child)."""
+    import queue
+
+    while True:
+        try:
+            return q.get(timeout=5)
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"the {side} benchmark process exited with code {proc.exitcode} before reporting "
+                    "(its traceback is above)"
+                ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
