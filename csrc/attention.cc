@@ -8,8 +8,9 @@
 // rotated q and k are never written out. With s_ij = scale * (q_i . k_j) over the allowed keys j (j <= i, and
 // j > i - window with a window):
 //   OftjaxAttention:      o_i = sum_j p_ij v_j,  p_ij = exp(s_ij - m_i) / l_i,  lse_i = m_i + log(l_i)
-//   OftjaxAttentionGrad:  from q, k, v, o, lse and do: p_ij = exp(s_ij - lse_i) recomputed,
-//                         dp_ij = do_i . v_j,  ds_ij = p_ij (dp_ij - do_i . o_i),
+//   OftjaxAttentionGrad:  from q, k, v, lse and do: p_ij = exp(s_ij - lse_i) recomputed,
+//                         dp_ij = do_i . v_j,  ds_ij = p_ij (dp_ij - delta_i),  delta_i = sum_j p_ij dp_ij
+//                         (= do_i . o_i, FlashAttention's form, without reading o),
 //                         dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij do_i
 // Scores, softmax and every sum are float32 (as HF's eager attention computes softmax in float32); exp is a
 // degree-6 polynomial after range reduction (Cephes expf, ~1 ulp).
@@ -64,37 +65,49 @@ struct Dims {
 
 inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// HF's apply_rotary_pos_emb on one row: out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
-inline void Rope(const float* x, const float* c, const float* s, int64_t D, float* out) {
-  const int64_t h = D / 2;
-  for (int64_t d = 0; d < h; ++d) out[d] = x[d] * c[d] - x[d + h] * s[d];
-  for (int64_t d = h; d < D; ++d) out[d] = x[d] * c[d] + x[d - h] * s[d];
-}
-
-// Its transpose, for gradients: out = g * cos + rotate_half^T(g * sin), rotate_half^T(z) = [z2, -z1].
-inline void RopeTranspose(const float* g, const float* c, const float* s, int64_t D, float* out) {
-  const int64_t h = D / 2;
-  for (int64_t d = 0; d < h; ++d) out[d] = g[d] * c[d] + g[d + h] * s[d + h];
-  for (int64_t d = h; d < D; ++d) out[d] = g[d] * c[d] - g[d - h] * s[d - h];
-}
-
-// Row j of batch b with the rotary embedding applied (or copied when there is none); transpose: its
-// transpose, taking a gradient back through it.
-inline void RotatedRow(const float* x, const Dims& dm, int64_t b, int64_t j, float* out, bool transpose = false) {
-  if (dm.cos == nullptr) {
-    std::memcpy(out, x, sizeof(float) * dm.D);
-    return;
-  }
-  const int64_t t = (b * dm.S + j) * dm.D;
-  (transpose ? RopeTranspose : Rope)(x, dm.cos + t, dm.sin + t, dm.D, out);
-}
-
 #if OFTJAX_ATTN_X86
 #define OFTJAX_AVX512 __attribute__((target("avx512f")))
 
 bool HasAvx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
   return has;
+}
+
+// HF's apply_rotary_pos_emb on one row: out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1];
+// products and sum rounded separately, as torch computes them. D / 2 is a multiple of 8.
+OFTJAX_AVX512 inline void Rope(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; d += 8) {
+    const __m256 x1 = _mm256_loadu_ps(x + d), x2 = _mm256_loadu_ps(x + d + h);
+    _mm256_storeu_ps(out + d, _mm256_sub_ps(_mm256_mul_ps(x1, _mm256_loadu_ps(c + d)),
+                                            _mm256_mul_ps(x2, _mm256_loadu_ps(s + d))));
+    _mm256_storeu_ps(out + d + h, _mm256_add_ps(_mm256_mul_ps(x2, _mm256_loadu_ps(c + d + h)),
+                                                _mm256_mul_ps(x1, _mm256_loadu_ps(s + d + h))));
+  }
+}
+
+// Its transpose, for gradients: out = g * cos + rotate_half^T(g * sin), rotate_half^T(z) = [z2, -z1].
+OFTJAX_AVX512 inline void RopeTranspose(const float* g, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; d += 8) {
+    const __m256 g1 = _mm256_loadu_ps(g + d), g2 = _mm256_loadu_ps(g + d + h);
+    _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_mul_ps(g1, _mm256_loadu_ps(c + d)),
+                                            _mm256_mul_ps(g2, _mm256_loadu_ps(s + d + h))));
+    _mm256_storeu_ps(out + d + h, _mm256_sub_ps(_mm256_mul_ps(g2, _mm256_loadu_ps(c + d + h)),
+                                                _mm256_mul_ps(g1, _mm256_loadu_ps(s + d))));
+  }
+}
+
+// Row j of batch b with the rotary embedding applied (or copied when there is none); transpose: its
+// transpose, taking a gradient back through it.
+OFTJAX_AVX512 inline void RotatedRow(const float* x, const Dims& dm, int64_t b, int64_t j, float* out,
+                                     bool transpose = false) {
+  if (dm.cos == nullptr) {
+    std::memcpy(out, x, sizeof(float) * dm.D);
+    return;
+  }
+  const int64_t t = (b * dm.S + j) * dm.D;
+  (transpose ? RopeTranspose : Rope)(x, dm.cos + t, dm.sin + t, dm.D, out);
 }
 
 // exp(x) for x <= 0 (scores minus their row maximum or log-sum-exp); Cephes expf.
@@ -114,39 +127,52 @@ OFTJAX_AVX512 inline __m512 Exp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// out[r][c] = alpha * sum_d a_r[d] * T[d][c] for R rows and columns [c0, c0 + 64): T is [D, ldt] (a transposed
-// key or value block, zero past the last key), a_r = rows[r].
-template <int R>
+// out[r][c] = alpha * sum_d a_r[d] * T[d][c] for R rows and columns [c0, c0 + 16 * NC): T is [D, ldt] (a
+// transposed key or value block, zero past the last key), a_r = rows[r].
+template <int R, int NC>
 OFTJAX_AVX512 void DotRowsMicro(const float* const* rows, const float* T, int64_t ldt, int64_t D, float alpha,
                                 float* out, int64_t ldo, int64_t c0) {
-  __m512 acc[R][4];
+  __m512 acc[R][NC];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NC; ++v) acc[r][v] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     const float* t = T + d * ldt + c0;
-    const __m512 t0 = _mm512_loadu_ps(t), t1 = _mm512_loadu_ps(t + 16), t2 = _mm512_loadu_ps(t + 32),
-                 t3 = _mm512_loadu_ps(t + 48);
+    __m512 tv[NC];
+    for (int v = 0; v < NC; ++v) tv[v] = _mm512_loadu_ps(t + 16 * v);
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(rows[r][d]);
-      acc[r][0] = _mm512_fmadd_ps(a, t0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(a, t1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(a, t2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(a, t3, acc[r][3]);
+      for (int v = 0; v < NC; ++v) acc[r][v] = _mm512_fmadd_ps(a, tv[v], acc[r][v]);
     }
   }
   const __m512 s = _mm512_set1_ps(alpha);
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(out + r * ldo + c0 + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    for (int v = 0; v < NC; ++v) _mm512_storeu_ps(out + r * ldo + c0 + 16 * v, _mm512_mul_ps(acc[r][v], s));
 }
 
-// out[r][0..ncols) for `nrows` rows (ncols a multiple of 64).
+template <int R>
+OFTJAX_AVX512 void DotRowsGroup(const float* const* rows, const float* T, int64_t ldt, int64_t D, float alpha,
+                                float* out, int64_t ldo, int64_t ncols) {
+  int64_t c = 0;
+  for (; c + kKeyStep <= ncols; c += kKeyStep) DotRowsMicro<R, 4>(rows, T, ldt, D, alpha, out, ldo, c);
+  switch ((ncols - c) / 16) {
+    case 3: DotRowsMicro<R, 3>(rows, T, ldt, D, alpha, out, ldo, c); break;
+    case 2: DotRowsMicro<R, 2>(rows, T, ldt, D, alpha, out, ldo, c); break;
+    case 1: DotRowsMicro<R, 1>(rows, T, ldt, D, alpha, out, ldo, c); break;
+    default: break;
+  }
+}
+
+// out[r][c] for `nrows` rows and, per group of 4 rows, the columns below RoundUp(max hi, 16) (hi[r]: the end
+// of row r's allowed keys); each row's columns below RoundUp(hi[r], 16) are always among them. The other
+// columns of out are left as they were.
 OFTJAX_AVX512 void DotRows(const float* const* rows, int64_t nrows, const float* T, int64_t ldt, int64_t D,
-                           float alpha, float* out, int64_t ldo, int64_t ncols) {
+                           float alpha, float* out, int64_t ldo, const int64_t* hi) {
   int64_t r = 0;
-  for (; r + 4 <= nrows; r += 4)
-    for (int64_t c = 0; c < ncols; c += kKeyStep) DotRowsMicro<4>(rows + r, T, ldt, D, alpha, out + r * ldo, ldo, c);
-  for (; r < nrows; ++r)
-    for (int64_t c = 0; c < ncols; c += kKeyStep) DotRowsMicro<1>(rows + r, T, ldt, D, alpha, out + r * ldo, ldo, c);
+  for (; r + 4 <= nrows; r += 4) {
+    const int64_t ncols = RoundUp(*std::max_element(hi + r, hi + r + 4), 16);
+    DotRowsGroup<4>(rows + r, T, ldt, D, alpha, out + r * ldo, ldo, ncols);
+  }
+  for (; r < nrows; ++r) DotRowsGroup<1>(rows + r, T, ldt, D, alpha, out + r * ldo, ldo, RoundUp(hi[r], 16));
 }
 
 // out_r = sum_{c in [c_lo, c_hi)} A[r][c] * M(c) for R rows, M(c) a D-vector (D = 16 * ND); overwrite.
@@ -217,14 +243,45 @@ struct Kernels {
   }
 };
 
-// Transposes rows j in [j0, j1) of x (row stride ld, D values each) into T[d][j - j0] (ldt columns, zero past
-// j1 - j0).
-void TransposeRows(const float* x, int64_t ld, int64_t j0, int64_t j1, int64_t D, float* T, int64_t ldt) {
-  for (int64_t d = 0; d < D; ++d) std::fill(T + d * ldt + (j1 - j0), T + (d + 1) * ldt, 0.0f);
-  for (int64_t j = j0; j < j1; ++j) {
-    const float* row = x + j * ld;
-    for (int64_t d = 0; d < D; ++d) T[d * ldt + (j - j0)] = row[d];
+// T[d][j] = x[j][d] for a 16 x 16 block: x's rows at row stride ld, T's at ldt.
+OFTJAX_AVX512 inline void Transpose16(const float* x, int64_t ld, float* T, int64_t ldt) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(x + i * ld);
+  for (int i = 0; i < 8; ++i) {  // t[2i], t[2i+1], lane L: rows 2i, 2i+1 interleaved at columns 4L..4L+3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
+  for (int i = 0; i < 4; ++i) {  // r[4i+m], lane L: column 4L+m of rows 4i..4i+3
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int m = 0; m < 4; ++m) {  // gather lane L of r[m], r[4+m], r[8+m], r[12+m]: column 4L+m, rows 0..15
+    const __m512 a0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x44), a1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xEE);
+    const __m512 b0 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x44);
+    const __m512 b1 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xEE);
+    _mm512_storeu_ps(T + m * ldt, _mm512_shuffle_f32x4(a0, b0, 0x88));
+    _mm512_storeu_ps(T + (4 + m) * ldt, _mm512_shuffle_f32x4(a0, b0, 0xDD));
+    _mm512_storeu_ps(T + (8 + m) * ldt, _mm512_shuffle_f32x4(a1, b1, 0x88));
+    _mm512_storeu_ps(T + (12 + m) * ldt, _mm512_shuffle_f32x4(a1, b1, 0xDD));
+  }
+}
+
+// Transposes rows j in [j0, j1) of x (row stride ld, D values each, D a multiple of 16) into T[d][j - j0]
+// (ldt columns, zero past j1 - j0).
+OFTJAX_AVX512 void TransposeRows(const float* x, int64_t ld, int64_t j0, int64_t j1, int64_t D, float* T,
+                                 int64_t ldt) {
+  const int64_t n = j1 - j0, whole = n / 16 * 16;
+  for (int64_t j = 0; j < whole; j += 16)
+    for (int64_t d = 0; d < D; d += 16) Transpose16(x + (j0 + j) * ld + d, ld, T + d * ldt + j, ldt);
+  if (whole < n) {  // the last rows, zero-padded to 16
+    alignas(64) float pad[16 * kMaxHeadDim] = {};
+    for (int64_t j = whole; j < n; ++j) std::memcpy(pad + (j - whole) * D, x + (j0 + j) * ld, sizeof(float) * D);
+    for (int64_t d = 0; d < D; d += 16) Transpose16(pad + d, D, T + d * ldt + whole, ldt);
+  }
+  const int64_t filled = RoundUp(n, 16);
+  for (int64_t d = 0; d < D; ++d) std::fill(T + d * ldt + filled, T + (d + 1) * ldt, 0.0f);
 }
 
 // Scores of the tile's rows -> probabilities in place: P[r][c] for key ka + c; zero outside the allowed keys.
@@ -283,7 +340,7 @@ template <int ND>
 OFTJAX_AVX512 void ForwardTile(const float* q, const float* kt, int64_t ldk, const float* v, float* o, float* lse,
                                const Dims& dm, int64_t b, int64_t h, int64_t i0, Scratch& s) {
   const int64_t D = dm.D, kh = h / (dm.H / dm.KV), i1 = std::min(dm.S, i0 + kTile), n = i1 - i0;
-  const int64_t ka = dm.lo(i0) / kKeyStep * kKeyStep, width = RoundUp(i1 - ka, kKeyStep);
+  const int64_t ka = dm.lo(i0) / kKeyStep * kKeyStep, width = RoundUp(i1 - ka, 16);
   const float* vb = v + (b * dm.S) * dm.kv_row() + kh * D;
   s.p.resize(kTile * width);
   s.qrot.resize(kTile * D);
@@ -298,14 +355,14 @@ OFTJAX_AVX512 void ForwardTile(const float* q, const float* kt, int64_t ldk, con
     s.lo[r] = dm.lo(i0 + r) - ka;
     s.hi[r] = i0 + r - ka + 1;
   }
-  DotRows(s.rows.data(), n, kt + ka, ldk, D, dm.scale, s.p.data(), width, width);
+  DotRows(s.rows.data(), n, kt + ka, ldk, D, dm.scale, s.p.data(), width, s.hi.data());
   Probabilities(s.p.data(), width, i0, n, ka, dm, nullptr, lse + (b * dm.H + h) * dm.S + i0);
   Kernels<ND>::Combine(s.p.data(), width, n, vb + ka * dm.kv_row(), dm.kv_row(), s.lo.data(), s.hi.data(),
                        s.outs.data());
 }
 
 template <int ND>
-OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, const float* o, const float* lse,
+OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, const float* lse,
                                 const float* dout, float* dq, float* dk, float* dv, const Dims& dm, int64_t b,
                                 int64_t kh, Scratch& s) {
   const int64_t D = dm.D, S = dm.S, groups = dm.H / dm.KV, width_all = RoundUp(S, kKeyStep);
@@ -313,6 +370,7 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
   const float* vb = v + (b * S) * dm.kv_row() + kh * D;
   s.krot.resize(S * D);
   for (int64_t j = 0; j < S; ++j) RotatedRow(kb + j * dm.kv_row(), dm, b, j, s.krot.data() + j * D);
+  // (the forward transposed the same keys; redoing it here is cheaper than keeping [B, KV, D, S] alive)
   s.kt.resize(D * width_all);
   s.vt.resize(D * width_all);
   TransposeRows(s.krot.data(), D, 0, S, D, s.kt.data(), width_all);
@@ -328,12 +386,11 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
   s.outs.resize(kTile);
   s.lo.resize(kTile);
   s.hi.resize(kTile);
-  float delta[kTile];
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t h = kh * groups + g;
     for (int64_t i0 = 0; i0 < S; i0 += kTile) {
       const int64_t i1 = std::min(S, i0 + kTile), n = i1 - i0;
-      const int64_t ka = dm.lo(i0) / kKeyStep * kKeyStep, width = RoundUp(i1 - ka, kKeyStep);
+      const int64_t ka = dm.lo(i0) / kKeyStep * kKeyStep, width = RoundUp(i1 - ka, 16);
       const float* kt = s.kt.data() + ka;  // columns ka.. of the transposed keys (row stride width_all)
       const float* vt = s.vt.data() + ka;
       for (int64_t r = 0; r < n; ++r) {
@@ -344,24 +401,28 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
         s.outs[r] = s.dqt.data() + r * D;
         s.lo[r] = dm.lo(i0 + r) - ka;
         s.hi[r] = i0 + r - ka + 1;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16)
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(dout + row + d), _mm512_loadu_ps(o + row + d), acc);
-        delta[r] = _mm512_reduce_add_ps(acc);
       }
       float* P = s.p.data();
       float* dP = s.dp.data();
-      DotRows(s.rows.data(), n, kt, width_all, D, dm.scale, P, width, width);
+      DotRows(s.rows.data(), n, kt, width_all, D, dm.scale, P, width, s.hi.data());
       Probabilities(P, width, i0, n, ka, dm, lse + (b * dm.H + h) * S + i0, nullptr);
-      DotRows(s.rows2.data(), n, vt, width_all, D, 1.0f, dP, width, width);
+      DotRows(s.rows2.data(), n, vt, width_all, D, 1.0f, dP, width, s.hi.data());
       const __m512 sc = _mm512_set1_ps(dm.scale);
-      for (int64_t r = 0; r < n; ++r) {  // dP <- scale * P * (dP - delta): the score gradient
-        const __m512 dl = _mm512_set1_ps(delta[r]);
-        for (int64_t c = 0; c < width; c += 16) {
-          const __m512 pv = _mm512_loadu_ps(P + r * width + c);
-          const __m512 g2 = _mm512_sub_ps(_mm512_loadu_ps(dP + r * width + c), dl);
-          _mm512_storeu_ps(dP + r * width + c, _mm512_mul_ps(_mm512_mul_ps(pv, g2), sc));
+      for (int64_t r = 0; r < n; ++r) {
+        // DotRows filled the columns below RoundUp(hi, 16) (P is zero outside [lo, hi)); the rest of the row
+        // gets a zero score gradient. delta_i = sum_j p_ij dp_ij (= do_i . o_i) from the tile in cache.
+        const int64_t filled = RoundUp(s.hi[r], 16);
+        float* pr = P + r * width;
+        float* dpr = dP + r * width;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < filled; c += 16)
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(pr + c), _mm512_loadu_ps(dpr + c), acc);
+        const __m512 dl = _mm512_set1_ps(_mm512_reduce_add_ps(acc));
+        for (int64_t c = 0; c < filled; c += 16) {  // dP <- scale * P * (dP - delta): the score gradient
+          const __m512 g2 = _mm512_sub_ps(_mm512_loadu_ps(dpr + c), dl);
+          _mm512_storeu_ps(dpr + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(pr + c), g2), sc));
         }
+        std::fill(dpr + filled, dpr + width, 0.0f);
       }
       const int64_t c_hi = i1 - ka;  // keys past the tile's last row get nothing
       const int64_t c_lo = s.lo[0];
@@ -403,10 +464,10 @@ struct ForwardRun {
 
 template <int ND>
 struct BackwardRun {
-  static void Run(const float* q, const float* k, const float* v, const float* o, const float* lse,
+  static void Run(const float* q, const float* k, const float* v, const float* lse,
                   const float* dout, float* dq, float* dk, float* dv, const Dims& dm, int64_t b, int64_t kh,
                   Scratch& s) {
-    BackwardUnit<ND>(q, k, v, o, lse, dout, dq, dk, dv, dm, b, kh, s);
+    BackwardUnit<ND>(q, k, v, lse, dout, dq, dk, dv, dm, b, kh, s);
   }
 };
 #else
@@ -485,26 +546,26 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
 
 ffi::Error AttentionGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
-                             ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                             ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                              ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                              ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t window, bool rope) {
   Dims dm;
   if (auto e = CheckDims("oftjax_attention_grad", q, k, v, cos, sin, rope, scale, window, &dm); e.failure()) {
     return e;
   }
-  if (o.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
+  if (dout.element_count() != q.element_count() ||
       dq->element_count() != q.element_count() || dk->element_count() != k.element_count() ||
       dv->element_count() != k.element_count() || lse.element_count() != static_cast<size_t>(dm.B * dm.H * dm.S)) {
     return ffi::Error::InvalidArgument(
-        "oftjax_attention_grad: o, do and dq must have q's shape, dk and dv k's, lse [B, H, S]");
+        "oftjax_attention_grad: do and dq must have q's shape, dk and dv k's, lse [B, H, S]");
   }
 #if OFTJAX_ATTN_X86
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = o.typed_data(),
-              *lp = lse.typed_data(), *gp = dout.typed_data();
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *lp = lse.typed_data(),
+              *gp = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   ParallelFor(pool, dm.B * dm.KV, [=](int64_t u) {
     thread_local Scratch s;
-    Dispatch<BackwardRun>(dm.D, qp, kp, vp, op, lp, gp, dqp, dkp, dvp, dm, u / dm.KV, u % dm.KV, s);
+    Dispatch<BackwardRun>(dm.D, qp, kp, vp, lp, gp, dqp, dkp, dvp, dm, u / dm.KV, u % dm.KV, s);
   });
 #endif
   return ffi::Error::Success();
@@ -534,7 +595,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxAttentionGrad, AttentionGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v
                                   .Arg<ffi::Buffer<ffi::F32>>()  // cos
                                   .Arg<ffi::Buffer<ffi::F32>>()  // sin
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // o, the forward's output
                                   .Arg<ffi::Buffer<ffi::F32>>()  // lse, the forward's log-sum-exp
                                   .Arg<ffi::Buffer<ffi::F32>>()  // do, the output cotangent
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dq

@@ -108,14 +108,14 @@ def _forward(q, k, v, cos, sin, scale, window, rope):
 
 def _fwd(q, k, v, cos, sin, scale, window, rope):
     o, lse = _forward(q, k, v, cos, sin, scale, window, rope)
-    return o, (q, k, v, cos, sin, o, lse)
+    return o, (q, k, v, cos, sin, lse)
 
 
 def _bwd(scale, window, rope, res, g):
-    q, k, v, cos, sin, o, lse = res
+    q, k, v, cos, sin, lse = res
     out = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v))
     call = jax.ffi.ffi_call(_BACKWARD, out, vmap_method="sequential")
-    dq, dk, dv = call(q, k, v, cos, sin, o, lse, g.astype(q.dtype), **_attrs(scale, window, rope))
+    dq, dk, dv = call(q, k, v, cos, sin, lse, g.astype(q.dtype), **_attrs(scale, window, rope))
     return dq, dk, dv, jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
