@@ -337,7 +337,7 @@ def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def _result(q: mp.Queue, proc: mp.Process, side: str) -> dict:
-    """The side's result, or an error as soon as its process has died without one (no hang on a dead child)."""
+    """The side's result, or an error as soon as its process dies without one (no hang on a dead child)."""
     import queue
 
     while True:
