@@ -1,7 +1,8 @@
 """Builds the native CPU kernels next to the modules that call them; the rest is in pyproject.toml.
 
-csrc/dequant4.cc -> oftjax/quant/_dequant4_cpu*.so (4-bit dequantize), csrc/rotate.cc ->
-oftjax/nn/_rotate_cpu*.so (block-diagonal rotations) and csrc/attention.cc ->
+csrc/dequant4.cc -> oftjax/quant/_dequant4_cpu*.so (4-bit dequantize, also fused with a rotation of the
+weight's rows), csrc/rotate.cc -> oftjax/nn/_rotate_cpu*.so (block-diagonal rotations; the row micro-kernel,
+csrc/rotate_rows.h, is shared with dequant4.cc) and csrc/attention.cc ->
 oftjax/models/_attention_cpu*.so (causal attention). They are XLA FFI handlers loaded with ctypes
 (oftjax/_ffi.py), not Python modules. Their build is optional: without a C++17 compiler the install still
 succeeds and the pure-XLA paths run (``oftjax.quant.native_info()``, ``oftjax.nn.rotation_native_info()``
@@ -22,6 +23,7 @@ def _kernel(module: str, source: str, args: list[str]) -> Extension:
     return Extension(
         module,
         sources=[source],
+        depends=["csrc/parallel_for.h", "csrc/rotate_rows.h"],
         include_dirs=["csrc", "csrc/third_party"],
         language="c++",
         extra_compile_args=args,

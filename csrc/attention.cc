@@ -474,7 +474,9 @@ struct BackwardRun {
 bool HasAvx512() { return false; }
 #endif
 
-bool Supported(int64_t head_dim) { return HasAvx512() && head_dim > 0 && head_dim % 16 == 0 && head_dim <= kMaxHeadDim; }
+bool Supported(int64_t head_dim) {
+  return HasAvx512() && head_dim > 0 && head_dim % 16 == 0 && head_dim <= kMaxHeadDim;
+}
 
 ffi::Error CheckDims(const char* target, const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                      const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::F32>& cos,

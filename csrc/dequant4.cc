@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -30,6 +31,7 @@
 #endif
 
 #include "parallel_for.h"
+#include "rotate_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -341,6 +343,76 @@ ffi::Error Dequant4(ffi::ThreadPool& pool, const ffi::Buffer<ffi::U8>& packed, c
   return ffi::Error::Success();
 }
 
+// Rows per work item of Dequant4Rotate: a multiple of the rotation's 8-row pass, about 64 KiB of scratch.
+int64_t RotateItemRows(int64_t d) { return std::max<int64_t>(8, 16384 / std::max<int64_t>(d, 1) / 8 * 8); }
+
+// A 4-bit weight [rows, d] dequantized to float32 and rotated, W BD(R) with R [d / b, b, b], in one pass: each
+// work item dequantizes a few rows into a scratch buffer (in cache) and rotates them into the output, so the
+// float32 weight itself is never written out (its two passes were ~1% of the CPU train step of
+// benchmarks/bench_train.py). Same arithmetic as Dequant4 then rotate.cc's OftjaxRotate (the dequantize with
+// subnormal products kept, the rotation under the caller's floating-point mode, the same micro-kernel): the
+// same bits.
+ffi::Error Dequant4Rotate(ffi::ThreadPool& pool, const ffi::Buffer<ffi::U8>& packed, const float* absmax,
+                          const Nested* nested, const ffi::Buffer<ffi::F32>& code, const ffi::Buffer<ffi::F32>& R,
+                          ffi::Result<ffi::Buffer<ffi::F32>>& out, int64_t blocksize, bool vectorize) {
+  const auto od = out->dimensions(), rd = R.dimensions();
+  if (od.size() != 2 || rd.size() != 3 || rd[1] != rd[2] || rd[0] * rd[1] != od[1]) {
+    return ffi::Error::InvalidArgument("oftjax_dequant4_rotate: the output must be [rows, d] and the rotation "
+                                       "blocks [r, b, b] with r * b = d");
+  }
+  const int64_t rows = od[0], d = od[1], r = rd[0], b = rd[1];
+  if (!oftjax::RotateRowsSupported(b)) {
+    return ffi::Error::InvalidArgument("oftjax_dequant4_rotate: block size " + std::to_string(b) +
+                                       " needs AVX-512 and a multiple of 16 up to " +
+                                       std::to_string(oftjax::kMaxRotateBlock));
+  }
+  const int64_t n = rows * d, nb = (n + blocksize - 1) / blocksize;
+  if (static_cast<int64_t>(packed.element_count()) * 2 < n) {
+    return ffi::Error::InvalidArgument("oftjax_dequant4_rotate: packed holds " +
+                                       std::to_string(packed.element_count()) + " bytes, expected at least " +
+                                       std::to_string((n + 1) / 2));
+  }
+  if (code.element_count() != 16) {
+    return ffi::Error::InvalidArgument("oftjax_dequant4_rotate: code must have 16 values");
+  }
+  const bool vector = vectorize && HasAvx512() && blocksize % 32 == 0;
+  const uint8_t* p = packed.typed_data();
+  const float *c = code.typed_data(), *Rp = R.typed_data();
+  float* o = out->typed_data();
+  const Nested nest = nested ? *nested : Nested{};
+  const int64_t item_rows = RotateItemRows(d), items = (rows + item_rows - 1) / item_rows;
+  auto work = [=](int64_t item) {
+    thread_local std::vector<float> scratch, local;
+    const int64_t r0 = item * item_rows, r1 = std::min(rows, r0 + item_rows);
+    const int64_t e0 = r0 * d, e1 = r1 * d;  // the rows' elements, inside blocks [b0, b1)
+    const int64_t b0 = e0 / blocksize, b1 = std::min(nb, (e1 + blocksize - 1) / blocksize);
+    scratch.resize(static_cast<size_t>((b1 - b0) * blocksize));
+    {
+      KeepSubnormals keep;
+      const float* scale = absmax == nullptr ? nullptr : absmax + b0;
+      if (nested != nullptr) {
+        local.resize(static_cast<size_t>(b1 - b0));
+        for (int64_t k = b0; k < b1; ++k) {
+          const float scaled = nest.dynamic[nest.q[k]] * nest.nested[k / kNestedBlocksize];
+          local[k - b0] = scaled + nest.offset;
+        }
+        scale = local.data();
+      }
+      // blocks b0.. relative to b0: the packed bytes from block b0 on, outputs from scratch[0]
+      const int64_t n_local = std::min(n, b1 * blocksize) - b0 * blocksize;
+      RunBlocks(Kind::kF32, p + b0 * (blocksize / 2), scale, c, scratch.data(), n_local, blocksize, 0, b1 - b0, vector,
+                false, false);
+    }
+    oftjax::RotateRows(scratch.data() + (e0 - b0 * blocksize), Rp, o + e0, r, b, 0, r1 - r0, 0, r);
+  };
+  if (items <= 1) {
+    if (items == 1) work(0);
+  } else {
+    ParallelFor(pool, items, work);
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error CheckBlocks(const char* what, size_t got, int64_t expected) {
   if (static_cast<int64_t>(got) != expected) {
     return ffi::Error::InvalidArgument(std::string("oftjax_dequant4: ") + what + " has " + std::to_string(got) +
@@ -354,6 +426,20 @@ ffi::Error CheckBlocksize(int64_t blocksize) {
     return ffi::Error::InvalidArgument("oftjax_dequant4: blocksize must be even and positive, got " +
                                        std::to_string(blocksize));
   }
+  return ffi::Error::Success();
+}
+
+// The double-quantized statistics of n values in blocks of blocksize.
+ffi::Error CheckNested(const ffi::Buffer<ffi::U8>& qabsmax, const ffi::Buffer<ffi::F32>& nested_absmax,
+                       const ffi::Buffer<ffi::F32>& offset, const ffi::Buffer<ffi::F32>& dynamic, size_t n,
+                       int64_t blocksize, Nested* nested) {
+  const int64_t nb = (static_cast<int64_t>(n) + blocksize - 1) / blocksize;
+  const int64_t n2 = (nb + kNestedBlocksize - 1) / kNestedBlocksize;
+  if (auto e = CheckBlocks("absmax", qabsmax.element_count(), nb); e.failure()) return e;
+  if (auto e = CheckBlocks("nested_absmax", nested_absmax.element_count(), n2); e.failure()) return e;
+  if (auto e = CheckBlocks("offset", offset.element_count(), 1); e.failure()) return e;
+  if (auto e = CheckBlocks("dynamic code", dynamic.element_count(), 256); e.failure()) return e;
+  *nested = Nested{qabsmax.typed_data(), nested_absmax.typed_data(), dynamic.typed_data(), offset.typed_data()[0]};
   return ffi::Error::Success();
 }
 
@@ -371,14 +457,34 @@ ffi::Error Dequant4NestedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed,
                               ffi::Buffer<ffi::F32> dynamic, ffi::Buffer<ffi::F32> code,
                               ffi::Result<ffi::AnyBuffer> out, int64_t blocksize, bool vectorize, bool hugepages) {
   if (auto e = CheckBlocksize(blocksize); e.failure()) return e;
-  const int64_t nb = (static_cast<int64_t>(out->element_count()) + blocksize - 1) / blocksize;
-  const int64_t n2 = (nb + kNestedBlocksize - 1) / kNestedBlocksize;
-  if (auto e = CheckBlocks("absmax", qabsmax.element_count(), nb); e.failure()) return e;
-  if (auto e = CheckBlocks("nested_absmax", nested_absmax.element_count(), n2); e.failure()) return e;
-  if (auto e = CheckBlocks("offset", offset.element_count(), 1); e.failure()) return e;
-  if (auto e = CheckBlocks("dynamic code", dynamic.element_count(), 256); e.failure()) return e;
-  const Nested nested{qabsmax.typed_data(), nested_absmax.typed_data(), dynamic.typed_data(), offset.typed_data()[0]};
+  Nested nested;
+  if (auto e = CheckNested(qabsmax, nested_absmax, offset, dynamic, out->element_count(), blocksize, &nested);
+      e.failure()) {
+    return e;
+  }
   return Dequant4(pool, packed, nullptr, &nested, code, out, blocksize, vectorize, hugepages);
+}
+
+ffi::Error Dequant4RotateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> absmax,
+                              ffi::Buffer<ffi::F32> code, ffi::Buffer<ffi::F32> R,
+                              ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t blocksize, bool vectorize) {
+  if (auto e = CheckBlocksize(blocksize); e.failure()) return e;
+  const int64_t nb = (static_cast<int64_t>(out->element_count()) + blocksize - 1) / blocksize;
+  if (auto e = CheckBlocks("absmax", absmax.element_count(), nb); e.failure()) return e;
+  return Dequant4Rotate(pool, packed, absmax.typed_data(), nullptr, code, R, out, blocksize, vectorize);
+}
+
+ffi::Error Dequant4NestedRotateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::U8> qabsmax,
+                                    ffi::Buffer<ffi::F32> nested_absmax, ffi::Buffer<ffi::F32> offset,
+                                    ffi::Buffer<ffi::F32> dynamic, ffi::Buffer<ffi::F32> code, ffi::Buffer<ffi::F32> R,
+                                    ffi::Result<ffi::Buffer<ffi::F32>> out, int64_t blocksize, bool vectorize) {
+  if (auto e = CheckBlocksize(blocksize); e.failure()) return e;
+  Nested nested;
+  if (auto e = CheckNested(qabsmax, nested_absmax, offset, dynamic, out->element_count(), blocksize, &nested);
+      e.failure()) {
+    return e;
+  }
+  return Dequant4Rotate(pool, packed, nullptr, &nested, code, R, out, blocksize, vectorize);
 }
 
 }  // namespace
@@ -407,6 +513,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxDequant4Nested, Dequant4NestedImpl,
                                   .Attr<int64_t>("blocksize")
                                   .Attr<bool>("vectorize")
                                   .Attr<bool>("hugepages"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxDequant4Rotate, Dequant4RotateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // packed bytes (at least ceil(n / 2))
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // absmax [ceil(n / blocksize)]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // code table [16]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rotation blocks R [r, b, b]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // W BD(R), [rows, r * b] float32
+                                  .Attr<int64_t>("blocksize")
+                                  .Attr<bool>("vectorize"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxDequant4NestedRotate, Dequant4NestedRotateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // packed bytes (at least ceil(n / 2))
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // absmax codes [ceil(n / blocksize)]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // nested absmax [ceil(blocks / 256)]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset []
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dynamic 8-bit code [256]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // code table [16]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rotation blocks R [r, b, b]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // W BD(R), [rows, r * b] float32
+                                  .Attr<int64_t>("blocksize")
+                                  .Attr<bool>("vectorize"));
+
+// 1 when Dequant4Rotate runs rotation blocks of size b on this machine (AVX-512, b in 16, 32, 48, 64).
+extern "C" int OftjaxDequant4RotateSupports(int64_t b) { return oftjax::RotateRowsSupported(b) ? 1 : 0; }
 
 // 1 when this machine runs the AVX-512 path (reported by oftjax.quant.native_info()).
 extern "C" int OftjaxDequant4HasAvx512() { return HasAvx512() ? 1 : 0; }

@@ -9,8 +9,9 @@
 // [r, T, b] and the result transposed back; those copies run at 1-2.5 GB/s and cost more than the arithmetic
 // (benchmarks/profile_train.py, label oft_rotate). Here each token row's blocks are read and written in place:
 // the b x b block stays in L1, a few token rows are rotated per pass over it, and the accumulators of a block
-// row stay in vector registers (the block size is a template parameter for 8, 16, 32, 64 and 128; other sizes
-// take a runtime-size loop with the same sums in the same order).
+// row stay in vector registers (the block size is a template parameter: 16, 32, 48 and 64; other sizes, and
+// machines without AVX-512, take the XLA path). The forward micro-kernel is rotate_rows.h, which dequant4.cc
+// also uses to rotate a weight as it is dequantized.
 //
 // Determinism: every output element is one thread's sum in a fixed order. dR sums over tokens in fixed chunks
 // of kGradChunk tokens (each chunk's partial sum is written to its own slot), then adds the chunk partials in
@@ -27,65 +28,24 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "rotate_rows.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#endif
 
 namespace ffi = xla::ffi;
 using oftjax::ParallelFor;
+using oftjax::RotateRows;
 
 namespace {
 
 constexpr int64_t kRowChunk = 32;    // token rows per work item of the forward / dx pass
 constexpr int64_t kGradChunk = 128;  // token rows per partial dR sum (fixed: it sets the summation order)
-constexpr int64_t kMaxBlock = 64;    // block sizes b = 16 * NV for NV in 1..4 (larger: XLA's GEMMs do better)
+constexpr int64_t kMaxBlock = oftjax::kMaxRotateBlock;
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if OFTJAX_ROTATE_ROWS_X86
 #define OFTJAX_AVX512 __attribute__((target("avx512f")))
 
-// Token rows per pass over a block (forward) and block rows per pass over the tokens (dR): as many as keep
-// the accumulators (and, forward, the block row) within the 32 vector registers; nv <= 4.
-constexpr int RowsPerPass(int nv) { return std::min(8, 24 / nv - 1); }
-// a power of two, so it divides b
+// Block rows per pass over the tokens (dR), a power of two, so it divides b.
 constexpr int BlockRowsPerPass(int nv) { return nv == 1 ? 16 : nv == 2 ? 8 : 4; }
-
-// y rows [t0, t1) = x BD(R) for b = 16 * NV; R[n][k][c] multiplies x's column n*b + k into y's column n*b + c.
-// Each output is sum_k x[k] * R[k][c] accumulated in k order with fused multiply-adds.
-template <int NV, int TT>
-OFTJAX_AVX512 void RotateRowsTile(const float* __restrict x, const float* __restrict R, float* __restrict y,
-                                  int64_t r, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
-  constexpr int B = 16 * NV;
-  const int64_t d = r * B;
-  for (int64_t n = n0; n < n1; ++n) {
-    const float* Rn = R + n * B * B;
-    for (int64_t t = t0; t < t1; t += TT) {
-      __m512 acc[TT][NV];
-      for (int tt = 0; tt < TT; ++tt)
-        for (int v = 0; v < NV; ++v) acc[tt][v] = _mm512_setzero_ps();
-      for (int k = 0; k < B; ++k) {
-        const float* row = Rn + k * B;
-        for (int v = 0; v < NV; ++v) {
-          const __m512 rv = _mm512_loadu_ps(row + 16 * v);
-          for (int tt = 0; tt < TT; ++tt)
-            acc[tt][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[(t + tt) * d + n * B + k]), rv, acc[tt][v]);
-        }
-      }
-      for (int tt = 0; tt < TT; ++tt)
-        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + (t + tt) * d + n * B + 16 * v, acc[tt][v]);
-    }
-  }
-}
-
-template <int NV>
-OFTJAX_AVX512 void RotateRowsNV(const float* x, const float* R, float* y, int64_t r, int64_t t0, int64_t t1,
-                               int64_t n0, int64_t n1) {
-  constexpr int TT = RowsPerPass(NV);
-  const int64_t whole = t0 + (t1 - t0) / TT * TT;
-  RotateRowsTile<NV, TT>(x, R, y, r, t0, whole, n0, n1);
-  if constexpr (TT > 1) RotateRowsTile<NV, 1>(x, R, y, r, whole, t1, n0, n1);
-}
 
 // out[n][k][c] = sum over t in [t0, t1) of x[t, n*b + k] * g[t, n*b + c] (t ascending, fused multiply-adds),
 // blocks n in [n0, n1).
@@ -113,41 +73,21 @@ OFTJAX_AVX512 void BlockGramNV(const float* __restrict x, const float* __restric
   }
 }
 
-// (x or g, R or x, out, r, t0, t1, n0, n1): token rows [t0, t1), blocks [n0, n1)
-using RotateFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
+// (x, g, out, r, t0, t1, n0, n1): token rows [t0, t1), blocks [n0, n1)
 using GramFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
-template <int... NV>
-constexpr std::array<RotateFn, sizeof...(NV)> RotateTable(std::integer_sequence<int, NV...>) {
-  return {&RotateRowsNV<NV + 1>...};
-}
 template <int... NV>
 constexpr std::array<GramFn, sizeof...(NV)> GramTable(std::integer_sequence<int, NV...>) {
   return {&BlockGramNV<NV + 1>...};
 }
-constexpr auto kRotate = RotateTable(std::make_integer_sequence<int, kMaxBlock / 16>{});
 constexpr auto kGram = GramTable(std::make_integer_sequence<int, kMaxBlock / 16>{});
-
-bool HasAvx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
-#else
-bool HasAvx512() { return false; }
 #endif
 
-bool Supported(int64_t b) { return HasAvx512() && b > 0 && b % 16 == 0 && b <= kMaxBlock; }
-
-void RotateRows(const float* x, const float* R, float* y, int64_t r, int64_t b, int64_t t0, int64_t t1,
-                int64_t n0, int64_t n1) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  kRotate[b / 16 - 1](x, R, y, r, t0, t1, n0, n1);
-#endif
-}
+bool Supported(int64_t b) { return oftjax::RotateRowsSupported(b); }
 
 void BlockGram(const float* x, const float* g, float* out, int64_t r, int64_t b, int64_t t0, int64_t t1,
                int64_t n0, int64_t n1) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if OFTJAX_ROTATE_ROWS_X86
   kGram[b / 16 - 1](x, g, out, r, t0, t1, n0, n1);
 #endif
 }

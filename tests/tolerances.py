@@ -91,6 +91,11 @@ TOL: dict[str, Tol] = {
         "csrc/attention.cc vs float64: fp32 scores, a polynomial exp (~1 ulp), softmax and products summed "
         "in tile order with fused multiply-adds (measured <= 1e-6 x max |expected|); atol x that max",
     ),
+    "swiglu": Tol(
+        1e-5,
+        1e-6,
+        "float32 silu and its derivative (XLA's logistic, a few ulps) vs float64, times O(1) cotangents",
+    ),
     "dequant_absmax_grad": Tol(
         1e-6, 1e-7, "fp32 sum of 64 code*g products per block: XLA reduction order vs numpy's pairwise sum"
     ),

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from oftjax import oft, quant
 from oftjax.nn import _native_rotate
 from oftjax.nn._quant_linear import zero_cotangent
+from oftjax.quant import _dequant as quant_dequant
 
 
 @jax.named_scope("oft_rotate")
@@ -103,6 +104,25 @@ def rotate_weight(w: jax.Array, rotations: Sequence[jax.Array]) -> jax.Array:
     return w
 
 
+def dequantize_rotate_weight(q: Any, rotations: Sequence[jax.Array], compute_dtype: Any) -> jax.Array:
+    """``rotate_weight(quant.dequantize(q, compute_dtype), rotations)``, the same bits.
+
+    On CPU a 4-bit weight and the first rotation ``rotate_weight`` applies (the last adapter's) run as one
+    native kernel (``quant._dequant.dequantize_rotate_cpu``): the float32 weight is not written out and read
+    back in between. Elsewhere, and for other formats and dtypes, the two steps.
+    """
+    if not rotations or not quant_dequant.fused_rotate_supported(q, rotations[-1], compute_dtype):
+        return rotate_weight(quant.dequantize(q, compute_dtype), rotations)
+    with jax.named_scope("oft_rotate"):
+        Rt = jnp.swapaxes(rotations[-1], 1, 2)
+        w = jax.lax.platform_dependent(
+            Rt,
+            cpu=lambda Rt: quant_dequant.dequantize_rotate_cpu(q, Rt),
+            default=lambda Rt: rotate_blocks(quant.dequantize(q, compute_dtype), Rt),
+        )
+    return rotate_weight(w, rotations[:-1])
+
+
 @jax.custom_vjp
 def rotated_matmul(x: jax.Array, rotations: tuple[jax.Array, ...], kernel: jax.Array) -> jax.Array:
     """``(x BD_1 ... BD_n) @ K`` computed as ``x @ (BD_1 ... BD_n K)``; gradients as for the input path.
@@ -165,7 +185,7 @@ def rotated_dequant_matmul(
       >>> rotated_dequant_matmul(jnp.ones((1, 4)), R, quant.quantize_int8(jnp.eye(4)), jnp.float32).shape
       (1, 4)
     """
-    w = rotate_weight(quant.dequantize(q, compute_dtype), rotations)
+    w = dequantize_rotate_weight(q, rotations, compute_dtype)
     with jax.named_scope("gemm"):
         return jnp.matmul(x, w.T)
 

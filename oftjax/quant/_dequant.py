@@ -75,6 +75,41 @@ def _dequantize(q: Int8Weight | FourBitWeight, out_dtype: np.dtype) -> jax.Array
             raise TypeError(type(q).__name__)
 
 
+def fused_rotate_supported(q: Any, R: jax.Array, dtype: Any) -> bool:
+    """Whether ``dequantize_rotate_cpu(q, R)`` runs: a 2-D 4-bit weight, float32 compute and rotation blocks
+    of a size the native kernel runs here, whose ``r * b`` is the weight's row length."""
+    return (
+        isinstance(q, FourBitWeight)
+        and len(q.shape) == 2
+        and jnp.dtype(dtype) == jnp.float32
+        and R.dtype == jnp.float32
+        and R.ndim == 3
+        and R.shape[0] * R.shape[1] == q.shape[1]
+        and _native.supports_rotate(int(R.shape[1]))
+    )
+
+
+def dequantize_rotate_cpu(q: FourBitWeight, R: jax.Array) -> jax.Array:
+    """float32 ``dequantize(q) BD(R)`` (each row of ``q`` rotated block by block) by one native CPU kernel.
+
+    The bits of dequantizing and then rotating with the native kernels, without writing the float32 weight
+    out in between (``oftjax.nn._rotated_matmul``'s forward over a 4-bit weight). Needs
+    ``fused_rotate_supported(q, R, float32)``; only lowers for the CPU (callers choose it with
+    ``jax.lax.platform_dependent``).
+    """
+    n = int(np.prod(q.shape, dtype=np.int64))
+    b = packed_bytes_for(q.packed, n)
+    code = jnp.asarray(code_table(q.quant_type))
+    common = {"shape": q.shape, "blocksize": q.blocksize}
+    if q.compress_statistics:
+        stats = (q.absmax, q.nested_absmax.astype(jnp.float32), jnp.asarray(q.offset, jnp.float32))
+        return _native.dequantize_4bit_rotate_cpu(
+            b, *stats, jnp.asarray(DYNAMIC), code, R, nested=True, **common
+        )
+    absmax = q.absmax.astype(jnp.float32)
+    return _native.dequantize_4bit_rotate_cpu(b, absmax, code, R, nested=False, **common)
+
+
 def dequantize_int8(CB: jax.Array, SCB: jax.Array) -> jax.Array:
     """float32 ``fl32(fl32(CB * SCB[:, None]) * fl32(1/127))`` (bnb ``int8_vectorwise_dequant``)."""
     if CB.ndim != 2 or CB.dtype != jnp.int8:

@@ -28,13 +28,21 @@ from oftjax import _ffi
 
 _TARGET = "oftjax_dequant4"
 _TARGET_NESTED = "oftjax_dequant4_nested"
+_TARGET_ROTATE = "oftjax_dequant4_rotate"
+_TARGET_NESTED_ROTATE = "oftjax_dequant4_nested_rotate"
 # what the kernel can write (others, e.g. float64 under x64, take the XLA path)
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.float16), np.dtype(jax.numpy.bfloat16))
 _KERNELS = _ffi.Kernels(
     Path(__file__).parent,
     "_dequant4_cpu",
-    ((_TARGET, "OftjaxDequant4"), (_TARGET_NESTED, "OftjaxDequant4Nested")),
+    (
+        (_TARGET, "OftjaxDequant4"),
+        (_TARGET_NESTED, "OftjaxDequant4Nested"),
+        (_TARGET_ROTATE, "OftjaxDequant4Rotate"),
+        (_TARGET_NESTED_ROTATE, "OftjaxDequant4NestedRotate"),
+    ),
     what="dequantize",
+    supports_symbol="OftjaxDequant4RotateSupports",
 )
 
 
@@ -120,6 +128,31 @@ def dequantize_4bit_nested_cpu(
     """
     call = _call(_TARGET_NESTED, n, dtype, blocksize, vectorize)
     return call(packed, qabsmax, nested_absmax, offset, dynamic, code)
+
+
+def supports_rotate(block_size: int) -> bool:
+    """True when the fused dequantize + rotate kernel runs rotation blocks of ``block_size`` (AVX-512)."""
+    return _KERNELS.supports(block_size)
+
+
+def dequantize_4bit_rotate_cpu(
+    *operands: jax.Array, shape: tuple[int, int], blocksize: int, nested: bool, vectorize: bool = True
+) -> jax.Array:
+    """float32 ``dequantize(W) BD(R)`` row by row for a 4-bit ``W [rows, d]``, in one pass (no float W).
+
+    Args:
+      operands: ``dequantize_4bit_cpu``'s (packed, absmax, code) or, with ``nested``,
+        ``dequantize_4bit_nested_cpu``'s (packed, qabsmax, nested_absmax, offset, dynamic, code), then the
+        rotation blocks ``R`` float32 ``[d / b, b, b]`` (``b`` with ``supports_rotate(b)``).
+      shape: ``(rows, d)``; blocksize, vectorize: as ``dequantize_4bit_cpu``.
+
+    The same bits as the native rotation (``oftjax.nn._native_rotate.rotate_cpu``) of
+    ``dequantize_4bit_cpu``'s output. Only lowers for the CPU platform.
+    """
+    _KERNELS.require()
+    target = _TARGET_NESTED_ROTATE if nested else _TARGET_ROTATE
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(shape), np.float32), vmap_method="sequential")
+    return call(*operands, blocksize=np.int64(blocksize), vectorize=bool(vectorize))
 
 
 def _call(target: str, n: int, dtype: Any, blocksize: int, vectorize: bool):

@@ -205,3 +205,94 @@ def test_disabled_by_environment_falls_back_to_xla():
     env = dict(os.environ, OFTJAX_NATIVE="0", XLA_FLAGS="")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True, text=True)
     assert float(out.stdout) == 8 * 64 * 32
+
+
+# --- a 4-bit weight dequantized and rotated in one pass (csrc/dequant4.cc, Dequant4Rotate) ------------------
+
+
+def _quantized(shape, quant_type, blocksize, nested, seed=0):
+    from oftjax import quant
+
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.05
+    return quant.quantize_4bit(
+        jnp.asarray(w), quant_type=quant_type, blocksize=blocksize, compress_statistics=nested
+    )
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+_FUSED_SHAPES = {  # (rows, features), quantization blocksize
+    "64x96": ((64, 96), 64),
+    "512x512": ((512, 512), 64),
+    "rows-straddle-blocks": ((37, 48), 128),
+    "ragged-last-block": ((3, 96), 256),
+    "one-row": ((1, 64), 32),
+    "blocks-span-rows": ((16, 1536), 4096),
+}
+
+
+@pytest.mark.parametrize(
+    "b,shape,blocksize",
+    [
+        pytest.param(b, shape, bs, id=f"b{b}-{name}")
+        for name, (shape, bs) in _FUSED_SHAPES.items()
+        for b in NATIVE_SIZES
+        if shape[1] % b == 0
+    ],
+)
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double-quant"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_fused_dequantize_rotate_has_the_bits_of_the_two_steps(b, shape, blocksize, nested, quant_type):
+    from oftjax import quant
+    from oftjax.nn._rotated_matmul import dequantize_rotate_weight
+
+    q = _quantized(shape, quant_type, blocksize, nested)
+    R = jnp.asarray(np.random.default_rng(1).standard_normal((shape[1] // b, b, b)), jnp.float32)
+    assert quant._dequant.fused_rotate_supported(q, R, jnp.float32)
+    fused = jax.jit(lambda q, R: dequantize_rotate_weight(q, (R,), jnp.float32))
+    assert "oftjax_dequant4" in fused.lower(q, R).as_text() and "rotate" in fused.lower(q, R).as_text()
+    two_steps = jax.jit(lambda q, R: rotate_weight(quant.dequantize(q, jnp.float32), (R,)))(q, R)
+    np.testing.assert_array_equal(_bits(fused(q, R)), _bits(two_steps))
+    expected = reference(quant.dequantize(q, jnp.float32), R, transpose=True)
+    assert_native_close(fused(q, R), expected)
+
+
+def test_fused_path_chains_further_adapters_and_falls_back_where_it_cannot_run():
+    from oftjax import quant
+    from oftjax.nn._rotated_matmul import dequantize_rotate_weight
+
+    q = _quantized((64, 96), "nf4", 64, True)
+    rng = np.random.default_rng(2)
+    R1, R2 = (jnp.asarray(rng.standard_normal((3, 32, 32)), jnp.float32) for _ in range(2))
+    w = quant.dequantize(q, jnp.float32)
+    got = dequantize_rotate_weight(q, (R1, R2), jnp.float32)  # R2 fused, then R1 by rotate_blocks
+    np.testing.assert_array_equal(_bits(got), _bits(rotate_weight(w, (R1, R2))))
+    # no rotation, an 8-block (XLA path), bf16 compute and int8 weights: the two steps, unchanged
+    R8 = jnp.asarray(rng.standard_normal((12, 8, 8)), jnp.float32)
+    assert not quant._dequant.fused_rotate_supported(q, R8, jnp.float32)
+    assert not quant._dequant.fused_rotate_supported(q, R1, jnp.bfloat16)
+    q8 = quant.quantize_int8(w)
+    assert not quant._dequant.fused_rotate_supported(q8, R1, jnp.float32)
+    np.testing.assert_array_equal(_bits(dequantize_rotate_weight(q, (), jnp.float32)), _bits(w))
+    np.testing.assert_array_equal(
+        _bits(dequantize_rotate_weight(q, (R8,), jnp.float32)), _bits(rotate_weight(w, (R8,)))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(dequantize_rotate_weight(q8, (R1,), jnp.float32)),
+        np.asarray(rotate_weight(quant.dequantize(q8, jnp.float32), (R1,))),
+    )
+
+
+@pytest.mark.parametrize(
+    "R_shape,message",
+    [((12, 8, 8), "block size 8 needs AVX-512"), ((2, 32, 32), "r \\* b = d"), ((3, 32, 16), "r \\* b = d")],
+    ids=["b8", "width", "not-square"],
+)
+def test_fused_kernel_rejects_inconsistent_operands(R_shape, message):
+    from oftjax.quant import _dequant
+
+    q = _quantized((64, 96), "nf4", 64, False)
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(_dequant.dequantize_rotate_cpu(q, jnp.ones(R_shape, jnp.float32)))
