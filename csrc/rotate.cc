@@ -189,5 +189,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxRotateGrad, RotateGradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx, x's shape
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dR [r, b, b]
 
-// 1 when the kernels run for block size b on this machine (AVX-512, b a multiple of 16 up to 256), else 0.
+// 1 when the kernels run for block size b on this machine (AVX-512, b a multiple of 16 up to 64), else 0.
 extern "C" int OftjaxRotateSupports(int64_t b) { return Supported(b) ? 1 : 0; }
