@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bench_train.add_shape_args(p, steps=4)
     a = p.parse_args(argv)
+    # what bench_train and `oftjax train` do: otherwise every step faults its temporary buffer in afresh, and
+    # whichever op first writes a page (a dequantize, a swiglu) is charged for it
+    from oftjax._malloc import keep_freed_memory
+
+    print(f"malloc: {keep_freed_memory()}")
 
     import jax
     import numpy as np
