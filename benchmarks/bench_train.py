@@ -33,11 +33,11 @@ what ``oftjax train`` does, see oftjax/_malloc.py): glibc keeps freed memory for
 its ~300 MB per-step temporary buffer afresh every step and faults it in page by page (74,817 faults per step;
 torch: 10,391). Quiet-machine run each, before the native rotation and attention kernels: keep 1.13 (JAX
 0.443 s, torch 0.499 s; faults 18,154 vs 1), default 1.07 (0.488 vs 0.521 s). With them (keep): 1.41-1.44
-(JAX 0.366-0.374 s, torch 0.527 s); with the fused dequantize + rotate, the leaner attention kernel and SwiGLU's
-own backward: 1.43-1.48 over six runs (JAX 0.354-0.397 s, torch 0.505-0.586 s: the machine's speed moves both
-sides by ~10% between runs, the ratio less). The turn-taking itself costs each side ~5-10% against back-to-back
-steps (caches refilled after the other side's turn, idle threads woken): JAX 0.350 s back to back, torch
-~0.525 s. ``page faults per step`` is printed for both sides: the JAX figure moves
+(JAX 0.366-0.374 s, torch 0.527 s); with the fused dequantize + rotate, the leaner attention kernel and
+SwiGLU's own backward: 1.43-1.48 over six runs (JAX 0.354-0.397 s, torch 0.505-0.586 s: the machine's speed
+moves both sides by ~10% between runs, the ratio less). The turn-taking itself costs each side ~5-10% against
+back-to-back steps (caches refilled after the other side's turn, idle threads woken): JAX 0.350 s back to
+back, torch ~0.525 s. ``page faults per step`` is printed for both sides: the JAX figure moves
 between 0 and ~60,000 from one step to the next (some steps find the temporary buffer's pages gone without any
 mmap/munmap/madvise of ours or glibc's in between: strace shows none).
 
