@@ -261,11 +261,17 @@ def test_fused_dequantize_rotate_has_the_bits_of_the_two_steps(b, shape, blocksi
 
 def test_fused_path_chains_further_adapters_and_falls_back_where_it_cannot_run():
     from oftjax import quant
-    from oftjax.nn._rotated_matmul import dequantize_rotate_weight
+    from oftjax.nn._rotated_matmul import dequantize_rotate_weight, rotated_dequant_matmul
 
     q = _quantized((64, 96), "nf4", 64, True)
     rng = np.random.default_rng(2)
     R1, R2 = (jnp.asarray(rng.standard_normal((3, 32, 32)), jnp.float32) for _ in range(2))
+    # the OFT layer's forward over a 4-bit weight runs it (and its backward dequantizes on its own)
+    step = jax.jit(
+        jax.value_and_grad(lambda x, R: rotated_dequant_matmul(x, (R,), q, jnp.float32).sum(), (0, 1))
+    )
+    hlo = step.lower(jnp.ones((8, 96), jnp.float32), R1).as_text()
+    assert "oftjax_dequant4_nested_rotate" in hlo and "oftjax_rotate_grad" in hlo
     w = quant.dequantize(q, jnp.float32)
     got = dequantize_rotate_weight(q, (R1, R2), jnp.float32)  # R2 fused, then R1 by rotate_blocks
     np.testing.assert_array_equal(_bits(got), _bits(rotate_weight(w, (R1, R2))))
