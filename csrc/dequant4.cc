@@ -274,14 +274,22 @@ constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 // Double quantization: absmax[b] = fl32(fl32(dynamic[q[b]] * nested[b / 256]) + offset), bnb's
 // dequantize_blockwise then `+ offset` (two roundings: the build passes -ffp-contract=off, so no FMA).
+constexpr int64_t kNestedBlocksize = 256;
+
 struct Nested {
   const uint8_t* q;
   const float* nested;
   const float* dynamic;
   float offset;
-};
 
-constexpr int64_t kNestedBlocksize = 256;
+  // absmax of blocks [b0, b1) into out[0, b1 - b0)
+  void Absmax(int64_t b0, int64_t b1, float* out) const {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float scaled = dynamic[q[b]] * nested[b / kNestedBlocksize];
+      out[b - b0] = scaled + offset;
+    }
+  }
+};
 
 ffi::Error Dequant4(ffi::ThreadPool& pool, const ffi::Buffer<ffi::U8>& packed, const float* absmax,
                     const Nested* nested, const ffi::Buffer<ffi::F32>& code, ffi::Result<ffi::AnyBuffer>& out,
@@ -329,10 +337,7 @@ ffi::Error Dequant4(ffi::ThreadPool& pool, const ffi::Buffer<ffi::U8>& packed, c
       return;
     }
     std::unique_ptr<float[]> local(new float[b1 - b0]);
-    for (int64_t b = b0; b < b1; ++b) {
-      const float scaled = nest.dynamic[nest.q[b]] * nest.nested[b / kNestedBlocksize];
-      local[b - b0] = scaled + nest.offset;
-    }
+    nest.Absmax(b0, b1, local.get());
     RunBlocks(kind, p, local.get(), c, o, n, blocksize, b0, b1, vector, stream, !hugepages);
   };
   if (chunks <= 1) {
@@ -392,10 +397,7 @@ ffi::Error Dequant4Rotate(ffi::ThreadPool& pool, const ffi::Buffer<ffi::U8>& pac
       const float* scale = absmax == nullptr ? nullptr : absmax + b0;
       if (nested != nullptr) {
         local.resize(static_cast<size_t>(b1 - b0));
-        for (int64_t k = b0; k < b1; ++k) {
-          const float scaled = nest.dynamic[nest.q[k]] * nest.nested[k / kNestedBlocksize];
-          local[k - b0] = scaled + nest.offset;
-        }
+        nest.Absmax(b0, b1, local.data());
         scale = local.data();
       }
       // blocks b0.. relative to b0: the packed bytes from block b0 on, outputs from scratch[0]
