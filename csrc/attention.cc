@@ -195,16 +195,16 @@ OFTJAX_AVX512 void CombineMicro(const float* A, int64_t lda, const float* M, int
     for (int v = 0; v < ND; ++v) _mm512_storeu_ps(out[r] + 16 * v, acc[r][v]);
 }
 
-// acc(c) += sum_r A[r][c] * M_r for columns c in [c_lo, c_hi) (4 at a time), rows r in [0, nrows): acc(c) is
+// acc(c) += sum_r A[r][c] * M_r for columns c in [c_lo, c_hi) (4 at a time), rows r in [r0, nrows): acc(c) is
 // a D-vector at acc + c * D (contiguous scratch).
 template <int C, int ND>
-OFTJAX_AVX512 void AccumulateMicro(const float* A, int64_t lda, const float* const* M, int64_t nrows, int64_t c,
-                                   float* acc_base) {
+OFTJAX_AVX512 void AccumulateMicro(const float* A, int64_t lda, const float* const* M, int64_t r0, int64_t nrows,
+                                   int64_t c, float* acc_base) {
   constexpr int D = 16 * ND;
   __m512 acc[C][ND];
   for (int j = 0; j < C; ++j)
     for (int v = 0; v < ND; ++v) acc[j][v] = _mm512_loadu_ps(acc_base + (c + j) * D + 16 * v);
-  for (int64_t r = 0; r < nrows; ++r) {
+  for (int64_t r = r0; r < nrows; ++r) {
     __m512 mv[ND];
     for (int v = 0; v < ND; ++v) mv[v] = _mm512_loadu_ps(M[r] + 16 * v);
     for (int j = 0; j < C; ++j) {
@@ -235,11 +235,14 @@ struct Kernels {
     for (; r < nrows; ++r) CombineMicro<1, ND>(A + r * lda, lda, M, ldm, c_lo[r], c_hi[r], out + r);
   }
 
+  // Rows r whose query precedes column c's key (r < c - row_offset; row_offset = the tile's first query minus
+  // the first key column) hold zeros in A (the causal mask) and are skipped.
   OFTJAX_AVX512 static void Accumulate(const float* A, int64_t lda, const float* const* M, int64_t nrows,
-                                       int64_t c_lo, int64_t c_hi, float* acc) {
+                                       int64_t row_offset, int64_t c_lo, int64_t c_hi, float* acc) {
+    const auto first = [&](int64_t c) { return std::max<int64_t>(0, c - row_offset); };
     int64_t c = c_lo;
-    for (; c + kCols <= c_hi; c += kCols) AccumulateMicro<kCols, ND>(A, lda, M, nrows, c, acc);
-    for (; c < c_hi; ++c) AccumulateMicro<1, ND>(A, lda, M, nrows, c, acc);
+    for (; c + kCols <= c_hi; c += kCols) AccumulateMicro<kCols, ND>(A, lda, M, first(c), nrows, c, acc);
+    for (; c < c_hi; ++c) AccumulateMicro<1, ND>(A, lda, M, first(c), nrows, c, acc);
   }
 };
 
@@ -426,8 +429,8 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
       }
       const int64_t c_hi = i1 - ka;  // keys past the tile's last row get nothing
       const int64_t c_lo = s.lo[0];
-      Kernels<ND>::Accumulate(P, width, s.rows2.data(), n, c_lo, c_hi, s.dv.data() + ka * D);
-      Kernels<ND>::Accumulate(dP, width, s.rows.data(), n, c_lo, c_hi, s.dk.data() + ka * D);
+      Kernels<ND>::Accumulate(P, width, s.rows2.data(), n, i0 - ka, c_lo, c_hi, s.dv.data() + ka * D);
+      Kernels<ND>::Accumulate(dP, width, s.rows.data(), n, i0 - ka, c_lo, c_hi, s.dk.data() + ka * D);
       Kernels<ND>::Combine(dP, width, n, s.krot.data() + ka * D, D, s.lo.data(), s.hi.data(), s.outs.data());
       for (int64_t r = 0; r < n; ++r) {  // dq back through the rotary embedding
         RotatedRow(s.outs[r], dm, b, i0 + r, dq + ((b * S + i0 + r) * dm.H + h) * D, /*transpose=*/true);
