@@ -50,14 +50,16 @@ def native_info() -> dict[str, Any]:
     """Which 4-bit dequantize runs on CPU, and why.
 
     Returns:
-      ``{"available": bool, "library": str | None, "avx512": bool, "reason": str}``: ``available`` is True
-      when the native kernel is loaded (CPU dequantize uses it), ``avx512`` when this machine runs its AVX-512
-      path (otherwise a portable scalar loop with the same results).
+      ``{"available": bool, "library": str | None, "avx512": bool, "rotate_block_sizes": list[int],
+      "reason": str}``: ``available`` is True when the native kernel is loaded (CPU dequantize uses it),
+      ``avx512`` when this machine runs its AVX-512 path (otherwise a portable scalar loop with the same
+      results), ``rotate_block_sizes`` the OFT block sizes for which a 4-bit weight is dequantized and
+      rotated in one pass (``dequantize_4bit_rotate_cpu``; empty without AVX-512).
 
     Example:
       >>> from oftjax import quant
       >>> sorted(quant.native_info())
-      ['available', 'avx512', 'library', 'reason']
+      ['available', 'avx512', 'library', 'reason', 'rotate_block_sizes']
     """
     lib, reason = _KERNELS.load()
     path = _ffi.library_path(_KERNELS.directory, _KERNELS.stem)
@@ -65,6 +67,7 @@ def native_info() -> dict[str, Any]:
         "available": lib is not None,
         "library": str(path) if path else None,
         "avx512": bool(lib is not None and lib.OftjaxDequant4HasAvx512()),
+        "rotate_block_sizes": [b for b in range(1, 257) if lib is not None and supports_rotate(b)],
         "reason": reason,
     }
 

@@ -50,6 +50,7 @@ def test_the_kernel_is_built_and_loaded():
     if sys.platform == "linux" and platform.machine() == "x86_64":
         assert info["available"], info["reason"]
         assert info["avx512"] == ({"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags())
+        assert info["rotate_block_sizes"] == ([16, 32, 48, 64] if "avx512f" in cpu_flags() else [])
     # and dequantize actually lowers to it on CPU
     q = quant.quantize_4bit(jnp.ones((64, 64), jnp.float32))
     hlo = jax.jit(quant.dequantize).lower(q).as_text()
@@ -284,6 +285,7 @@ def test_disabled_by_environment_falls_back_to_xla():
         "import jax, jax.numpy as jnp, numpy as np; from oftjax import quant\n"
         "info = quant.native_info()\n"
         "assert not info['available'] and 'OFTJAX_NATIVE=0' in info['reason'], info\n"
+        "assert info['rotate_block_sizes'] == [], info\n"
         "q = quant.quantize_4bit(jnp.linspace(-1, 1, 4096, dtype=jnp.float32).reshape(64, 64))\n"
         "assert 'oftjax_dequant4' not in jax.jit(quant.dequantize).lower(q).as_text()\n"
         "import sys; np.save(sys.stdout.buffer, np.asarray(quant.dequantize(q)))\n"
