@@ -373,7 +373,7 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
   const float* vb = v + (b * S) * dm.kv_row() + kh * D;
   s.krot.resize(S * D);
   for (int64_t j = 0; j < S; ++j) RotatedRow(kb + j * dm.kv_row(), dm, b, j, s.krot.data() + j * D);
-  // (the forward transposed the same keys; redoing it here is cheaper than keeping [B, KV, D, S] alive)
+  // (the forward rotated and transposed the same keys; they are not kept between the two passes)
   s.kt.resize(D * width_all);
   s.vt.resize(D * width_all);
   TransposeRows(s.krot.data(), D, 0, S, D, s.kt.data(), width_all);

@@ -160,8 +160,8 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     The gradients are torch's: ``d up = g * silu(gate)`` and ``d gate = (g * up) * s * (1 + gate * (1 - s))``
     with ``s = sigmoid(gate)`` (``silu_backward``). Only ``gate`` and ``up`` are kept for the backward: plain
     autodiff kept ``sigmoid(gate)`` and ``silu(gate)`` too, so the forward wrote three ``[tokens,
-    intermediate]`` arrays instead of one and the backward took four passes instead of one (about 1 ms of a
-    3.6 ms per-layer total in benchmarks/bench_train.py's step; it is memory traffic, not arithmetic).
+    intermediate]`` arrays instead of one (measured 0.4-1.2 ms less per step of benchmarks/bench_train.py,
+    alternating steps in one process: this is memory traffic, not arithmetic).
 
     Example:
       >>> import jax.numpy as jnp
