@@ -16,7 +16,9 @@ by each time give achieved GFLOP/s, and ``torch step / JAX floor`` bounds the th
 could reach while doing these matmuls at the rate XLA does them.
 
 Reported:
-  * tokens/s (batch * seq / median step time) and the oftjax / torch ratio (target on a CPU: >= 1.5);
+  * tokens/s (batch * seq / median step time) and the oftjax / torch ratio (target on a CPU: >= 1.5), and
+    the median over rounds of torch's step time / JAX's (a round's two steps run back to back, so each of
+    these ratios sees one machine state; this machine's speed moves by ~10% between runs);
   * the GEMM floor of each side, achieved GFLOP/s, and the step's share spent outside those GEMMs;
   * peak RSS of each process;
   * JAX's compiled memory analysis of the train step (arguments, outputs, temporaries);
@@ -233,6 +235,7 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
             "faults_per_step": faults[0],
             "backend": jax.default_backend(),
             "step_s": step,
+            "step_times": times,
             "floor_s": statistics.median(floor_times),
             "tokens_per_s": a.batch * a.seq / step,
             "peak_rss_mb": _peak_rss_mb(),
@@ -311,6 +314,7 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
             "faults_per_step": faults[0],
             "backend": device,
             "step_s": step,
+            "step_times": times,
             "floor_s": statistics.median(floor_times),
             "tokens_per_s": a.batch * a.seq / step,
             "peak_rss_mb": _peak_rss_mb(),
@@ -386,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     row("", f"oftjax ({jx['backend']})", f"PEFT+bnb ({th['backend']})", "ratio")
     print(f"|{'-' * 36}|{'-' * 20}|{'-' * 20}|-------|")
     row("tokens/s", f"{jx['tokens_per_s']:,.0f}", f"{th['tokens_per_s']:,.0f}", f"{ratio:.2f}")
+    # each round's two steps ran back to back, so their ratio sees one machine state
+    paired = statistics.median(t / j for j, t in zip(jx["step_times"], th["step_times"], strict=True))
+    row("ratio, median over rounds", "", "", f"{paired:.2f}")
     row("step time (s, median)", f"{jx['step_s']:.3f}", f"{th['step_s']:.3f}")
     row("GEMM floor (s, median)", f"{jx['floor_s']:.3f}", f"{th['floor_s']:.3f}")
     gf = lambda s: f"{(gemm + attn) / s / 1e9:.0f}"  # noqa: E731
