@@ -336,28 +336,47 @@ struct Scratch {
   std::vector<const float*> rows, rows2;
   std::vector<float*> outs;
   std::vector<int64_t> lo, hi;
+
+  // The per-tile buffers both passes use, for head dim D.
+  void ReserveTile(int64_t D) {
+    qrot.resize(kTile * D);
+    rows.resize(kTile);
+    outs.resize(kTile);
+    lo.resize(kTile);
+    hi.resize(kTile);
+  }
 };
+
+// Query rows [i0, i1) of head h, n = i1 - i0; key columns from ka (a multiple of kKeyStep), width columns.
+struct Tile {
+  int64_t i1, n, ka, width;
+};
+
+// Starts the tile at query row i0 of (b, h): its queries rotated into s.qrot (s.rows[r] points at row r) and
+// each row's allowed keys [s.lo[r], s.hi[r]) as columns counted from ka. Both passes use the same tiles.
+OFTJAX_AVX512 Tile BeginTile(const float* q, const Dims& dm, int64_t b, int64_t h, int64_t i0, Scratch& s) {
+  const int64_t i1 = std::min(dm.S, i0 + kTile), ka = dm.lo(i0) / kKeyStep * kKeyStep;
+  const Tile t{i1, i1 - i0, ka, RoundUp(i1 - ka, 16)};
+  for (int64_t r = 0; r < t.n; ++r) {
+    RotatedRow(q + ((b * dm.S + i0 + r) * dm.H + h) * dm.D, dm, b, i0 + r, s.qrot.data() + r * dm.D);
+    s.rows[r] = s.qrot.data() + r * dm.D;
+    s.lo[r] = dm.lo(i0 + r) - ka;
+    s.hi[r] = i0 + r - ka + 1;
+  }
+  return t;
+}
 
 // kt: the keys of (b, kv head) transposed, [D, ldk] (ldk = S rounded up to kKeyStep, zero past S).
 template <int ND>
 OFTJAX_AVX512 void ForwardTile(const float* q, const float* kt, int64_t ldk, const float* v, float* o, float* lse,
                                const Dims& dm, int64_t b, int64_t h, int64_t i0, Scratch& s) {
-  const int64_t D = dm.D, kh = h / (dm.H / dm.KV), i1 = std::min(dm.S, i0 + kTile), n = i1 - i0;
-  const int64_t ka = dm.lo(i0) / kKeyStep * kKeyStep, width = RoundUp(i1 - ka, 16);
+  const int64_t D = dm.D, kh = h / (dm.H / dm.KV);
   const float* vb = v + (b * dm.S) * dm.kv_row() + kh * D;
+  s.ReserveTile(D);
+  const Tile t = BeginTile(q, dm, b, h, i0, s);
+  const int64_t n = t.n, ka = t.ka, width = t.width;
   s.p.resize(kTile * width);
-  s.qrot.resize(kTile * D);
-  s.rows.resize(kTile);
-  s.outs.resize(kTile);
-  s.lo.resize(kTile);
-  s.hi.resize(kTile);
-  for (int64_t r = 0; r < n; ++r) {
-    RotatedRow(q + ((b * dm.S + i0 + r) * dm.H + h) * D, dm, b, i0 + r, s.qrot.data() + r * D);
-    s.rows[r] = s.qrot.data() + r * D;
-    s.outs[r] = o + ((b * dm.S + i0 + r) * dm.H + h) * D;
-    s.lo[r] = dm.lo(i0 + r) - ka;
-    s.hi[r] = i0 + r - ka + 1;
-  }
+  for (int64_t r = 0; r < n; ++r) s.outs[r] = o + ((b * dm.S + i0 + r) * dm.H + h) * D;
   DotRows(s.rows.data(), n, kt + ka, ldk, D, dm.scale, s.p.data(), width, s.hi.data());
   Probabilities(s.p.data(), width, i0, n, ka, dm, nullptr, lse + (b * dm.H + h) * dm.S + i0);
   Kernels<ND>::Combine(s.p.data(), width, n, vb + ka * dm.kv_row(), dm.kv_row(), s.lo.data(), s.hi.data(),
@@ -382,28 +401,19 @@ OFTJAX_AVX512 void BackwardUnit(const float* q, const float* k, const float* v, 
   s.dv.assign(S * D, 0.0f);
   s.p.resize(kTile * width_all);
   s.dp.resize(kTile * width_all);
-  s.qrot.resize(kTile * D);
   s.dqt.resize(kTile * D);
-  s.rows.resize(kTile);
   s.rows2.resize(kTile);
-  s.outs.resize(kTile);
-  s.lo.resize(kTile);
-  s.hi.resize(kTile);
+  s.ReserveTile(D);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t h = kh * groups + g;
     for (int64_t i0 = 0; i0 < S; i0 += kTile) {
-      const int64_t i1 = std::min(S, i0 + kTile), n = i1 - i0;
-      const int64_t ka = dm.lo(i0) / kKeyStep * kKeyStep, width = RoundUp(i1 - ka, 16);
+      const Tile t = BeginTile(q, dm, b, h, i0, s);
+      const int64_t i1 = t.i1, n = t.n, ka = t.ka, width = t.width;
       const float* kt = s.kt.data() + ka;  // columns ka.. of the transposed keys (row stride width_all)
       const float* vt = s.vt.data() + ka;
       for (int64_t r = 0; r < n; ++r) {
-        const int64_t row = ((b * S + i0 + r) * dm.H + h) * D;
-        RotatedRow(q + row, dm, b, i0 + r, s.qrot.data() + r * D);
-        s.rows[r] = s.qrot.data() + r * D;
-        s.rows2[r] = dout + row;
+        s.rows2[r] = dout + ((b * S + i0 + r) * dm.H + h) * D;
         s.outs[r] = s.dqt.data() + r * D;
-        s.lo[r] = dm.lo(i0 + r) - ka;
-        s.hi[r] = i0 + r - ka + 1;
       }
       float* P = s.p.data();
       float* dP = s.dp.data();
