@@ -23,6 +23,7 @@ from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.models import _native_attention as na
 from oftjax.models._llama import Attention
 from tests._cpu import has_avx512f
+from tests._tiny import TINY_LLAMA
 from tests.tolerances import TOL
 
 pytestmark = pytest.mark.skipif(
@@ -148,15 +149,7 @@ def test_results_are_deterministic():
             np.testing.assert_array_equal(a, np.asarray(b))
 
 
-CFG = ModelConfig(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+CFG = ModelConfig(**TINY_LLAMA, head_dim=16)
 
 
 def _loss_and_grad(model, ids, mask=None):
