@@ -23,6 +23,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -151,10 +152,11 @@ ffi::Error RotateGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const std::vector<float> Rt = TransposeBlocks(R.typed_data(), r, b);
   const int64_t block_elems = r * b * b;
   const int64_t chunks = std::max<int64_t>((tokens + kGradChunk - 1) / kGradChunk, 1);
-  std::vector<float> partial(static_cast<size_t>(chunks * block_elems));
+  // every chunk writes its whole slot (BlockGram stores each block), so no zero fill first
+  std::unique_ptr<float[]> partial(new float[static_cast<size_t>(chunks * block_elems)]);
   const float *xp = x.typed_data(), *gp = g.typed_data(), *Rtp = Rt.data();
   float* dxp = dx->typed_data();
-  float* pp = partial.data();
+  float* pp = partial.get();
   ParallelFor(pool, chunks, [=](int64_t c) {
     const int64_t t0 = c * kGradChunk, t1 = std::min(tokens, t0 + kGradChunk);
     for (int64_t n = 0; n < r; ++n) {  // block by block: the chunk's g and x columns stay in L1 for both
