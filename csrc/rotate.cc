@@ -4,6 +4,8 @@
 //   OftjaxRotate:      y[t, n*b + c] = sum_k x[t, n*b + k] * R[n, k, c]     (x BD(R))
 //   OftjaxRotateGrad:  dx[t, n*b + k] = sum_c g[t, n*b + c] * R[n, k, c]   (g BD(R)^T)
 //                      dR[n, k, c]    = sum_t x[t, n*b + k] * g[t, n*b + c]
+//   OftjaxCayleyNeumann:     R[n] = I + sum_k c_k Q[n]^k, Q[n] the skew-symmetric block of parameter row n
+//   OftjaxCayleyNeumannGrad: d vec[n] from dR[n] (the series' reverse mode, then the skew map's transpose)
 //
 // Why a native kernel: XLA:CPU runs x BD(R) as a batched matmul over blocks, which needs x transposed to
 // [r, T, b] and the result transposed back; those copies run at 1-2.5 GB/s and cost more than the arithmetic
@@ -12,6 +14,12 @@
 // row stay in vector registers (the block size is a template parameter: 16, 32, 48 and 64; other sizes, and
 // machines without AVX-512, take the XLA path). The forward micro-kernel is rotate_rows.h, which dequant4.cc
 // also uses to rotate a weight as it is dequantized.
+//
+// The Cayley-Neumann kernels build the rotation blocks from the trainable parameters (PEFT's series, see
+// oftjax/oft/_cayley.py for the coefficients): XLA ran each adapter's build as ~16 small ops (scatter, batched
+// b x b matmuls, adds, and their transposes), ~12 ms of a CPU train step for 28 adapters; here one call per
+// direction keeps each block's powers in L1 and multiplies them with the same row micro-kernel. Sums are in k
+// order with fused multiply-adds; the series' additions are PEFT's, in PEFT's order (R = I; R += 2Q; ...).
 //
 // Determinism: every output element is one thread's sum in a fixed order. dR sums over tokens in fixed chunks
 // of kGradChunk tokens (each chunk's partial sum is written to its own slot), then adds the chunk partials in
@@ -173,6 +181,177 @@ ffi::Error RotateGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Cayley-Neumann rotation blocks from OFT parameters.
+
+// c_1..c_K of R = I + sum_k c_k Q^k for PEFT's num_cayley_neumann_terms t (oftjax/oft/_cayley.py):
+// t = 1: none; t = 2: {2}; legacy (PEFT 0.16-0.17): 2 for k = 1..t-1; else {2, 2, 1} for t = 3, 4 and
+// 2 for k = 1..t-2, 1 for k = t-1 when t >= 5.
+std::vector<float> NeumannCoefficients(int64_t terms, bool legacy) {
+  if (terms <= 1) return {};
+  if (terms == 2) return {2.0f};
+  if (legacy) return std::vector<float>(static_cast<size_t>(terms - 1), 2.0f);
+  std::vector<float> c(static_cast<size_t>(std::max<int64_t>(terms - 1, 3)), 2.0f);
+  c.back() = 1.0f;
+  return c;
+}
+
+// Q = S - S^T with S's strict upper triangle = vec, row by row (torch.triu_indices order), as skew_from_vec
+// computes it (0 - v below the diagonal, v - 0 above, 0 - 0 on it).
+void SkewFromVec(const float* vec, int64_t b, float* Q) {
+  for (int64_t i = 0; i < b * b; ++i) Q[i] = 0.0f;
+  for (int64_t i = 0, e = 0; i < b; ++i) {
+    for (int64_t j = i + 1; j < b; ++j, ++e) {
+      Q[i * b + j] = vec[e];
+      Q[j * b + i] = 0.0f - vec[e];
+    }
+  }
+}
+
+void TransposeBlock(const float* A, int64_t b, float* At) {
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j) At[j * b + i] = A[i * b + j];
+}
+
+// C = A B for b x b blocks (the row micro-kernel with one block per row).
+void MatMulBlock(const float* A, const float* B, float* C, int64_t b) { RotateRows(A, B, C, 1, b, 0, b, 0, 1); }
+
+// Per-thread scratch of b x b blocks: Q, Q^T, four temporaries, and the powers Q^1..Q^(powers).
+struct SeriesScratch {
+  SeriesScratch(int64_t b, int64_t powers) : bb(b * b), data(static_cast<size_t>(bb * (6 + powers))) {}
+  float* Q() { return data.data(); }
+  float* Qt() { return data.data() + bb; }
+  float* T(int i) { return data.data() + (2 + i) * bb; }          // i in 0..3
+  float* Power(int64_t k) { return data.data() + (5 + k) * bb; }  // Q^k, k in 1..powers
+  int64_t bb;
+  std::vector<float> data;
+};
+
+constexpr int64_t kSeriesBlocksPerChunk = 2;  // rotation blocks per work item
+
+// R = I + sum_k c[k-1] Q^k with Q^k = Q^(k-1) Q, each term added to R in k order.
+void SeriesForward(const float* vec, int64_t b, const std::vector<float>& c, SeriesScratch& s, float* R) {
+  float* Q = s.Q();
+  SkewFromVec(vec, b, Q);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j) R[i * b + j] = i == j ? 1.0f : 0.0f;
+  const float* P = Q;
+  float* next = s.T(0);
+  float* spare = s.T(1);
+  for (size_t k = 1; k <= c.size(); ++k) {
+    if (k > 1) {
+      MatMulBlock(P, Q, next, b);
+      P = next;
+      std::swap(next, spare);
+    }
+    for (int64_t i = 0; i < b * b; ++i) R[i] = R[i] + c[k - 1] * P[i];  // c * P is exact (c is 1 or 2)
+  }
+}
+
+// d vec from dR: with A_K = c_K dR, for k = K..2: dQ += (Q^(k-1))^T A_k and A_(k-1) = A_k Q^T + c_(k-1) dR;
+// then dQ += A_1, and d vec = dQ - dQ^T on the strict upper triangle (the transpose of Q = S - S^T).
+void SeriesBackward(const float* vec, const float* dR, int64_t b, const std::vector<float>& c, SeriesScratch& s,
+                    float* dvec) {
+  const int64_t K = static_cast<int64_t>(c.size()), bb = b * b;
+  if (K == 0) {
+    for (int64_t e = 0; e < b * (b - 1) / 2; ++e) dvec[e] = 0.0f;
+    return;
+  }
+  float* Q = s.Q();
+  SkewFromVec(vec, b, Q);
+  TransposeBlock(Q, b, s.Qt());
+  if (K >= 2) std::copy(Q, Q + bb, s.Power(1));
+  for (int64_t k = 2; k < K; ++k) MatMulBlock(s.Power(k - 1), Q, s.Power(k), b);
+  float *A = s.T(0), *dQ = s.T(1), *Pt = s.T(2), *tmp = s.T(3);
+  for (int64_t i = 0; i < bb; ++i) A[i] = c[K - 1] * dR[i];
+  for (int64_t k = K; k >= 2; --k) {
+    TransposeBlock(s.Power(k - 1), b, Pt);
+    if (k == K) {
+      MatMulBlock(Pt, A, dQ, b);
+    } else {
+      MatMulBlock(Pt, A, tmp, b);
+      for (int64_t i = 0; i < bb; ++i) dQ[i] += tmp[i];
+    }
+    MatMulBlock(A, s.Qt(), tmp, b);
+    for (int64_t i = 0; i < bb; ++i) A[i] = tmp[i] + c[k - 2] * dR[i];
+  }
+  if (K >= 2) {
+    for (int64_t i = 0; i < bb; ++i) dQ[i] += A[i];
+  } else {
+    std::copy(A, A + bb, dQ);
+  }
+  for (int64_t i = 0, e = 0; i < b; ++i)
+    for (int64_t j = i + 1; j < b; ++j, ++e) dvec[e] = dQ[i * b + j] - dQ[j * b + i];
+}
+
+// vec [n, b(b-1)/2] and blocks [n, b, b] with a supported b; returns n and b.
+ffi::Error CheckSeriesShapes(const char* target, const ffi::Buffer<ffi::F32>& vec, ffi::Span<const int64_t> bd,
+                             int64_t terms, int64_t* n, int64_t* b) {
+  if (bd.size() != 3 || bd[1] != bd[2]) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": rotation blocks must be [n, b, b]");
+  }
+  if (!Supported(bd[1])) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": block size " + std::to_string(bd[1]) +
+                                       " needs AVX-512 and a multiple of 16 up to " + std::to_string(kMaxBlock));
+  }
+  const auto vd = vec.dimensions();
+  const int64_t m = bd[1] * (bd[1] - 1) / 2;
+  if (vd.size() != 2 || vd[0] != bd[0] || vd[1] != m) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": parameters must be [" + std::to_string(bd[0]) +
+                                       ", " + std::to_string(m) + "] for blocks of size " + std::to_string(bd[1]));
+  }
+  if (terms < 1) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": terms must be >= 1; got " + std::to_string(terms));
+  }
+  *n = bd[0];
+  *b = bd[1];
+  return ffi::Error::Success();
+}
+
+ffi::Error CayleyNeumannImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::ResultBuffer<ffi::F32> R,
+                             int64_t terms, bool legacy) {
+  int64_t n, b;
+  if (auto e = CheckSeriesShapes("oftjax_cayley_neumann", vec, R->dimensions(), terms, &n, &b); e.failure()) {
+    return e;
+  }
+  const std::vector<float> c = NeumannCoefficients(terms, legacy);
+  const float* vp = vec.typed_data();
+  float* Rp = R->typed_data();
+  const int64_t m = b * (b - 1) / 2;
+  const int64_t chunks = (n + kSeriesBlocksPerChunk - 1) / kSeriesBlocksPerChunk;
+  ParallelFor(pool, chunks, [=, &c](int64_t ch) {
+    SeriesScratch s(b, 0);
+    for (int64_t i = ch * kSeriesBlocksPerChunk; i < std::min(n, (ch + 1) * kSeriesBlocksPerChunk); ++i) {
+      SeriesForward(vp + i * m, b, c, s, Rp + i * b * b);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error CayleyNeumannGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ffi::Buffer<ffi::F32> dR,
+                                 ffi::ResultBuffer<ffi::F32> dvec, int64_t terms, bool legacy) {
+  int64_t n, b;
+  if (auto e = CheckSeriesShapes("oftjax_cayley_neumann_grad", vec, dR.dimensions(), terms, &n, &b); e.failure()) {
+    return e;
+  }
+  if (dvec->element_count() != vec.element_count()) {
+    return ffi::Error::InvalidArgument("oftjax_cayley_neumann_grad: d vec must have the parameters' shape");
+  }
+  const std::vector<float> c = NeumannCoefficients(terms, legacy);
+  const float *vp = vec.typed_data(), *gp = dR.typed_data();
+  float* dp = dvec->typed_data();
+  const int64_t m = b * (b - 1) / 2;
+  const int64_t powers = std::max<int64_t>(static_cast<int64_t>(c.size()) - 1, 0);
+  const int64_t chunks = (n + kSeriesBlocksPerChunk - 1) / kSeriesBlocksPerChunk;
+  ParallelFor(pool, chunks, [=, &c](int64_t ch) {
+    SeriesScratch s(b, powers);
+    for (int64_t i = ch * kSeriesBlocksPerChunk; i < std::min(n, (ch + 1) * kSeriesBlocksPerChunk); ++i) {
+      SeriesBackward(vp + i * m, gp + i * b * b, b, c, s, dp + i * m);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxRotate, RotateImpl,
@@ -190,6 +369,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxRotateGrad, RotateGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // R [r, b, b]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx, x's shape
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dR [r, b, b]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxCayleyNeumann, CayleyNeumannImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // vec [n, b(b-1)/2]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // R [n, b, b]
+                                  .Attr<int64_t>("terms")        // PEFT's num_cayley_neumann_terms
+                                  .Attr<bool>("legacy"));        // PEFT 0.16-0.17 series
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OftjaxCayleyNeumannGrad, CayleyNeumannGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // vec [n, b(b-1)/2]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dR [n, b, b]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d vec, vec's shape
+                                  .Attr<int64_t>("terms")
+                                  .Attr<bool>("legacy"));
 
 // 1 when the kernels run for block size b on this machine (AVX-512, b a multiple of 16 up to 64), else 0.
 extern "C" int OftjaxRotateSupports(int64_t b) { return Supported(b) ? 1 : 0; }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from oftjax import oft
+from oftjax.nn import _native_rotate
 from oftjax.nn._variables import OFTParam
 
 
@@ -89,7 +91,22 @@ class AdapterSettings:
 
 
 def rotation_from_vec(vec: jax.Array, s: AdapterSettings) -> jax.Array:
-    """Rotation blocks ``[r, b, b]`` from (already COFT-projected) parameters, as ``s`` says."""
+    """Rotation blocks ``[r, b, b]`` from (already COFT-projected) parameters, as ``s`` says.
+
+    ``oft.rotation_blocks``'s math. On CPU, float32 Cayley-Neumann blocks of a size the native rotation
+    kernels take are built by one native call per direction (``csrc/rotate.cc``; same series and additions,
+    matmul sums in k order: float32 rounding apart from XLA's, tests/nn/test_native_rotate.py); elsewhere by
+    XLA.
+    """
+    b, terms = s.block_size, s.num_cayley_neumann_terms
+    if (
+        s.use_cayley_neumann
+        and terms >= 2
+        and tuple(vec.shape) == s.param_shape
+        and _native_rotate.supports(b, vec.dtype)
+    ):
+        R = _cayley_neumann_blocks(vec, b, terms, s.legacy_neumann)
+        return jnp.broadcast_to(R, (s.r, b, b)) if s.block_share else R
     return oft.rotation_blocks(
         vec,
         block_size=s.block_size,
@@ -99,6 +116,38 @@ def rotation_from_vec(vec: jax.Array, s: AdapterSettings) -> jax.Array:
         legacy=s.legacy_neumann,
         block_share=s.block_share,
     )
+
+
+def _cayley_neumann_xla(vec: jax.Array, b: int, terms: int, legacy: bool) -> jax.Array:
+    return oft.cayley_neumann(oft.skew_from_vec(vec, b), terms, legacy=legacy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _cayley_neumann_blocks(vec: jax.Array, b: int, terms: int, legacy: bool) -> jax.Array:
+    """``cayley_neumann(skew_from_vec(vec, b), terms, legacy)``: the native kernels on CPU (chosen at lowering
+    time, ``jax.lax.platform_dependent``), XLA elsewhere; float32 ``vec [n, b(b-1)/2]``."""
+    return jax.lax.platform_dependent(
+        vec,
+        cpu=lambda v: _native_rotate.cayley_neumann_cpu(v, b, terms, legacy),
+        default=lambda v: _cayley_neumann_xla(v, b, terms, legacy),
+    )
+
+
+def _cayley_neumann_fwd(vec, b, terms, legacy):
+    return _cayley_neumann_blocks(vec, b, terms, legacy), vec
+
+
+def _cayley_neumann_bwd(b, terms, legacy, vec, dR):
+    def xla(v, g):
+        return jax.vjp(lambda v_: _cayley_neumann_xla(v_, b, terms, legacy), v)[1](g)[0]
+
+    def cpu(v, g):
+        return _native_rotate.cayley_neumann_grad_cpu(v, g, terms, legacy)
+
+    return (jax.lax.platform_dependent(vec, dR.astype(vec.dtype), cpu=cpu, default=xla),)
+
+
+_cayley_neumann_blocks.defvjp(_cayley_neumann_fwd, _cayley_neumann_bwd)
 
 
 class OFTAdapters(nnx.Module):

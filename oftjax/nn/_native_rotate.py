@@ -9,6 +9,10 @@ Why they exist: XLA:CPU runs ``x BD(R)`` as a batched matmul over the blocks, wh
 transposed to ``[r, tokens, b]`` and back; those copies made applying rotations ~12% of a CPU train step. The
 kernels read and write token rows in place: ~3x faster forward and backward at the train benchmark's shapes
 (benchmarks/bench_layer.py prints the comparison).
+
+The same library builds the rotation blocks from the parameters (PEFT's Cayley-Neumann series, forward and
+backward: ``cayley_neumann_cpu`` / ``cayley_neumann_grad_cpu``); ``oftjax.nn._adapters.rotation_from_vec``
+uses them on CPU where the rotation kernels run.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ from oftjax import _ffi
 
 _ROTATE = "oftjax_rotate"
 _ROTATE_GRAD = "oftjax_rotate_grad"
+_SERIES = "oftjax_cayley_neumann"
+_SERIES_GRAD = "oftjax_cayley_neumann_grad"
 _KERNELS = _ffi.Kernels(
     Path(__file__).parent,
     "_rotate_cpu",
-    ((_ROTATE, "OftjaxRotate"), (_ROTATE_GRAD, "OftjaxRotateGrad")),
+    (
+        (_ROTATE, "OftjaxRotate"),
+        (_ROTATE_GRAD, "OftjaxRotateGrad"),
+        (_SERIES, "OftjaxCayleyNeumann"),
+        (_SERIES_GRAD, "OftjaxCayleyNeumannGrad"),
+    ),
     what="rotation",
     supports_symbol="OftjaxRotateSupports",
 )
@@ -64,3 +75,21 @@ def rotate_grad_cpu(x: jax.Array, g: jax.Array, R: jax.Array) -> tuple[jax.Array
     _KERNELS.require()
     out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(R.shape, R.dtype))
     return jax.ffi.ffi_call(_ROTATE_GRAD, out, vmap_method="sequential")(x, g, R)
+
+
+def cayley_neumann_cpu(vec: jax.Array, block_size: int, num_terms: int, legacy: bool) -> jax.Array:
+    """Rotation blocks ``[n, b, b]`` from float32 parameters ``[n, b(b-1)/2]``: ``oft.cayley_neumann`` of
+    ``oft.skew_from_vec(vec, b)`` (same series, same additions; matmul sums in k order); CPU only."""
+    _KERNELS.require()
+    out = jax.ShapeDtypeStruct((vec.shape[0], block_size, block_size), vec.dtype)
+    call = jax.ffi.ffi_call(_SERIES, out, vmap_method="sequential")
+    return call(vec, terms=np.int64(num_terms), legacy=bool(legacy))
+
+
+def cayley_neumann_grad_cpu(vec: jax.Array, dR: jax.Array, num_terms: int, legacy: bool) -> jax.Array:
+    """The parameters' cotangent ``[n, b(b-1)/2]`` of ``cayley_neumann_cpu`` for the blocks' ``dR``; CPU
+    only."""
+    _KERNELS.require()
+    out = jax.ShapeDtypeStruct(vec.shape, vec.dtype)
+    call = jax.ffi.ffi_call(_SERIES_GRAD, out, vmap_method="sequential")
+    return call(vec, dR, terms=np.int64(num_terms), legacy=bool(legacy))
