@@ -3,7 +3,8 @@
 csrc/dequant4.cc -> oftjax/quant/_dequant4_cpu*.so (4-bit dequantize, also fused with a rotation of the
 weight's rows), csrc/rotate.cc -> oftjax/nn/_rotate_cpu*.so (block-diagonal rotations; the row micro-kernel,
 csrc/rotate_rows.h, is shared with dequant4.cc) and csrc/attention.cc ->
-oftjax/models/_attention_cpu*.so (causal attention). They are XLA FFI handlers loaded with ctypes
+oftjax/models/_attention_cpu*.so (causal attention; its exp, csrc/simd_exp.h, is shared with csrc/swiglu.cc ->
+oftjax/models/_swiglu_cpu*.so, SwiGLU's activation). They are XLA FFI handlers loaded with ctypes
 (oftjax/_ffi.py), not Python modules. Their build is optional: without a C++17 compiler the install still
 succeeds and the pure-XLA paths run (``oftjax.quant.native_info()``, ``oftjax.nn.rotation_native_info()``
 and ``oftjax.models.attention_native_info()`` say which path runs and why). ``-ffp-contract=off`` for the
@@ -23,7 +24,7 @@ def _kernel(module: str, source: str, args: list[str]) -> Extension:
     return Extension(
         module,
         sources=[source],
-        depends=["csrc/parallel_for.h", "csrc/rotate_rows.h"],
+        depends=["csrc/parallel_for.h", "csrc/rotate_rows.h", "csrc/simd_exp.h"],
         include_dirs=["csrc", "csrc/third_party"],
         language="c++",
         extra_compile_args=args,
@@ -36,5 +37,6 @@ setup(
         _kernel("oftjax.quant._dequant4_cpu", "csrc/dequant4.cc", _ARGS + _NO_CONTRACT),
         _kernel("oftjax.models._attention_cpu", "csrc/attention.cc", _ARGS),
         _kernel("oftjax.nn._rotate_cpu", "csrc/rotate.cc", _ARGS),
+        _kernel("oftjax.models._swiglu_cpu", "csrc/swiglu.cc", _ARGS + _NO_CONTRACT),
     ]
 )

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "parallel_for.h"
+#include "simd_exp.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -110,22 +111,7 @@ OFTJAX_AVX512 inline void RotatedRow(const float* x, const Dims& dm, int64_t b, 
   (transpose ? RopeTranspose : Rope)(x, dm.cos + t, dm.sin + t, dm.D, out);
 }
 
-// exp(x) for x <= 0 (scores minus their row maximum or log-sum-exp); Cephes expf.
-OFTJAX_AVX512 inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
+using oftjax::Exp;  // simd_exp.h (x <= 0 here: scores minus their row maximum or log-sum-exp)
 
 // out[r][c] = alpha * sum_d a_r[d] * T[d][c] for R rows and columns [c0, c0 + 16 * NC): T is [D, ldt] (a
 // transposed key or value block, zero past the last key), a_r = rows[r].

@@ -15,6 +15,7 @@ from oftjax.models._llama import Qwen2ForCausalLM as Qwen2ForCausalLM
 from oftjax.models._llama import RMSNorm as RMSNorm
 from oftjax.models._llama import causal_mask as causal_mask
 from oftjax.models._native_attention import native_info as attention_native_info
+from oftjax.models._native_swiglu import native_info as swiglu_native_info
 
 __all__ = [
     "AXIS_DATA",
@@ -27,4 +28,5 @@ __all__ = [
     "UnsupportedConfigError",
     "attention_native_info",
     "causal_mask",
+    "swiglu_native_info",
 ]
