@@ -33,7 +33,6 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -103,13 +102,18 @@ void BlockGram(const float* x, const float* g, float* out, int64_t r, int64_t b,
 #endif
 }
 
-// R^T per block, [r, b, b].
-std::vector<float> TransposeBlocks(const float* R, int64_t r, int64_t b) {
-  std::vector<float> out(static_cast<size_t>(r * b * b));
+// R^T per block, [r, b, b], into out.
+void TransposeBlocks(const float* R, int64_t r, int64_t b, float* out) {
   for (int64_t n = 0; n < r; ++n)
     for (int64_t k = 0; k < b; ++k)
       for (int64_t c = 0; c < b; ++c) out[(n * b + c) * b + k] = R[(n * b + k) * b + c];
-  return out;
+}
+
+// Reused per-thread buffers (sized up as needed, never shrunk): a train step makes hundreds of these calls, and
+// a fresh allocation of each, from a heap that holds XLA's step buffers, showed up in profiles (_int_malloc).
+float* ThreadBuffer(std::vector<float>& buffer, int64_t floats) {
+  if (buffer.size() < static_cast<size_t>(floats)) buffer.resize(static_cast<size_t>(floats));
+  return buffer.data();
 }
 
 // Shapes: x (and g) [..., d] with d = r * b; R [r, b, b] with a supported b.
@@ -159,14 +163,15 @@ ffi::Error RotateGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       dR->element_count() != R.element_count()) {
     return ffi::Error::InvalidArgument("oftjax_rotate_grad: g and dx must have x's shape, dR the blocks' shape");
   }
-  const std::vector<float> Rt = TransposeBlocks(R.typed_data(), r, b);
   const int64_t block_elems = r * b * b;
   const int64_t chunks = std::max<int64_t>((tokens + kGradChunk - 1) / kGradChunk, 1);
+  thread_local std::vector<float> transposed, partials;
+  float* Rtp = ThreadBuffer(transposed, block_elems);
+  TransposeBlocks(R.typed_data(), r, b, Rtp);
   // every chunk writes its whole slot (BlockGram stores each block), so no zero fill first
-  std::unique_ptr<float[]> partial(new float[static_cast<size_t>(chunks * block_elems)]);
-  const float *xp = x.typed_data(), *gp = g.typed_data(), *Rtp = Rt.data();
+  float* pp = ThreadBuffer(partials, chunks * block_elems);
+  const float *xp = x.typed_data(), *gp = g.typed_data();
   float* dxp = dx->typed_data();
-  float* pp = partial.get();
   ParallelFor(pool, chunks, [=](int64_t c) {
     const int64_t t0 = c * kGradChunk, t1 = std::min(tokens, t0 + kGradChunk);
     for (int64_t n = 0; n < r; ++n) {  // block by block: the chunk's g and x columns stay in L1 for both
@@ -221,10 +226,13 @@ void MatMulBlock(const float* A, const float* B, float* C, int64_t b) { RotateRo
 
 // Per-thread scratch: six b x b blocks.
 struct SeriesScratch {
-  explicit SeriesScratch(int64_t b) : bb(b * b), data(static_cast<size_t>(6 * bb)) {}
-  float* Block(int i) { return data.data() + i * bb; }
+  explicit SeriesScratch(int64_t b) : bb(b * b) {
+    thread_local std::vector<float> buffer;
+    data = ThreadBuffer(buffer, 6 * bb);
+  }
+  float* Block(int i) { return data + i * bb; }
   int64_t bb;
-  std::vector<float> data;
+  float* data;
 };
 
 constexpr int64_t kSeriesBlocksPerChunk = 2;  // rotation blocks per work item
