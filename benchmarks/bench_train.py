@@ -37,11 +37,17 @@ torch: 10,391). Quiet-machine run each, before the native rotation and attention
 0.443 s, torch 0.499 s; faults 18,154 vs 1), default 1.07 (0.488 vs 0.521 s). With them (keep): 1.41-1.44
 (JAX 0.366-0.374 s, torch 0.527 s); with the fused dequantize + rotate, the leaner attention kernel and
 SwiGLU's own backward: 1.43-1.48 over six runs (JAX 0.354-0.397 s, torch 0.505-0.586 s: the machine's speed
-moves both sides by ~10% between runs, the ratio less). The turn-taking itself costs each side ~5-10% against
-back-to-back steps (caches refilled after the other side's turn, idle threads woken): JAX 0.350 s back to
-back, torch ~0.525 s. ``page faults per step`` is printed for both sides: the JAX figure moves
-between 0 and ~60,000 from one step to the next (some steps find the temporary buffer's pages gone without any
-mmap/munmap/madvise of ours or glibc's in between: strace shows none).
+moves both sides by ~10% between runs, the ratio less). With the rotation blocks built by a native
+kernel (csrc/rotate.cc: -9 ms per step against XLA's ~16 small ops per adapter, alternating steps in one
+process) and SwiGLU's activation in a native kernel (csrc/swiglu.cc: -5.7 ms): 1.50-1.54 over seven runs
+(JAX 0.338-0.386 s, torch 0.507-0.584 s; median over rounds 1.47-1.54). The turn-taking itself costs each
+side up to ~5-10% against back-to-back steps (caches refilled after the other side's turn, idle threads
+woken). ``page faults per step`` is printed for both sides: the JAX figure moves between 0 and ~60,000 from
+one step to the next. A step with faults is one where glibc found no free block large enough for XLA's
+temporary buffer in the heap (other blocks allocated in between fragment the freed space) and grew the heap
+with ``brk`` by ~200 MB, whose pages are then touched for the first time (strace: the ``brk`` calls fall in
+exactly those steps; no mmap, munmap or madvise of ours or glibc's); once the heap is large enough the
+faults stop until the next such step.
 
 Where the JAX step's time outside the GEMMs goes (attention, rotations, dequantize, ...):
 ``python benchmarks/profile_train.py`` (same model and flags; XLA op times grouped by named scope).

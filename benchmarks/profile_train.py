@@ -9,9 +9,10 @@ innermost label in its ``op_name`` metadata, which the code sets with ``jax.name
   oft_rotate   applying rotations: ``x BD(R)`` (input path), ``W BD(R)^T`` (weight path), their gradients
                (on CPU the native kernels of csrc/rotate.cc)
   oft_build    building rotation blocks from parameters (skew, Cayley-Neumann series) and their gradients
+               (on CPU one native call per direction, csrc/rotate.cc)
   attention    scores, softmax, probabilities x values, forward and backward (on CPU one fused kernel per
                direction, csrc/attention.cc, which also applies RoPE; the XLA path has its own rope label)
-  rope, rms_norm, swiglu, loss, optimizer: as named
+  rope, rms_norm, swiglu, loss, optimizer: as named (swiglu on CPU: csrc/swiglu.cc)
   other        everything else (residual adds, embedding, layout copies XLA put between labelled ops)
 
 Op times are the sum over the threads that ran them (XLA:CPU runs independent ops concurrently, and a GEMM's
