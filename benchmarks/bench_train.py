@@ -52,7 +52,7 @@ faults stop until the next such step.
 Where the JAX step's time outside the GEMMs goes (attention, rotations, dequantize, ...):
 ``python benchmarks/profile_train.py`` (same model and flags; XLA op times grouped by named scope).
 
-Usage: python benchmarks/bench_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 5]
+Usage: python benchmarks/bench_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 10]
 """
 
 from __future__ import annotations
@@ -367,7 +367,7 @@ def _result(q: mp.Queue, proc: mp.Process, side: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_shape_args(p, steps=5)
+    add_shape_args(p, steps=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument(
