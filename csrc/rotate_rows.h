@@ -27,8 +27,8 @@ constexpr int RowsPerPass(int nv) { return std::min(8, 24 / nv - 1); }
 
 // y rows [t0, t1) = x BD(R) for b = 16 * NV; R[n][k][c] multiplies x's column n*b + k into y's column n*b + c.
 // Each output is sum_k x[k] * R[k][c] accumulated in k order with fused multiply-adds. x and y rows are r * b
-// floats long.
-template <int NV, int TT>
+// floats long. Stream: y is written with non-temporal stores (y 64-byte aligned; the caller fences).
+template <int NV, int TT, bool Stream>
 OFTJAX_ROTATE_AVX512 void RotateRowsTile(const float* __restrict x, const float* __restrict R, float* __restrict y,
                                          int64_t r, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
   constexpr int B = 16 * NV;
@@ -47,28 +47,39 @@ OFTJAX_ROTATE_AVX512 void RotateRowsTile(const float* __restrict x, const float*
             acc[tt][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[(t + tt) * d + n * B + k]), rv, acc[tt][v]);
         }
       }
-      for (int tt = 0; tt < TT; ++tt)
-        for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + (t + tt) * d + n * B + 16 * v, acc[tt][v]);
+      for (int tt = 0; tt < TT; ++tt) {
+        for (int v = 0; v < NV; ++v) {
+          float* out = y + (t + tt) * d + n * B + 16 * v;
+          if constexpr (Stream) {
+            _mm512_stream_ps(out, acc[tt][v]);
+          } else {
+            _mm512_storeu_ps(out, acc[tt][v]);
+          }
+        }
+      }
     }
   }
 }
 
-template <int NV>
+template <int NV, bool Stream>
 OFTJAX_ROTATE_AVX512 void RotateRowsNV(const float* x, const float* R, float* y, int64_t r, int64_t t0, int64_t t1,
                                        int64_t n0, int64_t n1) {
   constexpr int TT = RowsPerPass(NV);
   const int64_t whole = t0 + (t1 - t0) / TT * TT;
-  RotateRowsTile<NV, TT>(x, R, y, r, t0, whole, n0, n1);
-  if constexpr (TT > 1) RotateRowsTile<NV, 1>(x, R, y, r, whole, t1, n0, n1);
+  RotateRowsTile<NV, TT, Stream>(x, R, y, r, t0, whole, n0, n1);
+  if constexpr (TT > 1) RotateRowsTile<NV, 1, Stream>(x, R, y, r, whole, t1, n0, n1);
 }
 
 using RotateRowsFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
-template <int... NV>
+template <bool Stream, int... NV>
 constexpr std::array<RotateRowsFn, sizeof...(NV)> RotateRowsTable(std::integer_sequence<int, NV...>) {
-  return {&RotateRowsNV<NV + 1>...};
+  return {&RotateRowsNV<NV + 1, Stream>...};
 }
-inline constexpr auto kRotateRows = RotateRowsTable(std::make_integer_sequence<int, kMaxRotateBlock / 16>{});
+inline constexpr auto kRotateRows =
+    RotateRowsTable<false>(std::make_integer_sequence<int, kMaxRotateBlock / 16>{});
+inline constexpr auto kRotateRowsStream =
+    RotateRowsTable<true>(std::make_integer_sequence<int, kMaxRotateBlock / 16>{});
 #endif
 
 inline bool RotateRowsAvx512() {
@@ -86,10 +97,19 @@ inline bool RotateRowsSupported(int64_t b) {
 }
 
 // y rows [t0, t1) = x BD(R) over blocks [n0, n1), for a supported block size b (RotateRowsSupported).
+// stream: write y with non-temporal stores, for an output read back only after other work (y must be 64-byte
+// aligned, which b = 16 * NV keeps for every row and block when y is; the caller fences: StreamFence).
 inline void RotateRows(const float* x, const float* R, float* y, int64_t r, int64_t b, int64_t t0, int64_t t1,
-                       int64_t n0, int64_t n1) {
+                       int64_t n0, int64_t n1, bool stream = false) {
 #if OFTJAX_ROTATE_ROWS_X86
-  kRotateRows[b / 16 - 1](x, R, y, r, t0, t1, n0, n1);
+  (stream ? kRotateRowsStream : kRotateRows)[b / 16 - 1](x, R, y, r, t0, t1, n0, n1);
+#endif
+}
+
+// Orders a thread's non-temporal stores before what it does next (e.g. reporting its work done).
+inline void StreamFence() {
+#if OFTJAX_ROTATE_ROWS_X86
+  _mm_sfence();
 #endif
 }
 
