@@ -39,8 +39,11 @@ torch: 10,391). Quiet-machine run each, before the native rotation and attention
 SwiGLU's own backward: 1.43-1.48 over six runs (JAX 0.354-0.397 s, torch 0.505-0.586 s: the machine's speed
 moves both sides by ~10% between runs, the ratio less). With the rotation blocks built by a native
 kernel (csrc/rotate.cc: -9 ms per step against XLA's ~16 small ops per adapter, alternating steps in one
-process) and SwiGLU's activation in a native kernel (csrc/swiglu.cc: -5.7 ms): 1.50-1.54 over seven runs
-(JAX 0.338-0.386 s, torch 0.507-0.584 s; median over rounds 1.47-1.54). The turn-taking itself costs each
+process) and SwiGLU's activation in a native kernel (csrc/swiglu.cc: -5.7 ms): 1.49-1.54 over ten runs
+(JAX 0.335-0.386 s, torch 0.503-0.584 s; median over rounds 1.47-1.54). With the rotation gradient's dx
+written by non-temporal stores (-3 to -5 ms): 1.51-1.59 over six runs of 10 rounds, 1.51-1.53 when quiet
+(JAX 0.333-0.337 s, torch 0.506-0.508 s), 1.57-1.59 when busier (JAX 0.362-0.370 s, torch 0.575-0.582 s:
+under load torch slows down more). The turn-taking itself costs each
 side up to ~5-10% against back-to-back steps (caches refilled after the other side's turn, idle threads
 woken). ``page faults per step`` is printed for both sides: the JAX figure moves between 0 and ~60,000 from
 one step to the next. A step with faults is one where glibc found no free block large enough for XLA's
