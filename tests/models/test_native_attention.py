@@ -7,9 +7,7 @@ another order and compute exp by a polynomial, so comparisons are to float32 rou
 """
 
 import dataclasses
-import os
 import platform
-import subprocess
 import sys
 
 import jax
@@ -22,7 +20,7 @@ from oftjax import models
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.models import _native_attention as na
 from oftjax.models._llama import Attention
-from tests._cpu import has_avx512f
+from tests._cpu import has_avx512f, run_without_native
 from tests._tiny import TINY_LLAMA
 from tests.tolerances import TOL
 
@@ -238,5 +236,4 @@ def test_disabled_by_environment_falls_back_to_xla():
         "hlo = nnx.jit(lambda m, i: m(i)).lower(m, jnp.zeros((1, 8), int)).as_text()\n"
         "assert 'oftjax_attention' not in hlo\n"
     )
-    env = dict(os.environ, OFTJAX_NATIVE="0", XLA_FLAGS="")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    run_without_native(code)

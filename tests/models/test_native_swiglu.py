@@ -5,9 +5,7 @@ and GPUs, take XLA's formulation. Their exp is a polynomial (~1 ulp) and XLA has
 comparisons are to float32 rounding (TOL["swiglu"]); where the math gives inf or nan both paths give the same.
 """
 
-import os
 import platform
-import subprocess
 import sys
 
 import jax
@@ -17,7 +15,7 @@ import pytest
 
 from oftjax.models import _native_swiglu
 from oftjax.models._llama import _swiglu_grad_xla, _swiglu_xla, swiglu
-from tests._cpu import has_avx512f
+from tests._cpu import has_avx512f, run_without_native
 from tests.tolerances import TOL
 
 pytestmark = pytest.mark.skipif(
@@ -118,6 +116,4 @@ def test_disabled_by_environment_falls_back_to_xla():
         "assert 'oftjax_swiglu' not in jax.jit(swiglu).lower(x, x).as_text()\n"
         "print(float(swiglu(jnp.float32(0.0), jnp.float32(3.0))))\n"
     )
-    env = dict(os.environ, OFTJAX_NATIVE="0", XLA_FLAGS="")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True, text=True)
-    assert float(out.stdout) == 0.0
+    assert float(run_without_native(code)) == 0.0

@@ -6,9 +6,7 @@ XLA (and use fused multiply-adds), so the comparisons are to float32 rounding (T
 own results are deterministic (same bits on every call, whatever thread ran which chunk).
 """
 
-import os
 import platform
-import subprocess
 import sys
 
 import jax
@@ -19,7 +17,7 @@ import pytest
 from oftjax import nn, oft
 from oftjax.nn import _native_rotate
 from oftjax.nn._rotated_matmul import _rotate_blocks_xla, rotate_blocks, rotate_kernel, rotate_weight
-from tests._cpu import has_avx512f
+from tests._cpu import has_avx512f, run_without_native
 from tests.tolerances import TOL
 
 NATIVE_SIZES = [16, 32, 48, 64]
@@ -202,9 +200,7 @@ def test_disabled_by_environment_falls_back_to_xla():
         "assert 'oftjax_rotate' not in jax.jit(rotate_blocks).lower(x, R).as_text()\n"
         "print(float(rotate_blocks(x, R).sum()))\n"
     )
-    env = dict(os.environ, OFTJAX_NATIVE="0", XLA_FLAGS="")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True, text=True)
-    assert float(out.stdout) == 8 * 64 * 32
+    assert float(run_without_native(code)) == 8 * 64 * 32
 
 
 # --- a 4-bit weight dequantized and rotated in one pass (csrc/dequant4.cc, Dequant4Rotate) ------------------

@@ -6,9 +6,7 @@ documented difference: float32 *subnormal* products, which the kernel keeps as b
 flushes to zero.
 """
 
-import os
 import platform
-import subprocess
 import sys
 
 import jax
@@ -25,7 +23,7 @@ from oftjax.quant._dequant import (
     dequantize_4bit_values,
     dequantize_nested_absmax,
 )
-from tests._cpu import cpu_flags
+from tests._cpu import cpu_flags, run_without_native
 from tests.quant.test_dequant_kernel import DTYPES, bits, reference
 
 
@@ -290,8 +288,7 @@ def test_disabled_by_environment_falls_back_to_xla():
         "assert 'oftjax_dequant4' not in jax.jit(quant.dequantize).lower(q).as_text()\n"
         "import sys; np.save(sys.stdout.buffer, np.asarray(quant.dequantize(q)))\n"
     )
-    env = dict(os.environ, OFTJAX_NATIVE="0", XLA_FLAGS="")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout
+    out = run_without_native(code)
     fallback = np.load(__import__("io").BytesIO(out))
     q = quant.quantize_4bit(jnp.linspace(-1, 1, 4096, dtype=jnp.float32).reshape(64, 64))
     np.testing.assert_array_equal(fallback, np.asarray(quant.dequantize(q)))
