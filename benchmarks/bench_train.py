@@ -41,9 +41,10 @@ moves both sides by ~10% between runs, the ratio less). With the rotation blocks
 kernel (csrc/rotate.cc: -9 ms per step against XLA's ~16 small ops per adapter, alternating steps in one
 process) and SwiGLU's activation in a native kernel (csrc/swiglu.cc: -5.7 ms): 1.49-1.54 over ten runs
 (JAX 0.335-0.386 s, torch 0.503-0.584 s; median over rounds 1.47-1.54). With the rotation gradient's dx
-written by non-temporal stores (-3 to -5 ms): 1.51-1.59 over six runs of 10 rounds, 1.51-1.53 when quiet
-(JAX 0.333-0.337 s, torch 0.506-0.508 s), 1.57-1.59 when busier (JAX 0.362-0.370 s, torch 0.575-0.582 s:
-under load torch slows down more). The turn-taking itself costs each
+written by non-temporal stores (-3 to -5 ms): 1.48-1.60 over eleven runs of 10 rounds, median 1.53; 1.51-1.53
+when quiet (JAX 0.333-0.337 s, torch 0.506-0.508 s), 1.57-1.60 when busier (JAX 0.362-0.379 s, torch
+0.575-0.607 s: under load torch slows down more); one run at 1.48 (JAX 0.352 s, torch 0.520 s; its median
+over rounds 1.52). The turn-taking itself costs each
 side up to ~5-10% against back-to-back steps (caches refilled after the other side's turn, idle threads
 woken). ``page faults per step`` is printed for both sides: the JAX figure moves between 0 and ~60,000 from
 one step to the next. A step with faults is one where glibc found no free block large enough for XLA's
