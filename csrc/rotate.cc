@@ -116,17 +116,23 @@ float* ThreadBuffer(std::vector<float>& buffer, int64_t floats) {
   return buffer.data();
 }
 
+// Blocks [count, b, b] (count named by `count` in the message) with a block size the kernels run here.
+ffi::Error CheckBlocks(const char* target, ffi::Span<const int64_t> bd, const char* count) {
+  if (bd.size() != 3 || bd[1] != bd[2]) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": rotation blocks must be [" + count + ", b, b]");
+  }
+  if (!Supported(bd[1])) {
+    return ffi::Error::InvalidArgument(std::string(target) + ": block size " + std::to_string(bd[1]) +
+                                       " needs AVX-512 and a multiple of 16 up to " + std::to_string(kMaxBlock));
+  }
+  return ffi::Error::Success();
+}
+
 // Shapes: x (and g) [..., d] with d = r * b; R [r, b, b] with a supported b.
 ffi::Error CheckShapes(const char* target, const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& R,
                        int64_t* tokens, int64_t* r, int64_t* b) {
   const auto rd = R.dimensions();
-  if (rd.size() != 3 || rd[1] != rd[2]) {
-    return ffi::Error::InvalidArgument(std::string(target) + ": rotation blocks must be [r, b, b]");
-  }
-  if (!Supported(rd[1])) {
-    return ffi::Error::InvalidArgument(std::string(target) + ": block size " + std::to_string(rd[1]) +
-                                       " needs AVX-512 and a multiple of 16 up to " + std::to_string(kMaxBlock));
-  }
+  if (auto e = CheckBlocks(target, rd, "r"); e.failure()) return e;
   const auto xd = x.dimensions();
   if (xd.size() < 1 || xd[xd.size() - 1] != rd[0] * rd[1]) {
     return ffi::Error::InvalidArgument(std::string(target) + ": x's last dimension must be r * b = " +
@@ -174,7 +180,7 @@ ffi::Error RotateGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   float* dxp = dx->typed_data();
   // dx bypasses the caches (non-temporal stores): it is read next by XLA's ops after the other projections'
   // gradients, and writing it through the caches first read each line in (measured in a train step of
-  // benchmarks/bench_train.py, alternating steps in one process: -3 to -4 ms)
+  // benchmarks/bench_train.py, alternating steps in one process: -3 to -5 ms)
   const bool stream = reinterpret_cast<uintptr_t>(dxp) % 64 == 0;
   ParallelFor(pool, chunks, [=](int64_t c) {
     const int64_t t0 = c * kGradChunk, t1 = std::min(tokens, t0 + kGradChunk);
@@ -242,6 +248,17 @@ struct SeriesScratch {
 
 constexpr int64_t kSeriesBlocksPerChunk = 2;  // rotation blocks per work item
 
+// block(i, scratch) for the n rotation blocks, kSeriesBlocksPerChunk per work item, with the thread's scratch.
+template <typename Block>
+void ForEachSeriesBlock(ffi::ThreadPool& pool, int64_t n, int64_t b, const Block& block) {
+  const int64_t chunks = (n + kSeriesBlocksPerChunk - 1) / kSeriesBlocksPerChunk;
+  ParallelFor(pool, chunks, [=, &block](int64_t ch) {
+    SeriesScratch s(b);
+    const int64_t end = std::min(n, (ch + 1) * kSeriesBlocksPerChunk);
+    for (int64_t i = ch * kSeriesBlocksPerChunk; i < end; ++i) block(i, s);
+  });
+}
+
 // R = I + sum_k c[k-1] Q^k with Q^k = Q^(k-1) Q, each term added to R in k order.
 OFTJAX_SERIES_TARGET void SeriesForward(const float* vec, int64_t b, const std::vector<float>& c,
                                         SeriesScratch& s, float* R) {
@@ -276,8 +293,7 @@ OFTJAX_SERIES_TARGET void SeriesBackward(const float* vec, const float* dR, int6
   float *Q = s.Block(0), *Qt = s.Block(1), *A = s.Block(2), *H = s.Block(3), *right = s.Block(4),
         *left = s.Block(5);
   SkewFromVec(vec, b, Q);
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t j = 0; j < b; ++j) Qt[j * b + i] = Q[i * b + j];
+  TransposeBlocks(Q, 1, b, Qt);
   const float cK = c[K - 1];
   for (int64_t i = 0; i < bb; ++i) A[i] = H[i] = cK * dR[i];
   for (int64_t k = K - 1; k >= 1; --k) {
@@ -296,13 +312,7 @@ OFTJAX_SERIES_TARGET void SeriesBackward(const float* vec, const float* dR, int6
 // vec [n, b(b-1)/2] and blocks [n, b, b] with a supported b; returns n and b.
 ffi::Error CheckSeriesShapes(const char* target, const ffi::Buffer<ffi::F32>& vec, ffi::Span<const int64_t> bd,
                              int64_t terms, int64_t* n, int64_t* b) {
-  if (bd.size() != 3 || bd[1] != bd[2]) {
-    return ffi::Error::InvalidArgument(std::string(target) + ": rotation blocks must be [n, b, b]");
-  }
-  if (!Supported(bd[1])) {
-    return ffi::Error::InvalidArgument(std::string(target) + ": block size " + std::to_string(bd[1]) +
-                                       " needs AVX-512 and a multiple of 16 up to " + std::to_string(kMaxBlock));
-  }
+  if (auto e = CheckBlocks(target, bd, "n"); e.failure()) return e;
   const auto vd = vec.dimensions();
   const int64_t m = bd[1] * (bd[1] - 1) / 2;
   if (vd.size() != 2 || vd[0] != bd[0] || vd[1] != m) {
@@ -327,12 +337,8 @@ ffi::Error CayleyNeumannImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec, ff
   const float* vp = vec.typed_data();
   float* Rp = R->typed_data();
   const int64_t m = b * (b - 1) / 2;
-  const int64_t chunks = (n + kSeriesBlocksPerChunk - 1) / kSeriesBlocksPerChunk;
-  ParallelFor(pool, chunks, [=, &c](int64_t ch) {
-    SeriesScratch s(b);
-    for (int64_t i = ch * kSeriesBlocksPerChunk; i < std::min(n, (ch + 1) * kSeriesBlocksPerChunk); ++i) {
-      SeriesForward(vp + i * m, b, c, s, Rp + i * b * b);
-    }
+  ForEachSeriesBlock(pool, n, b, [=, &c](int64_t i, SeriesScratch& s) {
+    SeriesForward(vp + i * m, b, c, s, Rp + i * b * b);
   });
   return ffi::Error::Success();
 }
@@ -350,12 +356,8 @@ ffi::Error CayleyNeumannGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> vec
   const float *vp = vec.typed_data(), *gp = dR.typed_data();
   float* dp = dvec->typed_data();
   const int64_t m = b * (b - 1) / 2;
-  const int64_t chunks = (n + kSeriesBlocksPerChunk - 1) / kSeriesBlocksPerChunk;
-  ParallelFor(pool, chunks, [=, &c](int64_t ch) {
-    SeriesScratch s(b);
-    for (int64_t i = ch * kSeriesBlocksPerChunk; i < std::min(n, (ch + 1) * kSeriesBlocksPerChunk); ++i) {
-      SeriesBackward(vp + i * m, gp + i * b * b, b, c, s, dp + i * m);
-    }
+  ForEachSeriesBlock(pool, n, b, [=, &c](int64_t i, SeriesScratch& s) {
+    SeriesBackward(vp + i * m, gp + i * b * b, b, c, s, dp + i * m);
   });
   return ffi::Error::Success();
 }

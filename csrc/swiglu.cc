@@ -35,9 +35,14 @@ OFTJAX_AVX512 inline __m512 Sigmoid(__m512 g) {
   return _mm512_div_ps(one, _mm512_add_ps(one, oftjax::ExpAny(_mm512_sub_ps(_mm512_setzero_ps(), g))));
 }
 
+// The lanes of the last, partial vector (all 16 before it).
+OFTJAX_AVX512 inline __mmask16 Tail(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
 OFTJAX_AVX512 void Forward(const float* gate, const float* up, float* h, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; i += 16) {
-    const __mmask16 m = i1 - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1);
+    const __mmask16 m = Tail(i1 - i);
     const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
     const __m512 u = _mm512_maskz_loadu_ps(m, up + i);
     _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(_mm512_mul_ps(g, Sigmoid(g)), u));
@@ -48,7 +53,7 @@ OFTJAX_AVX512 void Backward(const float* gate, const float* up, const float* dh,
                             int64_t i0, int64_t i1) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = i0; i < i1; i += 16) {
-    const __mmask16 m = i1 - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (i1 - i)) - 1);
+    const __mmask16 m = Tail(i1 - i);
     const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
     const __m512 u = _mm512_maskz_loadu_ps(m, up + i);
     const __m512 d = _mm512_maskz_loadu_ps(m, dh + i);
