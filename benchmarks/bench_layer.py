@@ -44,7 +44,7 @@ from interop import bnb as bnb_io
 from interop import oracle
 from oftjax.config import OFTConfig
 from oftjax.nn import Linear4bit, Linear8bit, OFTParam, rotation_native_info
-from oftjax.nn._rotated_matmul import _rotate_blocks_xla, rotate_blocks
+from oftjax.nn._forward import _rotate_blocks_xla, rotate_blocks
 from oftjax.surgery import apply_oft
 
 BASES = ("float", "int8", "nf4")

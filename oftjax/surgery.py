@@ -25,10 +25,11 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from oftjax.nn._adapters import AdapterSettings, OFTAdapters
+from oftjax.nn._adapters import OFTAdapters
 from oftjax.nn._base import base_kind
 from oftjax.nn._oft_embed import OFTEmbed
 from oftjax.nn._oft_linear import OFTLinear
+from oftjax.nn._settings import AdapterSettings
 from oftjax.nn._variables import OFTBias, OFTParam
 
 __all__ = [

@@ -10,8 +10,6 @@ Reference: PEFT 0.21.2 ``src/peft/tuners/oft/layer.py`` (``OFTLayer``, ``OFTRota
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -20,134 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from oftjax import oft
-from oftjax.nn import _native_rotate
+from oftjax.nn._forward import rotation_from_vec
+from oftjax.nn._settings import AdapterSettings
 from oftjax.nn._variables import OFTParam
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterSettings:
-    """Static settings of one adapter on one layer (hashable: part of the module's graph definition).
-
-    Attributes:
-      r: number of rotation blocks applied, ``in_features // block_size`` (also with ``block_share``).
-      block_size: ``b``.
-      coft, eps: COFT projection (``eps / sqrt(#stored blocks)`` radius per block).
-      block_share: one stored block shared by all ``r`` blocks.
-      use_cayley_neumann, num_cayley_neumann_terms: Neumann series instead of exact Cayley.
-      legacy_neumann: PEFT 0.16-0.17 Neumann series (adapters saved before PEFT 0.18).
-      module_dropout: block dropout probability in training.
-
-    Example:
-      >>> AdapterSettings(r=2, block_size=4).param_shape
-      (2, 6)
-    """
-
-    r: int
-    block_size: int
-    coft: bool = False
-    eps: float = 6e-5
-    block_share: bool = False
-    use_cayley_neumann: bool = True
-    num_cayley_neumann_terms: int = 5
-    legacy_neumann: bool = False
-    module_dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.r < 1 or self.block_size < 1:
-            raise ValueError(
-                f"AdapterSettings: r and block_size must be >= 1; got r={self.r}, b={self.block_size}"
-            )
-        if not 0.0 <= self.module_dropout <= 1.0:
-            raise ValueError(f"AdapterSettings: module_dropout must be in [0, 1]; got {self.module_dropout}")
-
-    @property
-    def num_stored(self) -> int:
-        """Rows of the parameter: 1 with block_share, else r."""
-        return 1 if self.block_share else self.r
-
-    @property
-    def param_shape(self) -> tuple[int, int]:
-        """``[R, b(b-1)/2]``, PEFT's ``oft_R.weight`` shape."""
-        return (self.num_stored, self.block_size * (self.block_size - 1) // 2)
-
-    @classmethod
-    def from_config(cls, config: Any, in_features: int) -> AdapterSettings:
-        """Settings for a layer with ``in_features`` inputs from an ``OFTConfig`` (PEFT's per-layer r/b rule).
-
-        A block size (or r) that does not divide ``in_features`` is adjusted with PEFT's warning.
-        """
-        r, b = oft.resolve_block_size(in_features, config.r, config.oft_block_size)
-        return cls(
-            r=r,
-            block_size=b,
-            coft=bool(config.coft),
-            eps=float(config.eps),
-            block_share=bool(config.block_share),
-            use_cayley_neumann=bool(config.use_cayley_neumann),
-            num_cayley_neumann_terms=int(config.num_cayley_neumann_terms),
-            legacy_neumann=bool(getattr(config, "legacy_neumann", False)),
-            module_dropout=float(config.module_dropout),
-        )
-
-
-def rotation_from_vec(vec: jax.Array, s: AdapterSettings) -> jax.Array:
-    """Rotation blocks ``[r, b, b]`` from (already COFT-projected) parameters, as ``s`` says.
-
-    ``oft.rotation_blocks``'s math. On CPU, float32 Cayley-Neumann blocks of a size the native rotation
-    kernels take are built by one native call per direction (``csrc/rotate.cc``; same series and additions,
-    matmul sums in k order: float32 rounding apart from XLA's, tests/nn/test_native_rotate.py); elsewhere by
-    XLA.
-    """
-    b, terms = s.block_size, s.num_cayley_neumann_terms
-    if (
-        s.use_cayley_neumann
-        and terms >= 2
-        and tuple(vec.shape) == s.param_shape
-        and _native_rotate.supports(b, vec.dtype)
-    ):
-        R = _cayley_neumann_blocks(vec, b, terms, s.legacy_neumann)
-        return jnp.broadcast_to(R, (s.r, b, b)) if s.block_share else R
-    return oft.rotation_blocks(
-        vec,
-        block_size=s.block_size,
-        num_blocks=s.r,
-        use_cayley_neumann=s.use_cayley_neumann,
-        num_terms=s.num_cayley_neumann_terms,
-        legacy=s.legacy_neumann,
-        block_share=s.block_share,
-    )
-
-
-def _cayley_neumann_xla(vec: jax.Array, b: int, terms: int, legacy: bool) -> jax.Array:
-    return oft.cayley_neumann(oft.skew_from_vec(vec, b), terms, legacy=legacy)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _cayley_neumann_blocks(vec: jax.Array, b: int, terms: int, legacy: bool) -> jax.Array:
-    """``cayley_neumann(skew_from_vec(vec, b), terms, legacy)``: the native kernels on CPU (chosen at lowering
-    time, ``jax.lax.platform_dependent``), XLA elsewhere; float32 ``vec [n, b(b-1)/2]``."""
-    return jax.lax.platform_dependent(
-        vec,
-        cpu=lambda v: _native_rotate.cayley_neumann_cpu(v, b, terms, legacy),
-        default=lambda v: _cayley_neumann_xla(v, b, terms, legacy),
-    )
-
-
-def _cayley_neumann_fwd(vec, b, terms, legacy):
-    return _cayley_neumann_blocks(vec, b, terms, legacy), vec
-
-
-def _cayley_neumann_bwd(b, terms, legacy, vec, dR):
-    def xla(v, g):
-        return jax.vjp(lambda v_: _cayley_neumann_xla(v_, b, terms, legacy), v)[1](g)[0]
-
-    def cpu(v, g):
-        return _native_rotate.cayley_neumann_grad_cpu(v, g, terms, legacy)
-
-    return (jax.lax.platform_dependent(vec, dR.astype(vec.dtype), cpu=cpu, default=xla),)
-
-
-_cayley_neumann_blocks.defvjp(_cayley_neumann_fwd, _cayley_neumann_bwd)
 
 
 class OFTAdapters(nnx.Module):

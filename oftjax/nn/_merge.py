@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from oftjax import oft, quant
-from oftjax.nn._adapters import AdapterSettings, OFTAdapters, rotation_from_vec
+from oftjax.nn._adapters import OFTAdapters
 from oftjax.nn._base import dense_from_source, set_dense_weight, weight_source
+from oftjax.nn._forward import rotation_from_vec
+from oftjax.nn._settings import AdapterSettings
 
 
 @dataclasses.dataclass(frozen=True)

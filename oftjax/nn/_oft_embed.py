@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from oftjax.nn._adapters import OFTAdapters
-from oftjax.nn._rotated_matmul import rotate_chain
+from oftjax.nn._forward import rotate_chain
 
 __all__ = ["OFTEmbed"]
 

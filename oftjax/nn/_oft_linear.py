@@ -26,9 +26,10 @@ import jax
 from flax import nnx
 
 from oftjax import quant
-from oftjax.nn._adapters import AdapterSettings, OFTAdapters, rotation_from_vec
+from oftjax.nn._adapters import OFTAdapters
 from oftjax.nn._base import base_kind, in_out_features
-from oftjax.nn._rotated_matmul import rotate_chain, rotated_dequant_matmul, rotated_matmul
+from oftjax.nn._forward import rotate_chain, rotated_dequant_matmul, rotated_matmul, rotation_from_vec
+from oftjax.nn._settings import AdapterSettings
 
 __all__ = ["ROTATE_MODES", "AdapterSettings", "OFTLinear", "rotation_from_vec"]
 

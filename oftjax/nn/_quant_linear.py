@@ -18,93 +18,15 @@ backward pass, so activation memory does not grow by 4 bytes per frozen paramete
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from oftjax import quant
+from oftjax.nn._forward import DotGeneral, dequant_matmul
 from oftjax.nn._variables import QuantWeight
-
-DotGeneral = Any
-
-
-def linear_t(
-    x: jax.Array,
-    w: jax.Array,
-    bias: jax.Array | None,
-    *,
-    compute_dtype: Any,
-    dot_general: DotGeneral = jax.lax.dot_general,
-    precision: jax.lax.PrecisionLike = None,
-) -> jax.Array:
-    """``F.linear``: ``(x.astype(cd) @ w.T + bias.astype(cd)).astype(x.dtype)`` with ``w`` ``[out, in]``."""
-    out_dtype = x.dtype
-    xc = x.astype(compute_dtype)
-    y = dot_general(xc, w.astype(compute_dtype), (((xc.ndim - 1,), (1,)), ((), ())), precision=precision)
-    if bias is not None:
-        y = y + bias.astype(compute_dtype)
-    return y.astype(out_dtype)
-
-
-def zero_cotangent(tree: Any) -> Any:
-    """Zero cotangents for a frozen pytree: ``float0`` for integer leaves, zeros for float leaves."""
-
-    def zero(a: Any) -> Any:
-        if jnp.issubdtype(a.dtype, jnp.inexact):
-            return jnp.zeros(a.shape, a.dtype)
-        return np.zeros(a.shape, jax.dtypes.float0)
-
-    return jax.tree.map(zero, tree)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def dequant_matmul(
-    x: jax.Array,
-    q: Any,
-    compute_dtype: Any,
-    dot_general: DotGeneral = jax.lax.dot_general,
-    precision: jax.lax.PrecisionLike = None,
-) -> jax.Array:
-    """``x @ dequantize(q, compute_dtype).T`` whose backward dequantizes ``q`` again instead of saving it.
-
-    Args:
-      x: ``[..., in]`` in ``compute_dtype``.
-      q: an ``Int8Weight`` or ``FourBitWeight`` ``[out, in]`` (frozen: its cotangent is zero).
-      compute_dtype: the dtype the weight is dequantized into (static).
-      dot_general, precision: the matmul (static).
-
-    Returns:
-      ``[..., out]`` in ``compute_dtype``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from oftjax import quant
-      >>> q = quant.quantize_int8(jnp.eye(4))
-      >>> dequant_matmul(jnp.ones((2, 4)), q, jnp.float32).shape
-      (2, 4)
-    """
-    w = quant.dequantize(q, compute_dtype)
-    with jax.named_scope("gemm"):  # profile label only
-        return dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
-
-
-def _dequant_matmul_fwd(x, q, compute_dtype, dot_general, precision):
-    # The residual is the packed weight (0.5-1 byte per parameter), not its float dequantization.
-    return dequant_matmul(x, q, compute_dtype, dot_general, precision), q
-
-
-def _dequant_matmul_bwd(compute_dtype, dot_general, precision, q, g):
-    w = quant.dequantize(q, compute_dtype)
-    with jax.named_scope("gemm"):  # profile label only
-        dx = dot_general(g.astype(compute_dtype), w, (((g.ndim - 1,), (0,)), ((), ())), precision=precision)
-    return dx, zero_cotangent(q)
-
-
-dequant_matmul.defvjp(_dequant_matmul_fwd, _dequant_matmul_bwd)
 
 
 def _bias_param(bias: Any, out_features: int) -> Any:

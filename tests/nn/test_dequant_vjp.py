@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from oftjax import oft, quant
-from oftjax.nn._quant_linear import dequant_matmul
-from oftjax.nn._rotated_matmul import rotate_chain, rotated_dequant_matmul
+from oftjax.nn._forward import dequant_matmul, rotate_chain, rotated_dequant_matmul
 from tests.tolerances import TOL
 
 FWD, GRAD = TOL["fp32_forward"], TOL["fp32_grad"]

@@ -16,7 +16,7 @@ import pytest
 
 from oftjax import nn, oft
 from oftjax.nn import _native_rotate
-from oftjax.nn._rotated_matmul import _rotate_blocks_xla, rotate_blocks, rotate_kernel, rotate_weight
+from oftjax.nn._forward import _rotate_blocks_xla, rotate_blocks, rotate_kernel, rotate_weight
 from tests._cpu import has_avx512f, run_without_native
 from tests.tolerances import TOL
 
@@ -193,7 +193,7 @@ def test_zero_tokens():
 def test_disabled_by_environment_falls_back_to_xla():
     code = (
         "import jax, jax.numpy as jnp, numpy as np; from oftjax import nn\n"
-        "from oftjax.nn._rotated_matmul import rotate_blocks\n"
+        "from oftjax.nn._forward import rotate_blocks\n"
         "info = nn.rotation_native_info()\n"
         "assert not info['available'] and 'OFTJAX_NATIVE=0' in info['reason'], info\n"
         "x, R = jnp.ones((8, 64)), jnp.ones((2, 32, 32))\n"
@@ -242,7 +242,7 @@ _FUSED_SHAPES = {  # (rows, features), quantization blocksize
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_fused_dequantize_rotate_has_the_bits_of_the_two_steps(b, shape, blocksize, nested, quant_type):
     from oftjax import quant
-    from oftjax.nn._rotated_matmul import dequantize_rotate_weight
+    from oftjax.nn._forward import dequantize_rotate_weight
 
     q = _quantized(shape, quant_type, blocksize, nested)
     R = jnp.asarray(np.random.default_rng(1).standard_normal((shape[1] // b, b, b)), jnp.float32)
@@ -257,7 +257,7 @@ def test_fused_dequantize_rotate_has_the_bits_of_the_two_steps(b, shape, blocksi
 
 def test_fused_path_chains_further_adapters_and_falls_back_where_it_cannot_run():
     from oftjax import quant
-    from oftjax.nn._rotated_matmul import dequantize_rotate_weight, rotated_dequant_matmul
+    from oftjax.nn._forward import dequantize_rotate_weight, rotated_dequant_matmul
 
     q = _quantized((64, 96), "nf4", 64, True)
     rng = np.random.default_rng(2)
@@ -377,13 +377,13 @@ def test_cayley_neumann_at_zero_parameters_is_the_identity():
 
 
 def _adapter_settings(b, **kw):
-    from oftjax.nn._adapters import AdapterSettings
+    from oftjax.nn._settings import AdapterSettings
 
     return AdapterSettings(r=96 // b, block_size=b, **kw)
 
 
 def _lowered(settings, vec):
-    from oftjax.nn._adapters import rotation_from_vec
+    from oftjax.nn._forward import rotation_from_vec
 
     fwd = jax.jit(lambda v: rotation_from_vec(v, settings)).lower(vec).as_text()
     bwd = jax.jit(jax.grad(lambda v: rotation_from_vec(v, settings).sum())).lower(vec).as_text()
@@ -409,15 +409,15 @@ def test_rotation_blocks_are_built_by_the_kernel_where_it_runs():
 
 @pytest.mark.parametrize("block_share", [False, True])
 def test_native_build_matches_the_xla_build_and_its_gradient(monkeypatch, block_share):
-    from oftjax.nn import _adapters
+    from oftjax.nn import _forward
 
     s = _adapter_settings(32, block_share=block_share)
     vec = (np.random.default_rng(9).standard_normal(s.param_shape) * 0.1).astype(np.float32)
     w = np.random.default_rng(10).standard_normal((s.r, 32, 32)).astype(np.float32)
 
     def value_and_grad():
-        f = lambda v: jnp.sum(jnp.tanh(_adapters.rotation_from_vec(v, s)) * w)  # noqa: E731
-        both = jax.jit(lambda v: (_adapters.rotation_from_vec(v, s), jax.grad(f)(v)))
+        f = lambda v: jnp.sum(jnp.tanh(_forward.rotation_from_vec(v, s)) * w)  # noqa: E731
+        both = jax.jit(lambda v: (_forward.rotation_from_vec(v, s), jax.grad(f)(v)))
         return [np.asarray(a) for a in both(vec)]
 
     native = value_and_grad()

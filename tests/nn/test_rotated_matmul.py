@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oftjax import oft
-from oftjax.nn._rotated_matmul import rotate_chain, rotate_kernel, rotated_matmul
+from oftjax.nn._forward import rotate_chain, rotate_kernel, rotated_matmul
 from tests.tolerances import TOL
 
 PATHS, FWD = TOL["rotate_paths"], TOL["fp32_forward"]
@@ -64,7 +64,7 @@ def test_rotate_kernel_is_block_diag_product():
 def test_rotate_blocks_equals_oft_rotate_input():
     R = _blocks(jax.random.key(0), 4, 8)
     x = jax.random.normal(jax.random.key(1), (2, 3, 32))
-    from oftjax.nn._rotated_matmul import rotate_blocks
+    from oftjax.nn._forward import rotate_blocks
 
     np.testing.assert_allclose(
         np.asarray(jax.jit(rotate_blocks)(x, R)),

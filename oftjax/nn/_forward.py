@@ -16,11 +16,71 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from oftjax import oft, quant
 from oftjax.nn import _native_rotate
-from oftjax.nn._quant_linear import zero_cotangent
+from oftjax.nn._settings import AdapterSettings
 from oftjax.quant import _dequant as quant_dequant
+
+DotGeneral = Any
+
+
+def zero_cotangent(tree: Any) -> Any:
+    """Zero cotangents for a frozen pytree: ``float0`` for integer leaves, zeros for float leaves."""
+
+    def zero(a: Any) -> Any:
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.zeros(a.shape, a.dtype)
+        return np.zeros(a.shape, jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dequant_matmul(
+    x: jax.Array,
+    q: Any,
+    compute_dtype: Any,
+    dot_general: DotGeneral = jax.lax.dot_general,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """``x @ dequantize(q, compute_dtype).T`` whose backward dequantizes ``q`` again instead of saving it.
+
+    Args:
+      x: ``[..., in]`` in ``compute_dtype``.
+      q: an ``Int8Weight`` or ``FourBitWeight`` ``[out, in]`` (frozen: its cotangent is zero).
+      compute_dtype: the dtype the weight is dequantized into (static).
+      dot_general, precision: the matmul (static).
+
+    Returns:
+      ``[..., out]`` in ``compute_dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from oftjax import quant
+      >>> q = quant.quantize_int8(jnp.eye(4))
+      >>> dequant_matmul(jnp.ones((2, 4)), q, jnp.float32).shape
+      (2, 4)
+    """
+    w = quant.dequantize(q, compute_dtype)
+    with jax.named_scope("gemm"):  # profile label only
+        return dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+def _dequant_matmul_fwd(x, q, compute_dtype, dot_general, precision):
+    # The residual is the packed weight (0.5-1 byte per parameter), not its float dequantization.
+    return dequant_matmul(x, q, compute_dtype, dot_general, precision), q
+
+
+def _dequant_matmul_bwd(compute_dtype, dot_general, precision, q, g):
+    w = quant.dequantize(q, compute_dtype)
+    with jax.named_scope("gemm"):  # profile label only
+        dx = dot_general(g.astype(compute_dtype), w, (((g.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return dx, zero_cotangent(q)
+
+
+dequant_matmul.defvjp(_dequant_matmul_fwd, _dequant_matmul_bwd)
 
 
 @jax.named_scope("oft_rotate")
@@ -205,3 +265,63 @@ def _dq_bwd(compute_dtype, res, g):
 
 
 rotated_dequant_matmul.defvjp(_dq_fwd, _dq_bwd)
+
+
+def rotation_from_vec(vec: jax.Array, s: AdapterSettings) -> jax.Array:
+    """Rotation blocks ``[r, b, b]`` from (already COFT-projected) parameters, as ``s`` says.
+
+    ``oft.rotation_blocks``'s math. On CPU, float32 Cayley-Neumann blocks of a size the native rotation
+    kernels take are built by one native call per direction (``csrc/rotate.cc``; same series and additions,
+    matmul sums in k order: float32 rounding apart from XLA's, tests/nn/test_native_rotate.py); elsewhere by
+    XLA.
+    """
+    b, terms = s.block_size, s.num_cayley_neumann_terms
+    if (
+        s.use_cayley_neumann
+        and terms >= 2
+        and tuple(vec.shape) == s.param_shape
+        and _native_rotate.supports(b, vec.dtype)
+    ):
+        R = _cayley_neumann_blocks(vec, b, terms, s.legacy_neumann)
+        return jnp.broadcast_to(R, (s.r, b, b)) if s.block_share else R
+    return oft.rotation_blocks(
+        vec,
+        block_size=s.block_size,
+        num_blocks=s.r,
+        use_cayley_neumann=s.use_cayley_neumann,
+        num_terms=s.num_cayley_neumann_terms,
+        legacy=s.legacy_neumann,
+        block_share=s.block_share,
+    )
+
+
+def _cayley_neumann_xla(vec: jax.Array, b: int, terms: int, legacy: bool) -> jax.Array:
+    return oft.cayley_neumann(oft.skew_from_vec(vec, b), terms, legacy=legacy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _cayley_neumann_blocks(vec: jax.Array, b: int, terms: int, legacy: bool) -> jax.Array:
+    """``cayley_neumann(skew_from_vec(vec, b), terms, legacy)``: the native kernels on CPU (chosen at lowering
+    time, ``jax.lax.platform_dependent``), XLA elsewhere; float32 ``vec [n, b(b-1)/2]``."""
+    return jax.lax.platform_dependent(
+        vec,
+        cpu=lambda v: _native_rotate.cayley_neumann_cpu(v, b, terms, legacy),
+        default=lambda v: _cayley_neumann_xla(v, b, terms, legacy),
+    )
+
+
+def _cayley_neumann_fwd(vec, b, terms, legacy):
+    return _cayley_neumann_blocks(vec, b, terms, legacy), vec
+
+
+def _cayley_neumann_bwd(b, terms, legacy, vec, dR):
+    def xla(v, g):
+        return jax.vjp(lambda v_: _cayley_neumann_xla(v_, b, terms, legacy), v)[1](g)[0]
+
+    def cpu(v, g):
+        return _native_rotate.cayley_neumann_grad_cpu(v, g, terms, legacy)
+
+    return (jax.lax.platform_dependent(vec, dR.astype(vec.dtype), cpu=cpu, default=xla),)
+
+
+_cayley_neumann_blocks.defvjp(_cayley_neumann_fwd, _cayley_neumann_bwd)
