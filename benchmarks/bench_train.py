@@ -149,7 +149,7 @@ def _apply_malloc(a: argparse.Namespace) -> str:
     """The same process-level allocator setting on both sides, before either framework starts."""
     if a.malloc == "default":
         return "glibc as configured"
-    from oftjax._malloc import keep_freed_memory
+    from oftjax.cli import keep_freed_memory
 
     return keep_freed_memory()
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     # what bench_train and `oftjax train` do: otherwise every step faults its temporary buffer in afresh, and
     # whichever op first writes a page (a dequantize, a swiglu) is charged for it
-    from oftjax._malloc import keep_freed_memory
+    from oftjax.cli import keep_freed_memory
 
     print(f"malloc: {keep_freed_memory()}")
 

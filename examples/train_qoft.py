@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 from flax import nnx
@@ -22,11 +23,11 @@ from flax import nnx
 from interop.hf import load_model, save_model
 from interop.peft import save_adapter
 from oftjax import OFTConfig
+from oftjax.cli import keep_freed_memory
 from oftjax.data import ByteTokenizer, pack, read_texts, split, tokenize
-from oftjax.default_job import stdlib_dir
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.surgery import apply_oft, trainable_count
-from oftjax.train import TrainConfig, fit, keep_freed_memory, quantize_model
+from oftjax.train import TrainConfig, fit, quantize_model
 
 CONFIG = {
     "model_type": "llama",
@@ -48,7 +49,7 @@ def main() -> int:
     p.add_argument("--data", type=Path, default=None)
     a = p.parse_args()
     # a training process: let glibc reuse XLA's per-step buffers instead of faulting them in every step
-    # (oftjax/_malloc.py); must come before JAX's first computation
+    # (oftjax/cli/_malloc.py); must come before JAX's first computation
     print(keep_freed_memory())
     if a.out.exists():
         shutil.rmtree(a.out)  # an example: always start fresh
@@ -70,7 +71,7 @@ def main() -> int:
     print(f"OFT on {len(paths)} layers, {trainable_count(model):,} trainable parameters")
     src = a.data or (Path(__file__).resolve().parents[1] / "oftjax")
     if not src.exists():
-        src = stdlib_dir()
+        src = Path(sysconfig.get_paths()["stdlib"])
     tok = ByteTokenizer()
     texts = [t for _, t in read_texts(src, max_bytes=400_000)]
     data = pack(tokenize(texts, tok), 128, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)

@@ -10,9 +10,9 @@ Pipeline (all numpy, deterministic for a given seed):
 3. ``pack(docs, seq_len)``: documents (each ``[bos] + ids + [eos]``) are concatenated and cut into rows of
    ``seq_len`` tokens; the last row is padded and masked out. Rows may span document boundaries (standard
    packing; the model attends across the boundary, the eos token marks it).
-4. ``split`` holds out a fraction of rows for evaluation; ``batch_at(data, step, batch_size, seed)`` returns
-   the batch of a global step by random access into per-epoch permutations, so resuming at step k sees exactly
-   the batches an uninterrupted run sees.
+4. ``split`` holds out a fraction of rows for evaluation. The rows (``PackedData``) and the batch of a global
+   step (``batch_at``) belong to the training layer (``oftjax.train``, which never imports this module) and
+   are re-exported here.
 
 Example:
     >>> tok = ByteTokenizer()
@@ -24,13 +24,16 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from oftjax.train import PackedData as PackedData
+from oftjax.train import batch_at as batch_at
+from oftjax.train import num_batches_per_epoch as num_batches_per_epoch
 
 __all__ = [
     "ByteTokenizer",
@@ -187,24 +190,6 @@ def tokenize(texts: Sequence[str], tokenizer: ByteTokenizer | HFTokenizer) -> li
     return [np.asarray(tokenizer.encode(t), dtype=np.int32) for t in texts]
 
 
-@dataclasses.dataclass(frozen=True)
-class PackedData:
-    """Fixed-length rows: ``input_ids`` int32 ``[N, T]``, ``loss_mask`` bool ``[N, T]`` (False on padding)."""
-
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.input_ids.shape[1])
-
-    def take(self, index: np.ndarray | slice) -> PackedData:
-        return PackedData(self.input_ids[index], self.loss_mask[index])
-
-
 def pack(
     docs: Sequence[np.ndarray | Sequence[int]],
     seq_len: int,
@@ -256,28 +241,3 @@ def split(data: PackedData, eval_fraction: float, *, seed: int = 0) -> tuple[Pac
         raise ValueError(f"{n} packed rows are too few to split with eval_fraction={eval_fraction}")
     perm = np.random.default_rng(seed).permutation(n)
     return data.take(np.sort(perm[n_eval:])), data.take(np.sort(perm[:n_eval]))
-
-
-def num_batches_per_epoch(data: PackedData, batch_size: int) -> int:
-    """Full batches per epoch (the last partial batch of an epoch is dropped)."""
-    return len(data) // batch_size
-
-
-def batch_at(data: PackedData, step: int, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """The batch of global step ``step``: rows of a seeded per-epoch permutation, by random access.
-
-    Returns ``{"input_ids": int32 [B, T], "loss_mask": bool [B, T]}``.
-
-    Raises:
-        ValueError: fewer rows than ``batch_size``.
-    """
-    per_epoch = num_batches_per_epoch(data, batch_size)
-    if per_epoch == 0:
-        raise ValueError(
-            f"batch size {batch_size} exceeds the {len(data)} packed rows of length {data.seq_len}; "
-            "use more data, a shorter --seq-len or a smaller --batch-size"
-        )
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(len(data))
-    idx = np.sort(perm[k * batch_size : (k + 1) * batch_size])
-    return {"input_ids": data.input_ids[idx], "loss_mask": data.loss_mask[idx]}

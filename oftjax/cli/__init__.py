@@ -16,7 +16,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["build_parser", "main"]
+from oftjax.cli._malloc import keep_freed_memory as keep_freed_memory
+
+__all__ = ["build_parser", "keep_freed_memory", "main"]
 
 
 class CLIError(Exception):

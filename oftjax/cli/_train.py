@@ -111,8 +111,8 @@ def run_train(args: argparse.Namespace) -> int:
     from oftjax.surgery import apply_oft, trainable_count
     from oftjax.train import TrainConfig, fit, make_mesh, quantize_model
 
-    if args.malloc == "keep":  # before JAX's first computation: see oftjax/_malloc.py
-        from oftjax._malloc import keep_freed_memory
+    if args.malloc == "keep":  # before JAX's first computation: see oftjax/cli/_malloc.py
+        from oftjax.cli._malloc import keep_freed_memory
 
         keep_freed_memory()
     _validate(args)

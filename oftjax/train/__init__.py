@@ -4,7 +4,9 @@ The step trains exactly the variables of one type (``oftjax.nn.OFTParam`` by def
 ``nnx.Optimizer(model, tx, wrt=OFTParam)``; see ``Trainer`` and ``fit``.
 """
 
-from oftjax._malloc import keep_freed_memory as keep_freed_memory
+from oftjax.train._batches import PackedData as PackedData
+from oftjax.train._batches import batch_at as batch_at
+from oftjax.train._batches import num_batches_per_epoch as num_batches_per_epoch
 from oftjax.train._checkpoint import latest_checkpoint as latest_checkpoint
 from oftjax.train._checkpoint import restore_train_state as restore_train_state
 from oftjax.train._checkpoint import save_checkpoint as save_checkpoint
@@ -31,20 +33,22 @@ from oftjax.train._step import default_wrt as default_wrt
 __all__ = [
     "FitResult",
     "MetricsLog",
+    "PackedData",
     "QUANT_CHOICES",
     "TrainConfig",
     "Trainer",
+    "batch_at",
     "batch_sharding",
     "causal_lm_loss",
     "causal_lm_loss_sum",
     "default_wrt",
     "eval_batches",
-    "keep_freed_memory",
     "fit",
     "latest_checkpoint",
     "make_mesh",
     "make_optimizer",
     "make_schedule",
+    "num_batches_per_epoch",
     "plot_loss",
     "quantize_model",
     "read_metrics",

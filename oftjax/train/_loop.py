@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from oftjax.data import PackedData, batch_at
+from oftjax.train._batches import PackedData, batch_at
 from oftjax.train._checkpoint import latest_checkpoint, restore_train_state, save_checkpoint
 from oftjax.train._config import TrainConfig
 from oftjax.train._log import MetricsLog, plot_loss

@@ -1,4 +1,4 @@
-"""``oftjax._malloc.keep_freed_memory``: freed large blocks are reused instead of faulted in again.
+"""``oftjax.cli._malloc.keep_freed_memory``: freed large blocks are reused instead of faulted in again.
 
 Runs in subprocesses (the setting is process-wide and must precede other allocations). A 64 MiB buffer
 allocated, freed and allocated again faults ~16k pages the second time with glibc's defaults (it is mmap'd
@@ -14,7 +14,7 @@ import pytest
 # plain malloc + memset (numpy would advise huge pages for its large arrays, which hides the faults)
 _PROBE = """
 import ctypes, resource, sys
-from oftjax._malloc import keep_freed_memory
+from oftjax.cli._malloc import keep_freed_memory
 said = keep_freed_memory() if sys.argv[1] == "keep" else "default"
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -54,7 +54,7 @@ def test_not_applied_once_jax_runs():
     # in-process CLI calls (tests, notebooks) must not change a running process's allocator halfway
     import jax.numpy as jnp
 
-    from oftjax._malloc import keep_freed_memory
+    from oftjax.cli._malloc import keep_freed_memory
 
     jnp.zeros(1).block_until_ready()
     assert keep_freed_memory() == "not applied: JAX's backends are already running in this process"

@@ -3,15 +3,14 @@
 XLA:CPU allocates each execution's temporary buffer (hundreds of MB for a train step) with
 ``posix_memalign`` from one of its worker threads. glibc serves an allocation that large from a per-thread
 arena with a fresh ``mmap`` and returns it with ``munmap`` when the step ends, so every step faults the whole
-buffer in again, one 4 KiB page at a time: 74,720 page faults and ~0.13 s of kernel time per step of
-``benchmarks/bench_train.py`` (a 0.50 s step). With one arena, no ``mmap`` for large blocks and no trimming,
-the buffer stays in the heap and the next step reuses it: 0 faults, a 13% shorter step (the default
-``oftjax train`` job: 30.9k -> 37.2k tokens/s).
+buffer in again, one 4 KiB page at a time, and spends kernel time doing it. With one arena, no ``mmap`` for
+large blocks and no trimming, the buffer stays in the heap and the next step reuses it without page faults
+(the step-time gain on the default job is in benchmarks/RESULTS.md).
 
 The price: memory freed by the process stays mapped (its peak resident set is kept until exit) and all threads
 allocate from one arena (XLA allocates a few large blocks per step, so there is no contention to speak of).
-That is a choice for a training process, so the library never makes it on import: ``oftjax train`` and the
-benchmarks call ``keep_freed_memory()`` before JAX starts (``--malloc default`` turns it off).
+That is a choice for a training process, not for a library, so it lives in the application: ``oftjax train``
+and the benchmarks call ``keep_freed_memory()`` before JAX starts (``--malloc default`` turns it off).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def keep_freed_memory() -> str:
       A one-line description: ``"glibc: ..."`` when applied, else the reason it was not.
 
     Example:
-      >>> from oftjax._malloc import keep_freed_memory
+      >>> from oftjax.cli import keep_freed_memory
       >>> keep_freed_memory().split(":")[0] in ("glibc", "not applied")
       True
     """

@@ -1,0 +1,64 @@
+"""Packed training rows and the batch of a global step (numpy; no tokenizer, no files).
+
+``PackedData`` holds fixed-length rows; ``batch_at(data, step, batch_size, seed)`` returns the batch of a
+global step by random access into per-epoch permutations, so a run resumed at step k sees exactly the batches
+an uninterrupted run sees. How rows are made (reading text, tokenizing, packing) is the application's business
+(``oftjax.data``); the training loop needs only this.
+
+Example:
+    >>> import numpy as np
+    >>> data = PackedData(np.arange(12, dtype=np.int32).reshape(6, 2), np.ones((6, 2), bool))
+    >>> batch_at(data, 0, 2)["input_ids"].shape, num_batches_per_epoch(data, 4)
+    ((2, 2), 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["PackedData", "batch_at", "num_batches_per_epoch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedData:
+    """Fixed-length rows: ``input_ids`` int32 ``[N, T]``, ``loss_mask`` bool ``[N, T]`` (False on padding)."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def take(self, index: np.ndarray | slice) -> PackedData:
+        return PackedData(self.input_ids[index], self.loss_mask[index])
+
+
+def num_batches_per_epoch(data: PackedData, batch_size: int) -> int:
+    """Full batches per epoch (the last partial batch of an epoch is dropped)."""
+    return len(data) // batch_size
+
+
+def batch_at(data: PackedData, step: int, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """The batch of global step ``step``: rows of a seeded per-epoch permutation, by random access.
+
+    Returns ``{"input_ids": int32 [B, T], "loss_mask": bool [B, T]}``.
+
+    Raises:
+        ValueError: fewer rows than ``batch_size``.
+    """
+    per_epoch = num_batches_per_epoch(data, batch_size)
+    if per_epoch == 0:
+        raise ValueError(
+            f"batch size {batch_size} exceeds the {len(data)} packed rows of length {data.seq_len}; "
+            "use more data, a shorter --seq-len or a smaller --batch-size"
+        )
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(data))
+    idx = np.sort(perm[k * batch_size : (k + 1) * batch_size])
+    return {"input_ids": data.input_ids[idx], "loss_mask": data.loss_mask[idx]}
