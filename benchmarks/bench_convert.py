@@ -8,9 +8,9 @@ norms in float16 (so that ``safetensors.numpy`` can read them: it has no bf16).
 Measured (best of ``--repeat`` runs, file in the page cache, MB/s of the source checkpoint size):
   * limit: ``safetensors.numpy.load_file`` of the checkpoint (every tensor read into memory);
   * ``hf.read_checkpoint`` (eager: every tensor read, every layer validated, pytrees built);
-  * ``hf.checkpoint_to_native`` (read + validate + write the native directory, tensor by tensor);
-  * ``hf.native_to_checkpoint`` (back to an HF directory).
-Target: ``checkpoint_to_native`` >= 0.7x the limit.
+  * ``hf.checkpoint_to_jax`` (read + validate + write the JAX checkpoint directory, tensor by tensor);
+  * ``hf.checkpoint_to_hf`` (back to an HF directory).
+Target: ``checkpoint_to_jax`` >= 0.7x the limit.
 
 Usage: python benchmarks/bench_convert.py [--params 1.1e9] [--double-quant] [--repeat 3] [--dir /tmp/x]
 """
@@ -144,11 +144,11 @@ def main() -> None:
 
         def to_native():
             shutil.rmtree(work / "native", ignore_errors=True)
-            hf.checkpoint_to_native(src, work / "native")
+            hf.checkpoint_to_jax(src, work / "native")
 
         def to_hf():
             shutil.rmtree(work / "back", ignore_errors=True)
-            hf.native_to_checkpoint(work / "native", work / "back")
+            hf.checkpoint_to_hf(work / "native", work / "back")
 
         rows = [
             (
@@ -156,8 +156,8 @@ def main() -> None:
                 _best(lambda: load_file(src / "model.safetensors"), args.repeat),
             ),
             ("hf.read_checkpoint (eager)", _best(lambda: hf.read_checkpoint(src), args.repeat)),
-            ("hf.checkpoint_to_native", _best(to_native, args.repeat)),
-            ("hf.native_to_checkpoint", _best(to_hf, args.repeat)),
+            ("hf.checkpoint_to_jax", _best(to_native, args.repeat)),
+            ("hf.checkpoint_to_hf", _best(to_hf, args.repeat)),
         ]
         limit = rows[0][1]
         print(f"| {'operation':<38} | {'seconds':>8} | {'MB/s':>8} | {'x limit':>8} |")

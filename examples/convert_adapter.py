@@ -2,8 +2,8 @@
 
 1. Make a PEFT adapter: with torch installed, PEFT itself trains one for a few steps on a tiny transformers
    Llama and saves it (``save_pretrained``); without torch, one is written from a JAX model.
-2. PEFT dir -> JAX-native dir (``interop.peft.adapter_to_native``, numpy + safetensors only; also
-   ``oftjax convert adapter-to-jax``), then -> PEFT dir again (``native_to_adapter``).
+2. PEFT dir -> JAX adapter dir (``interop.peft.adapter_to_jax``, numpy + safetensors only; also
+   ``oftjax convert adapter-to-jax``), then -> PEFT dir again (``adapter_to_peft``).
 3. The round trip gives identical tensors; the adapter also attaches to the JAX model (``load_adapter``) and
    ``save_adapter`` writes the same tensors back.
 
@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from interop.hf import load_model, save_model
-from interop.peft import adapter_to_native, load_adapter, native_to_adapter, read_adapter, save_adapter
+from interop.peft import adapter_to_jax, adapter_to_peft, load_adapter, read_adapter, save_adapter
 from oftjax import OFTConfig
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.surgery import apply_oft
@@ -78,8 +78,8 @@ def main() -> int:
     if a.out.exists():
         shutil.rmtree(a.out)
     src = peft_adapter(a.out)
-    adapter_to_native(src, a.out / "jax")
-    native_to_adapter(a.out / "jax", a.out / "peft_again")
+    adapter_to_jax(src, a.out / "jax")
+    adapter_to_peft(a.out / "jax", a.out / "peft_again")
     (_, t0), (cfg1, t1) = read_adapter(src), read_adapter(a.out / "peft_again")
     assert sorted(t0) == sorted(t1) and all(np.array_equal(t0[k], t1[k]) for k in t0), "round trip changed"
     print(

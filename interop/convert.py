@@ -1,11 +1,11 @@
-"""``oftjax convert``: PEFT adapters and bnb HF checkpoints <-> JAX-native directories, both directions.
+"""``oftjax convert``: PEFT adapters and bnb HF checkpoints <-> JAX directories, both directions.
 
 Subcommands (each takes ``SRC DST`` and ``--force`` to replace an existing DST):
-  * ``adapter-to-jax``    PEFT OFT adapter dir -> native adapter dir     (``interop.peft.adapter_to_native``)
-  * ``adapter-to-peft``   native adapter dir -> PEFT OFT adapter dir     (``interop.peft.native_to_adapter``)
-  * ``checkpoint-to-jax`` HF dir (float / bnb 8-bit / bnb 4-bit) -> native checkpoint dir
-    (``interop.hf.checkpoint_to_native``; quantized tensors copied byte for byte, tensor by tensor)
-  * ``checkpoint-to-hf``  native checkpoint dir -> HF dir that transformers loads (``--max-shard-size``)
+  * ``adapter-to-jax``    PEFT OFT adapter dir -> JAX adapter dir     (``interop.peft.adapter_to_jax``)
+  * ``adapter-to-peft``   JAX adapter dir -> PEFT OFT adapter dir     (``interop.peft.adapter_to_peft``)
+  * ``checkpoint-to-jax`` HF dir (float / bnb 8-bit / bnb 4-bit) -> JAX checkpoint dir
+    (``interop.hf.checkpoint_to_jax``; quantized tensors copied byte for byte, tensor by tensor)
+  * ``checkpoint-to-hf``  JAX checkpoint dir -> HF dir that transformers loads (``--max-shard-size``)
 
 Outputs are built in a temporary sibling directory and renamed when complete (nothing is written on error).
 Errors exit with status 1 and one line on stderr, without a traceback. Conversions need numpy + safetensors
@@ -35,37 +35,37 @@ _ERRORS = (InteropError, FileExistsError, FileNotFoundError, ValueError, TypeErr
 def _adapter_to_jax(args: argparse.Namespace) -> None:
     from interop import peft
 
-    peft.adapter_to_native(args.src, args.dst, force=args.force)
+    peft.adapter_to_jax(args.src, args.dst, force=args.force)
 
 
 def _adapter_to_peft(args: argparse.Namespace) -> None:
     from interop import peft
 
-    peft.native_to_adapter(args.src, args.dst, force=args.force)
+    peft.adapter_to_peft(args.src, args.dst, force=args.force)
 
 
 def _checkpoint_to_jax(args: argparse.Namespace) -> None:
     from interop import hf
 
-    hf.checkpoint_to_native(args.src, args.dst, force=args.force, progress=not args.quiet)
+    hf.checkpoint_to_jax(args.src, args.dst, force=args.force, progress=not args.quiet)
 
 
 def _checkpoint_to_hf(args: argparse.Namespace) -> None:
     from interop import hf
 
-    hf.native_to_checkpoint(
+    hf.checkpoint_to_hf(
         args.src, args.dst, force=args.force, progress=not args.quiet, max_shard_size=args.max_shard_size
     )
 
 
 _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
-    "adapter-to-jax": (_adapter_to_jax, "PEFT OFT adapter directory -> JAX-native adapter directory"),
-    "adapter-to-peft": (_adapter_to_peft, "JAX-native adapter directory -> PEFT OFT adapter directory"),
+    "adapter-to-jax": (_adapter_to_jax, "PEFT OFT adapter directory -> JAX adapter directory"),
+    "adapter-to-peft": (_adapter_to_peft, "JAX adapter directory -> PEFT OFT adapter directory"),
     "checkpoint-to-jax": (
         _checkpoint_to_jax,
-        "HF checkpoint directory (float, bnb 8-bit or 4-bit) -> JAX-native checkpoint directory",
+        "HF checkpoint directory (float, bnb 8-bit or 4-bit) -> JAX checkpoint directory",
     ),
-    "checkpoint-to-hf": (_checkpoint_to_hf, "JAX-native checkpoint directory -> HF checkpoint directory"),
+    "checkpoint-to-hf": (_checkpoint_to_hf, "JAX checkpoint directory -> HF checkpoint directory"),
 }
 
 
@@ -99,7 +99,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """
     parser = subparsers.add_parser(
         "convert",
-        help="convert PEFT adapters and bnb HF checkpoints to and from JAX-native directories",
+        help="convert PEFT adapters and bnb HF checkpoints to and from JAX directories",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

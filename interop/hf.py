@@ -7,9 +7,9 @@ Public surface:
     ``oftjax.quant.Int8Weight`` / ``FourBitWeight`` under ``"weight"`` (never passed through float), every
     other tensor a numpy array (bf16 as ``ml_dtypes.bfloat16``) under its own name. Writing reproduces
     bitsandbytes' serialization byte for byte, so transformers ``from_pretrained`` loads the result.
-  * ``checkpoint_to_native`` / ``native_to_checkpoint`` / ``read_native`` / ``write_native``: the JAX-native
+  * ``checkpoint_to_jax`` / ``checkpoint_to_hf`` / ``read_jax_checkpoint`` / ``write_jax_checkpoint``: the JAX
     directory format (``oftjax_checkpoint.json`` + ``weights.safetensors``; see
-    ``interop._native_checkpoint``).
+    ``interop._jax_checkpoint_format``).
   * ``validate_quantization_config``, ``bnb_quantization_config``: the ``quantization_config`` of config.json.
   * ``load_model`` / ``save_model`` (models on top of these; ``interop.hf_model``).
 
@@ -17,7 +17,7 @@ Example:
   >>> from interop import hf
   >>> config, weights = hf.read_checkpoint("llama-nf4")               # doctest: +SKIP
   >>> hf.write_checkpoint("llama-nf4-copy", config, weights)          # doctest: +SKIP
-  >>> hf.checkpoint_to_native("llama-nf4", "llama-nf4-jax")            # doctest: +SKIP
+  >>> hf.checkpoint_to_jax("llama-nf4", "llama-nf4-jax")            # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,26 +31,26 @@ from interop._hf_checkpoint import read_checkpoint as read_checkpoint
 from interop._hf_checkpoint import validate_quantization_config as validate_quantization_config
 from interop._hf_checkpoint import write_checkpoint as write_checkpoint
 from interop._hf_checkpoint import write_torch_state_dict as write_torch_state_dict
-from interop._native_checkpoint import checkpoint_to_native as checkpoint_to_native
-from interop._native_checkpoint import native_to_checkpoint as native_to_checkpoint
-from interop._native_checkpoint import read_native as read_native
-from interop._native_checkpoint import write_native as write_native
+from interop._jax_checkpoint_format import checkpoint_to_hf as checkpoint_to_hf
+from interop._jax_checkpoint_format import checkpoint_to_jax as checkpoint_to_jax
+from interop._jax_checkpoint_format import read_jax_checkpoint as read_jax_checkpoint
+from interop._jax_checkpoint_format import write_jax_checkpoint as write_jax_checkpoint
 from interop._safetensors import LazyTensor as LazyTensor
 
 __all__ = [  # noqa: F822 - load_model/save_model come from __getattr__
     "LazyTensor",
     "Weights",
     "bnb_quantization_config",
-    "checkpoint_to_native",
+    "checkpoint_to_jax",
     "load_model",
     "materialize",
-    "native_to_checkpoint",
+    "checkpoint_to_hf",
     "read_checkpoint",
-    "read_native",
+    "read_jax_checkpoint",
     "save_model",
     "validate_quantization_config",
     "write_checkpoint",
-    "write_native",
+    "write_jax_checkpoint",
     "write_torch_state_dict",
 ]
 

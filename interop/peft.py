@@ -17,7 +17,7 @@ base_model_name_or_path, revision, inference_mode, peft_version); ``peft_type`` 
 ``auto_mapping`` (torch class names) is knowingly ignored and written back verbatim on round trips
 (``_peft_format.IGNORED_CONFIG_KEYS``). Any other key is an error naming it (PEFT would warn and drop it).
 
-The JAX-native adapter checkpoint (``adapter_to_native`` / ``native_to_adapter``) is a directory with
+The JAX adapter checkpoint (``adapter_to_jax`` / ``adapter_to_peft``) is a directory with
 ``oftjax_adapter.json`` (format version, one OFTConfig dict per adapter name) and
 ``oftjax_adapter.safetensors`` keyed by NNX state paths: ``<module>.oft_R.<adapter>``,
 ``<module>.oft_embedding_R.<adapter>`` and ``<module>.bias`` (base biases saved with ``bias != "none"``).
@@ -44,30 +44,30 @@ from ._io import (
     read_json,
     read_safetensors,
 )
-from ._peft_native import (
-    NATIVE_CONFIG,
-    NATIVE_WEIGHTS,
-    _native_to_peft_tensors,
-    native_key,
-    read_native,
-    write_native,
+from ._jax_adapter_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    peft_tensors,
+    read_jax_adapter,
+    state_key,
+    write_jax_adapter,
 )
 
 __all__ = [
     "InteropError",
-    "adapter_to_native",
+    "adapter_to_jax",
     "attach_adapter",
     "collect_adapter",
     "list_adapters",
     "load_adapter",
-    "load_native",
-    "native_to_adapter",
+    "load_jax_adapter",
+    "adapter_to_peft",
     "read_adapter",
-    "read_native",
+    "read_jax_adapter",
     "save_adapter",
-    "save_native",
+    "save_jax_adapter",
     "write_adapter",
-    "write_native",
+    "write_jax_adapter",
 ]
 
 ADAPTER_CONFIG = fmt.ADAPTER_CONFIG
@@ -214,14 +214,14 @@ def write_adapter(
 
 
 # ----------------------------------------------------------------------------------------------------
-# JAX-native adapter checkpoints
+# JAX adapter checkpoints
 
 
-def adapter_to_native(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Convert a PEFT adapter directory (root adapter and any subfolder adapters) to a JAX-native checkpoint.
+def adapter_to_jax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Convert a PEFT adapter directory (root adapter and any subfolder adapters) to a JAX checkpoint.
 
     Example:
-        >>> adapter_to_native("peft_adapter", "jax_adapter")  # doctest: +SKIP
+        >>> adapter_to_jax("peft_adapter", "jax_adapter")  # doctest: +SKIP
     """
     src, dst = Path(src_dir), Path(dst_dir)
     if dst.exists() and not force:
@@ -232,25 +232,25 @@ def adapter_to_native(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, fo
     adapters, extras = {}, {}
     for name in names:
         config, tensors, extra = _read(src, name)
-        adapters[name] = (config, {native_key(k, name, config): v for k, v in tensors.items()})
+        adapters[name] = (config, {state_key(k, name, config): v for k, v in tensors.items()})
         extras[name] = extra
-    return write_native(dst, adapters, extras=extras, force=force)
+    return write_jax_adapter(dst, adapters, extras=extras, force=force)
 
 
-def native_to_adapter(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Convert a JAX-native adapter checkpoint back to a PEFT adapter directory (non-default in subfolders).
+def adapter_to_peft(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Convert a JAX adapter checkpoint back to a PEFT adapter directory (non-default in subfolders).
 
     Example:
-        >>> native_to_adapter("jax_adapter", "peft_adapter")  # doctest: +SKIP
+        >>> adapter_to_peft("jax_adapter", "peft_adapter")  # doctest: +SKIP
     """
     src, dst = Path(src_dir), Path(dst_dir)
     if dst.exists() and not force:
         raise FileExistsError(f"{dst}: exists; pass force=True (--force) to overwrite")
-    adapters, extras = read_native(src)
+    adapters, extras = read_jax_adapter(src)
     converted = {}
     for name, (config, arrays) in adapters.items():
-        tensors = _native_to_peft_tensors(name, arrays)
-        fmt.check_tensors(tensors, config, src / NATIVE_WEIGHTS)
+        tensors = peft_tensors(name, arrays)
+        fmt.check_tensors(tensors, config, src / WEIGHTS_FILE)
         converted[name] = (config, tensors)
     with output_dir(dst, force=force) as tmp:
         for name, (config, tensors) in converted.items():
@@ -305,7 +305,7 @@ def save_adapter(
     return _save(model, path, adapter_name=adapter_name, force=force, **kwargs)
 
 
-def save_native(
+def save_jax_adapter(
     model: Any,
     path: str | os.PathLike,
     adapter_names: list[str] | None = None,
@@ -313,10 +313,10 @@ def save_native(
     configs: Mapping[str, OFTConfig] | None = None,
     force: bool = False,
 ) -> Path:
-    """Save adapters of an NNX model (default: all of them) as one JAX-native adapter checkpoint.
+    """Save adapters of an NNX model (default: all of them) as one JAX adapter checkpoint.
 
     Example:
-        >>> save_native(model, "jax_adapter")  # doctest: +SKIP
+        >>> save_jax_adapter(model, "jax_adapter")  # doctest: +SKIP
     """
     from oftjax.nn import OFTAdapters
 
@@ -328,31 +328,29 @@ def save_native(
     adapters = {}
     for name in adapter_names:
         config, tensors = collect_adapter(model, name, (configs or {}).get(name))
-        adapters[name] = (config, {native_key(k, name, config): v for k, v in tensors.items()})
-    return write_native(path, adapters, force=force)
+        adapters[name] = (config, {state_key(k, name, config): v for k, v in tensors.items()})
+    return write_jax_adapter(path, adapters, force=force)
 
 
-def load_native(
+def load_jax_adapter(
     model: Any, path: str | os.PathLike, adapter_names: list[str] | None = None, **kwargs: Any
 ) -> list[str]:
-    """Attach adapters from a JAX-native adapter checkpoint (default: all) to an NNX model; returns the paths.
+    """Attach adapters from a JAX adapter checkpoint (default: all) to an NNX model; returns the paths.
 
     Example:
-        >>> load_native(model, "jax_adapter")  # doctest: +SKIP
+        >>> load_jax_adapter(model, "jax_adapter")  # doctest: +SKIP
         ['lin0', 'lin1']
     """
-    adapters, _ = read_native(path)
+    adapters, _ = read_jax_adapter(path)
     names = list(adapters) if adapter_names is None else adapter_names
     missing = [n for n in names if n not in adapters]
     if missing:
         raise InteropError(
-            f"{Path(path) / NATIVE_CONFIG}: no adapter(s) {missing}; it holds {sorted(adapters)}"
+            f"{Path(path) / CONFIG_FILE}: no adapter(s) {missing}; it holds {sorted(adapters)}"
         )
     paths: set[str] = set()
     for name in names:
         config, arrays = adapters[name]
-        tensors = _native_to_peft_tensors(name, arrays)
-        paths.update(
-            attach_adapter(model, config, tensors, name, source=Path(path) / NATIVE_WEIGHTS, **kwargs)
-        )
+        tensors = peft_tensors(name, arrays)
+        paths.update(attach_adapter(model, config, tensors, name, source=Path(path) / WEIGHTS_FILE, **kwargs))
     return sorted(paths)

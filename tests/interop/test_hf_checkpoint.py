@@ -82,13 +82,13 @@ def test_read_write_round_trip_is_byte_identical_and_loads_in_transformers(root,
 @pytest.mark.parametrize("variant", ["nf4_dq_bf16storage", "int8"], ids=["nf4_dq_bf16storage", "int8"])
 def test_native_round_trip_sharded_loads_in_transformers(root, tmp_path, variant):
     src = fx.quantized_dir(root, variant)
-    native = hf.checkpoint_to_native(src, tmp_path / "native")
+    native = hf.checkpoint_to_jax(src, tmp_path / "native")
     assert sorted(p.name for p in native.iterdir()) == [
         "generation_config.json",
         "oftjax_checkpoint.json",
         "weights.safetensors",
     ]
-    back = hf.native_to_checkpoint(native, tmp_path / "back", max_shard_size="40KB")
+    back = hf.checkpoint_to_hf(native, tmp_path / "back", max_shard_size="40KB")
     assert (back / "model.safetensors.index.json").is_file()
     assert len(list(back.glob("model-*-of-*.safetensors"))) > 1
     _assert_same_tensors(src, back)
@@ -97,7 +97,7 @@ def test_native_round_trip_sharded_loads_in_transformers(root, tmp_path, variant
     # the sharded directory reads back to the same weights
     _, w1 = hf.read_checkpoint(src)
     _, w2 = hf.read_checkpoint(back)
-    _, w3 = hf.read_native(native)
+    _, w3 = hf.read_jax_checkpoint(native)
     for w in (w2, w3):
         assert list(w) == list(w1)
         for m in w1:
@@ -269,7 +269,7 @@ def test_bad_input_is_refused_naming_file_and_key_and_nothing_is_written(root, t
     with pytest.raises(InteropError, match=msg):
         hf.read_checkpoint(src)
     with pytest.raises(InteropError, match=msg):
-        hf.checkpoint_to_native(src, tmp_path / "dst")
+        hf.checkpoint_to_jax(src, tmp_path / "dst")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no dst, no temporary left behind
 
 
@@ -292,11 +292,11 @@ def test_existing_output_needs_force(root, tmp_path):
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="dst: exists"):
-        hf.checkpoint_to_native(src, dst)
+        hf.checkpoint_to_jax(src, dst)
     with pytest.raises(FileExistsError):
         hf.write_checkpoint(dst, *hf.read_checkpoint(src))
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    hf.checkpoint_to_native(src, dst, force=True)
+    hf.checkpoint_to_jax(src, dst, force=True)
     assert (dst / "oftjax_checkpoint.json").is_file() and not (dst / "keep.txt").exists()
 
 
@@ -317,12 +317,12 @@ NATIVE_BAD = {
 
 @pytest.mark.parametrize("case", list(NATIVE_BAD), ids=list(NATIVE_BAD))
 def test_bad_native_checkpoint_is_refused(root, tmp_path, case):
-    native = hf.checkpoint_to_native(fx.quantized_dir(root, "nf4"), tmp_path / "native")
+    native = hf.checkpoint_to_jax(fx.quantized_dir(root, "nf4"), tmp_path / "native")
     meta = json.loads((native / "oftjax_checkpoint.json").read_text())
     NATIVE_BAD[case][0](meta)
     (native / "oftjax_checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(InteropError, match=NATIVE_BAD[case][1]):
-        hf.native_to_checkpoint(native, tmp_path / "back")
+        hf.checkpoint_to_hf(native, tmp_path / "back")
     assert not (tmp_path / "back").exists()
 
 

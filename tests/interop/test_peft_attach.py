@@ -179,19 +179,19 @@ def test_native_save_and_load_on_models(tmp_path):
     model = Deep(nnx.Rngs(0))
     peft.load_adapter(model, p0)
     peft.load_adapter(model, p1, "other")
-    peft.save_native(model, tmp_path / "native")
-    adapters, _ = peft.read_native(tmp_path / "native")
+    peft.save_jax_adapter(model, tmp_path / "native")
+    adapters, _ = peft.read_jax_adapter(tmp_path / "native")
     assert sorted(adapters) == ["default", "other"]
     assert sorted(adapters["default"][1]) == ["layers.0.lin.bias", "layers.0.lin.oft_R.default"]
     fresh = Deep(nnx.Rngs(0))
-    assert peft.load_native(fresh, tmp_path / "native") == ["head", "layers.0.lin"]
+    assert peft.load_jax_adapter(fresh, tmp_path / "native") == ["head", "layers.0.lin"]
     for name in ("default", "other"):
         a, b = peft.collect_adapter(model, name), peft.collect_adapter(fresh, name)
         assert a[0] == b[0] and sorted(a[1]) == sorted(b[1])
         for k in a[1]:
             np.testing.assert_array_equal(a[1][k], b[1][k])
     with pytest.raises(InteropError, match=r"no adapter\(s\) \['nope'\]"):
-        peft.load_native(Deep(nnx.Rngs(0)), tmp_path / "native", ["nope"])
+        peft.load_jax_adapter(Deep(nnx.Rngs(0)), tmp_path / "native", ["nope"])
 
 
 def test_embedding_adapter_is_read_and_attached(tmp_path):
@@ -245,9 +245,9 @@ def test_embed_tokens_adapters_save_and_load_native(tmp_path):
         f"{P}embed_tokens.base_layer.weight",
         f"{P}embed_tokens.oft_embedding_R.weight",
     ]
-    peft.save_native(model, tmp_path / "native")
+    peft.save_jax_adapter(model, tmp_path / "native")
     fresh = WithEmbTokens(nnx.Rngs(5))
-    assert peft.load_native(fresh, tmp_path / "native") == ["embed_tokens"]
+    assert peft.load_jax_adapter(fresh, tmp_path / "native") == ["embed_tokens"]
     assert isinstance(fresh.embed_tokens, OFTEmbed) and list(fresh.embed_tokens.adapters) == [
         "default",
         "two",

@@ -123,12 +123,12 @@ def test_native_round_trip_with_subfolder_adapter(tmp_path):
     _write_raw(src / "other", other_cfg, {f"{P}lin0.oft_R.weight": np.full((1, 1), 0.5, np.float32)})
     assert peft.list_adapters(src) == ["default", "other"]
 
-    peft.adapter_to_native(src, tmp_path / "native")
-    adapters, _ = peft.read_native(tmp_path / "native")
+    peft.adapter_to_jax(src, tmp_path / "native")
+    adapters, _ = peft.read_jax_adapter(tmp_path / "native")
     assert sorted(adapters["default"][1]) == ["lin0.bias", "lin0.oft_R.default", "lin1.oft_R.default"]
     assert sorted(adapters["other"][1]) == ["lin0.oft_R.other"]
 
-    peft.native_to_adapter(tmp_path / "native", tmp_path / "back")
+    peft.adapter_to_peft(tmp_path / "native", tmp_path / "back")
     for name in ("default", "other"):
         c1, t1 = peft.read_adapter(src, name)
         c2, t2 = peft.read_adapter(tmp_path / "back", name)
@@ -326,10 +326,10 @@ def test_existing_output_without_force_writes_nothing(tmp_path):
     native = tmp_path / "native"
     native.mkdir()
     with pytest.raises(FileExistsError, match="native: exists"):
-        peft.adapter_to_native(out, native)
+        peft.adapter_to_jax(out, native)
     assert list(native.iterdir()) == []
     with pytest.raises(FileExistsError, match="exists"):
-        peft.native_to_adapter(native, out)
+        peft.adapter_to_peft(native, out)
     assert _snapshot(out) != before  # the forced write above, untouched by the refused conversion
 
 
@@ -342,25 +342,25 @@ def test_invalid_tensors_write_nothing(tmp_path):
 
 def test_native_bad_format_version(tmp_path):
     src = _write_raw(tmp_path / "src", _peft_config(), _tensors())
-    peft.adapter_to_native(src, tmp_path / "native")
+    peft.adapter_to_jax(src, tmp_path / "native")
     meta_path = tmp_path / "native" / "oftjax_adapter.json"
     meta = json.loads(meta_path.read_text())
     meta["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(InteropError, match="oftjax_adapter.json: 'format_version' is 99"):
-        peft.native_to_adapter(tmp_path / "native", tmp_path / "back")
+        peft.adapter_to_peft(tmp_path / "native", tmp_path / "back")
     assert not (tmp_path / "back").exists()
 
 
 def test_native_missing_tensor(tmp_path):
     src = _write_raw(tmp_path / "src", _peft_config(), _tensors())
-    peft.adapter_to_native(src, tmp_path / "native")
+    peft.adapter_to_jax(src, tmp_path / "native")
     save_file(
         {"lin0.oft_R.default": np.zeros((2, 10), np.float32)},
         str(tmp_path / "native" / "oftjax_adapter.safetensors"),
     )
     with pytest.raises(InteropError, match=r"missing tensor key\(s\) \['lin1.oft_R.default'\]"):
-        peft.native_to_adapter(tmp_path / "native", tmp_path / "back")
+        peft.adapter_to_peft(tmp_path / "native", tmp_path / "back")
 
 
 def test_atomic_save_safetensors_keeps_scalar_shape(tmp_path):

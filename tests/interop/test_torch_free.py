@@ -39,8 +39,8 @@ _SCRIPT = textwrap.dedent(
     for name, src in args["checkpoints"].items():
         config, weights = hf.read_checkpoint(src)
         hf.write_checkpoint(out / f"{name}_hf", config, weights)
-        hf.checkpoint_to_native(src, out / f"{name}_jax")
-        hf.native_to_checkpoint(out / f"{name}_jax", out / f"{name}_back", max_shard_size="50KB")
+        hf.checkpoint_to_jax(src, out / f"{name}_jax")
+        hf.checkpoint_to_hf(out / f"{name}_jax", out / f"{name}_back", max_shard_size="50KB")
         assert tensors(src) == tensors(out / f"{name}_hf") == tensors(out / f"{name}_back"), name
         sd = {k: SafetensorsFile(Path(src) / "model.safetensors").get(k) for k in tensors(src)}
         p = "model.layers.0.mlp.up_proj"

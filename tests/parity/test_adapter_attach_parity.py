@@ -247,8 +247,8 @@ def test_attach_trained_adapter_and_save_back(tmp_path, case):
     np.testing.assert_array_equal(_torch_out(loaded, x), y_torch)
 
     # PEFT dir -> JAX-native -> PEFT dir: identical tensors, equivalent config
-    peft.adapter_to_native(tmp_path / "peft", tmp_path / "native")
-    peft.native_to_adapter(tmp_path / "native", tmp_path / "back")
+    peft.adapter_to_jax(tmp_path / "peft", tmp_path / "native")
+    peft.adapter_to_peft(tmp_path / "native", tmp_path / "back")
     c_back, t_back = peft.read_adapter(tmp_path / "back")
     assert c_back == config
     assert sorted(t_back) == sorted(t_peft)

@@ -260,8 +260,8 @@ def test_llama_embed_tokens_adapter_round_trip(tmp_path):
     loaded = _peft_loads_cleanly(copy.deepcopy(base), out)
     np.testing.assert_allclose(_logits_t(loaded, ids), want, rtol=FWD.rtol, atol=FWD.atol)
     # PEFT dir -> JAX-native checkpoint -> PEFT dir keeps every tensor (the base table included)
-    peft.adapter_to_native(tmp_path / "adapter", tmp_path / "native")
-    back = peft.native_to_adapter(tmp_path / "native", tmp_path / "back")
+    peft.adapter_to_jax(tmp_path / "adapter", tmp_path / "native")
+    back = peft.adapter_to_peft(tmp_path / "native", tmp_path / "back")
     _, again = peft.read_adapter(back)
     assert sorted(again) == sorted(tensors)
     for key in tensors:

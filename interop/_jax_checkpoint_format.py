@@ -1,6 +1,6 @@
-"""The JAX-native checkpoint format for (quantized) weights, and conversion from/to HF directories.
+"""The JAX checkpoint format for (quantized) weights, and conversion from/to HF directories.
 
-A native checkpoint is a directory holding
+A JAX checkpoint is a directory holding
   * ``oftjax_checkpoint.json``: ``{"format": "oftjax-checkpoint", "format_version": 1, "config": <the source
     config.json>, "modules": {module_path: {param_name: spec}}}`` with one spec per leaf:
       - ``{"kind": "array", "tensor": "<module>.<param>"}``
@@ -70,7 +70,7 @@ def _spec_and_tensors(module: str, name: str, leaf: Any) -> tuple[dict[str, Any]
     return spec, {names[f]: v for f, v in t.items()}
 
 
-def write_native(
+def write_jax_checkpoint(
     path: str | os.PathLike,
     config: Mapping[str, Any],
     weights: Weights,
@@ -79,10 +79,10 @@ def write_native(
     progress: bool = False,
     extra_files: Mapping[str, Path] | None = None,
 ) -> Path:
-    """Write ``(config, weights)`` (as ``read_checkpoint`` returns them) as a native checkpoint directory.
+    """Write ``(config, weights)`` (as ``read_checkpoint`` returns them) as a JAX checkpoint directory.
 
     Example:
-      >>> write_native("llama-nf4-jax", *read_checkpoint("llama-nf4", lazy=True))  # doctest: +SKIP
+      >>> write_jax_checkpoint("llama-nf4-jax", *read_checkpoint("llama-nf4", lazy=True))  # doctest: +SKIP
     """
     path = Path(path)
     check_weights_match_config(config, weights, where=str(path / META))
@@ -163,11 +163,11 @@ def _leaf(spec: Any, f: SafetensorsFile, where: str, module: str) -> Any:
         raise InteropError(f"{where}: {e}") from e
 
 
-def read_native(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, Any], Weights]:
-    """Read a native checkpoint directory into ``(config, weights)`` (the structure of ``read_checkpoint``).
+def read_jax_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, Any], Weights]:
+    """Read a JAX checkpoint directory into ``(config, weights)`` (the structure of ``read_checkpoint``).
 
     Example:
-      >>> config, weights = read_native("llama-nf4-jax")  # doctest: +SKIP
+      >>> config, weights = read_jax_checkpoint("llama-nf4-jax")  # doctest: +SKIP
     """
     path = Path(path)
     meta = read_json(path / META)
@@ -205,25 +205,25 @@ def read_native(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[st
     return config, (weights if lazy else materialize(weights))
 
 
-def checkpoint_to_native(
+def checkpoint_to_jax(
     src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = False
 ) -> Path:
-    """Convert an HF checkpoint directory (float / bnb 8-bit / bnb 4-bit) to a native one, tensor by tensor.
+    """Convert an HF checkpoint directory (float / bnb 8-bit / bnb 4-bit) to a JAX one, tensor by tensor.
 
     Quantized tensors are copied byte for byte; other files of ``src`` (tokenizer...) are copied too.
     Validation of every layer happens before anything is written; the output directory appears only when
     complete.
 
     Example:
-      >>> checkpoint_to_native("llama-nf4", "llama-nf4-jax")  # doctest: +SKIP
+      >>> checkpoint_to_jax("llama-nf4", "llama-nf4-jax")  # doctest: +SKIP
     """
     src = Path(src)
     config, weights = read_checkpoint(src, lazy=True)
     extra = extra_files_of(src, skip=(CONFIG, META))
-    return write_native(dst, config, weights, force=force, progress=progress, extra_files=extra)
+    return write_jax_checkpoint(dst, config, weights, force=force, progress=progress, extra_files=extra)
 
 
-def native_to_checkpoint(
+def checkpoint_to_hf(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
@@ -231,13 +231,13 @@ def native_to_checkpoint(
     progress: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Convert a native checkpoint directory back to an HF directory that transformers loads.
+    """Convert a JAX checkpoint directory back to an HF directory that transformers loads.
 
     Example:
-      >>> native_to_checkpoint("llama-nf4-jax", "llama-nf4-hf")  # doctest: +SKIP
+      >>> checkpoint_to_hf("llama-nf4-jax", "llama-nf4-hf")  # doctest: +SKIP
     """
     src = Path(src)
-    config, weights = read_native(src, lazy=True)
+    config, weights = read_jax_checkpoint(src, lazy=True)
     extra = extra_files_of(src, skip=(CONFIG, META))
     return write_checkpoint(
         dst, config, weights, force=force, progress=progress, max_shard_size=max_shard_size, extra_files=extra

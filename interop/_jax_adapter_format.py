@@ -1,4 +1,4 @@
-"""The JAX-native adapter checkpoint: one directory, several adapters, keyed by NNX state paths (numpy only).
+"""The JAX adapter format: one directory, several adapters, keyed by NNX state paths (numpy only).
 
 ``oftjax_adapter.json``: ``{"format": "oftjax-adapter", "format_version": 1, "adapters": {name: {"config":
 <every OFTConfig field, legacy_neumann included>, "keys": [...], "peft_extras": {"auto_mapping": ...}}}}``;
@@ -31,18 +31,18 @@ from ._io import (
     read_safetensors,
 )
 
-NATIVE_CONFIG = "oftjax_adapter.json"
-NATIVE_WEIGHTS = "oftjax_adapter.safetensors"
-NATIVE_FORMAT = "oftjax-adapter"
-NATIVE_FORMAT_VERSION = 1
+CONFIG_FILE = "oftjax_adapter.json"
+WEIGHTS_FILE = "oftjax_adapter.safetensors"
+FORMAT = "oftjax-adapter"
+FORMAT_VERSION = 1
 
 
-def native_key(peft_key: str, adapter_name: str, config: OFTConfig) -> str:
+def state_key(peft_key: str, adapter_name: str, config: OFTConfig) -> str:
     """The NNX state path of a PEFT key (``base_model.model.lin0.oft_R.weight`` -> ``lin0.oft_R.default``).
 
     Example:
         >>> from oftjax.config import OFTConfig
-        >>> native_key("base_model.model.lin0.oft_R.weight", "default", OFTConfig(target_modules=["lin0"]))
+        >>> state_key("base_model.model.lin0.oft_R.weight", "default", OFTConfig(target_modules=["lin0"]))
         'lin0.oft_R.default'
     """
     parsed = fmt.parse_key(peft_key, config, Path("<keys>"))
@@ -56,7 +56,7 @@ def native_key(peft_key: str, adapter_name: str, config: OFTConfig) -> str:
 
 
 def peft_key(key: str, adapter_name: str, rotated: set[str]) -> str:
-    """The PEFT key of a native key (inverse of ``native_key``; ``rotated``: modules with a rotation).
+    """The PEFT key of an NNX state path (inverse of ``state_key``; ``rotated``: modules with a rotation).
 
     Example:
         >>> peft_key("lin0.bias", "default", {"lin0"})
@@ -74,7 +74,7 @@ def peft_key(key: str, adapter_name: str, rotated: set[str]) -> str:
     return f"{fmt.PEFT_PREFIX}{key}"
 
 
-def _native_to_peft_tensors(name: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def peft_tensors(name: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     rotated = {
         k[: -len(f".{kind}.{name}")]
         for k in arrays
@@ -107,21 +107,21 @@ def _config_from_dict(d: Mapping[str, Any], source: Path, name: str) -> OFTConfi
         raise InteropError(f"{source}: adapter {name!r}: invalid OFT config ({e})") from e
 
 
-def write_native(
+def write_jax_adapter(
     path: str | os.PathLike,
     adapters: Mapping[str, tuple[OFTConfig, Mapping[str, np.ndarray]]],
     *,
     extras: Mapping[str, Mapping[str, Any]] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write a JAX-native adapter checkpoint: ``{name: (config, {NNX state path: array})}``.
+    """Write a JAX adapter directory: ``{name: (config, {NNX state path: array})}``.
 
     Example:
-        >>> write_native("ckpt", {"default": (config, {"lin0.oft_R.default": vec})})  # doctest: +SKIP
+        >>> write_jax_adapter("ckpt", {"default": (config, {"lin0.oft_R.default": vec})})  # doctest: +SKIP
     """
     target = Path(path)
     tensors: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {"format": NATIVE_FORMAT, "format_version": NATIVE_FORMAT_VERSION, "adapters": {}}
+    meta: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapters": {}}
     for name, (config, arrays) in adapters.items():
         keys = sorted(arrays)
         # A base embedding table saved with several adapters is one tensor (listed by each adapter).
@@ -131,56 +131,56 @@ def write_native(
             if k in tensors and not (k.endswith(".embedding") and np.array_equal(tensors[k], arrays[k]))
         ]
         if clash:
-            raise InteropError(f"{target / NATIVE_WEIGHTS}: adapter {name!r}: key(s) {clash[:5]} used twice")
+            raise InteropError(f"{target / WEIGHTS_FILE}: adapter {name!r}: key(s) {clash[:5]} used twice")
         tensors.update({k: np.asarray(arrays[k]) for k in keys})
         entry = {"config": _config_dict(config), "keys": keys}
         if extras and extras.get(name):
             entry["peft_extras"] = dict(extras[name])
         meta["adapters"][name] = entry
     with output_dir(target, force=force) as tmp:
-        atomic_save_safetensors(tmp / NATIVE_WEIGHTS, tensors, {"format": NATIVE_FORMAT})
-        atomic_write_json(tmp / NATIVE_CONFIG, meta)
+        atomic_save_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": FORMAT})
+        atomic_write_json(tmp / CONFIG_FILE, meta)
     return target
 
 
-def read_native(
+def read_jax_adapter(
     path: str | os.PathLike,
 ) -> tuple[dict[str, tuple[OFTConfig, dict[str, np.ndarray]]], dict[str, dict[str, Any]]]:
-    """Read a JAX-native adapter checkpoint -> ``({name: (config, {state path: array})}, {name: extras})``.
+    """Read a JAX adapter directory -> ``({name: (config, {state path: array})}, {name: extras})``.
 
     Raises:
         InteropError: missing or corrupt files, a wrong format or version, keys listed but absent.
 
     Example:
-        >>> adapters, _ = read_native("ckpt")  # doctest: +SKIP
+        >>> adapters, _ = read_jax_adapter("ckpt")  # doctest: +SKIP
         >>> sorted(adapters)  # doctest: +SKIP
         ['default']
     """
     root = Path(path)
-    meta = read_json(root / NATIVE_CONFIG)
-    source = root / NATIVE_CONFIG
-    if meta.get("format") != NATIVE_FORMAT:
-        raise InteropError(f"{source}: 'format' is {meta.get('format')!r}; expected {NATIVE_FORMAT!r}")
-    if meta.get("format_version") != NATIVE_FORMAT_VERSION:
+    meta = read_json(root / CONFIG_FILE)
+    source = root / CONFIG_FILE
+    if meta.get("format") != FORMAT:
+        raise InteropError(f"{source}: 'format' is {meta.get('format')!r}; expected {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
         raise InteropError(
             f"{source}: 'format_version' is {meta.get('format_version')!r}; this oftjax reads "
-            f"{NATIVE_FORMAT_VERSION}"
+            f"{FORMAT_VERSION}"
         )
     entries = meta.get("adapters")
     if not isinstance(entries, dict) or not entries:
         raise InteropError(f"{source}: 'adapters' must be a non-empty object of adapter name -> entry")
-    tensors = read_safetensors(root / NATIVE_WEIGHTS)
+    tensors = read_safetensors(root / WEIGHTS_FILE)
     listed = {k for e in entries.values() for k in e.get("keys", [])}
     extra_keys = sorted(set(tensors) - listed)
     if extra_keys:
-        raise InteropError(f"{root / NATIVE_WEIGHTS}: tensor key(s) {extra_keys[:5]} not listed in {source}")
+        raise InteropError(f"{root / WEIGHTS_FILE}: tensor key(s) {extra_keys[:5]} not listed in {source}")
     adapters, extras = {}, {}
     for name, entry in entries.items():
         config = _config_from_dict(entry.get("config", {}), source, name)
         missing = [k for k in entry.get("keys", []) if k not in tensors]
         if missing:
             raise InteropError(
-                f"{root / NATIVE_WEIGHTS}: adapter {name!r}: missing tensor key(s) {missing[:5]}"
+                f"{root / WEIGHTS_FILE}: adapter {name!r}: missing tensor key(s) {missing[:5]}"
             )
         adapters[name] = (config, {k: tensors[k] for k in entry.get("keys", [])})
         extras[name] = dict(entry.get("peft_extras", {}))
