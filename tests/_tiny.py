@@ -1,7 +1,8 @@
 """The tiny Llama shape shared by the model, interop and parity tests (HF config field names).
 
-in_features 64 and 128 are multiples of the 4-bit blocksize 64, which keeps bnb's CPU dequant bug (notes §8.1)
-out of the oracle; GQA with 4 query heads over 2 key/value heads.
+in_features 64 and 128 are multiples of the 4-bit blocksize 64, which keeps bnb's CPU dequantize defect
+(docs/bitsandbytes-formats.md, "bitsandbytes CPU defects") out of the oracle; GQA with 4 query heads over 2
+key/value heads.
 """
 
 TINY_LLAMA = dict(

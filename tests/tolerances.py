@@ -28,7 +28,7 @@ TOL: dict[str, Tol] = {
     ),
     "bf16_forward": Tol(1e-2, 1e-2, "1-2 bf16 ulps (2^-8) from accumulation order on O(1) outputs"),
     "fp16_forward": Tol(2e-3, 2e-3, "1-2 fp16 ulps (2^-11) from accumulation order on O(1) outputs"),
-    # oftjax/oft core (helper B)
+    # oftjax.oft core
     "oft_rotation_fp32": Tol(1e-5, 1e-6, "fp32 Cayley solve / Neumann matmuls: LAPACK/MKL vs XLA op order"),
     "oft_orthogonality_fp32": Tol(0.0, 2e-6, "exact Cayley R R^T - I in fp32: a b x b solve, error ~b*2^-24"),
     "oft_blockwise_vs_dense": Tol(1e-6, 1e-6, "blockwise einsum vs dense matmul, same products, other order"),
@@ -41,23 +41,25 @@ TOL: dict[str, Tol] = {
         5e-2,
         "bf16 compute through a 2-layer decoder vs fp32: bf16 rounding (2^-8) at every matmul input",
     ),
-    # training (helper F)
+    # training
     "grad_accum": Tol(
         1e-5, 1e-6, "k micro-batches sum per-token losses/grads in another order than one batch (fp32 sums)"
     ),
     "sharded_step": Tol(
         1e-5, 1e-6, "cross-device all-reduce of grads and loss sums in a different order than one device"
     ),
-    # oftjax.nn / merge (helper C)
+    # oftjax.nn / merge
     "requant_int8": Tol(
         1e-2,
         0.0,
-        "budget: int8 requantization of a rotated weight, rel. Frobenius (notes/peft-oft §5.2: 6e-3)",
+        "budget: int8 requantization of a rotated weight, rel. Frobenius (~6e-3: docs/peft-oft.md, "
+        '"Merging and unmerging")',
     ),
     "requant_4bit": Tol(
         0.2,
         0.0,
-        "budget: NF4/FP4 requantization of a rotated weight, rel. Frobenius (notes/peft-oft §5.2: 0.07-0.12)",
+        "budget: NF4/FP4 requantization of a rotated weight, rel. Frobenius (0.07-0.12: docs/peft-oft.md, "
+        '"Merging and unmerging")',
     ),
     "rotate_paths": Tol(
         1e-4,

@@ -25,7 +25,7 @@ def _random_skew(seed, r, b, scale, dtype=jnp.float32):
 
 
 def _series_f64(Q, t, legacy):
-    """Independent float64 evaluation of PEFT's documented series (notes/peft-oft-reference.md §2)."""
+    """Independent float64 evaluation of PEFT's documented series (docs/peft-oft.md, "The OFT math")."""
     Q = np.asarray(Q, dtype=np.float64)
     eye = np.broadcast_to(np.eye(Q.shape[-1]), Q.shape)
     power = lambda k: functools.reduce(np.matmul, [Q] * k) if k else eye  # noqa: E731

@@ -324,8 +324,9 @@ def _cayley_exact(Q):
 
 
 def test_v015_adapter_peft_drops_it_we_convert_it(tmp_path):
-    """A v0.15.2-format file (oft_r [r,b,b] + oft_s [out,1], notes §4): PEFT 0.21 loads it silently as the
-    identity; load_adapter reproduces v0.15's forward ``F.linear(x, (BD(R) W^T)^T * s, b)``."""
+    """A v0.15.2-format file (oft_r [r,b,b] + oft_s [out,1]; docs/peft-oft.md, "Adapter files"): PEFT 0.21
+    loads it silently as the identity; load_adapter reproduces v0.15's forward
+    ``F.linear(x, (BD(R) W^T)^T * s, b)``."""
     torch.manual_seed(0)
     base = TorchMLP()
     base_state = copy.deepcopy(base.state_dict())
@@ -465,7 +466,7 @@ def test_llama_adapter_on_float_and_bnb_checkpoints(tmp_path, base):
         )  # fmt: skip
         oracle.disable_cpu_repacking(hf)
         path = tmp_path / base
-        hf.save_pretrained(path)  # before any forward (notes §8.3)
+        hf.save_pretrained(path)  # before any forward (docs/oracle.md, repacking)
     targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
     pm = get_peft_model(hf, TorchOFTConfig(oft_block_size=16, target_modules=targets, init_weights=False))
     pm.save_pretrained(str(tmp_path / "adapter"))

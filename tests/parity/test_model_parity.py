@@ -1,10 +1,10 @@
 """Logits parity of oftjax.models with transformers (+ bitsandbytes) on tiny saved checkpoints.
 
 Real parts only: tiny Llama / Mistral / Qwen2 models built by transformers with fixed seeds, saved with
-``save_pretrained``; bnb checkpoints written by transformers after quantizing on load (notes §2, §11). The JAX
-side loads the directories with ``interop.hf_model.load_model``; ``save_model`` output is loaded back by
-transformers. Padding masks are exercised (right and left padding; only real-token positions are compared,
-since transformers leaves fully masked query rows undefined).
+``save_pretrained``; bnb checkpoints written by transformers after quantizing on load (docs/oracle.md, "Other
+traps"). The JAX side loads the directories with ``interop.hf_model.load_model``; ``save_model`` output is
+loaded back by transformers. Padding masks are exercised (right and left padding; only real-token positions
+are compared, since transformers leaves fully masked query rows undefined).
 """
 
 import json
@@ -118,7 +118,7 @@ def quant_dirs(float_dirs, tmp_path_factory):
         )
         oracle.disable_cpu_repacking(model)
         path = tmp_path_factory.mktemp("quant") / name
-        model.save_pretrained(path)  # before any forward (notes §8.3)
+        model.save_pretrained(path)  # before any forward (docs/oracle.md, repacking)
         out[name] = (path, model)
     return out
 
@@ -156,7 +156,7 @@ def test_window_cases_really_use_the_window(float_dirs, tmp_path):
 def test_bnb_logits_match_transformers_bitsandbytes(quant_dirs, name):
     """4-bit: the exact bnb formula (fp32 compute) -> fp32 tolerance. int8: transformers in train mode runs
     bnb's MatMul8bitFp (dequantize, then matmul), which we reproduce; eval mode quantizes activations
-    (notes §7.2: ~1e-2 relative here), which we do not."""
+    (~1e-2 relative here; docs/bitsandbytes-formats.md, "int8 paths"), which we do not."""
     from oftjax.nn import Linear4bit, Linear8bit
 
     path, hf_model = quant_dirs[name]

@@ -114,7 +114,7 @@ def test_cayley_batch(terms):
 
 
 def _cayley_batch_peft017(Q_skew, block_size, num_neumann_terms):
-    """PEFT v0.16.0-v0.17.1 ``OFTRotationModule._cayley_batch``, Neumann branch, verbatim (pre PEFT #2805)."""
+    """PEFT v0.16.0-v0.17.1 ``OFTRotationModule._cayley_batch``, Neumann branch, verbatim (pre-0.18)."""
     b = Q_skew.shape[0]
     R = torch.eye(block_size, dtype=Q_skew.dtype).repeat(b, 1, 1)
     if num_neumann_terms > 1:

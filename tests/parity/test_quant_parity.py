@@ -1,6 +1,6 @@
 """oftjax.quant against bitsandbytes 0.50.2 on the CPU: quantize and dequantize, bit for bit.
 
-Matrix (issue 2): shapes x blocksizes x nf4/fp4 x double quant x quant_storage x input dtype x data kind.
+Matrix: shapes x blocksizes x nf4/fp4 x double quant x quant_storage x input dtype x data kind.
 The default run takes a covering subset in which every option appears at least once (and every shape with
 several blocksizes); the full cross product is marked slow. FP4's code 8 is +0.0 in bnb's torch kernel and
 ours; values are compared as float32 (so -0.0 == +0.0) *and* bits are compared away from zero.

@@ -1,8 +1,9 @@
 """rounding="cuda" agrees with the CPU rules away from the documented corners and differs at them.
 
-Corners (../shared/notes/bitsandbytes-formats.md §5-6): the ragged block (CUDA multiplies by the reciprocal,
-the CPU divides), FP4 literal thresholds and the encoding of +-0, all-zero blocks (NaN codes on CUDA), NaN
-input, the nested 8-bit quantizer (binary search vs the CPU's 65536-entry LUT), int8's scale (127 / SCB).
+Corners (docs/bitsandbytes-formats.md, "CPU and CUDA rounding"): the ragged block (CUDA multiplies by the
+reciprocal, the CPU divides), FP4 literal thresholds and the encoding of +-0, all-zero blocks (NaN codes on
+CUDA), NaN input, the nested 8-bit quantizer (binary search vs the CPU's 65536-entry LUT), int8's scale
+(127 / SCB).
 The CUDA side itself is checked against bitsandbytes in tests/parity/test_quant_cuda_parity.py (GPU only).
 """
 
