@@ -1,16 +1,16 @@
 """Conversion speed of a bnb-NF4 HF checkpoint (~1B parameters by default) vs plain safetensors reading.
 
 The synthetic checkpoint is written with numpy directly in bitsandbytes' layout (packed ``weight`` bytes,
-float32 ``absmax``, ``quant_map``, the JSON ``quant_state``; notes/bitsandbytes-formats.md §2) for a
-TinyLlama-1.1B-shaped model: 22 layers, hidden 2048, intermediate 5632, 4 KV heads; embeddings, lm_head and
-norms in float16 (so that ``safetensors.numpy`` can read them: it has no bf16).
+float32 ``absmax``, ``quant_map``, the JSON ``quant_state``: docs/bitsandbytes-formats.md,
+"Serialized layout") for a TinyLlama-1.1B-shaped model: 22 layers, hidden 2048, intermediate 5632, 4 KV
+heads; embeddings, lm_head and norms in float16 (so that ``safetensors.numpy`` can read them: it has no bf16).
 
 Measured (best of ``--repeat`` runs, file in the page cache, MB/s of the source checkpoint size):
   * limit: ``safetensors.numpy.load_file`` of the checkpoint (every tensor read into memory);
   * ``hf.read_checkpoint`` (eager: every tensor read, every layer validated, pytrees built);
   * ``hf.checkpoint_to_jax`` (read + validate + write the JAX checkpoint directory, tensor by tensor);
   * ``hf.checkpoint_to_hf`` (back to an HF directory).
-Target: ``checkpoint_to_jax`` >= 0.7x the limit.
+Target: ``checkpoint_to_jax`` >= 0.7x the limit. Figures: benchmarks/RESULTS.md.
 
 Usage: python benchmarks/bench_convert.py [--params 1.1e9] [--double-quant] [--repeat 3] [--dir /tmp/x]
 """

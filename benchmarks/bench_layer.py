@@ -7,7 +7,8 @@ gradient). Both sides use the same float weight; the JAX quantized layers hold b
 (read through ``interop.bnb.from_state_dict``), so they dequantize to the same weights.
 
 The floor is a JAX dense matmul without adapter, forward + input gradient: the two matmuls a frozen linear
-costs in training. Targets on a CPU: JAX <= 0.8x torch, and JAX <= 1.2x the floor.
+costs in training. Targets on a CPU: JAX <= 0.8x torch, and JAX <= 1.2x the floor. Figures:
+benchmarks/RESULTS.md.
 
 Times are the best of ``--reps`` runs after warm-up (JAX: compilation): on a shared machine the minimum is
 the estimate least disturbed by other load (medians are printed too). Both frameworks run in this process on

@@ -3,9 +3,9 @@
 Usage: python benchmarks/bench_quant.py [--size 4096] [--dtype bfloat16] [--repeats 15]
        [--allocator default|fresh|keep]
 
-bitsandbytes runs its real CPU kernels (its AVX512 4-bit dequantize included; the oracle's dequant fix is
-*not* installed here). "bnb/JAX" > 1 means JAX is faster. Times are medians after a warm-up (compilation
-excluded).
+bitsandbytes runs its real CPU kernels (its AVX512 4-bit dequantize included; the oracle's dequantize fix,
+docs/oracle.md, is *not* installed here). "bnb/JAX" > 1 means JAX is faster. Times are medians after a
+warm-up (compilation excluded). Figures: benchmarks/RESULTS.md.
 
 What makes the comparison fair (checked, not assumed):
   * Same work and the same result: both sides start from the same packed bytes (asserted bit-equal) and
@@ -20,44 +20,21 @@ What makes the comparison fair (checked, not assumed):
     starts with an untimed call, because the thread pool of the side that just ran (XLA's or bnb's OpenMP)
     keeps spinning for a while and slows the other side's first call.
   * Page faults: a fresh 32 MiB output is an ``mmap``'d block from glibc on both sides, and the first write
-    to each 4 KiB page faults into the kernel (about 8-15 ms per 32 MiB on this VM, comparable to the whole
-    kernel). That cost is part of a real call, so it is in the default table. But glibc moves its mmap
-    threshold after frees, so whether a block comes back pre-faulted from the heap depends on the history
-    of the process: a side's median can drop by half between runs (bnb's nf4 8 vs 22 ms in one run).
-    ``--allocator`` sets glibc's ``mallopt`` for this process (both sides alike; never done by the library):
-    ``fresh`` pins the threshold at glibc's initial 128 KiB, so every block of 128 KiB or more is mapped and
-    faulted afresh on every call (the output on both sides, and also the JAX side's 8 MiB table of
-    per-block values, which the default allocator reuses), ``keep`` keeps freed blocks mapped (as a
+    to each 4 KiB page faults into the kernel, at a cost comparable to the whole dequantize. That cost is part
+    of a real call, so it is in the default table. But glibc moves its mmap threshold after frees, so whether
+    a block comes back pre-faulted from the heap depends on the history of the process, and a side's median
+    can move by 2x between runs (even making bnb's nf4+DQ, which does strictly more work, look faster than
+    its nf4). ``--allocator`` sets glibc's ``mallopt`` for this process (both sides alike; never done by the
+    library): ``fresh`` pins the threshold at glibc's initial 128 KiB, so every block of 128 KiB or more is
+    mapped and faulted afresh on every call (the output on both sides, and also the JAX side's table of
+    per-block values, which the default allocator reuses); ``keep`` keeps freed blocks mapped (as a
     long-running training process would), which leaves the compute alone.
-  * The bnb nf4+DQ figure once came out faster than plain nf4 (6.1 vs 10.9 ms) in a back-to-back,
-    non-alternating run, though bnb does strictly more work there (the nested absmax): it was allocator
-    state (the previous point), not the work; with ``--allocator fresh`` or ``keep`` nf4+DQ is never faster.
 
-The JAX 4-bit dequantize on CPU is the native kernel (csrc/dequant4.cc, an XLA FFI custom call: AVX-512
-permutes, the double-quant absmax computed per block in the same pass, XLA's intra-op thread pool, huge-page
-advice for its output, non-temporal stores from 16 MiB). ``OFTJAX_NATIVE=0`` benchmarks the pure-XLA
-formulation instead (what runs on GPU/TPU), ``OFTJAX_HUGEPAGES=0`` the kernel without the huge-page advice.
-Measured on the 2-core development CPU, quiet machine, one run each (dequantize, bnb/JAX; > 1: JAX faster):
-
-  | configuration (4096 x 4096)                        | nf4  | fp4  | nf4+DQ |
-  | native kernel, bf16, default allocator             | 1.89 | 2.90 | 1.86   |
-  | native kernel, bf16, --allocator fresh             | 2.95 | 2.85 | 1.97   |
-  | native kernel, bf16, --allocator keep (compute)    | 1.05 | 1.03 | 1.13   |  (1.3 ms either side)
-  | native kernel, float16, default                    | 2.94 | 2.11 | 2.07   |
-  | native kernel, float32, default                    | 2.14 | 2.15 | 3.29   |
-  | XLA formulation (OFTJAX_NATIVE=0), bf16, default   | 0.84 | 0.80 | 0.83   |
-  | native kernel, 4 KiB pages (OFTJAX_HUGEPAGES=0)    | 1.00 | 1.02 | 1.10   |  (loaded machine)
-
-Where the time goes: with 4 KiB pages a fresh 32 MiB output takes 8192 page faults (8-15 ms here, far more
-than the ~1.3 ms the kernel computes); with 2 MiB pages it takes 16. Prefaulting 4 KiB pages with one
-``MADV_POPULATE_WRITE`` per chunk gained 20% and is what the kernel does when the advice is off. Without page
-faults (``keep``), both sides write 32 MiB at ~25 GB/s; non-temporal stores (no read-for-ownership) took the
-kernel from ~1.15 to ~0.9 ms in an A/B run.
-
-XLA:CPU options tried per computation (``jax.jit(..., compiler_options=...)``) on the XLA 4-bit dequantize,
-none of which helped, so none is set here or in the library: ``xla_cpu_prefer_vector_width=512`` (the loop
-stays 8-wide), ``xla_cpu_enable_fast_math`` (no change; it would also be unsafe for bit-exactness),
-``xla_cpu_use_fusion_emitters=False`` (3-10x slower).
+On CPU the JAX 4-bit dequantize runs the CPU kernel where it is available (csrc/dequant4.cc, an XLA FFI
+custom call: AVX-512 permutes, the double-quant absmax computed per block in the same pass, XLA's intra-op
+thread pool, huge-page advice for its output, non-temporal stores for large outputs), otherwise the pure-XLA
+formulation that GPUs and TPUs run; the printed header says which. XLA:CPU compiler options tried on the XLA
+formulation did not help, so none is set here or in the library (benchmarks/RESULTS.md lists them).
 """
 
 from __future__ import annotations

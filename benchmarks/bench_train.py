@@ -18,40 +18,30 @@ could reach while doing these matmuls at the rate XLA does them.
 Reported:
   * tokens/s (batch * seq / median step time) and the oftjax / torch ratio (target on a CPU: >= 1.5), and
     the median over rounds of torch's step time / JAX's (a round's two steps run back to back, so each of
-    these ratios sees one machine state; this machine's speed moves by ~10% between runs);
+    these ratios sees one machine state; the machine's speed moves between runs more than the ratio does);
   * the GEMM floor of each side, achieved GFLOP/s, and the step's share spent outside those GEMMs;
   * peak RSS of each process;
+  * page faults per step of each process (the turn after the timed rounds);
   * JAX's compiled memory analysis of the train step (arguments, outputs, temporaries);
   * frozen-base bytes per parameter: the packed NF4 + DQ linears (sum of leaf nbytes / weight count; target
-    <= 0.52) and the whole frozen base (embeddings, norms and lm_head stay fp32, as in transformers).
+    <= 0.52) and the whole frozen base (embeddings, norms and lm_head stay fp32, as in transformers);
+  * the 1-minute load average before and after: a busy machine slows torch's OpenMP threads more than XLA's,
+    so only a run started below ~1 is a quiet-machine figure.
 
-Runs unchanged on a GPU (JAX picks it up; torch uses CUDA when available). No XLA flags are set: on this
-CPU (jax 0.10.2) XLA's default YNNPACK dots, Eigen dots (``xla_cpu_experimental_ynn_fusion_type=""``) and
-oneDNN dots all ran the step's GEMM shapes at the same ~205 GFLOP/s (torch/MKL: ~175-200), and the
-concurrency- and memory-optimized schedulers did not change the step time.
+Runs unchanged on a GPU (JAX picks it up; torch uses CUDA when available). No XLA flags are set: the XLA:CPU
+dot implementations and schedulers tried ran the step's GEMMs at the same rate (benchmarks/RESULTS.md).
 
 Allocator (``--malloc keep``, the default, applied to BOTH processes before their framework starts; it is
-what ``oftjax train`` does, see oftjax/_malloc.py): glibc keeps freed memory for reuse. XLA:CPU otherwise maps
-its ~300 MB per-step temporary buffer afresh every step and faults it in page by page (74,817 faults per step;
-torch: 10,391). Quiet-machine run each, before the native rotation and attention kernels: keep 1.13 (JAX
-0.443 s, torch 0.499 s; faults 18,154 vs 1), default 1.07 (0.488 vs 0.521 s). With them (keep): 1.41-1.44
-(JAX 0.366-0.374 s, torch 0.527 s); with the fused dequantize + rotate, the leaner attention kernel and
-SwiGLU's own backward: 1.43-1.48 over six runs (JAX 0.354-0.397 s, torch 0.505-0.586 s: the machine's speed
-moves both sides by ~10% between runs, the ratio less). With the rotation blocks built by a native
-kernel (csrc/rotate.cc: -9 ms per step against XLA's ~16 small ops per adapter, alternating steps in one
-process) and SwiGLU's activation in a native kernel (csrc/swiglu.cc: -5.7 ms): 1.49-1.54 over ten runs
-(JAX 0.335-0.386 s, torch 0.503-0.584 s; median over rounds 1.47-1.54). With the rotation gradient's dx
-written by non-temporal stores (-3 to -5 ms): 1.48-1.60 over eleven runs of 10 rounds, median 1.53; 1.51-1.53
-when quiet (JAX 0.333-0.337 s, torch 0.506-0.508 s), 1.57-1.60 when busier (JAX 0.362-0.379 s, torch
-0.575-0.607 s: under load torch slows down more); one run at 1.48 (JAX 0.352 s, torch 0.520 s; its median
-over rounds 1.52). The turn-taking itself costs each
-side up to ~5-10% against back-to-back steps (caches refilled after the other side's turn, idle threads
-woken). ``page faults per step`` is printed for both sides: the JAX figure moves between 0 and ~60,000 from
-one step to the next. A step with faults is one where glibc found no free block large enough for XLA's
-temporary buffer in the heap (other blocks allocated in between fragment the freed space) and grew the heap
-with ``brk`` by ~200 MB, whose pages are then touched for the first time (strace: the ``brk`` calls fall in
-exactly those steps; no mmap, munmap or madvise of ours or glibc's); once the heap is large enough the
-faults stop until the next such step.
+what ``oftjax train`` does, see oftjax/cli/_malloc.py): glibc keeps freed memory for reuse. Otherwise XLA:CPU
+maps its per-step temporary buffer (hundreds of MB) afresh every step and faults it in page by page, which
+would measure the kernel's page-fault path rather than either framework. Even with ``keep`` a step can fault:
+when glibc finds no free block large enough for XLA's temporary buffer in the heap (other blocks allocated in
+between fragment the freed space) it grows the heap with ``brk``, whose pages are then touched for the first
+time; once the heap is large enough the faults stop until the next such step. The turn-taking itself costs
+each side a little against back-to-back steps (caches refilled after the other side's turn, idle threads
+woken), the same for both.
+
+Figures, with the command that produced each: benchmarks/RESULTS.md.
 
 Where the JAX step's time outside the GEMMs goes (attention, rotations, dequantize, ...):
 ``python benchmarks/profile_train.py`` (same model and flags; XLA op times grouped by named scope).

@@ -19,7 +19,8 @@ Op times are the sum over the threads that ran them (XLA:CPU runs independent op
 helper threads are not traced separately), so the column sums to more than the wall time; the shares are the
 useful part. A fusion is labelled by its root op, so a label includes whatever XLA fused into it. Small ops
 that overlap others (the rotation builds, for one) cost less wall time than their op time says: to measure a
-part's wall cost, compare two compiled steps in one process with that part changed.
+part's wall cost, compare two compiled steps in one process with that part changed. Figures:
+benchmarks/RESULTS.md.
 
 Usage: python benchmarks/profile_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 4]
 """
