@@ -15,10 +15,11 @@
 // Scores, softmax and every sum are float32 (as HF's eager attention computes softmax in float32); exp is a
 // degree-6 polynomial after range reduction (Cephes expf, ~1 ulp).
 //
-// Why a native kernel: XLA:CPU runs the blocked attention of oftjax/models/_attention.py as ~80 small ops per
-// layer (head transposes, score blocks, masks, softmax, products, gradient scatters) and it cost ~15% of the
-// CPU train step (benchmarks/profile_train.py). Here one pass per query tile keeps scores and probabilities
-// of 32 query rows in L1/L2, reads q/k/v in place and never materialises the [S, S] matrices.
+// Why a native kernel: XLA:CPU runs the blocked attention of oftjax/models/_attention.py as many small ops per
+// layer (head transposes, score blocks, masks, softmax, products, gradient scatters), a large share of the CPU
+// train step (benchmarks/profile_train.py; figures in benchmarks/RESULTS.md). Here one pass per query tile
+// keeps scores and probabilities of 32 query rows in L1/L2, reads q/k/v in place and never materialises the
+// [S, S] matrices.
 //
 // Work and determinism: the forward splits over (batch, query head, 32-row query tile); the backward over
 // (batch, kv head), each unit running its query heads and tiles in a fixed order and owning its dk, dv and

@@ -195,9 +195,10 @@ bool HasAvx512() { return false; }
 
 // Faults in the pages of out[begin, end) with one system call, before the kernel writes them. A fresh output
 // buffer (XLA maps large buffers afresh) otherwise takes one page fault per 4 KiB on first write, which costs
-// more than the dequantize itself (measured 20% faster with this). Used when huge pages are not advised (with
-// them, the walk over already-present pages costs more than the 16 faults it saves). Best effort: present pages
-// are left as they are; kernels without MADV_POPULATE_WRITE (Linux < 5.14) just fault on write as before.
+// more than the dequantize itself; one system call per chunk is cheaper than a fault per page. Used when huge
+// pages are not advised (with them, the walk over already-present pages costs more than the few faults it
+// saves). Best effort: present pages are left as they are; kernels without MADV_POPULATE_WRITE (Linux < 5.14)
+// just fault on write as before.
 void Prefault(void* out, int64_t begin_byte, int64_t end_byte) {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
   static const int64_t page = sysconf(_SC_PAGESIZE);
@@ -211,8 +212,8 @@ void Prefault(void* out, int64_t begin_byte, int64_t end_byte) {
 }
 
 // Asks Linux to back the 2 MiB-aligned interior of out[0, bytes) with transparent huge pages (madvise mode
-// THP, the default on most distributions): a fresh 32 MiB output then takes 16 faults instead of 8192, which
-// measured 3x faster than 4 KiB pages for a 4096 x 4096 bf16 dequantize. The same hint glibc gives its heap
+// THP, the default on most distributions): a fresh 32 MiB output then takes 16 faults instead of 8192
+// (benchmarks/RESULTS.md has the effect on a 4096 x 4096 bf16 dequantize). The same hint glibc gives its heap
 // with glibc.malloc.hugetlb=1; it only affects how the range is backed. Off with OFTJAX_HUGEPAGES=0.
 void AdviseHugePages(void* out, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -319,8 +320,9 @@ ffi::Error Dequant4(ffi::ThreadPool& pool, const ffi::Buffer<ffi::U8>& packed, c
   }
   const bool vector = vectorize && HasAvx512() && blocksize % 32 == 0;
   const int64_t out_bytes = n * (kind == Kind::kF32 ? 4 : 2);
-  // Non-temporal stores for outputs over half the last-level cache of a typical CPU (a 4096 x 4096 bf16
-  // weight: 25% faster without page faults); smaller outputs stay in cache for the matmul that reads them.
+  // Non-temporal stores for outputs over half the last-level cache of a typical CPU: they skip the
+  // read-for-ownership of lines that would be evicted before use; smaller outputs stay in cache for the matmul
+  // that reads them.
   const bool stream = out_bytes >= kStreamBytes && reinterpret_cast<uintptr_t>(out->untyped_data()) % 64 == 0;
   const uint8_t* p = packed.typed_data();
   const float* c = code.typed_data();
@@ -353,10 +355,9 @@ int64_t RotateItemRows(int64_t d) { return std::max<int64_t>(8, 16384 / std::max
 
 // A 4-bit weight [rows, d] dequantized to float32 and rotated, W BD(R) with R [d / b, b, b], in one pass: each
 // work item dequantizes a few rows into a scratch buffer (in cache) and rotates them into the output, so the
-// float32 weight itself is never written out (measured 4.6-8 ms less per 0.35 s CPU train step of
-// benchmarks/bench_train.py, alternating steps in one process). Same arithmetic as Dequant4 then rotate.cc's OftjaxRotate (the dequantize with
-// subnormal products kept, the rotation under the caller's floating-point mode, the same micro-kernel): the
-// same bits.
+// float32 weight itself is never written to memory and read back. Same arithmetic as Dequant4 then rotate.cc's
+// OftjaxRotate (the dequantize with subnormal products kept, the rotation under the caller's floating-point
+// mode, the same micro-kernel): the same bits.
 ffi::Error Dequant4Rotate(ffi::ThreadPool& pool, const ffi::Buffer<ffi::U8>& packed, const float* absmax,
                           const Nested* nested, const ffi::Buffer<ffi::F32>& code, const ffi::Buffer<ffi::F32>& R,
                           ffi::Result<ffi::Buffer<ffi::F32>>& out, int64_t blocksize, bool vectorize) {

@@ -8,20 +8,19 @@
 //   OftjaxCayleyNeumannGrad: d vec[n] from dR[n] (the series' reverse mode, then the skew map's transpose)
 //
 // Why a native kernel: XLA:CPU runs x BD(R) as a batched matmul over blocks, which needs x transposed to
-// [r, T, b] and the result transposed back; those copies run at 1-2.5 GB/s and cost more than the arithmetic
-// (benchmarks/profile_train.py, label oft_rotate). Here each token row's blocks are read and written in place:
-// the b x b block stays in L1, a few token rows are rotated per pass over it, and the accumulators of a block
-// row stay in vector registers (the block size is a template parameter: 16, 32, 48 and 64; other sizes, and
+// [r, T, b] and the result transposed back; those copies run far below memory bandwidth and cost more than the
+// arithmetic (benchmarks/profile_train.py, label oft_rotate). Here each token row's blocks are read and written
+// in place: the b x b block stays in L1, a few token rows are rotated per pass over it, and the accumulators of a
+// block row stay in vector registers (the block size is a template parameter: 16, 32, 48 and 64; other sizes, and
 // machines without AVX-512, take the XLA path). The forward micro-kernel is rotate_rows.h, which dequant4.cc
 // also uses to rotate a weight as it is dequantized.
 //
 // The Cayley-Neumann kernels build the rotation blocks from the trainable parameters (PEFT's series, see
-// oftjax/oft/_cayley.py for the coefficients): XLA ran each adapter's build as ~16 small ops (scatter, batched
-// b x b matmuls, adds, and their transposes), ~12 ms of a CPU train step for 28 adapters; here one call per
-// direction keeps each block in L1 and multiplies with the same row micro-kernel (forward: K-1 products for
-// K powers; backward: 2(K-1), see SeriesBackward). Sums are in k order with fused multiply-adds; the forward's
-// additions are PEFT's, in PEFT's order (R = I; R += 2Q; R += 2Q^2; ...). Isolated, the 576 blocks (b = 32,
-// 5 terms) of benchmarks/bench_train.py's 28 adapters: 0.8 ms forward, 1.6 ms backward on 2 cores.
+// oftjax/oft/_cayley.py for the coefficients): XLA runs each adapter's build as many small ops (scatter,
+// batched b x b matmuls, adds, and their transposes); here one call per direction for all blocks keeps each
+// block in L1 and multiplies with the same row micro-kernel (forward: K-1 products for K powers; backward:
+// 2(K-1), see SeriesBackward). Sums are in k order with fused multiply-adds; the forward's additions are
+// PEFT's, in PEFT's order (R = I; R += 2Q; R += 2Q^2; ...). Figures: benchmarks/RESULTS.md.
 //
 // Determinism: every output element is one thread's sum in a fixed order. dR sums over tokens in fixed chunks
 // of kGradChunk tokens (each chunk's partial sum is written to its own slot), then adds the chunk partials in
@@ -178,9 +177,8 @@ ffi::Error RotateGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   float* pp = ThreadBuffer(partials, chunks * block_elems);
   const float *xp = x.typed_data(), *gp = g.typed_data();
   float* dxp = dx->typed_data();
-  // dx bypasses the caches (non-temporal stores): it is read next by XLA's ops after the other projections'
-  // gradients, and writing it through the caches first read each line in (measured in a train step of
-  // benchmarks/bench_train.py, alternating steps in one process: -3 to -5 ms)
+  // dx bypasses the caches (non-temporal stores): it is read next by XLA's ops only after the other
+  // projections' gradients, and writing it through the caches would first read each line in
   const bool stream = reinterpret_cast<uintptr_t>(dxp) % 64 == 0;
   ParallelFor(pool, chunks, [=](int64_t c) {
     const int64_t t0 = c * kGradChunk, t1 = std::min(tokens, t0 + kGradChunk);
