@@ -52,14 +52,14 @@ TOL: dict[str, Tol] = {
     "requant_int8": Tol(
         1e-2,
         0.0,
-        "budget: int8 requantization of a rotated weight, rel. Frobenius (~6e-3: docs/peft-oft.md, "
-        '"Merging and unmerging")',
+        "budget: int8 requantization of a rotated weight, rel. Frobenius, ~6e-3 "
+        '(docs/peft-oft.md, "Merging and unmerging")',
     ),
     "requant_4bit": Tol(
         0.2,
         0.0,
-        "budget: NF4/FP4 requantization of a rotated weight, rel. Frobenius (0.07-0.12: docs/peft-oft.md, "
-        '"Merging and unmerging")',
+        "budget: NF4/FP4 requantization of a rotated weight, rel. Frobenius, 0.07-0.12 "
+        '(docs/peft-oft.md, "Merging and unmerging")',
     ),
     "rotate_paths": Tol(
         1e-4,
