@@ -7,6 +7,9 @@
 ``<module>.oft_embedding_R.<adapter>``, ``<module>.bias`` (base biases saved with ``bias != "none"``; at
 most one adapter may carry them, as in PEFT) and ``<module>.embedding`` (the base table PEFT saves next to a
 targeted input embedding, its ``<module>.base_layer.weight``).
+
+``adapter_to_jax`` / ``adapter_to_peft`` convert whole PEFT save directories (the root adapter and the
+subfolder adapters) to and from this format, file to file: the tensors are renamed, never recomputed.
 """
 
 from __future__ import annotations
@@ -22,14 +25,9 @@ import numpy as np
 from oftjax.config import OFTConfig
 
 from . import _peft_format as fmt
-from ._io import (
-    InteropError,
-    atomic_save_safetensors,
-    atomic_write_json,
-    output_dir,
-    read_json,
-    read_safetensors,
-)
+from ._io import InteropError, atomic_write_json, output_dir, read_json
+from ._peft_files import list_adapters, read_adapter_with_extras, write_adapter
+from ._safetensors import atomic_save_safetensors, read_safetensors
 
 CONFIG_FILE = "oftjax_adapter.json"
 WEIGHTS_FILE = "oftjax_adapter.safetensors"
@@ -41,7 +39,6 @@ def state_key(peft_key: str, adapter_name: str, config: OFTConfig) -> str:
     """The NNX state path of a PEFT key (``base_model.model.lin0.oft_R.weight`` -> ``lin0.oft_R.default``).
 
     Example:
-        >>> from oftjax.config import OFTConfig
         >>> state_key("base_model.model.lin0.oft_R.weight", "default", OFTConfig(target_modules=["lin0"]))
         'lin0.oft_R.default'
     """
@@ -74,14 +71,34 @@ def peft_key(key: str, adapter_name: str, rotated: set[str]) -> str:
     return f"{fmt.PEFT_PREFIX}{key}"
 
 
-def peft_tensors(name: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def state_tensors(
+    tensors: Mapping[str, np.ndarray], adapter_name: str, config: OFTConfig
+) -> dict[str, np.ndarray]:
+    """PEFT-named tensors of one adapter keyed by their NNX state paths (``state_key`` of each key).
+
+    Example:
+        >>> t = {"base_model.model.lin0.oft_R.weight": np.zeros((1, 6))}
+        >>> list(state_tensors(t, "two", OFTConfig(target_modules=["lin0"])))
+        ['lin0.oft_R.two']
+    """
+    return {state_key(k, adapter_name, config): v for k, v in tensors.items()}
+
+
+def peft_tensors(arrays: Mapping[str, np.ndarray], adapter_name: str) -> dict[str, np.ndarray]:
+    """One adapter's tensors keyed by NNX state paths, renamed to PEFT keys (inverse of ``state_tensors``).
+
+    Example:
+        >>> arrays = {"lin0.oft_R.two": np.zeros((1, 6)), "lin0.bias": np.zeros(4)}
+        >>> sorted(peft_tensors(arrays, "two"))
+        ['base_model.model.lin0.base_layer.bias', 'base_model.model.lin0.oft_R.weight']
+    """
     rotated = {
-        k[: -len(f".{kind}.{name}")]
+        k[: -len(f".{kind}.{adapter_name}")]
         for k in arrays
         for kind in fmt.ROTATION_KINDS
-        if k.endswith(f".{kind}.{name}")
+        if k.endswith(f".{kind}.{adapter_name}")
     }
-    return {peft_key(k, name, rotated): v for k, v in arrays.items()}
+    return {peft_key(k, adapter_name, rotated): v for k, v in arrays.items()}
 
 
 def _config_dict(config: OFTConfig) -> dict[str, Any]:
@@ -114,10 +131,27 @@ def write_jax_adapter(
     extras: Mapping[str, Mapping[str, Any]] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write a JAX adapter directory: ``{name: (config, {NNX state path: array})}``.
+    """Write a JAX adapter directory: ``{name: (config, {NNX state path: array})}``, built aside and renamed.
+
+    Args:
+        path: the output directory; must not exist unless ``force``.
+        adapters: adapter name -> its config and tensors under NNX state paths (``state_tensors``).
+        extras: adapter name -> ignored PEFT config keys to keep for the way back (``auto_mapping``).
+        force: replace an existing ``path``.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``force`` is False (nothing is written).
+        InteropError: two adapters write different tensors under one key.
 
     Example:
-        >>> write_jax_adapter("ckpt", {"default": (config, {"lin0.oft_R.default": vec})})  # doctest: +SKIP
+        >>> import tempfile
+        >>> config = OFTConfig(r=0, oft_block_size=4, target_modules=["lin0"])
+        >>> vec = np.zeros((1, 6), np.float32)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     adapters = {"default": (config, {"lin0.oft_R.default": vec})}
+        ...     path = write_jax_adapter(Path(tmp) / "jax", adapters)
+        ...     sorted(p.name for p in path.iterdir())
+        ['oftjax_adapter.json', 'oftjax_adapter.safetensors']
     """
     target = Path(path)
     tensors: dict[str, np.ndarray] = {}
@@ -152,9 +186,14 @@ def read_jax_adapter(
         InteropError: missing or corrupt files, a wrong format or version, keys listed but absent.
 
     Example:
-        >>> adapters, _ = read_jax_adapter("ckpt")  # doctest: +SKIP
-        >>> sorted(adapters)  # doctest: +SKIP
-        ['default']
+        >>> import tempfile
+        >>> config = OFTConfig(r=0, oft_block_size=4, target_modules=["lin0"])
+        >>> vec = np.zeros((1, 6), np.float32)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = write_jax_adapter(Path(tmp) / "jax", {"two": (config, {"lin0.oft_R.two": vec})})
+        ...     adapters, extras = read_jax_adapter(path)
+        >>> sorted(adapters), list(adapters["two"][1]), extras
+        (['two'], ['lin0.oft_R.two'], {'two': {}})
     """
     root = Path(path)
     meta = read_json(root / CONFIG_FILE)
@@ -185,3 +224,74 @@ def read_jax_adapter(
         adapters[name] = (config, {k: tensors[k] for k in entry.get("keys", [])})
         extras[name] = dict(entry.get("peft_extras", {}))
     return adapters, extras
+
+
+def _refuse_existing(dst: Path, force: bool) -> None:
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst}: exists; pass force=True (--force) to overwrite")
+
+
+def adapter_to_jax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Convert a PEFT adapter directory (root adapter and any subfolder adapters) to a JAX adapter directory.
+
+    Every adapter is read and validated (``read_adapter``) before anything is written.
+
+    Raises:
+        FileExistsError: ``dst_dir`` exists and ``force`` is False.
+        InteropError: no adapter in ``src_dir``, or one that ``read_adapter`` refuses.
+
+    Example:
+        >>> import tempfile
+        >>> config = OFTConfig(r=0, oft_block_size=4, target_modules=["lin0"])
+        >>> tensors = {"base_model.model.lin0.oft_R.weight": np.zeros((1, 6), np.float32)}
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = write_adapter(Path(tmp) / "peft", config, tensors)
+        ...     _ = write_adapter(Path(tmp) / "peft", config, tensors, adapter_name="other")
+        ...     adapters, _ = read_jax_adapter(adapter_to_jax(Path(tmp) / "peft", Path(tmp) / "jax"))
+        >>> {name: list(arrays) for name, (_, arrays) in adapters.items()}
+        {'default': ['lin0.oft_R.default'], 'other': ['lin0.oft_R.other']}
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    _refuse_existing(dst, force)
+    names = list_adapters(src)
+    if not names:
+        read_adapter_with_extras(src)  # raises the precise "not found" error
+    adapters, extras = {}, {}
+    for name in names:
+        config, tensors, extras[name] = read_adapter_with_extras(src, name)
+        adapters[name] = (config, state_tensors(tensors, name, config))
+    return write_jax_adapter(dst, adapters, extras=extras, force=force)
+
+
+def adapter_to_peft(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Convert a JAX adapter directory to a PEFT adapter directory (non-default adapters in subfolders).
+
+    Every adapter is checked against PEFT's format before anything is written; the directory is built aside
+    and renamed.
+
+    Raises:
+        FileExistsError: ``dst_dir`` exists and ``force`` is False.
+        InteropError: a bad JAX adapter directory, or tensors PEFT's format cannot hold.
+
+    Example:
+        >>> import tempfile
+        >>> config = OFTConfig(r=0, oft_block_size=4, target_modules=["lin0"])
+        >>> vec = np.zeros((1, 6), np.float32)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = write_jax_adapter(Path(tmp) / "jax", {"default": (config, {"lin0.oft_R.default": vec})})
+        ...     peft_dir = adapter_to_peft(Path(tmp) / "jax", Path(tmp) / "peft")
+        ...     sorted(p.name for p in peft_dir.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    _refuse_existing(dst, force)
+    adapters, extras = read_jax_adapter(src)
+    converted = {}
+    for name, (config, arrays) in adapters.items():
+        tensors = peft_tensors(arrays, name)
+        fmt.check_tensors(tensors, config, src / WEIGHTS_FILE)
+        converted[name] = (config, tensors)
+    with output_dir(dst, force=force) as tmp:
+        for name, (config, tensors) in converted.items():
+            write_adapter(tmp, config, tensors, adapter_name=name, force=True, extras=extras.get(name))
+    return dst

@@ -26,6 +26,7 @@ from oftjax.nn import AdapterSettings, OFTAdapters, OFTBias, OFTEmbed, OFTLinear
 
 from . import _peft_format as fmt
 from ._io import InteropError
+from ._peft_files import read_adapter_with_extras as _read
 
 PathKey = tuple[str | int, ...]
 
@@ -139,8 +140,6 @@ def load_adapter(
         >>> paths  # doctest: +SKIP
         ['lin0', 'lin1']
     """
-    from .peft import _read
-
     config, tensors, _ = _read(path, adapter_name)
     return attach_adapter(
         model, config, tensors, adapter_name, activate=activate, rngs=rngs, strict=strict, source=Path(path)

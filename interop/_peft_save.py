@@ -27,6 +27,7 @@ from oftjax.nn import OFTAdapters, OFTBias, OFTEmbed
 from . import _peft_format as fmt
 from ._io import InteropError
 from ._peft_attach import PathKey, _is_embed_like, _is_linear_like, module_table
+from ._peft_files import write_adapter
 
 
 def _common(values: list[Any], what: str, adapter_name: str) -> Any:
@@ -208,8 +209,6 @@ def save_adapter(
     Example:
         >>> save_adapter(model, "peft_adapter_dir")  # doctest: +SKIP
     """
-    from .peft import write_adapter
-
     fmt.check_adapter_name(adapter_name)
     config, tensors = collect_adapter(
         model, adapter_name, config, save_embedding_layers=save_embedding_layers

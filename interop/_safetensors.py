@@ -8,7 +8,9 @@ little-endian header length N, N bytes of JSON ``{name: {"dtype", "shape", "data
 The reader memory-maps the file and validates the header against the file size, so a truncated or corrupt
 file is refused when opened, naming the file and the tensor. The writer streams tensor by tensor (a header
 computed from shapes first, then each tensor's bytes), so converting a checkpoint holds one tensor in memory
-at a time.
+at a time, and it is deterministic: the metadata keeps its insertion order (``safetensors.numpy.save``
+serializes it from a hash map, in a different order from one process to the next), the tensors are laid out
+as ``safetensors.save`` lays them out. Adapters and checkpoints alike are read and written here.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from interop._io import InteropError
+from interop._io import InteropError, atomic_file
 
 # safetensors dtype names <-> numpy dtypes (safetensors/src/tensor.rs, enum Dtype).
 DTYPES: dict[str, np.dtype] = {
@@ -64,14 +66,6 @@ class LazyTensor:
     def __init__(self, file: SafetensorsFile, key: str, shape: tuple[int, ...], dtype: np.dtype):
         self.file, self.key, self.shape, self.dtype = file, key, shape, dtype
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
     def load(self) -> np.ndarray:
         return self.file.get(self.key)
 
@@ -86,8 +80,13 @@ class SafetensorsFile:
     """A memory-mapped safetensors file with a validated header.
 
     Example:
-      >>> f = SafetensorsFile("model.safetensors")  # doctest: +SKIP
-      >>> w = f.get("lm_head.weight")              # numpy, bf16 as ml_dtypes.bfloat16  # doctest: +SKIP
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     path = Path(tmp) / "model.safetensors"
+      ...     _ = write_safetensors(path, {"lm_head.weight": np.ones((2, 3), ml_dtypes.bfloat16)})
+      ...     f = SafetensorsFile(path)
+      ...     f.lazy("lm_head.weight"), f.get("lm_head.weight").dtype  # numpy, bf16 as ml_dtypes.bfloat16
+      (LazyTensor(model.safetensors:lm_head.weight, bfloat16[2, 3]), dtype(bfloat16))
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -289,3 +288,46 @@ def write_safetensors(
 
 def total_nbytes(tensors: Iterable[Any]) -> int:
     return sum(_nbytes(tuple(x.shape), np.dtype(x.dtype)) for x in tensors)
+
+
+def read_safetensors(path: str | os.PathLike, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Read (some) tensors of a safetensors file into numpy arrays (bf16 as ``ml_dtypes.bfloat16``).
+
+    Raises:
+      InteropError: the file is missing, truncated or corrupt, or a requested key is absent.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     atomic_save_safetensors(Path(tmp) / "t.safetensors", {"a": np.zeros(2, ml_dtypes.bfloat16)})
+      ...     read_safetensors(Path(tmp) / "t.safetensors")["a"].dtype
+      dtype(bfloat16)
+    """
+    f = SafetensorsFile(path)
+    try:
+        names = f.keys()
+        wanted = names if keys is None else keys
+        missing = [k for k in wanted if k not in f]
+        if missing:
+            raise InteropError(f"{f.path}: missing tensor key(s) {missing[:5]} (file has {len(names)} keys)")
+        return {k: f.get(k) for k in wanted}
+    finally:
+        f.close()
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    force: bool = False,
+) -> None:
+    """Write a safetensors file atomically (``write_safetensors`` into a temporary file, then rename).
+
+    Metadata is ``{"format": "pt"}`` unless given (what transformers and PEFT expect).
+
+    Raises:
+      FileExistsError: ``path`` exists and ``force`` is False (nothing is written).
+    """
+    with atomic_file(path, force=force) as tmp:
+        write_safetensors(tmp, tensors, metadata)

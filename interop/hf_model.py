@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from interop import _hf_checkpoint as hf
 from interop._io import InteropError
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.quant import FourBitWeight, Int8Weight
@@ -323,8 +324,6 @@ def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
         return None
     if len(kinds) != 1:
         raise ValueError(f"cannot describe mixed layer formats {sorted(kinds)} with one bitsandbytes config")
-    from interop import hf
-
     (kind,) = kinds
     if kind[0] == "int8":
         out = hf.bnb_quantization_config("int8")
@@ -340,12 +339,8 @@ def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """config.json + ``{module_path: {name: leaf}}`` (``interop.hf.read_checkpoint``, memory-mapped)."""
-    from interop import hf
-
     return hf.read_checkpoint(path, lazy=True)
 
 
 def _write(path: Path, hf_config: dict[str, Any], modules: dict[str, dict[str, Any]], **kw: Any) -> None:
-    from interop import hf
-
     hf.write_checkpoint(path, hf_config, modules, **kw)

@@ -1,6 +1,6 @@
 """interop.hf read/write on real transformers-written checkpoints: byte-identical round trips, transformers
-loads what we write with identical logits, native format, torch .bin, and bad input (clear errors, nothing
-written)."""
+loads what we write with identical logits, the JAX checkpoint format, torch .bin, and bad input (clear errors,
+nothing written)."""
 
 from __future__ import annotations
 
@@ -80,15 +80,15 @@ def test_read_write_round_trip_is_byte_identical_and_loads_in_transformers(root,
 
 
 @pytest.mark.parametrize("variant", ["nf4_dq_bf16storage", "int8"], ids=["nf4_dq_bf16storage", "int8"])
-def test_native_round_trip_sharded_loads_in_transformers(root, tmp_path, variant):
+def test_jax_checkpoint_round_trip_sharded_loads_in_transformers(root, tmp_path, variant):
     src = fx.quantized_dir(root, variant)
-    native = hf.checkpoint_to_jax(src, tmp_path / "native")
-    assert sorted(p.name for p in native.iterdir()) == [
+    jax_dir = hf.checkpoint_to_jax(src, tmp_path / "jax")
+    assert sorted(p.name for p in jax_dir.iterdir()) == [
         "generation_config.json",
         "oftjax_checkpoint.json",
         "weights.safetensors",
     ]
-    back = hf.checkpoint_to_hf(native, tmp_path / "back", max_shard_size="40KB")
+    back = hf.checkpoint_to_hf(jax_dir, tmp_path / "back", max_shard_size="40KB")
     assert (back / "model.safetensors.index.json").is_file()
     assert len(list(back.glob("model-*-of-*.safetensors"))) > 1
     _assert_same_tensors(src, back)
@@ -97,7 +97,7 @@ def test_native_round_trip_sharded_loads_in_transformers(root, tmp_path, variant
     # the sharded directory reads back to the same weights
     _, w1 = hf.read_checkpoint(src)
     _, w2 = hf.read_checkpoint(back)
-    _, w3 = hf.read_jax_checkpoint(native)
+    _, w3 = hf.read_jax_checkpoint(jax_dir)
     for w in (w2, w3):
         assert list(w) == list(w1)
         for m in w1:
@@ -300,7 +300,7 @@ def test_existing_output_needs_force(root, tmp_path):
     assert (dst / "oftjax_checkpoint.json").is_file() and not (dst / "keep.txt").exists()
 
 
-NATIVE_BAD = {
+JAX_CHECKPOINT_BAD = {
     "unknown_meta_key": (lambda m: m.update(extra=1), r"unknown key\(s\) \['extra'\]"),
     "version": (lambda m: m.update(format_version=99), "version 99"),
     "unknown_kind": (
@@ -315,14 +315,14 @@ NATIVE_BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(NATIVE_BAD), ids=list(NATIVE_BAD))
-def test_bad_native_checkpoint_is_refused(root, tmp_path, case):
-    native = hf.checkpoint_to_jax(fx.quantized_dir(root, "nf4"), tmp_path / "native")
-    meta = json.loads((native / "oftjax_checkpoint.json").read_text())
-    NATIVE_BAD[case][0](meta)
-    (native / "oftjax_checkpoint.json").write_text(json.dumps(meta))
-    with pytest.raises(InteropError, match=NATIVE_BAD[case][1]):
-        hf.checkpoint_to_hf(native, tmp_path / "back")
+@pytest.mark.parametrize("case", list(JAX_CHECKPOINT_BAD), ids=list(JAX_CHECKPOINT_BAD))
+def test_bad_jax_checkpoint_is_refused(root, tmp_path, case):
+    jax_dir = hf.checkpoint_to_jax(fx.quantized_dir(root, "nf4"), tmp_path / "jax")
+    meta = json.loads((jax_dir / "oftjax_checkpoint.json").read_text())
+    JAX_CHECKPOINT_BAD[case][0](meta)
+    (jax_dir / "oftjax_checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(InteropError, match=JAX_CHECKPOINT_BAD[case][1]):
+        hf.checkpoint_to_hf(jax_dir, tmp_path / "back")
     assert not (tmp_path / "back").exists()
 
 
@@ -346,7 +346,7 @@ def test_our_safetensors_files_read_in_the_official_library(root, tmp_path):
     for k, v in f32.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v)
     # interop._io's reader falls back to ml_dtypes for bf16 (safetensors.numpy cannot build bf16 arrays)
-    from interop._io import read_safetensors
+    from interop._safetensors import read_safetensors
 
     lm = read_safetensors(out / "model.safetensors", ["lm_head.weight"])["lm_head.weight"]
     assert lm.dtype == ml_dtypes.bfloat16 and lm.tobytes() == weights["lm_head"]["weight"].tobytes()

@@ -1,7 +1,8 @@
-"""PEFT adapter files without torch: round trips, old formats, bad input (interop/peft.py, _peft_format.py).
+"""PEFT adapter files without torch: round trips, old formats, bad input (interop/_peft_files.py,
+_peft_format.py, _jax_adapter_format.py).
 
-Files here are written byte-for-byte as PEFT writes them (keys, shapes, JSON fields from
-notes/peft-oft-reference.md §4); tests/parity/test_adapter_attach_parity.py uses files saved by real PEFT.
+Files here are written byte-for-byte as PEFT writes them (keys, shapes, JSON fields: docs/peft-oft.md,
+"Adapter files"); tests/parity/test_adapter_attach_parity.py uses files saved by real PEFT.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def test_bf16_tensors_round_trip(tmp_path):
         np.testing.assert_array_equal(back[k].view(np.uint16), tensors[k].view(np.uint16))
 
 
-def test_native_round_trip_with_subfolder_adapter(tmp_path):
+def test_jax_adapter_round_trip_with_subfolder_adapter(tmp_path):
     src = _write_raw(
         tmp_path / "src",
         _peft_config(bias="oft_only"),
@@ -123,12 +124,12 @@ def test_native_round_trip_with_subfolder_adapter(tmp_path):
     _write_raw(src / "other", other_cfg, {f"{P}lin0.oft_R.weight": np.full((1, 1), 0.5, np.float32)})
     assert peft.list_adapters(src) == ["default", "other"]
 
-    peft.adapter_to_jax(src, tmp_path / "native")
-    adapters, _ = peft.read_jax_adapter(tmp_path / "native")
+    peft.adapter_to_jax(src, tmp_path / "jax")
+    adapters, _ = peft.read_jax_adapter(tmp_path / "jax")
     assert sorted(adapters["default"][1]) == ["lin0.bias", "lin0.oft_R.default", "lin1.oft_R.default"]
     assert sorted(adapters["other"][1]) == ["lin0.oft_R.other"]
 
-    peft.adapter_to_peft(tmp_path / "native", tmp_path / "back")
+    peft.adapter_to_peft(tmp_path / "jax", tmp_path / "back")
     for name in ("default", "other"):
         c1, t1 = peft.read_adapter(src, name)
         c2, t2 = peft.read_adapter(tmp_path / "back", name)
@@ -323,13 +324,13 @@ def test_existing_output_without_force_writes_nothing(tmp_path):
         peft.read_adapter(out)[1][f"{P}lin0.oft_R.weight"], changed[f"{P}lin0.oft_R.weight"]
     )
 
-    native = tmp_path / "native"
-    native.mkdir()
-    with pytest.raises(FileExistsError, match="native: exists"):
-        peft.adapter_to_jax(out, native)
-    assert list(native.iterdir()) == []
+    jax_dir = tmp_path / "jax"
+    jax_dir.mkdir()
+    with pytest.raises(FileExistsError, match="jax: exists"):
+        peft.adapter_to_jax(out, jax_dir)
+    assert list(jax_dir.iterdir()) == []
     with pytest.raises(FileExistsError, match="exists"):
-        peft.adapter_to_peft(native, out)
+        peft.adapter_to_peft(jax_dir, out)
     assert _snapshot(out) != before  # the forced write above, untouched by the refused conversion
 
 
@@ -340,32 +341,32 @@ def test_invalid_tensors_write_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_native_bad_format_version(tmp_path):
+def test_jax_adapter_bad_format_version(tmp_path):
     src = _write_raw(tmp_path / "src", _peft_config(), _tensors())
-    peft.adapter_to_jax(src, tmp_path / "native")
-    meta_path = tmp_path / "native" / "oftjax_adapter.json"
+    peft.adapter_to_jax(src, tmp_path / "jax")
+    meta_path = tmp_path / "jax" / "oftjax_adapter.json"
     meta = json.loads(meta_path.read_text())
     meta["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(InteropError, match="oftjax_adapter.json: 'format_version' is 99"):
-        peft.adapter_to_peft(tmp_path / "native", tmp_path / "back")
+        peft.adapter_to_peft(tmp_path / "jax", tmp_path / "back")
     assert not (tmp_path / "back").exists()
 
 
-def test_native_missing_tensor(tmp_path):
+def test_jax_adapter_missing_tensor(tmp_path):
     src = _write_raw(tmp_path / "src", _peft_config(), _tensors())
-    peft.adapter_to_jax(src, tmp_path / "native")
+    peft.adapter_to_jax(src, tmp_path / "jax")
     save_file(
         {"lin0.oft_R.default": np.zeros((2, 10), np.float32)},
-        str(tmp_path / "native" / "oftjax_adapter.safetensors"),
+        str(tmp_path / "jax" / "oftjax_adapter.safetensors"),
     )
     with pytest.raises(InteropError, match=r"missing tensor key\(s\) \['lin1.oft_R.default'\]"):
-        peft.adapter_to_peft(tmp_path / "native", tmp_path / "back")
+        peft.adapter_to_peft(tmp_path / "jax", tmp_path / "back")
 
 
 def test_atomic_save_safetensors_keeps_scalar_shape(tmp_path):
     """A 0-d tensor (bnb's int8 ``weight_format``) stays 0-d through the atomic writer."""
-    from interop._io import atomic_save_safetensors, read_safetensors
+    from interop._safetensors import atomic_save_safetensors, read_safetensors
 
     path = tmp_path / "t.safetensors"
     atomic_save_safetensors(

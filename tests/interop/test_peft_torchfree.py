@@ -38,8 +38,8 @@ SCRIPT = textwrap.dedent(
     src, work = sys.argv[1], sys.argv[2]
     config, tensors = peft.read_adapter(src)
     peft.write_adapter(work + "/copy", config, tensors)
-    peft.adapter_to_jax(src, work + "/native")
-    peft.adapter_to_peft(work + "/native", work + "/back")
+    peft.adapter_to_jax(src, work + "/jax")
+    peft.adapter_to_peft(work + "/jax", work + "/back")
 
     class MLP(nnx.Module):
         def __init__(self, rngs):
