@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from interop import bnb
-from interop._hf_config import bnb_quantization_config as bnb_quantization_config
+from interop._hf_config import bnb_quantization_config as bnb_quantization_config  # for interop.hf_model
 from interop._hf_config import check_weights_match_config, validate_quantization_config
 from interop._io import InteropError, atomic_write_bytes, output_dir, read_json
 from interop._safetensors import LazyTensor, SafetensorsFile, total_nbytes, write_safetensors
@@ -44,7 +44,12 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def natural_key(name: str) -> list[Any]:
-    """Sort key putting ``layers.2`` before ``layers.10``."""
+    """Sort key putting ``layers.2`` before ``layers.10``.
+
+    Example:
+      >>> sorted(["layers.10.mlp", "layers.2.mlp"], key=natural_key)
+      ['layers.2.mlp', 'layers.10.mlp']
+    """
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
@@ -191,8 +196,14 @@ def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dic
         state, unknown quant types, unknown quantization_config keys... naming the file and key.
 
     Example:
-      >>> config, weights = read_checkpoint("llama-nf4")  # doctest: +SKIP
-      >>> weights["model.layers.0.self_attn.q_proj"]["weight"].quant_type  # doctest: +SKIP
+      >>> import tempfile
+      >>> from oftjax import quant
+      >>> config = {"quantization_config": bnb_quantization_config("4bit", quant_type="nf4")}
+      >>> q = quant.quantize_4bit(np.ones((4, 64), np.float32), quant_type="nf4")
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     _ = write_checkpoint(Path(tmp) / "hf", config, {"model.layers.0.mlp.up_proj": {"weight": q}})
+      ...     config, weights = read_checkpoint(Path(tmp) / "hf")
+      >>> weights["model.layers.0.mlp.up_proj"]["weight"].quant_type
       'nf4'
     """
     path = Path(path)
@@ -216,7 +227,12 @@ def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dic
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes of ``5GB`` (10^9), ``2GiB`` (2^30), ``500MB``, ``100KB`` or an int."""
+    """Bytes of ``5GB`` (10^9), ``2GiB`` (2^30), ``500MB``, ``100KB`` or an int.
+
+    Example:
+      >>> parse_size("5GB"), parse_size("2GiB"), parse_size(1000)
+      (5000000000, 2147483648, 1000)
+    """
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
@@ -257,8 +273,13 @@ def write_torch_state_dict(path: str | os.PathLike, weights: Weights, *, force: 
     with ``torch.load(path, weights_only=True)``. Written atomically (temporary file, then rename).
 
     Example:
-      >>> config, weights = read_checkpoint("llama-nf4")  # doctest: +SKIP
-      >>> write_torch_state_dict("llama-nf4/pytorch_model.bin", weights)  # doctest: +SKIP
+      >>> import tempfile
+      >>> import torch
+      >>> weights = {"lm_head": {"weight": np.ones((2, 3), np.float32)}}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     path = write_torch_state_dict(Path(tmp) / "pytorch_model.bin", weights)
+      ...     torch.load(path, weights_only=True)["lm_head.weight"].shape
+      torch.Size([2, 3])
     """
     try:
         import torch  # lazily: only this writer needs torch
@@ -298,7 +319,8 @@ def _shards(tensors: dict[str, Any], max_bytes: int) -> list[dict[str, Any]]:
     return shards
 
 
-def _progress(total: int, enabled: bool, desc: str) -> Any:
+def progress_bar(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar counting ``total`` bytes (disabled unless ``enabled``)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, desc=desc)
@@ -309,7 +331,7 @@ def write_tensors_sharded(
 ) -> None:
     shards = _shards(tensors, parse_size(max_shard_size))
     total = total_nbytes(tensors.values())
-    with _progress(total, progress, desc) as bar:
+    with progress_bar(total, progress, desc) as bar:
         if len(shards) == 1:
             write_safetensors(dst / SAFETENSORS, shards[0], on_bytes=bar.update)
             return
@@ -358,8 +380,13 @@ def write_checkpoint(
       extra_files: output name -> file to copy verbatim (tokenizer files, generation_config.json...).
 
     Example:
-      >>> config, weights = read_checkpoint("llama-nf4")  # doctest: +SKIP
-      >>> write_checkpoint("llama-nf4-copy", config, weights)  # doctest: +SKIP
+      >>> import tempfile
+      >>> weights = {f"layers.{i}": {"weight": np.zeros((256, 256), np.float32)} for i in range(3)}
+      >>> with tempfile.TemporaryDirectory() as tmp:  # three tensors of 262 kB, shards of at most 300 kB
+      ...     path = write_checkpoint(Path(tmp) / "hf", {}, weights, max_shard_size="300KB")
+      ...     sorted(p.name for p in path.iterdir())  # doctest: +NORMALIZE_WHITESPACE
+      ['config.json', 'model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors',
+       'model-00003-of-00003.safetensors', 'model.safetensors.index.json']
     """
     path = Path(path)
     check_weights_match_config(config, weights, where=str(path / CONFIG))
@@ -394,9 +421,3 @@ def extra_files_of(src: Path, skip: tuple[str, ...]) -> dict[str, Path]:
             continue
         out[f.name] = f
     return out
-
-
-def iter_leaves(weights: Weights) -> Iterator[tuple[str, str, Leaf]]:
-    for module, params in weights.items():
-        for name, leaf in params.items():
-            yield module, name, leaf

@@ -1,7 +1,7 @@
 """The ``quantization_config`` of an HF config.json for bitsandbytes checkpoints: validation and construction.
 
 Keys and defaults follow transformers 5.24 ``BitsAndBytesConfig.to_dict()``
-(``utils/quantization_config.py``); notes/bitsandbytes-formats.md §2.3.
+(``utils/quantization_config.py``); docs/bitsandbytes-formats.md, "Serialized layout".
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ Reading validates everything a bnb checkpoint read validates (the layers go thro
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,11 +29,11 @@ from interop._hf_checkpoint import (
     CONFIG,
     DEFAULT_MAX_SHARD_SIZE,
     Weights,
-    _progress,
     check_weights_match_config,
     copy_extra_files,
     extra_files_of,
     materialize,
+    progress_bar,
     read_checkpoint,
     write_checkpoint,
 )
@@ -81,8 +82,21 @@ def write_jax_checkpoint(
 ) -> Path:
     """Write ``(config, weights)`` (as ``read_checkpoint`` returns them) as a JAX checkpoint directory.
 
+    Args:
+      path: the output directory; must not exist unless ``force``.
+      config: the source config.json (needs a bnb ``quantization_config`` when weights are quantized).
+      weights: ``{module_path: {param_name: leaf}}``; lazy leaves are copied file to file.
+      force: replace an existing ``path``.
+      progress: show a tqdm bar (bytes written).
+      extra_files: output name -> file to copy verbatim (tokenizer files...).
+
     Example:
-      >>> write_jax_checkpoint("llama-nf4-jax", *read_checkpoint("llama-nf4", lazy=True))  # doctest: +SKIP
+      >>> import tempfile
+      >>> weights = {"lm_head": {"weight": np.ones((2, 3), np.float32)}}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     path = write_jax_checkpoint(Path(tmp) / "jax", {"model_type": "llama"}, weights)
+      ...     sorted(p.name for p in path.iterdir())
+      ['oftjax_checkpoint.json', 'weights.safetensors']
     """
     path = Path(path)
     check_weights_match_config(config, weights, where=str(path / META))
@@ -98,10 +112,8 @@ def write_jax_checkpoint(
             tensors.update(t)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": dict(config), "modules": modules}
     with output_dir(path, force=force) as tmp:
-        with _progress(total_nbytes(tensors.values()), progress, path.name) as bar:
+        with progress_bar(total_nbytes(tensors.values()), progress, path.name) as bar:
             write_safetensors(tmp / DATA, tensors, metadata={"format": FORMAT}, on_bytes=bar.update)
-        import json
-
         try:
             text = json.dumps(meta, indent=2)
         except TypeError as e:
@@ -166,8 +178,21 @@ def _leaf(spec: Any, f: SafetensorsFile, where: str, module: str) -> Any:
 def read_jax_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, Any], Weights]:
     """Read a JAX checkpoint directory into ``(config, weights)`` (the structure of ``read_checkpoint``).
 
+    Raises:
+      InteropError: a missing or corrupt file, another format or version, an unknown key, a tensor that is
+        not described (or described but absent), or a quantized layer ``interop.bnb`` refuses.
+
     Example:
-      >>> config, weights = read_jax_checkpoint("llama-nf4-jax")  # doctest: +SKIP
+      >>> import tempfile
+      >>> from interop._hf_config import bnb_quantization_config
+      >>> from oftjax import quant
+      >>> config = {"quantization_config": bnb_quantization_config("int8")}
+      >>> weights = {"lin": {"weight": quant.quantize_int8(np.ones((2, 3), np.float32))}}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     _ = write_jax_checkpoint(Path(tmp) / "jax", config, weights)
+      ...     _, back = read_jax_checkpoint(Path(tmp) / "jax")
+      >>> back["lin"]["weight"].CB.tolist()
+      [[127, 127, 127], [127, 127, 127]]
     """
     path = Path(path)
     meta = read_json(path / META)
@@ -215,7 +240,14 @@ def checkpoint_to_jax(
     complete.
 
     Example:
-      >>> checkpoint_to_jax("llama-nf4", "llama-nf4-jax")  # doctest: +SKIP
+      >>> import tempfile
+      >>> weights = {"lm_head": {"weight": np.ones((2, 3), np.float32)}}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     _ = write_checkpoint(Path(tmp) / "hf", {"model_type": "llama"}, weights)
+      ...     _ = (Path(tmp) / "hf" / "tokenizer.json").write_text("{}")
+      ...     jax_dir = checkpoint_to_jax(Path(tmp) / "hf", Path(tmp) / "jax")
+      ...     sorted(p.name for p in jax_dir.iterdir())
+      ['oftjax_checkpoint.json', 'tokenizer.json', 'weights.safetensors']
     """
     src = Path(src)
     config, weights = read_checkpoint(src, lazy=True)
@@ -233,8 +265,16 @@ def checkpoint_to_hf(
 ) -> Path:
     """Convert a JAX checkpoint directory back to an HF directory that transformers loads.
 
+    Other files of ``src`` (tokenizer...) are copied; shards are cut at ``max_shard_size`` (``"5GB"``).
+
     Example:
-      >>> checkpoint_to_hf("llama-nf4-jax", "llama-nf4-hf")  # doctest: +SKIP
+      >>> import tempfile
+      >>> weights = {"lm_head": {"weight": np.ones((2, 3), np.float32)}}
+      >>> with tempfile.TemporaryDirectory() as tmp:
+      ...     jax_dir = write_jax_checkpoint(Path(tmp) / "jax", {"model_type": "llama"}, weights)
+      ...     hf_dir = checkpoint_to_hf(jax_dir, Path(tmp) / "hf")
+      ...     sorted(p.name for p in hf_dir.iterdir())
+      ['config.json', 'model.safetensors']
     """
     src = Path(src)
     config, weights = read_jax_checkpoint(src, lazy=True)

@@ -1,8 +1,8 @@
 """PEFT OFT adapter files as plain data: config keys, tensor keys, format versions (numpy only).
 
 The one place where PEFT's external names are translated. Reference: PEFT 0.21.2
-``tuners/oft/{config,layer,model}.py`` and ``utils/save_and_load.py``, and the file format history in
-``../shared/notes/peft-oft-reference.md`` §1 and §4:
+``tuners/oft/{config,layer,model}.py`` and ``utils/save_and_load.py``; the file format and its history are in
+docs/peft-oft.md, "Adapter files" and "Versions of the OFT parameterization":
 
 | PEFT        | tensors                                         | how we read it                          |
 |-------------|-------------------------------------------------|-----------------------------------------|
@@ -221,6 +221,29 @@ def is_v015(tensors: Mapping[str, np.ndarray]) -> bool:
     return bool(_old_keys(tensors))
 
 
+def _check_unit_scale(key: str, array: np.ndarray, source: Path) -> None:
+    """A 0.14-0.15 ``oft_s`` converts only when it is all ones (the current format has no output scale)."""
+    deviation = np.abs(np.asarray(array, dtype=np.float64) - 1.0)
+    if np.any(deviation != 0):
+        raise InteropError(
+            f"{source}: {key!r}: PEFT 0.14-0.15 output scale oft_s differs from 1 "
+            f"(max |s-1| = {float(np.max(deviation)):.3g}); "
+            "the current OFT format has no per-output scale, so this adapter cannot be converted "
+            "exactly. Use PEFT <= 0.15.2 to run it, or merge it into the base weights there."
+        )
+
+
+def _vec_of_v015(key: str, array: np.ndarray, source: Path) -> np.ndarray:
+    """The current ``[r, b(b-1)/2]`` vector of a 0.14-0.15 ``oft_r`` ``[r, b, b]``: ``Q = (D - D^T)/2`` above
+    its diagonal, in ``triu_indices`` order."""
+    if array.ndim != 3 or array.shape[1] != array.shape[2]:
+        raise InteropError(f"{source}: {key!r} has shape {list(array.shape)}; expected [r, b, b] (PEFT 0.15)")
+    D = np.asarray(array, dtype=np.float64)
+    Q = 0.5 * (D - np.swapaxes(D, 1, 2))
+    rows, cols = np.triu_indices(array.shape[1], 1)
+    return Q[:, rows, cols].astype(array.dtype)
+
+
 def convert_v015(
     config_raw: Mapping[str, Any], tensors: Mapping[str, np.ndarray], source: Path
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -247,28 +270,11 @@ def convert_v015(
         m = _OLD_RE.match(rest)
         if m is None:
             out[key] = array
-            continue
-        module, kind = m["path"], m["kind"]
-        if kind == "oft_s":
-            if not np.all(np.asarray(array, dtype=np.float64) == 1.0):
-                worst = float(np.max(np.abs(np.asarray(array, dtype=np.float64) - 1.0)))
-                raise InteropError(
-                    f"{source}: {key!r}: PEFT 0.14-0.15 output scale oft_s differs from 1 "
-                    f"(max |s-1| = {worst:.3g}); "
-                    "the current OFT format has no per-output scale, so this adapter cannot be converted "
-                    "exactly. Use PEFT <= 0.15.2 to run it, or merge it into the base weights there."
-                )
-            seen_s.add(module)
-            continue
-        if array.ndim != 3 or array.shape[1] != array.shape[2]:
-            raise InteropError(
-                f"{source}: {key!r} has shape {list(array.shape)}; expected [r, b, b] (PEFT 0.15)"
-            )
-        D = np.asarray(array, dtype=np.float64)
-        Q = 0.5 * (D - np.swapaxes(D, 1, 2))
-        rows, cols = np.triu_indices(array.shape[1], 1)
-        vec = Q[:, rows, cols].astype(array.dtype)
-        out[f"{PEFT_PREFIX}{module}.oft_R.weight"] = vec
+        elif m["kind"] == "oft_s":
+            _check_unit_scale(key, array, source)
+            seen_s.add(m["path"])
+        else:
+            out[f"{PEFT_PREFIX}{m['path']}.oft_R.weight"] = _vec_of_v015(key, array, source)
     rotated = {parse.module for parse in _old_keys(tensors) if parse.kind == "oft_r"}
     missing_s = sorted(rotated - seen_s)
     if missing_s:

@@ -2,7 +2,7 @@
 
 One quantized linear layer is a handful of tensors under its module prefix (bitsandbytes 0.50.2,
 ``Linear4bit._save_to_state_dict`` + ``QuantState.as_dict(packed=True)``, ``Linear8bitLt``'s;
-notes/bitsandbytes-formats.md §2):
+docs/bitsandbytes-formats.md, "Serialized layout"):
 
   * 4-bit: ``weight`` (packed bytes in the quant_storage dtype, ``[ceil(n/2)/itemsize, 1]``),
     ``weight.absmax``, ``weight.quant_map`` (the 16-entry NF4/FP4 code), with double quantization also
@@ -18,10 +18,11 @@ float32 offset printed as a Python float, which round-trips exactly). The code t
 pytree: they are checked bit for bit against ``oftjax.quant.NF4/FP4/DYNAMIC`` on reading and written back
 from them.
 
-Refused, with the reason (notes §8.3, §8.14): the layouts bitsandbytes writes after its AVX512-BF16 CPU
-repacking (2-D or bf16 ``absmax``, ``nested_dtype`` bfloat16: they reload silently but dequantize to garbage
-or lossily), legacy tiled int8 ``weight_format`` != 0, non-standard code tables, shapes that disagree with the
-JSON, unknown quant types or JSON keys.
+Refused, with the reason: the layouts bitsandbytes writes after its AVX512-BF16 CPU repacking (2-D or bf16
+``absmax``, ``nested_dtype`` bfloat16: they reload silently but dequantize to garbage or lossily;
+docs/bitsandbytes-formats.md, "bitsandbytes CPU defects"), legacy tiled int8 ``weight_format`` != 0
+("Serialized layout" there), non-standard code tables, shapes that disagree with the JSON, unknown quant types
+or JSON keys.
 
 Leaves may be numpy arrays, jax arrays, or ``LazyTensor``s of an open safetensors file (the checkpoint
 readers use those to stream): only the small tensors (code tables, JSON, offset) are read to validate a layer.
@@ -139,113 +140,135 @@ def _parse_quant_state(blob: np.ndarray, key: str) -> dict[str, Any]:
     return qs
 
 
-def _read_4bit(sd: Mapping[str, Any], p: str) -> FourBitWeight:
-    keys = set(sd.keys())
-    qs_key = _quant_state_key(keys, p)
-    qs = _parse_quant_state(_load(sd[qs_key]), qs_key)
+_REPACKED = (
+    "bitsandbytes wrote this layer after its AVX512-BF16 CPU repacking (docs/bitsandbytes-formats.md, "
+    '"bitsandbytes CPU defects"), '
+)
+_RESAVE = (
+    "; re-save it from a model that never ran an eval forward on the CPU, or with "
+    "support_avx512bf16_for_cpu=False"
+)
+
+
+def _check_quant_state(qs: Mapping[str, Any], key: str) -> tuple[str, int, tuple[int, ...], np.dtype]:
+    """``(quant_type, blocksize, shape, dtype)`` of a parsed quant_state JSON, each checked."""
     quant_type = qs["quant_type"]
-    _check(quant_type in _CODES, qs_key, f"unknown quant_type {quant_type!r}: expected 'nf4' or 'fp4'")
-    _check(qs_key.endswith("__" + quant_type), qs_key, f"key suffix disagrees with quant_type {quant_type!r}")
+    _check(quant_type in _CODES, key, f"unknown quant_type {quant_type!r}: expected 'nf4' or 'fp4'")
+    _check(key.endswith("__" + quant_type), key, f"key suffix disagrees with quant_type {quant_type!r}")
     blocksize = qs["blocksize"]
-    _check(blocksize in BLOCKSIZES, qs_key, f"blocksize {blocksize!r} not one of {BLOCKSIZES}")
+    _check(blocksize in BLOCKSIZES, key, f"blocksize {blocksize!r} not one of {BLOCKSIZES}")
     shape = qs["shape"]
     _check(
         isinstance(shape, list) and len(shape) >= 1 and all(isinstance(s, int) and s > 0 for s in shape),
-        qs_key,
+        key,
         f"shape {shape!r} is not a list of positive ints",
     )
-    dtype = dtype_from_name(qs["dtype"], where=f"tensor {qs_key!r}: ")
-    n = math.prod(shape)
-    nb = -(-n // blocksize)
+    return quant_type, blocksize, tuple(shape), dtype_from_name(qs["dtype"], where=f"tensor {key!r}: ")
 
-    wkey = p + "weight"
-    weight = _require(sd, wkey)
+
+def _check_packed(sd: Mapping[str, Any], p: str, shape: tuple[int, ...]) -> Any:
+    """The packed ``weight``: ``ceil(n/2)`` bytes viewed as the quant_storage dtype, shape ``[.., 1]``."""
+    key = p + "weight"
+    weight = _require(sd, key)
     storage = np.dtype(weight.dtype)
-    nbytes = -(-n // 2)
+    nbytes = -(-math.prod(shape) // 2)
     _check(
         nbytes % storage.itemsize == 0 and tuple(weight.shape) == (nbytes // storage.itemsize, 1),
-        wkey,
-        f"{storage}{list(weight.shape)} disagrees with the quant_state shape {shape} "
+        key,
+        f"{storage}{list(weight.shape)} disagrees with the quant_state shape {list(shape)} "
         f"(expected [{nbytes}/{storage.itemsize}, 1] packed values)",
     )
+    return weight
 
-    qm_key = p + "weight.quant_map"
-    qm = _load(_require(sd, qm_key))
+
+def _check_code_table(sd: Mapping[str, Any], key: str, expected: np.ndarray, what: str) -> None:
+    table = _load(_require(sd, key))
     _check(
-        qm.dtype == np.float32 and qm.shape == (16,) and qm.tobytes() == _CODES[quant_type].tobytes(),
-        qm_key,
-        f"not bitsandbytes' standard {quant_type} code table (float32 [16], bit for bit)",
+        table.dtype == np.float32 and table.shape == expected.shape and table.tobytes() == expected.tobytes(),
+        key,
+        f"not bitsandbytes' {what} (float32 {list(expected.shape)}, bit for bit)",
     )
 
-    am_key = p + "weight.absmax"
-    absmax = _require(sd, am_key)
-    nested = "nested_offset" in qs or "nested_blocksize" in qs or "nested_dtype" in qs
+
+def _check_absmax(sd: Mapping[str, Any], p: str, n: int, blocksize: int) -> Any:
+    """``weight.absmax``: one entry per block, 1-D (its dtype depends on double quantization)."""
+    key = p + "weight.absmax"
+    absmax = _require(sd, key)
     _check(
         len(absmax.shape) == 1,
-        am_key,
-        f"shape {list(absmax.shape)} is not 1-D: bitsandbytes wrote this layer after its AVX512-BF16 CPU "
-        "repacking, which transposes absmax and dequantizes to garbage (notes §8.3); re-save it from a model "
-        "that never ran an eval forward on the CPU, or with support_avx512bf16_for_cpu=False",
+        key,
+        f"shape {list(absmax.shape)} is not 1-D: {_REPACKED}which transposes absmax and dequantizes to "
+        f"garbage{_RESAVE}",
     )
-    _check(absmax.shape[0] == nb, am_key, f"length {absmax.shape[0]} != ceil({n}/{blocksize}) = {nb} blocks")
-    nested_absmax = offset = None
-    if nested:
-        missing = [k for k in ("nested_blocksize", "nested_dtype", "nested_offset") if k not in qs]
-        _check(not missing, qs_key, f"quant_state JSON lacks {missing}")
-        _check(
-            qs["nested_dtype"] == "float32",
-            qs_key,
-            f"nested_dtype {qs['nested_dtype']!r}: only 'float32' is supported; 'bfloat16' is what "
-            "bitsandbytes writes after its AVX512-BF16 CPU repacking, a lossy re-quantization of absmax "
-            "(notes §8.3)",
-        )
-        _check(
-            qs["nested_blocksize"] == NESTED_BLOCKSIZE,
-            qs_key,
-            f"nested_blocksize {qs['nested_blocksize']!r} != {NESTED_BLOCKSIZE}",
-        )
-        off = qs["nested_offset"]
-        _check(
-            isinstance(off, (int, float)) and math.isfinite(off), qs_key, f"nested_offset {off!r} not finite"
-        )
-        _check(
-            np.dtype(absmax.dtype) == np.uint8,
-            am_key,
-            f"expected uint8 codes (double quant), got {absmax.dtype}",
-        )
-        na_key = p + "weight.nested_absmax"
-        nested_absmax = _require(sd, na_key)
-        nb2 = -(-nb // NESTED_BLOCKSIZE)
-        _check(
-            np.dtype(nested_absmax.dtype) == np.float32 and tuple(nested_absmax.shape) == (nb2,),
-            na_key,
-            f"expected float32 [{nb2}], got {nested_absmax.dtype}{list(nested_absmax.shape)}",
-        )
-        nq_key = p + "weight.nested_quant_map"
-        nq = _load(_require(sd, nq_key))
-        _check(
-            nq.dtype == np.float32 and nq.shape == (256,) and nq.tobytes() == DYNAMIC.tobytes(),
-            nq_key,
-            "not bitsandbytes' dynamic map (float32 [256], bit for bit)",
-        )
-        offset = np.asarray(off, dtype=np.float32)  # float64 repr of a float32: the cast is exact
+    nb = -(-n // blocksize)
+    _check(absmax.shape[0] == nb, key, f"length {absmax.shape[0]} != ceil({n}/{blocksize}) = {nb} blocks")
+    return absmax
+
+
+def _read_nested(
+    sd: Mapping[str, Any], p: str, qs: Mapping[str, Any], qs_key: str, absmax: Any
+) -> tuple[Any, np.ndarray]:
+    """``(nested_absmax, offset)`` of a double-quantized layer, after checking its JSON fields and tensors."""
+    missing = [k for k in ("nested_blocksize", "nested_dtype", "nested_offset") if k not in qs]
+    _check(not missing, qs_key, f"quant_state JSON lacks {missing}")
+    _check(
+        qs["nested_dtype"] == "float32",
+        qs_key,
+        f"nested_dtype {qs['nested_dtype']!r}: only 'float32' is supported; 'bfloat16' means {_REPACKED}a "
+        f"lossy re-quantization of absmax{_RESAVE}",
+    )
+    _check(
+        qs["nested_blocksize"] == NESTED_BLOCKSIZE,
+        qs_key,
+        f"nested_blocksize {qs['nested_blocksize']!r} != {NESTED_BLOCKSIZE}",
+    )
+    off = qs["nested_offset"]
+    _check(isinstance(off, (int, float)) and math.isfinite(off), qs_key, f"nested_offset {off!r} not finite")
+    am_key = p + "weight.absmax"
+    _check(
+        np.dtype(absmax.dtype) == np.uint8, am_key, f"expected uint8 codes (double quant), got {absmax.dtype}"
+    )
+    na_key = p + "weight.nested_absmax"
+    nested_absmax = _require(sd, na_key)
+    nb2 = -(-absmax.shape[0] // NESTED_BLOCKSIZE)
+    _check(
+        np.dtype(nested_absmax.dtype) == np.float32 and tuple(nested_absmax.shape) == (nb2,),
+        na_key,
+        f"expected float32 [{nb2}], got {nested_absmax.dtype}{list(nested_absmax.shape)}",
+    )
+    _check_code_table(sd, p + "weight.nested_quant_map", DYNAMIC, "dynamic map")
+    return nested_absmax, np.asarray(off, dtype=np.float32)  # float64 repr of a float32: the cast is exact
+
+
+def _check_not_nested(sd: Mapping[str, Any], p: str, absmax: Any) -> None:
+    for suffix in ("weight.nested_absmax", "weight.nested_quant_map"):
+        _check(p + suffix not in sd, p + suffix, "present but the quant_state JSON has no nested_* fields")
+    _check(
+        np.dtype(absmax.dtype) == np.float32,
+        p + "weight.absmax",
+        f"dtype {absmax.dtype}: expected float32; a bf16 absmax means {_REPACKED}and it dequantizes to "
+        f"garbage{_RESAVE}",
+    )
+
+
+def _read_4bit(sd: Mapping[str, Any], p: str) -> FourBitWeight:
+    qs_key = _quant_state_key(set(sd.keys()), p)
+    qs = _parse_quant_state(_load(sd[qs_key]), qs_key)
+    quant_type, blocksize, shape, dtype = _check_quant_state(qs, qs_key)
+    weight = _check_packed(sd, p, shape)
+    _check_code_table(sd, p + "weight.quant_map", _CODES[quant_type], f"standard {quant_type} code table")
+    absmax = _check_absmax(sd, p, math.prod(shape), blocksize)
+    if any(k in qs for k in ("nested_offset", "nested_blocksize", "nested_dtype")):
+        nested_absmax, offset = _read_nested(sd, p, qs, qs_key, absmax)
     else:
-        for suffix in ("weight.nested_absmax", "weight.nested_quant_map"):
-            _check(
-                p + suffix not in keys, p + suffix, "present but the quant_state JSON has no nested_* fields"
-            )
-        _check(
-            np.dtype(absmax.dtype) == np.float32,
-            am_key,
-            f"dtype {absmax.dtype}: expected float32; a bf16 absmax is what bitsandbytes writes after its "
-            "AVX512-BF16 CPU repacking, and it dequantizes to garbage (notes §8.3)",
-        )
+        _check_not_nested(sd, p, absmax)
+        nested_absmax = offset = None
     return FourBitWeight(
         packed=weight,
         absmax=absmax,
         nested_absmax=nested_absmax,
         offset=offset,
-        shape=tuple(shape),
+        shape=shape,
         dtype=dtype,
         blocksize=blocksize,
         quant_type=quant_type,
@@ -295,8 +318,15 @@ def from_state_dict(sd: Mapping[str, Any], prefix: str, *, dtype: Any = None) ->
         why).
 
     Example:
-      >>> q = from_state_dict(sd, "model.layers.0.self_attn.q_proj")  # doctest: +SKIP
-      >>> to_state_dict(q, "model.layers.0.self_attn.q_proj").keys() == sd_layer.keys()  # doctest: +SKIP
+      >>> import jax
+      >>> from oftjax import quant
+      >>> q = quant.quantize_4bit(np.ones((4, 64), np.float32), quant_type="nf4", compress_statistics=True)
+      >>> sd = to_state_dict(q, "model.layers.0.self_attn.q_proj")
+      >>> back = from_state_dict(sd, "model.layers.0.self_attn.q_proj")
+      >>> back.quant_type, back.blocksize, back.shape, back.compress_statistics
+      ('nf4', 64, (4, 64), True)
+      >>> all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(back)))
+      True
     """
     p = _norm_prefix(prefix)
     kind = layer_kind(sd.keys(), p)
@@ -362,8 +392,11 @@ def to_state_dict(q: Int8Weight | FourBitWeight, prefix: str) -> dict[str, np.nd
       tensor name -> numpy array, the inverse of ``from_state_dict`` (same keys, dtypes and bytes).
 
     Example:
-      >>> sd = to_state_dict(q, "model.layers.0.mlp.down_proj")  # doctest: +SKIP
-      >>> sorted(sd)[0]  # doctest: +SKIP
-      'model.layers.0.mlp.down_proj.weight'
+      >>> from oftjax import quant
+      >>> sd = to_state_dict(quant.quantize_int8(np.ones((2, 3), np.float32)), "model.layers.0.mlp.down_proj")
+      >>> {k: (v.dtype.name, v.shape) for k, v in sd.items()}  # doctest: +NORMALIZE_WHITESPACE
+      {'model.layers.0.mlp.down_proj.weight': ('int8', (2, 3)),
+       'model.layers.0.mlp.down_proj.SCB': ('float32', (2,)),
+       'model.layers.0.mlp.down_proj.weight_format': ('uint8', ())}
     """
     return {k: np.asarray(_load(v)) for k, v in to_entries(q, prefix).items()}

@@ -1,15 +1,16 @@
 """``oftjax convert``: PEFT adapters and bnb HF checkpoints <-> JAX directories, both directions.
 
 Subcommands (each takes ``SRC DST`` and ``--force`` to replace an existing DST):
-  * ``adapter-to-jax``    PEFT OFT adapter dir -> JAX adapter dir     (``interop.peft.adapter_to_jax``)
-  * ``adapter-to-peft``   JAX adapter dir -> PEFT OFT adapter dir     (``interop.peft.adapter_to_peft``)
+  * ``adapter-to-jax``    PEFT OFT adapter dir -> JAX adapter dir  (``interop.peft.adapter_to_jax``)
+  * ``adapter-to-peft``   JAX adapter dir -> PEFT OFT adapter dir  (``interop.peft.adapter_to_peft``)
   * ``checkpoint-to-jax`` HF dir (float / bnb 8-bit / bnb 4-bit) -> JAX checkpoint dir
     (``interop.hf.checkpoint_to_jax``; quantized tensors copied byte for byte, tensor by tensor)
-  * ``checkpoint-to-hf``  JAX checkpoint dir -> HF dir that transformers loads (``--max-shard-size``)
+  * ``checkpoint-to-hf``  JAX checkpoint dir -> HF dir that transformers loads
+    (``interop.hf.checkpoint_to_hf``; ``--max-shard-size``)
 
 Outputs are built in a temporary sibling directory and renamed when complete (nothing is written on error).
-Errors exit with status 1 and one line on stderr, without a traceback. Conversions need numpy + safetensors
-only.
+Errors exit with status 1 and one line on stderr, without a traceback. Conversions rename and copy tensors
+with numpy; torch is never imported.
 
 Wiring: ``add_subparser(subparsers)`` registers ``convert`` and sets ``func`` on the parsed namespace; the
 caller exits with ``args.func(args)``. ``main(argv)`` runs the command alone (tests, ``python -m
@@ -99,7 +100,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """
     parser = subparsers.add_parser(
         "convert",
-        help="convert PEFT adapters and bnb HF checkpoints to and from JAX directories",
+        help="convert PEFT adapters and bnb HF checkpoints to and from JAX adapter/checkpoint directories",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

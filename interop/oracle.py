@@ -3,7 +3,7 @@
 torch, bitsandbytes, peft and transformers are imported lazily here and nowhere else in the library; a missing
 package raises ``OracleUnavailable`` naming it (tests then fail, they never skip).
 
-Traps handled (../shared/DESIGN.md "The oracle on a CPU"; notes/bitsandbytes-formats.md §7-§8):
+Traps handled (docs/oracle.md; docs/bitsandbytes-formats.md, "bitsandbytes CPU defects"):
   * bnb's AVX512-BF16 repacking of ``Linear4bit`` on the first eval forward: ``disable_cpu_repacking``.
   * bnb's CPU 4-bit dequantize bug when K % 16 == 0 and K % blocksize != 0: ``use_default_cpu_dequant``
     re-registers the pure-torch default kernel for the CPU.
@@ -36,7 +36,8 @@ def use_default_cpu_dequant() -> None:
     """Route bnb's CPU ``dequantize_4bit`` to its pure-torch default kernel (idempotent).
 
     bitsandbytes 0.50.2's AVX512 CPU kernel indexes absmax as ``row*(K/bs) + k/bs`` and is wrong whenever
-    blocks cross rows with K % 16 == 0 (notes §8.1, bnb PR #2072). The default kernel is the reference.
+    blocks cross rows with K % 16 == 0 (docs/oracle.md, "bnb's CPU 4-bit dequantize defect"). The default
+    kernel is the reference.
     """
     global _DEQUANT_FIXED
     if _DEQUANT_FIXED:
@@ -65,7 +66,8 @@ def disable_cpu_repacking(model: Any) -> Any:
     """Set ``support_avx512bf16_for_cpu = False`` on every bnb ``Linear4bit`` in ``model``; return it.
 
     Must run before the first forward: otherwise bnb repacks the weight in place, computes in bf16, breaks
-    merges, drops gradients and corrupts later saves (notes §7.1, §8.2-8.3).
+    merges, drops gradients and corrupts later saves (docs/oracle.md, "AVX512-BF16 repacking of
+    ``Linear4bit``").
     """
     bnb = require("bitsandbytes")
     for module in model.modules():
@@ -75,7 +77,7 @@ def disable_cpu_repacking(model: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Causal LMs for `oftjax parity` and the end-to-end tests (helper F)
+# Causal LMs for `oftjax parity` and the end-to-end tests
 
 
 def bnb_config(quant: str, *, double_quant: bool = True, compute_dtype: str = "float32") -> Any:
@@ -117,7 +119,7 @@ def load_causal_lm(
 
     The model is returned in eval mode, except int8 models: those run in train mode (dropout is 0 in these
     configs), the path where bitsandbytes dequantizes and multiplies in float, as oftjax's ``Linear8bit``
-    does; its eval path quantizes activations (LLM.int8, notes §7.2).
+    does; its eval path quantizes activations (LLM.int8; docs/bitsandbytes-formats.md, "int8 paths").
     """
     torch = require("torch")
     transformers = require("transformers")

@@ -1,9 +1,9 @@
 """Real bitsandbytes-quantized HF checkpoints for the interop tests, built once per test session.
 
-A tiny Llama (notes/bitsandbytes-formats.md §2) is saved as bf16, loaded by transformers with a
-``BitsAndBytesConfig`` on the CPU and saved again: that second directory is what transformers writes for a bnb
-checkpoint. transformers 5.24 cannot re-save a pre-quantized model (notes §11), so each variant is quantized
-from the float directory once and copied when a test needs to alter it.
+A tiny Llama is saved as bf16, loaded by transformers with a ``BitsAndBytesConfig`` on the CPU and saved
+again: that second directory is what transformers writes for a bnb checkpoint (docs/bitsandbytes-formats.md,
+"Serialized layout"). transformers 5 cannot re-save a pre-quantized model (docs/oracle.md, "Other traps"),
+so each variant is quantized from the float directory once and copied when a test needs to alter it.
 """
 
 from __future__ import annotations

@@ -237,7 +237,8 @@ def test_refuses_bad_int8_layers(state_dicts, case):
 @pytest.mark.parametrize("variant", ["nf4", "nf4_dq"], ids=["nf4", "nf4_dq"])
 def test_refuses_what_bnb_saves_after_its_cpu_repacking(fixture_root, variant):
     """The real thing: an eval forward on an AVX512-BF16 CPU repacks the weights, and a save after it writes a
-    layout that reloads silently but dequantizes wrongly (notes §8.3). We refuse it with the reason."""
+    layout that reloads silently but dequantizes wrongly (docs/bitsandbytes-formats.md, "bitsandbytes CPU
+    defects"). We refuse it with the reason."""
     model = transformers.LlamaForCausalLM.from_pretrained(
         fx.quantized_dir(fixture_root, variant), device_map="cpu"
     )
