@@ -124,7 +124,12 @@ class ParsedKey:
 
 
 def parse_key(key: str, config: OFTConfig | None, source: Path) -> ParsedKey:
-    """Split a file key ``base_model.model.<module>.<what>``; an unknown key is an InteropError naming it."""
+    """Split a file key ``base_model.model.<module>.<what>``; an unknown key is an InteropError naming it.
+
+    Example:
+        >>> parse_key("base_model.model.model.layers.0.mlp.up_proj.oft_R.weight", None, Path("adapter"))
+        ParsedKey(module='model.layers.0.mlp.up_proj', kind='oft_R', attr='')
+    """
     if not key.startswith(PEFT_PREFIX):
         raise InteropError(f"{source}: tensor key {key!r} does not start with {PEFT_PREFIX!r}")
     rest = key[len(PEFT_PREFIX) :]
@@ -158,7 +163,12 @@ def check_adapter_name(name: str) -> str:
 
 
 def block_size_of(n: int) -> int | None:
-    """``b`` with ``b(b-1)/2 == n`` (b >= 2), or None."""
+    """``b`` with ``b(b-1)/2 == n`` (b >= 2), or None.
+
+    Example:
+        >>> block_size_of(120), block_size_of(121)
+        (16, None)
+    """
     b = (1 + math.isqrt(1 + 8 * n)) // 2
     return b if b >= 2 and b * (b - 1) // 2 == n else None
 

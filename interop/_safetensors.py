@@ -1,4 +1,4 @@
-"""A small safetensors reader and streaming writer in numpy (bf16 via ml_dtypes), for large checkpoints.
+"""The safetensors reader and streaming writer of interop, in numpy (bf16 via ml_dtypes), for every file.
 
 Why not ``safetensors.numpy``: it cannot read bf16 (numpy has no such dtype) and it builds the whole file in
 memory before writing. The format is simple (https://github.com/huggingface/safetensors, "Format"): an 8-byte
