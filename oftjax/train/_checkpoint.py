@@ -43,19 +43,18 @@ def _key(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def _raw(x: Any) -> Any:
     if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    return np.asarray(jax.device_get(x))  # 0-d stays 0-d (np.ascontiguousarray would make it [1])
+        return jax.random.key_data(x)
+    return x
 
 
 def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
-    """``{"0/model/layers/0/...": array}`` for every variable of ``state`` (host numpy)."""
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        value = var.get_value() if isinstance(var, nnx.Variable) else var
-        out[_key(path)] = _to_numpy(value)
-    return out
+    """``{"0/model/layers/0/...": array}`` for every variable of ``state`` (host numpy), fetched at once."""
+    flat = nnx.to_flat_state(state)
+    values = [_raw(var.get_value() if isinstance(var, nnx.Variable) else var) for _, var in flat]
+    # one transfer for all; 0-d stays 0-d (np.ascontiguousarray would make it [1])
+    return {_key(path): np.asarray(v) for (path, _), v in zip(flat, jax.device_get(values), strict=True)}
 
 
 def save_checkpoint(

@@ -27,7 +27,10 @@ class TrainConfig:
         micro-batches and divided by the total number of predicted tokens, so the step equals one big batch.
       seq_len: tokens per sequence.
       seed: data order and any init randomness.
-      log_every, eval_every, save_every: in steps (0 disables eval/save; the last step always saves).
+      log_every: steps per metrics fetch: the training loop reads the device's metrics (and writes them to
+        ``metrics.jsonl`` and the progress bar) once per ``log_every`` steps, so it never waits for the device
+        in between; 0 fetches only at evaluations, checkpoints and the end.
+      eval_every, save_every: in steps (0 disables eval/save; the last step always saves).
       eval_batches: batches in one evaluation (of the held-out split).
     """
 
@@ -44,7 +47,7 @@ class TrainConfig:
     grad_accum: int = 1
     seq_len: int = 128
     seed: int = 0
-    log_every: int = 1
+    log_every: int = 10
     eval_every: int = 0
     save_every: int = 0
     eval_batches: int = 4

@@ -32,9 +32,10 @@ class MetricsLog:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
 
-    def write(self, record: dict) -> None:
+    def write(self, *records: dict) -> None:
+        """Append ``records``, one JSON line each."""
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def plot_loss(

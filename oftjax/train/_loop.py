@@ -1,4 +1,13 @@
-"""The training loop: batches by step, progress bar, metrics, periodic eval and checkpoints, resume."""
+"""The training loop: batches by step, progress bar, metrics, periodic eval and checkpoints, resume.
+
+The loop never waits for the device between steps. Each step's metrics (device scalars) start their copy to
+the host as soon as the step is dispatched and are read together once a window of ``cfg.log_every`` steps is
+complete, or earlier where the loop must wait anyway (an evaluation, a checkpoint, the last step) and after
+the first step of a run (so its compilation is timed alone). Meanwhile the host prepares and dispatches the
+next steps, so the device always has work queued. ``tokens_per_s`` is therefore a window's throughput: its
+tokens divided by the wall time from the end of the previous window to the arrival of its last metrics, the
+same figure on every step of the window.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +54,107 @@ def eval_batches(data: PackedData, cfg: TrainConfig) -> list[dict]:
     ]
 
 
+class _Window:
+    """The steps dispatched since the last fetch, their metrics on their way to the host."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.started = time.perf_counter()
+        self.steps: list[int] = []
+        self.metrics: list[dict[str, jax.Array]] = []
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        for value in metrics.values():
+            value.copy_to_host_async()  # starts the copy; returns at once
+        self.steps.append(step)
+        self.metrics.append(metrics)
+
+    def fetch(self) -> list[dict]:
+        """The window's records (``step`` counted from 1): the one wait for the device in this window."""
+        metrics = jax.device_get(self.metrics)
+        tokens_per_s = self.tokens_per_step * len(self.steps) / (time.perf_counter() - self.started)
+        return [
+            {
+                "step": step + 1,
+                "loss": float(m["loss"]),
+                "lr": float(m["lr"]),
+                "tokens_per_s": tokens_per_s,
+                "grad_norm": float(m["grad_norm"]),
+            }
+            for step, m in zip(self.steps, metrics, strict=True)
+        ]
+
+
+@dataclasses.dataclass
+class _Run:
+    """One ``fit`` call's fixed parts: what the step loop reads and writes besides the steps themselves."""
+
+    trainer: Trainer
+    cfg: TrainConfig
+    data: PackedData
+    evals: list[dict]
+    log: MetricsLog
+    bar: Any
+    output_dir: Path
+    write_adapter: Callable[[Path], None]
+
+    def due(self, done: int, start: int, end: int) -> tuple[bool, bool, bool]:
+        """``(fetch, evaluate, save)`` after step ``done`` (counted from 1) of a run over ``(start, end]``."""
+        cfg = self.cfg
+        evaluate = bool(self.evals) and (
+            bool(cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
+        )
+        save = bool(cfg.save_every and done % cfg.save_every == 0) or done == end
+        window_full = bool(cfg.log_every and done % cfg.log_every == 0)
+        return evaluate or save or window_full or done in (start + 1, end), evaluate, save
+
+    def steps(self, start: int, end: int) -> tuple[list[dict], float | None]:
+        """Run steps ``start`` .. ``end - 1``; return their records and the last evaluation's loss."""
+        cfg, trainer = self.cfg, self.trainer
+        records: list[dict] = []
+        eval_after = None
+        window = _Window(cfg.batch_size * self.data.seq_len)
+        for step in range(start, end):
+            window.add(step, trainer.train_step(batch_at(self.data, step, cfg.batch_size, seed=cfg.seed)))
+            fetch, evaluate, save = self.due(step + 1, start, end)
+            if not fetch:
+                continue
+            arrived = window.fetch()
+            if evaluate:
+                arrived[-1]["eval_loss"] = eval_after = trainer.eval_loss(self.evals)
+            self.log.write(*arrived)
+            records.extend(arrived)
+            self.bar.update(len(arrived))
+            last = arrived[-1]
+            self.bar.set_postfix(
+                loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", refresh=False
+            )
+            if save:
+                save_checkpoint(
+                    self.output_dir,
+                    step + 1,
+                    trainer.state,
+                    trainer.wrt,
+                    config=cfg,
+                    write_adapter=self.write_adapter,
+                )
+            window = _Window(window.tokens_per_step)
+        return records, eval_after
+
+
+def _start_step(trainer: Trainer, log: MetricsLog, output_dir: Path, resume: bool) -> int:
+    """The step to start from: the latest checkpoint's (loaded into ``trainer``) when resuming, else 0."""
+    if resume and (ckpt := latest_checkpoint(output_dir)) is not None:
+        state, meta = restore_train_state(ckpt, trainer.state, trainer.wrt)
+        trainer.load_state(state)
+        start = int(meta["step"])
+        log.truncate(start)
+        return start
+    if log.path.exists():
+        log.truncate(0)
+    return 0
+
+
 def fit(
     model: nnx.Module,
     cfg: TrainConfig,
@@ -67,7 +177,8 @@ def fit(
     the same batches, in the same order, as an uninterrupted run. ``write_adapter(model, dir)`` writes the
     adapter into each checkpoint and, at the end, to ``output_dir/adapter``. ``stop_after=k`` ends the run
     after step k with a checkpoint (an interruption that ``resume=True`` continues; the schedule still spans
-    ``cfg.steps``).
+    ``cfg.steps``). Metrics reach the host, ``metrics.jsonl`` and the progress bar once per ``cfg.log_every``
+    steps (see the module docstring): the loop itself never waits for a step to finish.
 
     Example:
       >>> result = fit(model, TrainConfig(steps=20), data, output_dir="runs/x")  # doctest: +SKIP
@@ -78,14 +189,7 @@ def fit(
     output_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model, cfg, wrt=wrt, mesh=mesh)
     log = MetricsLog(output_dir / "metrics.jsonl")
-    start = 0
-    if resume and (ckpt := latest_checkpoint(output_dir)) is not None:
-        state, meta = restore_train_state(ckpt, trainer.state, trainer.wrt)
-        trainer.load_state(state)
-        start = int(meta["step"])
-        log.truncate(start)
-    elif log.path.exists():
-        log.truncate(0)
+    start = _start_step(trainer, log, output_dir, resume)
     evals = eval_batches(eval_data, cfg) if eval_data is not None and len(eval_data) else []
     eval_before = trainer.eval_loss(evals) if evals and start == 0 else None
 
@@ -93,46 +197,16 @@ def fit(
         if write_adapter is not None:
             write_adapter(trainer.model, path)
 
-    records: list[dict] = []
     t_start = time.perf_counter()
-    tokens_per_batch = cfg.batch_size * train_data.seq_len
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(
-        range(start, end),
-        desc=desc,
-        initial=start,
-        total=cfg.steps,
-        disable=not progress,
-        dynamic_ncols=True,
-        mininterval=1.0,
+        desc=desc, initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True, mininterval=1.0
     )
-    eval_after = None
-    for step in bar:
-        batch = batch_at(train_data, step, cfg.batch_size, seed=cfg.seed)
-        lr = trainer.learning_rate(step)
-        t0 = time.perf_counter()
-        metrics = trainer.train_step(batch)
-        loss = float(metrics["loss"])  # blocks until the step is done
-        dt = time.perf_counter() - t0
-        record = {
-            "step": step + 1,
-            "loss": loss,
-            "lr": lr,
-            "tokens_per_s": tokens_per_batch / dt,
-            "grad_norm": float(metrics["grad_norm"]),
-        }
-        done = step + 1
-        if evals and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-            record["eval_loss"] = eval_after = trainer.eval_loss(evals)
-        log.write(record)
-        records.append(record)
-        if progress and (done % max(cfg.log_every, 1) == 0 or done == cfg.steps):
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-            save_checkpoint(
-                output_dir, done, trainer.state, trainer.wrt, config=cfg, write_adapter=adapter_writer
-            )
-    bar.close()
+    run = _Run(trainer, cfg, train_data, evals, log, bar, output_dir, adapter_writer)
+    try:
+        records, eval_after = run.steps(start, end)
+    finally:
+        bar.close()
     model = trainer.model
     if write_adapter is not None:
         write_adapter(model, output_dir / "adapter")

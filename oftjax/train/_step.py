@@ -73,15 +73,16 @@ def _loss_and_grads(model: nnx.Module, wrt: Any, batch: dict, micro: int):
     return total, count, grads
 
 
-def _train_step(graphdef, wrt, micro: int, state, batch):
+def _train_step(graphdef, wrt, micro: int, schedule: optax.Schedule, state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     total, count, grads = _loss_and_grads(model, wrt, batch, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
+    lr = schedule(optimizer.step.get_value())  # the rate this update uses (the count before it)
     # optax's Adam bias correction (``1 - b1**count``, int count) relies on implicit int->float promotion.
     with jax.numpy_dtype_promotion("standard"), jax.named_scope("optimizer"):
         optimizer.update(model, grads)
-    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": total / denom, "tokens": count, "grad_norm": optax.global_norm(grads), "lr": lr}
     return nnx.state((model, optimizer)), metrics
 
 
@@ -131,7 +132,7 @@ class Trainer:
         self._schedule = make_schedule(cfg)
         graphdef, state = nnx.split((model, self._optimizer))
         self._graphdef = graphdef
-        train = functools.partial(_train_step, graphdef, self.wrt, cfg.grad_accum)
+        train = functools.partial(_train_step, graphdef, self.wrt, cfg.grad_accum, self._schedule)
         evaluate = functools.partial(_eval_step, graphdef)
         if mesh is not None:
             self._shardings = state_shardings(state, mesh)
@@ -156,17 +157,22 @@ class Trainer:
     def train_step(self, batch: dict[str, np.ndarray | jax.Array]) -> dict[str, jax.Array]:
         """One optimizer step on ``batch`` (``input_ids`` [B, T], optional ``loss_mask``/``attention_mask``).
 
-        Returns device scalars ``loss`` (mean over predicted tokens), ``tokens`` and ``grad_norm`` (pre-clip).
+        Returns device scalars ``loss`` (mean over predicted tokens), ``tokens``, ``grad_norm`` (pre-clip) and
+        ``lr`` (the scheduled rate of this update). Nothing waits for the step to finish: the arrays are
+        futures until read.
         """
         self.state, metrics = self._train(self.state, shard_batch(batch, self.mesh))
         self._synced = False
         return metrics
 
     def eval_loss(self, batches: Iterable[dict[str, np.ndarray]]) -> float:
-        """Mean next-token loss over all predicted tokens of ``batches`` (no parameter change)."""
+        """Mean next-token loss over all predicted tokens of ``batches`` (no parameter change).
+
+        All batches are dispatched first and their sums fetched together: one wait for the device.
+        """
+        sums = [self._eval(self.state, shard_batch(batch, self.mesh)) for batch in batches]
         total, count = 0.0, 0.0
-        for batch in batches:
-            t, c = self._eval(self.state, shard_batch(batch, self.mesh))
+        for t, c in jax.device_get(sums):
             total += float(t)
             count += float(c)
         return total / max(count, 1.0)

@@ -59,7 +59,11 @@ def test_only_rotations_train_packed_weights_untouched(quant):
 def test_sharded_llama_step_equals_single_device(data, fsdp):
     single = Trainer(_model(), _cfg())
     sharded = Trainer(_model(), _cfg(), mesh=make_mesh(data=data, fsdp=fsdp))
-    packed = sharded.state[0]["model"]["layers"][0]["mlp"]["up_proj"]["weight"].get_value().packed
+    up_proj = sharded.state[0]["model"]["layers"][0]["mlp"]["up_proj"]
+    ((_, weight),) = nnx.to_flat_state(
+        nnx.filter_state(up_proj, QuantWeight)
+    )  # wherever the wrapper keeps it
+    packed = weight.get_value().packed
     assert packed.sharding.spec[0] == "fsdp", "packed NF4 bytes are sharded along their first axis"
     tol = TOL["sharded_step"]
     np.testing.assert_allclose(_losses(sharded), _losses(single), rtol=tol.rtol, atol=tol.atol)

@@ -78,3 +78,78 @@ def test_restore_rejects_other_model(tmp_path, data):
     other = Trainer(TinyLM(vocab=259, dim=8), _cfg())
     with pytest.raises(ValueError, match="train_state.safetensors.*(shape|missing)"):
         restore_train_state(latest_checkpoint(tmp_path), other.state, other.wrt)
+
+
+class _HostSyncs:
+    """Counts the times the host waits for device values: one per ``jax.device_get`` call (however many
+    arrays it fetches), plus every read of a single array outside one (``float``, ``int``, ``bool``,
+    formatting, ``.item()``, ``.tolist()``, ``block_until_ready``)."""
+
+    _READS = ("_value", "item", "block_until_ready")
+
+    def __init__(self, monkeypatch):
+        import jax
+        from jax._src.array import ArrayImpl
+
+        self.count = 0
+        self._inside = False
+        get = jax.device_get
+
+        def device_get(tree):
+            self.count += 1
+            self._inside = True
+            try:
+                return get(tree)
+            finally:
+                self._inside = False
+
+        monkeypatch.setattr(jax, "device_get", device_get)
+        for name in self._READS:
+            monkeypatch.setattr(ArrayImpl, name, self._counted(ArrayImpl.__dict__[name]))
+
+    def _counted(self, original):
+        def count(array):
+            if not self._inside:
+                self.count += 1
+
+        if isinstance(original, property):
+            return property(lambda array: (count(array), original.fget(array))[1])
+        return lambda array, *a, **kw: (count(array), original(array, *a, **kw))[1]
+
+
+def test_the_counter_sees_single_reads(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones(3).sum()
+    syncs = _HostSyncs(monkeypatch)
+    float(x), x.item(), f"{x:.1f}", x.block_until_ready(), jax.device_get([x, x, x])
+    assert syncs.count == 5
+
+
+@pytest.mark.parametrize("log_every", [1, 8], ids=["every-step", "every-8"])
+def test_fit_waits_for_the_device_once_per_window(tmp_path, data, monkeypatch, log_every):
+    train, evald = data
+    cfg = _cfg(steps=24, log_every=log_every, save_every=0, eval_every=12, eval_batches=2)
+    model = TinyLM(vocab=259)
+    syncs = _HostSyncs(monkeypatch)
+    res = fit(model, cfg, train, eval_data=evald, output_dir=tmp_path, progress=False)
+    # three evaluations (before, after steps 12 and 24; one fetch each) and the final checkpoint (one fetch);
+    # the rest are metric windows: after step 1 (its compilation timed alone), at every multiple of
+    # log_every, and at the evaluation of step 12
+    windows = len({1, 12, *range(log_every, 25, log_every)})
+    assert syncs.count == windows + 3 + 1
+    if log_every == 8:
+        assert windows == 5  # 24 steps, O(steps / log_every) waits
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, 25)) == [r["step"] for r in res.records]
+    assert all(np.isfinite([r["loss"], r["lr"], r["grad_norm"], r["tokens_per_s"]]).all() for r in recs)
+    # throughput is per window: steps 2..8 share one figure
+    if log_every == 8:
+        assert len({r["tokens_per_s"] for r in recs[1:8]}) == 1
+    assert "eval_loss" in recs[11] and "eval_loss" in recs[23]
+    # the logged learning rate is the schedule's at each step (computed inside the step)
+    from oftjax.train import make_schedule
+
+    schedule = make_schedule(cfg)
+    np.testing.assert_allclose([r["lr"] for r in recs], [float(schedule(s)) for s in range(24)], rtol=1e-6)
