@@ -52,8 +52,8 @@ def _parse_version(version: str) -> tuple[tuple[int, ...], bool]:
 
 
 def _is_before_018(version: str) -> bool:
-    # The series changed in 0.18.0 (PEFT #2805). A 0.18 dev build already writes peft_version (added in
-    # the 0.18 cycle), so only the release number decides.
+    # The series changed in 0.18.0 (docs/peft-oft.md, "Versions of the OFT parameterization"). A 0.18 dev
+    # build already writes peft_version (added in the 0.18 cycle), so only the release number decides.
     return _parse_version(version)[0] < (0, 18, 0)
 
 
@@ -137,16 +137,31 @@ class OFTConfig:
     legacy_neumann: bool = False
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen: normalise through object.__setattr__
-        set_(self, "r", _int("r", self.r, 0))
-        set_(self, "oft_block_size", _int("oft_block_size", self.oft_block_size, 0))
-        set_(
-            self,
-            "num_cayley_neumann_terms",
-            _int("num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1),
+        # each step normalises (frozen: through object.__setattr__) or refuses with the field named
+        self._normalize_sizes()
+        self._normalize_target_lists()
+        self._check_switches()
+        self._normalize_numbers()
+        self._check_task_type()
+        self._normalize_layer_selection()
+        self._check_peft_version()
+        self._check_peft_rules()
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _normalize_sizes(self) -> None:
+        self._set("r", _int("r", self.r, 0))
+        self._set("oft_block_size", _int("oft_block_size", self.oft_block_size, 0))
+        self._set(
+            "num_cayley_neumann_terms", _int("num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1)
         )
-        set_(self, "target_modules", _str_collection("target_modules", self.target_modules))
-        set_(self, "exclude_modules", _str_collection("exclude_modules", self.exclude_modules))
+
+    def _normalize_target_lists(self) -> None:
+        self._set("target_modules", _str_collection("target_modules", self.target_modules))
+        self._set("exclude_modules", _str_collection("exclude_modules", self.exclude_modules))
+
+    def _check_switches(self) -> None:
         for name in ("fan_in_fan_out", "init_weights", "coft", "block_share", "use_cayley_neumann"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"OFTConfig.{name}: expected True or False; got {getattr(self, name)!r}")
@@ -155,40 +170,44 @@ class OFTConfig:
                 raise TypeError(f"OFTConfig.{name}: expected True or False; got {getattr(self, name)!r}")
         if self.bias not in _BIAS:
             raise ValueError(f"OFTConfig.bias: expected one of {_BIAS}; got {self.bias!r}")
+
+    def _normalize_numbers(self) -> None:
         if isinstance(self.module_dropout, bool) or not isinstance(self.module_dropout, (int, float)):
             raise TypeError(
                 f"OFTConfig.module_dropout: expected a float in [0, 1]; got {self.module_dropout!r}"
             )
         if not 0.0 <= self.module_dropout <= 1.0:
             raise ValueError(f"OFTConfig.module_dropout: must be in [0, 1]; got {self.module_dropout}")
-        set_(self, "module_dropout", float(self.module_dropout))
+        self._set("module_dropout", float(self.module_dropout))
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or self.eps < 0:
             raise ValueError(f"OFTConfig.eps: COFT radius must be a float >= 0; got {self.eps!r}")
-        set_(self, "eps", float(self.eps))
+        self._set("eps", float(self.eps))
+
+    def _check_task_type(self) -> None:
         if self.task_type is not None and self.task_type not in _TASK_TYPES:
             raise ValueError(
                 f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
                 f"{', '.join(_TASK_TYPES)}."
             )
+
+    def _normalize_layer_selection(self) -> None:
+        """``modules_to_save``, ``layers_to_transform`` and ``layers_pattern`` as tuples (or one int/str)."""
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 raise TypeError(
                     f"OFTConfig.modules_to_save: expected a list of module names; got the string "
                     f"{self.modules_to_save!r} (wrap it in a list)"
                 )
-            set_(self, "modules_to_save", tuple(self.modules_to_save))
+            self._set("modules_to_save", tuple(self.modules_to_save))
         ltt = self.layers_to_transform
-        if ltt is not None:
-            if isinstance(ltt, int) and not isinstance(ltt, bool):
-                pass
-            elif isinstance(ltt, Iterable) and all(
+        if ltt is not None and not (isinstance(ltt, int) and not isinstance(ltt, bool)):
+            if not isinstance(ltt, Iterable) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in ltt
             ):
-                set_(self, "layers_to_transform", tuple(ltt))
-            else:
                 raise TypeError(
                     f"OFTConfig.layers_to_transform: expected an int or a list of ints; got {ltt!r}"
                 )
+            self._set("layers_to_transform", tuple(ltt))
         lp = self.layers_pattern
         if lp is not None and not isinstance(lp, str):
             lp = tuple(lp)
@@ -196,14 +215,18 @@ class OFTConfig:
                 raise TypeError(
                     f"OFTConfig.layers_pattern: expected a string or a list of strings; got {lp!r}"
                 )
-            set_(self, "layers_pattern", lp)
+            self._set("layers_pattern", lp)
+
+    def _check_peft_version(self) -> None:
         if self.peft_version is not None:
             if not isinstance(self.peft_version, str):
                 raise TypeError(
                     f"OFTConfig.peft_version: expected a version string; got {self.peft_version!r}"
                 )
             _parse_version(self.peft_version)
-        # PEFT's checks, in PEFT's order and wording, plus what to change.
+
+    def _check_peft_rules(self) -> None:
+        """PEFT's checks, in PEFT's order and wording, plus what to change."""
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
                 "When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
