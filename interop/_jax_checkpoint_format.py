@@ -123,16 +123,47 @@ def write_jax_checkpoint(
     return path
 
 
+_SPEC_KEYS = {
+    "array": {"kind", "tensor"},
+    "int8": {"kind", "dtype", "tensors"},
+    "4bit": {"kind", "quant_type", "blocksize", "shape", "dtype", "tensors"},
+}
+
+
+def _scalar_offset(offset: Any) -> np.ndarray | None:
+    if offset is None:
+        return None
+    offset = offset.load()
+    if offset.dtype != np.float32 or offset.shape != ():
+        raise InteropError(f"offset: expected a float32 scalar, got {offset.dtype}{list(offset.shape)}")
+    return offset
+
+
+def _quantized(kind: str, spec: Mapping[str, Any], lazy: Mapping[str, Any]) -> Int8Weight | FourBitWeight:
+    """The ``Int8Weight`` / ``FourBitWeight`` a spec describes, over its lazily read leaves."""
+    if kind == "int8":
+        if set(lazy) != {"CB", "SCB"}:
+            raise InteropError(f"int8 leaves {sorted(lazy)} != ['CB', 'SCB']")
+        return Int8Weight(CB=lazy["CB"], SCB=lazy["SCB"], dtype=bnb.dtype_from_name(spec.get("dtype")))
+    if set(lazy) not in ({"packed", "absmax"}, {"packed", "absmax", "nested_absmax", "offset"}):
+        raise InteropError(f"4bit leaves {sorted(lazy)}: expected packed, absmax[, nested_absmax, offset]")
+    return FourBitWeight(
+        packed=lazy["packed"],
+        absmax=lazy["absmax"],
+        nested_absmax=lazy.get("nested_absmax"),
+        offset=_scalar_offset(lazy.get("offset")),
+        shape=tuple(spec.get("shape") or ()),
+        dtype=bnb.dtype_from_name(spec.get("dtype")),
+        blocksize=spec.get("blocksize"),
+        quant_type=spec.get("quant_type"),
+    )
+
+
 def _leaf(spec: Any, f: SafetensorsFile, where: str, module: str) -> Any:
-    if not isinstance(spec, dict) or spec.get("kind") not in ("array", "int8", "4bit"):
+    if not isinstance(spec, dict) or spec.get("kind") not in _SPEC_KEYS:
         raise InteropError(f"{where}: expected a spec with kind 'array', 'int8' or '4bit', got {spec!r}")
     kind = spec["kind"]
-    allowed = {
-        "array": {"kind", "tensor"},
-        "int8": {"kind", "dtype", "tensors"},
-        "4bit": {"kind", "quant_type", "blocksize", "shape", "dtype", "tensors"},
-    }[kind]
-    unknown = sorted(set(spec) - allowed)
+    unknown = sorted(set(spec) - _SPEC_KEYS[kind])
     if unknown:
         raise InteropError(f"{where}: unknown key(s) {unknown} for kind {kind!r}")
     if kind == "array":
@@ -142,33 +173,7 @@ def _leaf(spec: Any, f: SafetensorsFile, where: str, module: str) -> Any:
         raise InteropError(f"{where}: 'tensors' must map leaf names to tensor names")
     lazy = {k: f.lazy(v) for k, v in names.items()}
     try:
-        if kind == "int8":
-            if set(lazy) != {"CB", "SCB"}:
-                raise InteropError(f"int8 leaves {sorted(lazy)} != ['CB', 'SCB']")
-            q: Any = Int8Weight(CB=lazy["CB"], SCB=lazy["SCB"], dtype=bnb.dtype_from_name(spec.get("dtype")))
-        else:
-            leaves = set(lazy)
-            if leaves not in ({"packed", "absmax"}, {"packed", "absmax", "nested_absmax", "offset"}):
-                raise InteropError(
-                    f"4bit leaves {sorted(leaves)}: expected packed, absmax[, nested_absmax, offset]"
-                )
-            offset = lazy.get("offset")
-            if offset is not None:
-                offset = offset.load()
-                if offset.dtype != np.float32 or offset.shape != ():
-                    raise InteropError(
-                        f"offset: expected a float32 scalar, got {offset.dtype}{list(offset.shape)}"
-                    )
-            q = FourBitWeight(
-                packed=lazy["packed"],
-                absmax=lazy["absmax"],
-                nested_absmax=lazy.get("nested_absmax"),
-                offset=offset,
-                shape=tuple(spec.get("shape") or ()),
-                dtype=bnb.dtype_from_name(spec.get("dtype")),
-                blocksize=spec.get("blocksize"),
-                quant_type=spec.get("quant_type"),
-            )
+        q = _quantized(kind, spec, lazy)
         # Validate exactly as a bnb checkpoint layer is validated (shapes vs. quant state, dtypes, ...).
         return bnb.from_state_dict(bnb.to_entries(q, module), module, dtype=q.dtype)
     except (InteropError, TypeError) as e:
