@@ -2,16 +2,19 @@
 
 Follows transformers 5.24's ``LlamaConfig`` / ``MistralConfig`` / ``Qwen2Config`` (field names, class defaults
 for absent keys, ``rope_parameters`` and the legacy ``rope_theta`` / ``rope_scaling`` spellings). Every field
-that changes the forward math is either implemented or refused with an error naming it; keys we do not know
-are refused too (``strict=False`` turns that into a warning), so a checkpoint never loads into the wrong math.
+that changes the forward math is either implemented or refused with an error naming it. Keys that are not
+architecture follow the policy in ``_config_keys.py``: metadata ignored, switches of math we do not implement
+accepted at their neutral value and refused at any other, anything else ignored with one warning
+(``strict=True`` refuses those).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from typing import Any
+
+from oftjax.models._config_keys import METADATA_SUFFIXES, UnsupportedConfigError, check_keys
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -25,36 +28,8 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
-# Keys that never change the forward math (generation, bookkeeping, init, generic PretrainedConfig fields).
-_HARMLESS = {
-    "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache",
-    "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
-    "decoder_start_token_id", "pretraining_tp", "quantization_config", "model_type", "return_dict",
-    "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss",
-    "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
-    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "finetuning_task",
-    "id2label", "label2id", "tokenizer_class", "prefix", "task_specific_params", "problem_type",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "_attn_implementation_autoset", "_attn_implementation", "auto_map",
-    "max_window_layers", "use_sliding_window",
-}  # fmt: skip
-# Keys read into ModelConfig fields (validated below).
-_MATH = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias",
-    "attention_dropout", "sliding_window", "layer_types", "partial_rotary_factor",
-}  # fmt: skip
-# Extra keys kept verbatim for to_hf() so a round trip preserves token ids and the like.
-_KEEP = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "use_cache")
-
-
-class UnsupportedConfigError(ValueError):
-    """An HF config field that changes the model's math and is not implemented here."""
+# Extra keys kept verbatim for to_hf() (with every special-token id) so a round trip preserves them.
+_KEEP = ("initializer_range", "use_cache")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +124,13 @@ class ModelConfig:
         return self.sliding_window if self.attention_types[layer] == "sliding_attention" else None
 
     @classmethod
-    def from_hf(cls, config: Mapping[str, Any], *, strict: bool = True) -> ModelConfig:
+    def from_hf(cls, config: Mapping[str, Any], *, strict: bool = False) -> ModelConfig:
         """Build from an HF ``config.json`` dict (transformers 4 or 5 spelling).
 
         Args:
           config: the parsed ``config.json``.
-          strict: unknown keys raise (True) or only warn (False). Unsupported math always raises.
+          strict: refuse keys oftjax does not know (default: ignore them with one warning naming them).
+            Metadata keys are always ignored and unsupported math is always refused (``_config_keys.py``).
 
         Raises:
           UnsupportedConfigError: a field that changes the math and is not implemented, named.
@@ -171,12 +147,7 @@ class ModelConfig:
         model_type = c.get("model_type") or _type_from_architectures(c.get("architectures"))
         if model_type not in MODEL_TYPES:
             raise UnsupportedConfigError(f"model_type {model_type!r} is not supported (one of {MODEL_TYPES})")
-        unknown = sorted(set(c) - _HARMLESS - _MATH)
-        if unknown:
-            msg = f"unknown {model_type} config key(s) {unknown}: they may change the math"
-            if strict:
-                raise UnsupportedConfigError(msg + " (pass strict=False to ignore them)")
-            warnings.warn(msg + "; ignored", stacklevel=2)
+        check_keys(c, model_type, strict=strict)
         missing = [k for k in _REQUIRED if c.get(k) is None]
         if missing:
             raise ValueError(f"config is missing required key(s) {missing}")
@@ -185,9 +156,6 @@ class ModelConfig:
         act = c.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedConfigError(f"hidden_act={act!r} is not implemented (only silu)")
-        dropout = c.get("attention_dropout", 0.0) or 0.0
-        if dropout != 0.0:
-            raise UnsupportedConfigError(f"attention_dropout={dropout} is not implemented (only 0.0)")
 
         heads = int(c["num_attention_heads"])
         kv = c.get("num_key_value_heads", defaults["num_key_value_heads"])
@@ -228,7 +196,7 @@ class ModelConfig:
             mlp_bias=mlp_bias,
             sliding_window=window,
             layer_types=layer_types,
-            extra={k: c[k] for k in _KEEP if k in c},
+            extra={k: c[k] for k in c if k in _KEEP or k.endswith(METADATA_SUFFIXES)},
             **rope,
         )
 

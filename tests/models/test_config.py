@@ -103,7 +103,10 @@ def test_model_type_from_architectures():
         (hf("mistral", attention_bias=True, num_key_value_heads=2), ["attention_bias"]),
         (hf("qwen2", mlp_bias=True), ["mlp_bias"]),
         (hf("gemma"), ["gemma"]),
-        (hf(qk_norm=True), ["qk_norm"]),
+        (hf(qk_norm=True), ["qk_norm=True", "queries and keys"]),
+        (hf(rope_interleaved=True), ["rope_interleaved=True", "interleaved"]),
+        (hf("qwen2", use_mrope=True), ["use_mrope=True", "M-RoPE"]),
+        (hf(final_logit_softcapping=30.0), ["final_logit_softcapping=30.0", "soft-capping"]),
         (hf("qwen2", layer_types=["full_attention", "chunked_attention"]), ["chunked_attention"]),
     ],
     ids=[
@@ -117,7 +120,10 @@ def test_model_type_from_architectures():
         "mistral-bias",
         "qwen2-mlp-bias",
         "gemma",
-        "unknown-key",
+        "qk-norm",
+        "rope-interleaved",
+        "mrope",
+        "logit-softcap",
         "chunked",
     ],
 )
@@ -128,11 +134,46 @@ def test_refuses_unsupported_math_naming_it(config, names):
         assert name in str(err.value)
 
 
-def test_unknown_key_warns_when_not_strict():
+def test_unknown_keys_warn_once_naming_them():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cfg = ModelConfig.from_hf(hf(my_new_knob=1), strict=False)
-    assert cfg.vocab_size == 128 and any("my_new_knob" in str(w.message) for w in caught)
+        cfg = ModelConfig.from_hf(hf(my_new_knob=1, other_knob="x"))
+    assert cfg.vocab_size == 128
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "['my_new_knob', 'other_knob']" in message and "ignored" in message
+    assert caught[0].filename == __file__  # the warning points at the caller of from_hf
+
+
+def test_strict_refuses_unknown_keys_naming_them():
+    with pytest.raises(
+        UnsupportedConfigError, match=r"unknown llama config key\(s\) \['my_new_knob'\]: strict"
+    ):
+        ModelConfig.from_hf(hf(my_new_knob=1), strict=True)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"_model_name_or_path": "Smollm2 135M", "unk_token_id": 0, "is_llama_config": True},
+        {"transformers.js_config": {"kv_cache_dtype": {"fp16": "float16"}}, "torch_dtype": "bfloat16"},
+        {"image_token_id": 5, "eos_token_id": [1, 2], "transformers_version": "4.45.0.dev0"},
+        {"pretraining_tp": 2, "use_cache": False, "dtype": "float32", "_name_or_path": "/x"},
+        {"rope_interleaved": False, "use_mrope": False, "attention_dropout": 0.0, "qk_norm": False},
+    ],
+    ids=["names-ids", "js-config", "token-ids", "tp-cache", "neutral"],
+)
+def test_metadata_and_neutral_keys_load_strictly_without_warning(extra):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = ModelConfig.from_hf(hf(**extra), strict=True)
+    assert cfg == ModelConfig.from_hf(hf(), strict=True)
+
+
+def test_special_token_ids_survive_to_hf():
+    cfg = ModelConfig.from_hf(hf(bos_token_id=1, eos_token_id=[2, 3], unk_token_id=0))
+    out = cfg.to_hf()
+    assert (out["bos_token_id"], out["eos_token_id"], out["unk_token_id"]) == (1, [2, 3], 0)
 
 
 @pytest.mark.parametrize(
