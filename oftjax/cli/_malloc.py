@@ -5,7 +5,7 @@ XLA:CPU allocates each execution's temporary buffer (hundreds of MB for a train 
 arena with a fresh ``mmap`` and returns it with ``munmap`` when the step ends, so every step faults the whole
 buffer in again, one 4 KiB page at a time, and spends kernel time doing it. With one arena, no ``mmap`` for
 large blocks and no trimming, the buffer stays in the heap and the next step reuses it without page faults
-(the step-time gain on the default job is in benchmarks/RESULTS.md).
+(the figures: benchmarks/RESULTS.md, "Train step").
 
 The price: memory freed by the process stays mapped (its peak resident set is kept until exit) and all threads
 allocate from one arena (XLA allocates a few large blocks per step, so there is no contention to speak of).

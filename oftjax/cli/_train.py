@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -99,18 +100,35 @@ def _frozen_bytes_per_param(model) -> tuple[float, int]:
     return (nbytes / params if params else 0.0), params
 
 
+@dataclasses.dataclass
+class _Texts:
+    """The run's text: what pretrains the default base (None with ``--model``) and what OFT trains on."""
+
+    pretrain: list[tuple[str, str]] | None
+    finetune: list[tuple[str, str]]
+
+
+@dataclasses.dataclass
+class _Base:
+    """The loaded (and quantized) base model and what the summary says about it."""
+
+    model: Any
+    model_dir: Path
+    tokenizer: Any
+    quant: str = "none"
+    bytes_per_param: float = 0.0
+    frozen_params: int = 0
+
+
+@dataclasses.dataclass
+class _Adapter:
+    config: Any
+    layers: list[str]
+    trainable: int
+
+
 def run_train(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from interop.hf_model import load_model
-    from interop.peft import save_adapter
-    from oftjax.config import OFTConfig
-    from oftjax.data import ByteTokenizer, load_tokenizer, read_texts, split, tokenize
-    from oftjax.surgery import apply_oft, trainable_count
-    from oftjax.train import TrainConfig, fit, make_mesh, quantize_model
-
+    """``oftjax train``: text, base model, quantization, OFT, datasets, training, summary."""
     if args.malloc == "keep":  # before JAX's first computation: see oftjax/cli/_malloc.py
         from oftjax.cli._malloc import keep_freed_memory
 
@@ -118,52 +136,74 @@ def run_train(args: argparse.Namespace) -> int:
     _validate(args)
     _prepare_output(args)
     t0 = time.perf_counter()
-    out: Path = args.output
-    default_model = args.model is None
-    progress = not args.quiet
+    texts = _read_data(args)
+    summary: dict[str, Any] = {}
+    base = _load_base(args, _base_dir(args, texts, summary))
+    _quantize(args, base)
+    adapter = _apply_oft(args, base)
+    train, evald = _datasets(args, texts, base.tokenizer)
+    res = _train(args, base, adapter, train, evald)
+    _summarize(args, base, adapter, res, summary, time.perf_counter() - t0)
+    return 0
 
-    # --- text
-    pretrain_texts = ft_texts = None
-    if default_model:
-        pretrain_texts, ft_texts, ft_what = dj.default_texts(args.max_data_bytes)
-        mb = sum(len(t) for _, t in pretrain_texts) / 1e6
+
+def _read_data(args: argparse.Namespace) -> _Texts:
+    """The default job's two slices, ``--data``, or (``--model`` alone) the standard library's sources."""
+    from oftjax.data import read_texts
+
+    pretrain = finetune = None
+    if args.model is None:
+        pretrain, finetune, ft_what = dj.default_texts(args.max_data_bytes)
+        mb = sum(len(t) for _, t in pretrain) / 1e6
         _say(
             args,
-            f"data: pretraining on {len(pretrain_texts)} files ({mb:.1f} MB) of Python standard library "
+            f"data: pretraining on {len(pretrain)} files ({mb:.1f} MB) of Python standard library "
             f"sources; fine-tuning on {ft_what}",
         )
     if args.data is not None:
-        ft_texts = read_texts(args.data, max_bytes=args.max_data_bytes)
-        mb = sum(len(t) for _, t in ft_texts) / 1e6
-        _say(args, f"data: fine-tuning on {len(ft_texts)} files ({mb:.1f} MB) from {args.data}")
-    elif not default_model:
-        ft_texts = read_texts(dj.stdlib_dir(), max_bytes=args.max_data_bytes)
-        _say(args, f"data: fine-tuning on {len(ft_texts)} Python standard library source files")
+        finetune = read_texts(args.data, max_bytes=args.max_data_bytes)
+        mb = sum(len(t) for _, t in finetune) / 1e6
+        _say(args, f"data: fine-tuning on {len(finetune)} files ({mb:.1f} MB) from {args.data}")
+    elif args.model is not None:
+        finetune = read_texts(dj.stdlib_dir(), max_bytes=args.max_data_bytes)
+        _say(args, f"data: fine-tuning on {len(finetune)} Python standard library source files")
+    return _Texts(pretrain, finetune)
 
-    # --- base model
-    summary: dict[str, Any] = {}
-    if default_model:
-        model_dir = out / "base"
-        if (model_dir / "config.json").is_file():
-            _say(args, f"base: reusing the pretrained default model in {model_dir}")
-        else:
-            _say(
-                args,
-                f"base: pretraining the default {dj.BASE_CONFIG['num_hidden_layers']}-layer Llama "
-                f"(hidden {dj.BASE_CONFIG['hidden_size']}, byte vocabulary) for {args.pretrain_steps} steps",
-            )
-            summary["pretrain"] = pretrain_base(
-                model_dir,
-                tokenize([t for _, t in pretrain_texts], ByteTokenizer()),
-                run_dir=out,
-                seed=args.seed,
-                steps=args.pretrain_steps,
-                progress=progress,
-            )
-    else:
-        model_dir = args.model
-    compute = jnp.bfloat16 if args.bf16 else None
-    model = load_model(model_dir, compute_dtype=compute)
+
+def _base_dir(args: argparse.Namespace, texts: _Texts, summary: dict) -> Path:
+    """``--model``, or the default base in ``OUTPUT/base`` (pretrained there first when it is not yet)."""
+    from oftjax.data import ByteTokenizer, tokenize
+
+    if args.model is not None:
+        return args.model
+    model_dir = args.output / "base"
+    if (model_dir / "config.json").is_file():
+        _say(args, f"base: reusing the pretrained default model in {model_dir}")
+        return model_dir
+    _say(
+        args,
+        f"base: pretraining the default {dj.BASE_CONFIG['num_hidden_layers']}-layer Llama "
+        f"(hidden {dj.BASE_CONFIG['hidden_size']}, byte vocabulary) for {args.pretrain_steps} steps",
+    )
+    summary["pretrain"] = pretrain_base(
+        model_dir,
+        tokenize([t for _, t in texts.pretrain], ByteTokenizer()),
+        run_dir=args.output,
+        seed=args.seed,
+        steps=args.pretrain_steps,
+        progress=not args.quiet,
+    )
+    return model_dir
+
+
+def _load_base(args: argparse.Namespace, model_dir: Path) -> _Base:
+    """The checkpoint as an oftjax model (bf16 compute and remat as asked) and its tokenizer."""
+    import jax.numpy as jnp
+
+    from interop.hf_model import load_model
+    from oftjax.data import load_tokenizer
+
+    model = load_model(model_dir, compute_dtype=jnp.bfloat16 if args.bf16 else None)
     if args.remat and hasattr(getattr(model, "model", None), "remat"):
         model.model.remat = True
     tokenizer = load_tokenizer(model_dir)
@@ -172,53 +212,79 @@ def run_train(args: argparse.Namespace) -> int:
             f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{model.config.vocab_size}"
         )
+    return _Base(model, model_dir, tokenizer)
 
-    ck_quant = checkpoint_quant(model)
+
+def _quantize(args: argparse.Namespace, base: _Base) -> None:
+    """Keep a bnb checkpoint's format, or quantize a float one to ``--quant`` (default nf4)."""
+    import jax.numpy as jnp
+
+    from oftjax.train import quantize_model
+
+    ck_quant = checkpoint_quant(base.model)
     if ck_quant is not None:
         if args.quant not in (None, "none", ck_quant):
             _fail(
-                f"{model_dir}: checkpoint is already quantized ({ck_quant}); --quant {args.quant} would "
+                f"{base.model_dir}: checkpoint is already quantized ({ck_quant}); --quant {args.quant} would "
                 "quantize twice (omit --quant or pass the same format)"
             )
-        quant = ck_quant
-        _say(args, f"base: {model_dir} ({quant} checkpoint, kept packed)")
+        base.quant = ck_quant
+        _say(args, f"base: {base.model_dir} ({ck_quant} checkpoint, kept packed)")
     else:
-        quant = args.quant or "nf4"
-        paths = quantize_model(
-            model, quant, double_quant=args.double_quant, compute_dtype=compute or jnp.float32
-        )
+        base.quant = args.quant or "nf4"
+        compute = jnp.bfloat16 if args.bf16 else jnp.float32
+        paths = quantize_model(base.model, base.quant, double_quant=args.double_quant, compute_dtype=compute)
         if paths:
-            dq = " + double quant" if quant in ("nf4", "fp4") and args.double_quant else ""
-            _say(args, f"base: quantized {len(paths)} linears to {quant}{dq} (bitsandbytes format)")
-    bpp, n_frozen = _frozen_bytes_per_param(model)
+            dq = " + double quant" if base.quant in ("nf4", "fp4") and args.double_quant else ""
+            _say(args, f"base: quantized {len(paths)} linears to {base.quant}{dq} (bitsandbytes format)")
+    base.bytes_per_param, base.frozen_params = _frozen_bytes_per_param(base.model)
 
-    # --- OFT
-    targets = [m.strip() for m in args.target_modules.split(",") if m.strip()]
+
+def _apply_oft(args: argparse.Namespace, base: _Base) -> _Adapter:
+    """OFT on ``--target-modules`` (block size ``--oft-block-size``, ``--cayley``); only rotations train."""
+    from flax import nnx
+
+    from oftjax.config import OFTConfig
+    from oftjax.surgery import apply_oft, trainable_count
+
     oft_cfg = OFTConfig(
         r=0,
         oft_block_size=args.oft_block_size,
-        target_modules=targets,
+        target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
         task_type="CAUSAL_LM",
         use_cayley_neumann=args.cayley == "neumann",
-        base_model_name_or_path=str(Path(model_dir).resolve()),
+        base_model_name_or_path=str(Path(base.model_dir).resolve()),
     )
-    matched = apply_oft(model, oft_cfg, rngs=nnx.Rngs(args.seed))
-    n_train = trainable_count(model)
+    matched = apply_oft(base.model, oft_cfg, rngs=nnx.Rngs(args.seed))
+    n_train = trainable_count(base.model)
+    weights = base.quant if base.quant != "none" else "float"
     _say(
         args,
         f"OFT: {len(matched)} layers, block size {args.oft_block_size}, {n_train:,} trainable parameters "
-        f"({n_frozen:,} frozen {quant if quant != 'none' else 'float'} weights at {bpp:.3f} bytes/parameter)",
+        f"({base.frozen_params:,} frozen {weights} weights at {base.bytes_per_param:.3f} bytes/parameter)",
     )
+    return _Adapter(oft_cfg, matched, n_train)
 
-    # --- data
-    docs = tokenize([t for _, t in ft_texts], tokenizer)
-    packed = _pack(docs, tokenizer, args.seq_len)
+
+def _datasets(args: argparse.Namespace, texts: _Texts, tokenizer: Any):
+    """The fine-tuning text tokenized, packed into ``--seq-len`` rows and split into (train, held out)."""
+    from oftjax.data import split, tokenize
+
+    packed = _pack(tokenize([t for _, t in texts.finetune], tokenizer), tokenizer, args.seq_len)
     train, evald = split(packed, args.eval_fraction, seed=args.seed)
     if len(train) < args.batch_size:
         _fail(
             f"only {len(train)} training sequences of {args.seq_len} tokens; need at least --batch-size "
             f"{args.batch_size} (more data or a shorter --seq-len)"
         )
+    return train, evald
+
+
+def _train(args: argparse.Namespace, base: _Base, adapter: _Adapter, train, evald):
+    """``fit`` with the command's settings; the adapter is written in PEFT format."""
+    from interop.peft import save_adapter
+    from oftjax.train import TrainConfig, fit, make_mesh
+
     cfg = TrainConfig(
         steps=args.steps,
         learning_rate=args.lr,
@@ -229,31 +295,42 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm,
+        log_every=args.log_every,
         eval_every=args.eval_every,
         save_every=args.save_every,
     )
-    mesh = make_mesh(*_parse_mesh(args.mesh)) if args.mesh else None
 
     def write_adapter(m, path: Path) -> None:
-        save_adapter(m, path, force=True, config=oft_cfg)
+        save_adapter(m, path, force=True, config=adapter.config)
 
     _say(
         args,
         f"train: {len(train)} sequences x {args.seq_len} tokens ({len(evald)} held out), {args.steps} "
         f"steps of {args.batch_size} sequences",
     )
-    res = fit(
-        model,
+    return fit(
+        base.model,
         cfg,
         train,
         eval_data=evald,
-        output_dir=out,
-        mesh=mesh,
+        output_dir=args.output,
+        mesh=make_mesh(*_parse_mesh(args.mesh)) if args.mesh else None,
         write_adapter=write_adapter,
         resume=args.resume,
-        progress=progress,
+        progress=not args.quiet,
         desc="OFT fine-tune",
     )
+
+
+def _summarize(args: argparse.Namespace, base: _Base, adapter: _Adapter, res, summary: dict, seconds: float):
+    """``summary.json`` and the closing lines: loss of the first/last steps, eval loss, tokens/s.
+
+    Tokens/s is the median over the steps after the first (whose window includes compilation) of each
+    step's window throughput (see ``oftjax.train.fit``).
+    """
+    import numpy as np
+
+    out: Path = args.output
     recs = res.records
     k = max(1, min(10, len(recs) // 5))
     first = float(np.mean([r["loss"] for r in recs[:k]])) if recs else float("nan")
@@ -261,17 +338,17 @@ def run_train(args: argparse.Namespace) -> int:
     tok_s = float(np.median([r["tokens_per_s"] for r in recs[1:]])) if len(recs) > 1 else float("nan")
     summary.update(
         {
-            "base": str(model_dir),
-            "quant": quant,
-            "bytes_per_frozen_param": bpp,
-            "oft_layers": len(matched),
-            "trainable_params": n_train,
+            "base": str(base.model_dir),
+            "quant": base.quant,
+            "bytes_per_frozen_param": base.bytes_per_param,
+            "oft_layers": len(adapter.layers),
+            "trainable_params": adapter.trainable,
             "train_loss_first": first,
             "train_loss_last": last,
             "eval_loss_before": res.eval_loss_before,
             "eval_loss_after": res.eval_loss_after,
             "tokens_per_s": tok_s,
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
         }
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -280,8 +357,7 @@ def run_train(args: argparse.Namespace) -> int:
         ev = f"; eval {res.eval_loss_before:.3f} -> {res.eval_loss_after:.3f}"
     _say(
         args,
-        f"done in {summary['seconds']:.0f} s: OFT train loss {first:.3f} -> {last:.3f} (mean of first/last "
+        f"done in {seconds:.0f} s: OFT train loss {first:.3f} -> {last:.3f} (mean of first/last "
         f"{k} steps){ev}; {tok_s:,.0f} tokens/s",
     )
     _say(args, f"wrote {out / 'adapter'} (PEFT adapter), {out / 'metrics.jsonl'}, {out / 'loss.png'}")
-    return 0

@@ -51,6 +51,7 @@ RESUME_KEYS = (
 
 
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
+    """The ``train`` subcommand: its argument groups and the function that runs it."""
     p = sub.add_parser(
         "train",
         help="fine-tune with (quantized) OFT; with no arguments, the embedded default job",
@@ -61,7 +62,16 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
             "slice of the text."
         ),
     )
-    g = p.add_argument_group("model and adapter")
+    _model_arguments(p.add_argument_group("model and adapter"))
+    _runtime_arguments(p.add_argument_group("runtime"))
+    _data_arguments(p.add_argument_group("data"))
+    _optimization_arguments(p.add_argument_group("optimization"))
+    _output_arguments(p.add_argument_group("output"))
+    p.set_defaults(func=_run)
+    return p
+
+
+def _model_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--model",
         type=Path,
@@ -98,6 +108,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         default=dj.PRETRAIN["steps"],
         help="pretraining steps of the embedded default model (default: %(default)s)",
     )
+
+
+def _runtime_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--bf16", action="store_true", help="bfloat16 compute (parameters, loss and optimizer fp32)"
     )
@@ -107,10 +120,18 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         choices=["keep", "default"],
         default="keep",
         help="keep: glibc keeps freed memory for reuse, so XLA:CPU's per-step buffers are not faulted in "
-        "again every step (13%% faster steps on CPU; the peak memory stays mapped); default: glibc as "
+        "again every step (faster steps on CPU; the peak memory stays mapped); default: glibc as "
         "configured (default: %(default)s)",
     )
-    g = p.add_argument_group("data")
+    g.add_argument(
+        "--mesh",
+        default=None,
+        metavar="DATAxFSDP",
+        help="device mesh, e.g. 1x8 (FSDP over 8 devices) or 8x1; default: one device",
+    )
+
+
+def _data_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--data",
         type=Path,
@@ -119,7 +140,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--max-data-bytes", type=int, default=dj.DATA_BYTES, help="default: %(default)s")
     g.add_argument("--seq-len", type=int, default=dj.FINETUNE["seq_len"], help="default: %(default)s")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out rows (default: %(default)s)")
-    g = p.add_argument_group("optimization")
+
+
+def _optimization_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--steps", type=int, default=dj.FINETUNE["steps"], help="default: %(default)s")
     g.add_argument(
         "--lr",
@@ -133,13 +156,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--mesh",
-        default=None,
-        metavar="DATAxFSDP",
-        help="device mesh, e.g. 1x8 (FSDP over 8 devices) or 8x1; default: one device",
-    )
-    g = p.add_argument_group("output")
+
+
+def _output_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--output", type=Path, default=Path(dj.DEFAULT_OUTPUT), help="run dir (default: %(default)s)"
     )
@@ -147,6 +166,14 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         "--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)"
     )
     g.add_argument("--eval-every", type=int, default=25, help="default: %(default)s")
+    g.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="read the metrics from the device every N steps (metrics.jsonl keeps one line per step, and "
+        "training never waits for the device in between; 0: only at evaluations, checkpoints and the end) "
+        "(default: %(default)s)",
+    )
     g.add_argument(
         "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
     )
@@ -156,8 +183,6 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         help="start over in a non-empty --output (removes only oftjax's own outputs there)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)
-    return p
 
 
 def fail(msg: str):
@@ -213,6 +238,9 @@ def validate(args: argparse.Namespace) -> None:
     ):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("log_every", "eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.lr <= 0:
         fail(f"--lr must be > 0, got {args.lr}")
     if args.batch_size % args.grad_accum:
