@@ -3,6 +3,8 @@
 * The four documents exist with the sections the rest of the repository cites them by.
 * Every ``docs/<file>.md`` cited anywhere (source, tests, benchmarks, examples, docs, README) exists, and so
   does the section a citation names in quotes right after the file (``(docs/oracle.md, "No model hub")``).
+* No such file points outside the repository instead (research notes by file, tracker issue numbers, people
+  by role): what the code relies on is cited from docs/.
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ import re
 import tokenize
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("oftjax", "interop", "csrc", "tests", "benchmarks", "examples", "docs", "README.md")
 SKIPPED_DIRS = {"third_party", "__pycache__", ".pytest_cache", ".hypothesis"}
 TEXT_SUFFIXES = {".py", ".md", ".cc", ".h", ".txt", ".toml", ".cfg", ".json", ".yaml", ".yml", ".sh"}
 
+# Built from pieces so that this file does not match itself.
+OUTSIDE_REFERENCES = {
+    "research notes by file": re.compile(r"(?<![\w/.-])" + "notes" + r"/[\w.-]+\.md"),
+    "an issue number": re.compile(r"\b" + "issue" + r" #?[0-9]+", re.IGNORECASE),
+    "a person by role": re.compile(r"\b" + "[Hh]elper" + r" [A-Z]\b"),
+}
 DOC_CITATION = re.compile(r'(?<![\w/.-])docs/([\w.-]+\.md)`?(?:,\s*\\?"([^"\\]+)\\?")?')
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 
@@ -123,3 +133,14 @@ def test_docs_exist_with_their_cited_sections():
         assert doc.is_file(), f"docs/{name} is missing"
         missing = sorted(set(titles) - _sections(doc))
         assert not missing, f"docs/{name} lacks the sections {missing}"
+
+
+@pytest.mark.parametrize("kind", sorted(OUTSIDE_REFERENCES), ids=str)
+def test_no_references_outside_the_repository(kind):
+    pattern = OUTSIDE_REFERENCES[kind]
+    hits = []
+    for path in _text_files():
+        for number, line in enumerate(_read(path).splitlines(), 1):
+            if pattern.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:100]}")
+    assert not hits, f"{kind}: cite docs/ instead:\n" + "\n".join(hits)
