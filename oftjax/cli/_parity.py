@@ -108,11 +108,32 @@ def compare(ours: np.ndarray, ref: np.ndarray, *, top1: bool = False) -> dict[st
 
 
 def run_parity(args: argparse.Namespace) -> int:
+    """``oftjax parity``: JAX and torch outputs for the same tokens, a table, the verdict as exit status."""
     from interop import oracle
-    from interop.hf_model import load_model
-    from interop.peft import load_adapter
+
+    _check_inputs(args)
+    model, ck = _jax_model(args)
+    ids = np.random.default_rng(args.seed).integers(
+        0, model.config.vocab_size, size=(args.batch, args.seq_len)
+    )
+    ids = ids.astype(np.int64)
+    ours, ours_layers = jax_outputs(model, ids, per_layer=args.per_layer)
+    torch_model = oracle.load_causal_lm(
+        args.model,
+        quant=None if ck is not None or args.quant == "none" else args.quant,
+        double_quant=args.double_quant,
+        adapter=args.adapter,
+        device=args.device,
+    )
+    ref, ref_layers = oracle.causal_lm_outputs(torch_model, ids, per_layer=args.per_layer)
+    rows = [("logits", compare(ours, ref, top1=True))]
+    for i, (a, b) in enumerate(zip(ours_layers, ref_layers, strict=True)):
+        rows.append((f"layer {i} output", compare(a, b)))
+    return _report(args, ck, rows)
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
     from oftjax.cli import CLIError
-    from oftjax.train import quantize_model
 
     if not (args.model / "config.json").is_file():
         raise CLIError(f"{args.model}: not an HF checkpoint directory (no config.json)")
@@ -121,36 +142,30 @@ def run_parity(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.seq_len < 1:
         raise CLIError("--batch and --seq-len must be >= 1")
 
-    model = load_model(args.model)
-    quant = args.quant
-    from oftjax.cli._train import checkpoint_quant
 
+def _jax_model(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The JAX side: the checkpoint (quantized with ``--quant`` when float) with the adapter; and the
+    checkpoint's own quantization (None for a float checkpoint)."""
+    from interop.hf_model import load_model
+    from interop.peft import load_adapter
+    from oftjax.cli import CLIError
+    from oftjax.cli._train import checkpoint_quant
+    from oftjax.train import quantize_model
+
+    model = load_model(args.model)
     ck = checkpoint_quant(model)
-    if ck is not None and quant not in ("none", ck):
+    if ck is not None and args.quant not in ("none", ck):
         raise CLIError(f"{args.model}: checkpoint is already quantized ({ck}); omit --quant")
-    if ck is None and quant != "none":
-        quantize_model(model, quant, double_quant=args.double_quant)
+    if ck is None and args.quant != "none":
+        quantize_model(model, args.quant, double_quant=args.double_quant)
     if args.adapter is not None:
         load_adapter(model, args.adapter)
-    vocab = model.config.vocab_size
-    ids = (
-        np.random.default_rng(args.seed).integers(0, vocab, size=(args.batch, args.seq_len)).astype(np.int64)
-    )
-    ours, ours_layers = jax_outputs(model, ids, per_layer=args.per_layer)
+    return model, ck
 
-    torch_model = oracle.load_causal_lm(
-        args.model,
-        quant=None if ck is not None or quant == "none" else quant,
-        double_quant=args.double_quant,
-        adapter=args.adapter,
-        device=args.device,
-    )
-    ref, ref_layers = oracle.causal_lm_outputs(torch_model, ids, per_layer=args.per_layer)
 
-    rows = [("logits", compare(ours, ref, top1=True))]
-    for i, (a, b) in enumerate(zip(ours_layers, ref_layers, strict=True)):
-        rows.append((f"layer {i} output", compare(a, b)))
-    kind = ck or quant
+def _report(args: argparse.Namespace, ck: str | None, rows: list[tuple[str, dict[str, float]]]) -> int:
+    """Print the table and the verdict; 0 within tolerance, 3 beyond it."""
+    kind = ck or args.quant
     if kind == "none":
         kind = "float"
     elif kind != "int8" and args.double_quant and ck is None:
