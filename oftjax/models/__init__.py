@@ -14,8 +14,6 @@ from oftjax.models._llama import MistralForCausalLM as MistralForCausalLM
 from oftjax.models._llama import Qwen2ForCausalLM as Qwen2ForCausalLM
 from oftjax.models._llama import RMSNorm as RMSNorm
 from oftjax.models._llama import causal_mask as causal_mask
-from oftjax.models._native_attention import native_info as attention_native_info
-from oftjax.models._native_swiglu import native_info as swiglu_native_info
 
 __all__ = [
     "AXIS_DATA",
@@ -26,7 +24,5 @@ __all__ = [
     "Qwen2ForCausalLM",
     "RMSNorm",
     "UnsupportedConfigError",
-    "attention_native_info",
     "causal_mask",
-    "swiglu_native_info",
 ]

@@ -1,27 +1,35 @@
-"""Causal (optionally windowed) attention over query blocks with a hand-written backward.
+"""Grouped-query attention as transformers' eager path computes it: scores, float32 softmax, probabilities
+cast back to the compute dtype, then the product with the values.
 
-Without a padding mask, query block ``[i0, i1)`` never attends to a key at or past ``i1``, so the scores are
-computed block by block over keys ``[0, i1)`` only (``blocks`` query blocks): about half of the ``seq^2``
-work and memory of the full score matrix is skipped. Plain autodiff of that blocked forward is slow on
-XLA:CPU: every block's ``dq``/``dk``/``dv`` is padded back to the full length and the padded copies are summed
-(8 blocks: 8 full-size arrays per gradient). The custom VJP here writes ``dq`` block by block into one
-concatenation and accumulates ``dk``/``dv`` in place (``.at[:, :, :e].add``), from the softmax probabilities
-the forward saves (the same residual autodiff keeps). Same products, same softmax backward
-(``ds = p * (dp - sum(dp * p))``) in float32, so the gradients equal autodiff's up to summation order.
+* ``causal_attention``: no padding, the mask is causal (optionally a sliding window), RoPE applied to q and k
+  inside. Query block ``[i0, i1)`` never attends to a key at or past ``i1``, so the scores are computed block
+  by block over keys ``[0, i1)`` only (``CAUSAL_BLOCKS`` query blocks): about half of the ``seq^2`` work and
+  memory of the full score matrix is skipped. The skipped keys would get probability exactly 0, so the values
+  are the same up to summation order. A named operation (``oftjax._registry``): ``oftjax.cpu_kernels``
+  replaces it on the CPU by a fused kernel.
+* ``masked_attention``: any boolean mask ``[b, q, k]`` (padding): the full score matrix, as HF (a fully
+  masked query row is uniform over all keys there, and here).
 
-Layout: heads-major ``q [b, kv, groups, s, d]`` (query head ``h`` uses kv head ``h // groups``, HF's
-``repeat_kv``) and ``k, v [b, kv, s, d]``, so every product is one batched matmul over ``(b, kv)``.
+Both are plain JAX with ordinary autodiff. Layout inside: heads-major ``q [b, kv, groups, s, d]`` (query head
+``h`` uses kv head ``h // groups``, HF's ``repeat_kv``) and ``k, v [b, kv, s, d]``, so every product is one
+batched matmul over ``(b, kv)``.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["causal_attention"]
+from oftjax._registry import operation
+from oftjax.models._rope import apply_rope
+
+__all__ = ["CAUSAL_BLOCKS", "causal_attention", "masked_attention"]
+
+# query blocks of the causal path: 64-row blocks at seq 256, 5/8 of the full score work, larger matmuls than 8
+CAUSAL_BLOCKS = 4
 
 
 def _bounds(s: int, blocks: int) -> list[tuple[int, int]]:
@@ -39,75 +47,87 @@ def _block_mask(i0: int, i1: int, window: int | None) -> np.ndarray:
     return allowed
 
 
-def _scores(q_i: jax.Array, k_e: jax.Array, scale: float | None) -> jax.Array:
-    s = jnp.einsum("bkgqd,bktd->bkgqt", q_i, k_e)
+def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float):
+    """``[b, s, heads, d]`` projections -> heads-major layout, q pre-scaled when that is exact.
+
+    Returns ``(q, k, v, score_scale)``: scaling q by a power of two before the product gives the same bits as
+    scaling the scores after it (HF's ``matmul(q, k^T) * scaling``); otherwise ``score_scale`` is applied to
+    the scores.
+    """
+    b, s, heads, d = q.shape
+    kv = k.shape[2]
+    if math.frexp(scale)[0] == 0.5:
+        q, score_scale = q * jnp.asarray(scale, q.dtype), None
+    else:
+        score_scale = scale
+    q = q.reshape(b, s, kv, heads // kv, d).transpose(0, 2, 3, 1, 4)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), score_scale
+
+
+def _scores(q: jax.Array, k: jax.Array, scale: float | None) -> jax.Array:
+    s = jnp.einsum("bkgqd,bktd->bkgqt", q, k)
     return s if scale is None else s * jnp.asarray(scale, s.dtype)
 
 
-def _forward(q, k, v, scale, window, blocks):
-    outs, probs = [], []
-    for i0, i1 in _bounds(q.shape[3], blocks):
-        s = _scores(q[:, :, :, i0:i1], k[:, :, :i1], scale)
-        s = jnp.where(_block_mask(i0, i1, window), s.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-        probs.append(p)
-        outs.append(jnp.einsum("bkgqt,bktd->bkgqd", p, v[:, :, :i1]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
-    return out, tuple(probs)
+def _softmax_values(scores: jax.Array, allowed: jax.Array | np.ndarray, v: jax.Array) -> jax.Array:
+    scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqt,bktd->bkgqd", p, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _to_projection_layout(out: jax.Array) -> jax.Array:
+    # [b, kv, groups, s, d] -> [b, s, heads, d]
+    b, kv, g, s, d = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, s, kv * g, d)
+
+
+@operation("causal_attention")
 def causal_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    scale: float | None = None,
+    cos: jax.Array | None,
+    sin: jax.Array | None,
+    *,
+    scale: float,
     window: int | None = None,
-    blocks: int = 1,
 ) -> jax.Array:
-    """``softmax(q k^T * scale + causal mask) v`` per (batch, kv head, group), in query blocks.
+    """Causal self-attention with rotary embeddings: ``softmax(rope(q) rope(k)^T * scale + mask) v``.
 
     Args:
-      q: ``[b, kv, groups, s, d]`` queries (already scaled when ``scale`` is None).
-      k, v: ``[b, kv, s, d]``.
-      scale: multiply the scores by this (in the compute dtype) after the product; None: not at all.
-      window: sliding window (keys ``k > q - window`` only), None for plain causal.
-      blocks: number of query blocks (static); 1 computes the full ``[s, s]`` score matrix.
+      q: ``[b, s, heads, d]``.
+      k, v: ``[b, s, kv_heads, d]``; query head ``h`` attends with kv head ``h // (heads // kv_heads)``.
+      cos, sin: rotary tables ``[b, s, d]`` (``oftjax.models._rope.rope_cos_sin``), or both None (no RoPE).
+      scale: multiplies the scores (HF's ``scaling``).
+      window: sliding window (keys ``j > i - window`` only), None for plain causal.
 
     Returns:
-      ``[b, kv, groups, s, d]`` in ``q.dtype``; scores and softmax in float32, probabilities cast back to
-      ``q.dtype`` before the product with ``v`` (HF's eager attention).
+      ``[b, s, heads, d]`` in ``q.dtype``.
 
     Example:
-      >>> q = jnp.ones((1, 1, 2, 4, 8)); k = v = jnp.ones((1, 1, 4, 8))
-      >>> causal_attention(q, k, v, blocks=2).shape
-      (1, 1, 2, 4, 8)
+      >>> q = jnp.ones((1, 4, 2, 8)); k = v = jnp.ones((1, 4, 1, 8))
+      >>> causal_attention(q, k, v, None, None, scale=8**-0.5).shape
+      (1, 4, 2, 8)
     """
-    return _forward(q, k, v, scale, window, blocks)[0]
+    if (cos is None) != (sin is None):
+        raise ValueError("causal_attention: pass both cos and sin, or neither")
+    if cos is not None:
+        with jax.named_scope("rope"):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v, score_scale = _heads_major(q, k, v, scale)
+    s = q.shape[3]
+    blocks = min(CAUSAL_BLOCKS, max(1, s // 32))
+    outs = []
+    for i0, i1 in _bounds(s, blocks):
+        scores = _scores(q[:, :, :, i0:i1], k[:, :, :i1], score_scale)
+        outs.append(_softmax_values(scores, _block_mask(i0, i1, window), v[:, :, :i1]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return _to_projection_layout(out)
 
 
-def _fwd(q, k, v, scale, window, blocks):
-    out, probs = _forward(q, k, v, scale, window, blocks)
-    return out, (q, k, v, probs)
-
-
-def _bwd(scale, window, blocks, res, g):
-    q, k, v, probs = res
-    dq_parts = []
-    dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for (i0, i1), p in zip(_bounds(q.shape[3], blocks), probs, strict=True):
-        g_i = g[:, :, :, i0:i1].astype(q.dtype)
-        dv = dv.at[:, :, :i1].add(jnp.einsum("bkgqt,bkgqd->bktd", p, g_i).astype(jnp.float32))
-        dp = jnp.einsum("bkgqd,bktd->bkgqt", g_i, v[:, :, :i1]).astype(jnp.float32)
-        p32 = p.astype(jnp.float32)
-        ds = p32 * (dp - jnp.sum(dp * p32, axis=-1, keepdims=True))
-        if scale is not None:
-            ds = ds * jnp.float32(scale)
-        ds = ds.astype(q.dtype)
-        dq_parts.append(jnp.einsum("bkgqt,bktd->bkgqd", ds, k[:, :, :i1]))
-        dk = dk.at[:, :, :i1].add(jnp.einsum("bkgqt,bkgqd->bktd", ds, q[:, :, :, i0:i1]).astype(jnp.float32))
-    dq = dq_parts[0] if len(dq_parts) == 1 else jnp.concatenate(dq_parts, axis=3)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-causal_attention.defvjp(_fwd, _bwd)
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float) -> jax.Array:
+    """Attention of (already rotated) ``q [b, s, heads, d]`` over ``k, v [b, s, kv, d]`` under a boolean
+    ``mask [b, s, s]`` (True: may attend), the full score matrix. Returns ``[b, s, heads, d]``."""
+    q, k, v, score_scale = _heads_major(q, k, v, scale)
+    scores = _scores(q, k, score_scale)
+    return _to_projection_layout(_softmax_values(scores, mask[:, None, None], v))

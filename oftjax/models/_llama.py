@@ -13,14 +13,12 @@ the specs for a ``Mesh(devices, ("data", "fsdp"))``. No tensor-parallel axis is 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from oftjax.models import _native_attention, _native_swiglu
-from oftjax.models._attention import causal_attention
+from oftjax._registry import operation
+from oftjax.models._attention import causal_attention, masked_attention
 from oftjax.models._config import ModelConfig
 from oftjax.models._rope import apply_rope, rope_cos_sin
 
@@ -69,20 +67,10 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary embeddings; softmax in float32 as HF's eager path.
 
-    Without a padding mask the mask is causal (optionally windowed), so query block ``[i0, i1)`` never sees
-    a key at or past ``i1``: the scores are computed block by block over keys ``[0, i1)`` only
-    (``causal_blocks`` query blocks), which skips about half of the ``seq^2`` work and memory of the full
-    score matrix. The skipped keys would get probability exactly 0, so the values are the same up to
-    summation order. That path (``oftjax.models._attention.causal_attention``) has a hand-written backward
-    that assembles ``dq``/``dk``/``dv`` without padded per-block copies. With a padding mask a fully padded
-    query row is uniform over *all* keys in HF, so the full matrix is kept (plain autodiff).
-
-    On a CPU default backend, unpadded float32 batches with a head dim of 16..128 (multiple of 16) run the
-    fused native kernels instead (``oftjax.models._native_attention``, csrc/attention.cc): RoPE, scores,
-    softmax and the products per 32-row query tile, forward and backward, the same math to float32 rounding.
+    Without a padding mask the mask is causal (optionally windowed) and ``causal_attention`` computes it
+    block by block (RoPE inside; a CPU kernel replaces it when ``oftjax.cpu_kernels`` is enabled); with a
+    padding mask the full score matrix is kept (``masked_attention``), as HF does.
     """
-
-    causal_blocks: int = 4  # 64-row blocks at seq 256: 5/8 of the full score work, larger matmuls than 8
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -108,98 +96,31 @@ class Attention(nnx.Module):
     ) -> jax.Array:
         """``causal_only``: ``mask`` is exactly the causal mask (with sliding ``window``), no padding."""
         b, s, _ = x.shape
-        kv = self.num_kv_heads
-        q = _project(self.q_proj, x).reshape(b, s, self.num_heads, self.head_dim)
-        k = _project(self.k_proj, x).reshape(b, s, kv, self.head_dim)
-        v = _project(self.v_proj, x).reshape(b, s, kv, self.head_dim)
-        if causal_only and self._native(q.dtype):
-            # the fused CPU kernels apply RoPE to q and k themselves
-            with jax.named_scope("attention"):
-                scale = self.head_dim**-0.5
-                out = _native_attention.fused_causal_attention(q, k, v, scale, window, cos=cos, sin=sin)
-            return _project(self.o_proj, out.reshape(b, s, self.num_heads * self.head_dim))
-        with jax.named_scope("rope"):
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv, hd = self.num_kv_heads, self.head_dim
+        q = _project(self.q_proj, x).reshape(b, s, self.num_heads, hd)
+        k = _project(self.k_proj, x).reshape(b, s, kv, hd)
+        v = _project(self.v_proj, x).reshape(b, s, kv, hd)
         with jax.named_scope("attention"):
-            out = self._attend(q, k, v, mask, causal_only, window)
-        return _project(self.o_proj, out)
-
-    def _native(self, dtype) -> bool:
-        # The fused CPU kernels (csrc/attention.cc) when the computation targets the CPU; the XLA path on
-        # GPU/TPU. Decided when tracing: a jitted step lowers for the default backend's devices.
-        return jax.default_backend() == "cpu" and _native_attention.supports(self.head_dim, dtype)
-
-    def _attend(self, q, k, v, mask, causal_only: bool, window: int | None) -> jax.Array:
-        # q [b, s, heads, d] and k, v [b, s, kv, d] (rotated) -> [b, s, heads * d].
-        b, s, _, _ = q.shape
-        kv, groups = self.num_kv_heads, self.num_heads // self.num_kv_heads
-        scale = self.head_dim**-0.5
-        exact = math.frexp(scale)[0] == 0.5  # a power of two: scaling q first gives the same bits
-        if exact:
-            q = q * jnp.asarray(scale, q.dtype)
-        # Heads-major [b, kv, groups, s, d]: query head h uses kv head h // groups (repeat_kv).
-        q = q.reshape(b, s, kv, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if causal_only:
-            n = min(self.causal_blocks, max(1, s // 32))
-            out = causal_attention(q, k, v, None if exact else scale, window, n)
-        else:
-            scores = jnp.einsum("bkgqd,bktd->bkgqt", q, k)
-            if not exact:
-                scores = scores * jnp.asarray(scale, q.dtype)
-            scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-            out = jnp.einsum("bkgqt,bktd->bkgqd", probs, v)
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * self.head_dim)
+            if causal_only:
+                out = causal_attention(q, k, v, cos, sin, scale=hd**-0.5, window=window)
+            else:
+                with jax.named_scope("rope"):
+                    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                out = masked_attention(q, k, v, mask, scale=hd**-0.5)
+        return _project(self.o_proj, out.reshape(b, s, self.num_heads * hd))
 
 
-@jax.custom_vjp
+@operation("swiglu")
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """``silu(gate) * up`` (HF's ``act_fn(gate_proj(x)) * up_proj(x)``), with a hand-written backward.
-
-    The gradients are torch's: ``d up = g * silu(gate)`` and ``d gate = (g * up) * s * (1 + gate * (1 - s))``
-    with ``s = sigmoid(gate)`` (``silu_backward``). Only ``gate`` and ``up`` are kept for the backward: plain
-    autodiff kept ``sigmoid(gate)`` and ``silu(gate)`` too, so the forward wrote three ``[tokens,
-    intermediate]`` arrays instead of one (measured 0.4-1.2 ms less per step of benchmarks/bench_train.py,
-    alternating steps in one process: this is memory traffic, not arithmetic). On CPU, float32 operands of one
-    shape run the native kernels of ``oftjax.models._native_swiglu`` (the same formulas, 16 floats wide).
+    """``silu(gate) * up`` (HF's ``act_fn(gate_proj(x)) * up_proj(x)``); a named operation (a CPU kernel
+    replaces it when ``oftjax.cpu_kernels`` is enabled).
 
     Example:
       >>> import jax.numpy as jnp
       >>> float(swiglu(jnp.float32(0.0), jnp.float32(3.0)))
       0.0
     """
-    if _native_swiglu_applies(gate, up):
-        return jax.lax.platform_dependent(gate, up, cpu=_native_swiglu.swiglu_cpu, default=_swiglu_xla)
-    return _swiglu_xla(gate, up)
-
-
-def _native_swiglu_applies(gate: jax.Array, up: jax.Array) -> bool:
-    return gate.shape == up.shape and gate.dtype == up.dtype and _native_swiglu.supports(gate.dtype)
-
-
-def _swiglu_xla(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
-
-
-def _swiglu_grad_xla(gate: jax.Array, up: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    s = jax.nn.sigmoid(gate)
-    return (g * up) * (s * (1 + gate * (1 - s))), g * (gate * s)
-
-
-def _swiglu_fwd(gate, up):
-    return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(res, g):
-    gate, up = res
-    if _native_swiglu_applies(gate, up):
-        cpu = _native_swiglu.swiglu_grad_cpu
-        return jax.lax.platform_dependent(gate, up, g.astype(gate.dtype), cpu=cpu, default=_swiglu_grad_xla)
-    return _swiglu_grad_xla(gate, up, g)
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):

@@ -6,10 +6,12 @@ No flax here; ``oftjax.nn`` builds the modules on top. Reference: PEFT 0.21.2 ``
 from ._adjust import adjust_oft_parameters as adjust_oft_parameters
 from ._adjust import resolve_block_size as resolve_block_size
 from ._blocks import block_diag as block_diag
+from ._blocks import cayley_neumann_blocks as cayley_neumann_blocks
 from ._blocks import dropout_blocks as dropout_blocks
 from ._blocks import inverse_blocks as inverse_blocks
 from ._blocks import merge_rotation as merge_rotation
 from ._blocks import merge_rotation_kernel as merge_rotation_kernel
+from ._blocks import rotate_blocks as rotate_blocks
 from ._blocks import rotate_input as rotate_input
 from ._blocks import rotation_blocks as rotation_blocks
 from ._blocks import unmerge_rotation as unmerge_rotation
@@ -28,6 +30,7 @@ __all__ = [
     "adjust_oft_parameters",
     "block_diag",
     "block_size_from_param_shape",
+    "cayley_neumann_blocks",
     "cayley",
     "cayley_neumann",
     "coft_eps",
@@ -38,6 +41,7 @@ __all__ = [
     "merge_rotation_kernel",
     "num_elements",
     "resolve_block_size",
+    "rotate_blocks",
     "rotate_input",
     "rotation_blocks",
     "skew_from_vec",

@@ -8,18 +8,24 @@ Everything here works block by block; the dense ``d x d`` matrix is only built b
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from oftjax._registry import operation
 
 from ._cayley import cayley, cayley_neumann
 from ._skew import block_size_from_param_shape, skew_from_vec
 
 __all__ = [
     "block_diag",
+    "cayley_neumann_blocks",
     "dropout_blocks",
     "inverse_blocks",
     "merge_rotation",
     "merge_rotation_kernel",
+    "rotate_blocks",
     "rotate_input",
     "rotation_blocks",
     "unmerge_rotation",
@@ -80,12 +86,21 @@ def rotation_blocks(
             f"rotation_blocks: parameter shape {vec.shape} holds blocks of size "
             f"{block_size_from_param_shape(vec.shape)}, not block_size={block_size}"
         )
-    Q = skew_from_vec(vec, block_size)
-    R = cayley_neumann(Q, num_terms, legacy=legacy) if use_cayley_neumann else cayley(Q)
+    if use_cayley_neumann:
+        R = cayley_neumann_blocks(vec, block_size, int(num_terms), bool(legacy))
+    else:
+        R = cayley(skew_from_vec(vec, block_size))
     R = R.astype(vec.dtype)
     if block_share:
         R = jnp.broadcast_to(R, (num_blocks, block_size, block_size))
     return R
+
+
+@operation("cayley_neumann_blocks")
+def cayley_neumann_blocks(vec: jax.Array, block_size: int, num_terms: int, legacy: bool) -> jax.Array:
+    """``cayley_neumann(skew_from_vec(vec, block_size), num_terms, legacy)``: blocks ``[n, b, b]`` from
+    parameters ``[n, b(b-1)/2]`` (a named operation: kernels may replace it, see ``oftjax._registry``)."""
+    return cayley_neumann(skew_from_vec(vec, block_size), num_terms, legacy=legacy)
 
 
 def rotate_input(
@@ -97,8 +112,8 @@ def rotate_input(
 ) -> jax.Array:
     """Rotate inputs block by block: ``x BD(R)`` without building ``BD`` (PEFT's OFT forward).
 
-    ``x[..., r*b]`` is viewed as ``[..., r, b]`` and each row-vector block multiplies its block:
-    ``einsum("...rk,rkc->...rc")``. As PEFT does, ``x`` is cast to the rotation dtype first.
+    ``x[..., r*b]`` is viewed as ``[..., r, b]`` and each row-vector block multiplies its block
+    (``rotate_blocks``). As PEFT does, ``x`` is cast to the rotation dtype first.
 
     Args:
         x: ``[..., r*b]`` inputs.
@@ -126,9 +141,23 @@ def rotate_input(
             f"rotate_input: {r} blocks of size {b} need x[..., {r * b}]; got x with shape {x.shape}"
         )
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    xb = x.astype(R_blocks.dtype).reshape(*x.shape[:-1], r, b)
-    y = jnp.einsum("...rk,rkc->...rc", xb, R_blocks, precision=precision)
-    return y.reshape(x.shape).astype(out_dtype)
+    return rotate_blocks(x.astype(R_blocks.dtype), R_blocks, precision).astype(out_dtype)
+
+
+@operation("rotate_blocks")
+def rotate_blocks(x: jax.Array, R_blocks: jax.Array, precision: jax.lax.PrecisionLike = None) -> jax.Array:
+    """``x BD(R)`` for ``x [..., r*b]`` in ``R``'s dtype (``rotate_input`` without its checks and casts).
+
+    A named operation (kernels may replace it, see ``oftjax._registry``). ``x`` is viewed as
+    ``[tokens, r, b]`` and transposed to ``[r, tokens, b]`` so that the block index is the leading batch
+    dimension of one batched matmul: the products and sums of ``einsum("...rk,rkc->...rc")``, in the layout
+    XLA runs fastest on the CPU (the einsum form makes XLA:CPU transpose the operands itself, slower).
+    """
+    r, b = int(R_blocks.shape[0]), int(R_blocks.shape[1])
+    tokens = math.prod(x.shape[:-1])
+    xb = x.reshape(tokens, r, b).transpose(1, 0, 2)
+    y = jnp.matmul(xb, R_blocks, precision=precision)
+    return y.transpose(1, 0, 2).reshape(x.shape)
 
 
 def block_diag(R_blocks: jax.Array) -> jax.Array:

@@ -4,15 +4,14 @@
   quant_storage)`` -> ``FourBitWeight``; ``dequantize(q, dtype=None)`` for both. All jit-able; each public
   function compiles once per shape and format. ``rounding="cpu"`` (default) is bit-exact with bitsandbytes on
   the CPU, ``rounding="cuda"`` follows the CUDA kernels where they differ.
-* CPU: the 4-bit dequantize runs a native kernel (csrc/dequant4.cc, an XLA FFI custom call built by
-  ``pip install``; ``native_info()`` says whether it is loaded) with the same bits as the XLA formulation that
-  runs on GPU/TPU, except that it keeps float32 subnormal products as bitsandbytes does.
+* Pure JAX on every backend. ``oftjax.cpu_kernels.enable()`` replaces the 4-bit dequantize by a C++ kernel
+  on the CPU with the same bits, except that it keeps float32 subnormal products as bitsandbytes does.
 * Host side: the double-quantization statistics (a torch-order float32 mean and the nested 8-bit codes of the
   n / blocksize absmax values) run in numpy via ``jax.pure_callback``; everything else is XLA.
 * Subnormal float32 *inputs* are flushed to zero by XLA:CPU (bitsandbytes keeps them); the subnormal values
   bnb itself produces (absmax 1e-38 of an all-zero ragged block, statistics of near-zero weights) are exact.
 
-See ../shared/notes/bitsandbytes-formats.md for the numerics this package reproduces.
+The numerics this package reproduces: docs/bitsandbytes-formats.md.
 """
 
 from oftjax.quant._dequant import dequantize as dequantize
@@ -21,7 +20,6 @@ from oftjax.quant._formats import NESTED_BLOCKSIZE as NESTED_BLOCKSIZE
 from oftjax.quant._formats import QUANT_TYPES as QUANT_TYPES
 from oftjax.quant._formats import FourBitWeight as FourBitWeight
 from oftjax.quant._formats import Int8Weight as Int8Weight
-from oftjax.quant._native import native_info as native_info
 from oftjax.quant._quant4 import QUANT_STORAGES as QUANT_STORAGES
 from oftjax.quant._quant4 import ROUNDINGS as ROUNDINGS
 from oftjax.quant._quant4 import quantize_4bit as quantize_4bit
@@ -44,7 +42,6 @@ __all__ = [
     "Int8Weight",
     "code_table",
     "dequantize",
-    "native_info",
     "quantize_4bit",
     "quantize_int8",
 ]

@@ -2,8 +2,8 @@
 
 Follows bnb's pure-torch default kernels (``bitsandbytes/backends/default/ops.py``:
 ``_dequantize_4bit_compute``, ``dequantize_blockwise``; ``bitsandbytes/_ops.py``:
-``int8_vectorwise_dequant``),
-which CPU and CUDA agree with (../shared/notes/bitsandbytes-formats.md §4, §6):
+``int8_vectorwise_dequant``), which CPU and CUDA agree with (docs/bitsandbytes-formats.md,
+"Dequantization" and "CPU and CUDA rounding"):
 
   * 4-bit: ``out = dtype(fl32(code[nibble] * absmax[i // blocksize]))``, one float32 multiply then one
     round-to-nearest-even cast, no intermediate dtype.
@@ -11,11 +11,12 @@ which CPU and CUDA agree with (../shared/notes/bitsandbytes-formats.md §4, §6)
     the multiply *and* after the add.
   * int8: ``fl32(fl32(CB * SCB) * fl32(1/127))`` with bnb's constant ``7.874015718698502e-3``.
 
-Everything here is jit-able; shapes and format metadata are static, so a second call with the same shapes
-does not recompile. On CPU the 4-bit path runs the native kernel (``oftjax.quant._native``); the XLA
-formulation (GPU/TPU, or CPU without the kernel) computes each block's 16 possible values once and selects
-among them per nibble instead of gathering from the code table (``_dequantize_4bit_xla`` says why and what
-it costs on XLA:CPU); the bits are the same.
+Everything here is pure JAX and jit-able; shapes and format metadata are static, so a second call with the
+same shapes does not recompile. The 4-bit lookup computes each block's 16 possible values once and selects
+among them per nibble instead of gathering from the code table (``_dequantize_4bit_xla`` says why); the
+bits are the same. ``dequantize_4bit`` is a named operation (``oftjax._registry``): ``oftjax.cpu_kernels``
+may replace it on the CPU with a kernel giving the same bits. XLA:CPU flushes float32 subnormal *products*
+to zero where bitsandbytes keeps them (docs/bitsandbytes-formats.md, "Dequantization").
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oftjax.quant import _native
+from oftjax._registry import operation
 from oftjax.quant._formats import NESTED_BLOCKSIZE, FourBitWeight, Int8Weight
 from oftjax.quant._tables import DYNAMIC, code_table
 
@@ -67,47 +68,19 @@ def _dequantize(q: Int8Weight | FourBitWeight, out_dtype: np.dtype) -> jax.Array
         case Int8Weight():
             return dequantize_int8(q.CB, q.SCB).astype(out_dtype)
         case FourBitWeight():
-            if q.compress_statistics:
-                stats = (q.absmax, q.nested_absmax, q.offset)
-                return dequantize_4bit_nested(q.packed, *stats, q.shape, q.blocksize, q.quant_type, out_dtype)
-            return dequantize_4bit_values(q.packed, q.absmax, q.shape, q.blocksize, q.quant_type, out_dtype)
+            return dequantize_4bit(q, out_dtype)
         case _:  # pragma: no cover - checked by the caller
             raise TypeError(type(q).__name__)
 
 
-def fused_rotate_supported(q: Any, R: jax.Array, dtype: Any) -> bool:
-    """Whether ``dequantize_rotate_cpu(q, R)`` runs: a 2-D 4-bit weight, float32 compute and rotation blocks
-    of a size the native kernel runs here, whose ``r * b`` is the weight's row length."""
-    return (
-        isinstance(q, FourBitWeight)
-        and len(q.shape) == 2
-        and jnp.dtype(dtype) == jnp.float32
-        and R.dtype == jnp.float32
-        and R.ndim == 3
-        and R.shape[0] * R.shape[1] == q.shape[1]
-        and _native.supports_rotate(int(R.shape[1]))
-    )
-
-
-def dequantize_rotate_cpu(q: FourBitWeight, R: jax.Array) -> jax.Array:
-    """float32 ``dequantize(q) BD(R)`` (each row of ``q`` rotated block by block) by one native CPU kernel.
-
-    The bits of dequantizing and then rotating with the native kernels, without writing the float32 weight
-    out in between (``oftjax.nn._rotated_matmul``'s forward over a 4-bit weight). Needs
-    ``fused_rotate_supported(q, R, float32)``; only lowers for the CPU (callers choose it with
-    ``jax.lax.platform_dependent``).
-    """
-    n = int(np.prod(q.shape, dtype=np.int64))
-    b = packed_bytes_for(q.packed, n)
-    code = jnp.asarray(code_table(q.quant_type))
-    common = {"shape": q.shape, "blocksize": q.blocksize}
+@operation("dequantize_4bit")
+def dequantize_4bit(q: FourBitWeight, dtype: np.dtype) -> jax.Array:
+    """A 4-bit weight dequantized into ``dtype``, shape ``q.shape`` (a named operation, see
+    ``oftjax._registry``)."""
     if q.compress_statistics:
-        stats = (q.absmax, q.nested_absmax.astype(jnp.float32), jnp.asarray(q.offset, jnp.float32))
-        return _native.dequantize_4bit_rotate_cpu(
-            b, *stats, jnp.asarray(DYNAMIC), code, R, nested=True, **common
-        )
-    absmax = q.absmax.astype(jnp.float32)
-    return _native.dequantize_4bit_rotate_cpu(b, absmax, code, R, nested=False, **common)
+        stats = (q.absmax, q.nested_absmax, q.offset)
+        return dequantize_4bit_nested(q.packed, *stats, q.shape, q.blocksize, q.quant_type, dtype)
+    return dequantize_4bit_values(q.packed, q.absmax, q.shape, q.blocksize, q.quant_type, dtype)
 
 
 def dequantize_int8(CB: jax.Array, SCB: jax.Array) -> jax.Array:
@@ -188,11 +161,11 @@ def select_by_nibble(idx: jax.Array, leaves: list[jax.Array]) -> jax.Array:
     return level[0]
 
 
-# blocks per tile of the per-block value table (see dequantize_4bit_values); 8 measured best of 1, 8, 16, 64
+# blocks per tile of the per-block value table (see _dequantize_4bit_xla): fastest of 1, 8, 16, 64 on XLA:CPU
 _TILE = 8
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
 def dequantize_4bit_values(
     packed: jax.Array,
     absmax: jax.Array,
@@ -203,13 +176,8 @@ def dequantize_4bit_values(
 ) -> jax.Array:
     """``dtype(fl32(code[nibble] * absmax[i // blocksize]))`` reshaped to ``shape``: one multiply, one cast.
 
-    Differentiable in ``absmax`` (reverse mode, ``_dequantize_4bit_bwd``): the lookup works on raw bits,
-    which carry no gradient, so the backward pass is written out.
-
-    On CPU this runs the native kernel (``oftjax.quant._native``, csrc/dequant4.cc) when it is built, chosen
-    at lowering time with ``jax.lax.platform_dependent``; elsewhere (and for other output dtypes) the XLA
-    formulation ``_dequantize_4bit_xla``. Both give the same bits, except float32 subnormal products, which
-    the kernel keeps (as bitsandbytes does) and XLA:CPU flushes to zero.
+    Differentiable in ``absmax`` (forward and reverse mode: ``_dequantize_4bit_jvp``): the lookup works on raw
+    bits, which carry no derivative, so the tangent ``code[nibble] * d absmax[block]`` is written out.
     """
     n = int(np.prod(shape, dtype=np.int64))
     nb = -(-n // blocksize)
@@ -220,15 +188,9 @@ def dequantize_4bit_values(
         )
     b = packed_bytes_for(packed, n)
     dtype = jax.dtypes.canonicalize_dtype(dtype)  # float64 is float32 unless x64 is enabled
-    scale = absmax.astype(jnp.float32)
-    xla = functools.partial(
-        _dequantize_4bit_xla, n=n, blocksize=blocksize, quant_type=quant_type, dtype=dtype
-    )
-    if not _native.supports(dtype):
-        return xla(b, scale).reshape(shape)
-    code = jnp.asarray(code_table(quant_type))
-    cpu = functools.partial(_native.dequantize_4bit_cpu, code=code, n=n, blocksize=blocksize, dtype=dtype)
-    return jax.lax.platform_dependent(b, scale, cpu=cpu, default=xla).reshape(shape)
+    out = _dequantize_4bit_xla(b, absmax.astype(jnp.float32), n=n, blocksize=blocksize, quant_type=quant_type,
+                               dtype=dtype)  # fmt: skip
+    return out.reshape(shape)
 
 
 def _dequantize_4bit_xla(
@@ -246,11 +208,9 @@ def _dequantize_4bit_xla(
     last, which XLA fuses into one vectorized loop per nibble that writes the output once. Blocks are
     zero-padded up to whole tiles (the ragged last block too) and the padding is sliced off.
 
-    Measured on XLA:CPU (4096 x 4096, bf16, one core, no page faults): 13.3 ms with a gather, 7.7 ms with
-    the select tree on float32 codes, 5.5 ms as here. What remains is mostly the interleave: XLA writes each
-    nibble's half of the output with one scalar store per element (strided by two), and every formulation
-    that writes whole vectors instead (an interleaving bitcast of 32-bit pairs, pads, transposes, a select
-    on the parity, output-order indices) compiled 2-10x slower.
+    On XLA:CPU this is faster than a gather from the code table and than selecting among float32 codes
+    (benchmarks/RESULTS.md, "4-bit dequantize, XLA formulations"); what remains is mostly the interleave,
+    which XLA writes one element at a time.
     """
     uint = _UINT_OF_SIZE[dtype.itemsize]
     nb = -(-n // blocksize)
@@ -272,25 +232,33 @@ def _dequantize_4bit_xla(
     return out if out.shape[0] == n else out[:n]
 
 
-def _dequantize_4bit_fwd(packed, absmax, shape, blocksize, quant_type, dtype=jnp.float32):
-    out = dequantize_4bit_values(packed, absmax, shape, blocksize, quant_type, dtype)
-    return out, (packed, absmax)
+def _code_of_each_element(packed: jax.Array, n: int, quant_type: str) -> jax.Array:
+    """float32 ``code[nibble]`` of every element, flat ``[n]``."""
+    return jnp.asarray(code_table(quant_type))[unpack_nibbles(packed, n).astype(jnp.int32)]
 
 
-def _dequantize_4bit_bwd(shape, blocksize, quant_type, dtype, res, g):
-    """d absmax[j] = sum over block j of code[nibble] * g (the output is linear in absmax)."""
-    packed, absmax = res
+def _absmax_tangent(packed, d_absmax, shape, blocksize, quant_type, dtype) -> jax.Array:
+    """The output's tangent for an absmax tangent: ``code[nibble] * d_absmax[block]`` (linear in it)."""
     n = int(np.prod(shape, dtype=np.int64))
-    nb = absmax.shape[0]
-    codes = jnp.asarray(code_table(quant_type))[unpack_nibbles(packed, n).astype(jnp.int32)]
-    prod = jnp.pad(codes * g.reshape(-1).astype(jnp.float32), (0, nb * blocksize - n))
-    return None, prod.reshape(nb, blocksize).sum(axis=1).astype(absmax.dtype)
+    nb = d_absmax.shape[0]
+    codes = _code_of_each_element(packed, n, quant_type)
+    per_block = jnp.pad(codes, (0, nb * blocksize - n)).reshape(nb, blocksize)
+    t = (per_block * d_absmax.astype(jnp.float32)[:, None]).reshape(-1)[:n]
+    return t.reshape(shape).astype(dtype)
 
 
-dequantize_4bit_values.defvjp(_dequantize_4bit_fwd, _dequantize_4bit_bwd)
+def _dequantize_4bit_jvp(shape, blocksize, quant_type, dtype, primals, tangents):
+    packed, absmax = primals
+    _, d_absmax = tangents
+    out = dequantize_4bit_values(packed, absmax, shape, blocksize, quant_type, dtype)
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    return out, _absmax_tangent(packed, d_absmax, shape, blocksize, quant_type, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+dequantize_4bit_values.defjvp(_dequantize_4bit_jvp)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def dequantize_4bit_nested(
     packed: jax.Array,
     qabsmax: jax.Array,
@@ -303,9 +271,7 @@ def dequantize_4bit_nested(
 ) -> jax.Array:
     """``dequantize_4bit_values`` with the absmax itself double-quantized (``dequantize_nested_absmax``).
 
-    On CPU with the native kernel both steps run in one pass (each block's absmax is computed where the block
-    is written, two float32 roundings as bnb); elsewhere the two XLA steps. Differentiable in
-    ``nested_absmax`` and ``offset`` (reverse mode, through the absmax).
+    Differentiable in ``nested_absmax`` and ``offset`` (forward and reverse mode, through the absmax).
     """
     dtype = jax.dtypes.canonicalize_dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64))
@@ -315,39 +281,27 @@ def dequantize_4bit_nested(
             f"absmax codes must be uint8 [{nb}] for {n} elements in blocks of {blocksize}, "
             f"got {qabsmax.dtype} {tuple(qabsmax.shape)}"
         )
-
-    def xla(b, qabs, nested, off):  # this function's own VJP differentiates; no inner custom VJP needed
-        absmax = dequantize_nested_absmax(qabs, nested, off)
-        return _dequantize_4bit_xla(b, absmax, n=n, blocksize=blocksize, quant_type=quant_type, dtype=dtype)
-
-    stats = (qabsmax, nested_absmax.astype(jnp.float32), jnp.asarray(offset, jnp.float32))
-    args = (packed_bytes_for(packed, n), *stats)
-    if not _native.supports(dtype):
-        return xla(*args).reshape(shape)
-    cpu = functools.partial(
-        _native.dequantize_4bit_nested_cpu,
-        dynamic=jnp.asarray(DYNAMIC),
-        code=jnp.asarray(code_table(quant_type)),
-        n=n,
-        blocksize=blocksize,
-        dtype=dtype,
+    absmax = dequantize_nested_absmax(
+        qabsmax, nested_absmax.astype(jnp.float32), jnp.asarray(offset, jnp.float32)
     )
-    return jax.lax.platform_dependent(*args, cpu=cpu, default=xla).reshape(shape)
+    b = packed_bytes_for(packed, n)
+    out = _dequantize_4bit_xla(b, absmax, n=n, blocksize=blocksize, quant_type=quant_type, dtype=dtype)
+    return out.reshape(shape)
 
 
-def _dequantize_4bit_nested_fwd(packed, qabsmax, nested_absmax, offset, shape, blocksize, quant_type, dtype):
+def _dequantize_4bit_nested_jvp(shape, blocksize, quant_type, dtype, primals, tangents):
+    packed, qabsmax, nested_absmax, offset = primals
+    _, _, d_nested, d_offset = tangents
     out = dequantize_4bit_nested(packed, qabsmax, nested_absmax, offset, shape, blocksize, quant_type, dtype)
-    return out, (packed, qabsmax, nested_absmax, offset)
-
-
-def _dequantize_4bit_nested_bwd(shape, blocksize, quant_type, dtype, res, g):
-    packed, qabsmax, nested_absmax, offset = res
-    absmax, pullback = jax.vjp(
-        lambda a2, off: dequantize_nested_absmax(qabsmax, a2, off), nested_absmax, offset
+    _, d_absmax = jax.jvp(
+        lambda a2, off: dequantize_nested_absmax(
+            qabsmax, a2.astype(jnp.float32), jnp.asarray(off, jnp.float32)
+        ),
+        (nested_absmax, offset),
+        (d_nested, d_offset),
     )
-    _, g_absmax = _dequantize_4bit_bwd(shape, blocksize, quant_type, dtype, (packed, absmax), g)
-    g_nested, g_offset = pullback(g_absmax)
-    return None, None, g_nested, g_offset
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    return out, _absmax_tangent(packed, d_absmax, shape, blocksize, quant_type, dtype)
 
 
-dequantize_4bit_nested.defvjp(_dequantize_4bit_nested_fwd, _dequantize_4bit_nested_bwd)
+dequantize_4bit_nested.defjvp(_dequantize_4bit_nested_jvp)

@@ -61,14 +61,14 @@ def test_rotate_kernel_is_block_diag_product():
     np.testing.assert_allclose(np.asarray(rotate_kernel(K, (R1, R2))), want, rtol=FWD.rtol, atol=FWD.atol)
 
 
-def test_rotate_blocks_equals_oft_rotate_input():
+def test_rotate_blocks_equals_the_einsum():
     R = _blocks(jax.random.key(0), 4, 8)
     x = jax.random.normal(jax.random.key(1), (2, 3, 32))
-    from oftjax.nn._forward import rotate_blocks
+    from oftjax.oft import rotate_blocks
 
     np.testing.assert_allclose(
         np.asarray(jax.jit(rotate_blocks)(x, R)),
-        np.asarray(oft.rotate_input(x, R)),
+        np.asarray(jnp.einsum("...rk,rkc->...rc", x.reshape(2, 3, 4, 8), R).reshape(x.shape)),
         rtol=FWD.rtol,
         atol=FWD.atol,
     )
