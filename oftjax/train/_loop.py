@@ -124,11 +124,11 @@ class _Run:
                 arrived[-1]["eval_loss"] = eval_after = trainer.eval_loss(self.evals)
             self.log.write(*arrived)
             records.extend(arrived)
-            self.bar.update(len(arrived))
             last = arrived[-1]
             self.bar.set_postfix(
                 loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", refresh=False
             )
+            self.bar.update(len(arrived))  # the bar shows the steps whose metrics arrived
             if save:
                 save_checkpoint(
                     self.output_dir,
