@@ -40,17 +40,6 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "oftjax.models": (*_NN, "oftjax.models"),
 }
 
-# Imports that break the rule today and are being removed: the native CPU kernels' loader (oftjax._ffi) is
-# still imported from inside quant, nn and models until the kernels move behind the registry into
-# oftjax.cpu_kernels. test_no_known_violation_is_left (strict xfail) fails once they are gone: then empty
-# this set.
-KNOWN_VIOLATIONS = {
-    ("oftjax.quant._native", "oftjax._ffi"),
-    ("oftjax.nn._native_rotate", "oftjax._ffi"),
-    ("oftjax.models._native_attention", "oftjax._ffi"),
-    ("oftjax.models._native_swiglu", "oftjax._ffi"),
-}
-
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -236,13 +225,7 @@ def test_the_rule_is_checked_on_real_files():
 
 
 def test_no_layer_imports_one_above_it():
-    violations = _violations()
-    assert [v for k, v in violations.items() if k not in KNOWN_VIOLATIONS] == []
-
-
-@pytest.mark.xfail(strict=True, reason="the native kernels' loader is still imported below the registry")
-def test_no_known_violation_is_left():
-    assert not KNOWN_VIOLATIONS & _violations().keys()
+    assert list(_violations().values()) == []
 
 
 @pytest.mark.parametrize("prefix", ["interop", "oftjax.nn"])
