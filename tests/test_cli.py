@@ -86,6 +86,14 @@ def test_subcommands_registered():
     assert parser.parse_args(["train"]).model is None  # `oftjax train` alone: the embedded default
 
 
+def test_train_help_explains_the_cpu_kernels(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--cpu-kernels {on,off}" in help_text and "agree to float32 rounding" in help_text
+    assert build_parser().parse_args(["train"]).cpu_kernels is None  # resolved from JAX's backend at run time
+
+
 def test_tiny_run_then_resume_and_changed_settings(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["train", "--model", str(tiny_dir), "--data", str(text_file), "--output", str(out), "--quiet",
@@ -99,9 +107,17 @@ def test_tiny_run_then_resume_and_changed_settings(tiny_dir, text_file, tmp_path
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["quant"] == "nf4" and summary["bytes_per_frozen_param"] < 0.6
+    # on a CPU the run used the CPU kernels (recorded: they change float rounding) and gave the process back
+    # as it found it
+    from oftjax import cpu_kernels
+
+    assert json.loads((out / "run.json").read_text())["cpu_kernels"] == "on"
+    assert not cpu_kernels.enabled()
     # resuming the finished run with the same settings does nothing new; changed settings are refused
     assert main([*common, "--steps", "4", "--quant", "nf4", "--resume"]) == 0
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert main([*common, "--steps", "4", "--quant", "fp4", "--resume"]) == 1
     assert "changed settings ['quant']" in _err(capsys)
+    assert main([*common, "--steps", "4", "--quant", "nf4", "--resume", "--cpu-kernels", "off"]) == 1
+    assert "changed settings ['cpu_kernels']" in _err(capsys)
     np.testing.assert_equal(recs[-1]["step"], 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -122,6 +123,8 @@ class _Base:
 
 @dataclasses.dataclass
 class _Adapter:
+    """The OFT adapter applied to the base: its config, the wrapped module paths, its parameter count."""
+
     config: Any
     layers: list[str]
     trainable: int
@@ -136,15 +139,24 @@ def run_train(args: argparse.Namespace) -> int:
     _validate(args)
     _prepare_output(args)
     t0 = time.perf_counter()
-    texts = _read_data(args)
-    summary: dict[str, Any] = {}
-    base = _load_base(args, _base_dir(args, texts, summary))
-    _quantize(args, base)
-    adapter = _apply_oft(args, base)
-    train, evald = _datasets(args, texts, base.tokenizer)
-    res = _train(args, base, adapter, train, evald)
+    with _cpu_kernels(args):
+        texts = _read_data(args)
+        summary: dict[str, Any] = {}
+        base = _load_base(args, _base_dir(args, texts, summary))
+        _quantize(args, base)
+        adapter = _apply_oft(args, base)
+        train, evald = _datasets(args, texts, base.tokenizer)
+        res = _train(args, base, adapter, train, evald)
     _summarize(args, base, adapter, res, summary, time.perf_counter() - t0)
     return 0
+
+
+def _cpu_kernels(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """``--cpu-kernels on``: the opt-in CPU kernels for this run, ``off``: pure JAX; the process's previous
+    setting comes back when the run ends (a command called in-process leaves its caller as it was)."""
+    from oftjax import cpu_kernels
+
+    return cpu_kernels.enable() if args.cpu_kernels == "on" else cpu_kernels.disable()
 
 
 def _read_data(args: argparse.Namespace) -> _Texts:

@@ -47,6 +47,7 @@ RESUME_KEYS = (
     "seed",
     "data",
     "max_data_bytes",
+    "cpu_kernels",
 )
 
 
@@ -122,6 +123,15 @@ def _runtime_arguments(g: argparse._ArgumentGroup) -> None:
         help="keep: glibc keeps freed memory for reuse, so XLA:CPU's per-step buffers are not faulted in "
         "again every step (faster steps on CPU; the peak memory stays mapped); default: glibc as "
         "configured (default: %(default)s)",
+    )
+    g.add_argument(
+        "--cpu-kernels",
+        choices=("on", "off"),
+        default=None,
+        help="on: the opt-in C++ CPU kernels (oftjax.cpu_kernels: OFT rotations, 4-bit dequantization, "
+        "attention, SwiGLU) replace their pure-JAX formulations for this run; results agree to float32 "
+        "rounding (so a run resumes only with the same setting); they run only where JAX computes on the "
+        "CPU (default: on when JAX's default backend is the CPU, else off)",
     )
     g.add_argument(
         "--mesh",
@@ -253,6 +263,10 @@ def validate(args: argparse.Namespace) -> None:
         fail("--target-modules is empty")
     if args.mesh is not None:
         parse_mesh(args.mesh)
+    if args.cpu_kernels is None:
+        import jax
+
+        args.cpu_kernels = "on" if jax.default_backend() == "cpu" else "off"
 
 
 def parse_mesh(spec: str) -> tuple[int, int]:
