@@ -1,14 +1,13 @@
 """Put OFT adapters into any NNX model: target selection, wrapping, adapter management.
 
 ``apply_oft`` is PEFT's ``get_peft_model`` / ``add_adapter`` for OFT on an NNX model: it walks the module
-graph (attributes, ``nnx.List`` / ``nnx.Dict`` / lists), names every module by its dotted path with list
-indices as numbers (``"model.layers.0.self_attn.q_proj"``, PEFT's module names), and wraps each selected
-linear in an
-``OFTLinear`` chosen by the base type (float ``nnx.Linear``, ``Linear8bit``, ``Linear4bit``: PEFT's
-``dispatch_bnb_8bit`` / ``dispatch_bnb_4bit``) and each selected ``nnx.Embed`` in an ``OFTEmbed`` (PEFT's
-``Embedding``: the output is rotated; embeddings are adapted only when ``target_modules`` names them, never
-by "all-linear"). The wrapper keeps the base's state names, so paths like ``...q_proj.kernel`` and
-``model.embed_tokens.embedding`` do not change.
+graph (``oftjax.nn.find_modules``: attributes, ``nnx.List`` / ``nnx.Dict`` / lists), names every module by
+its dotted path with list indices as numbers (``"model.layers.0.self_attn.q_proj"``, PEFT's module names),
+and wraps each selected linear (``nnx.Linear``, ``Linear8bit``, ``Linear4bit``, any ``oftjax.nn.LinearBase``)
+in an ``OFTLinear`` and each selected ``nnx.Embed`` in an ``OFTEmbed`` (PEFT's ``Embedding``: the output is
+rotated; embeddings are adapted only when ``target_modules`` names them, never by "all-linear"). The wrapper
+takes the module's place and holds it as ``base_layer``: the module path stays ``...q_proj`` and the base's
+state moves below it (``...q_proj.base_layer.kernel``), as in PEFT.
 
 Training selects by type: ``nnx.Optimizer(model, optax.adamw(1e-3), wrt=OFTParam)`` trains the rotations (and
 the biases that ``OFTConfig.bias`` made trainable, which become ``OFTBias``, a subclass of ``OFTParam``); the
@@ -26,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from oftjax.nn._adapters import OFTAdapters
-from oftjax.nn._base import base_kind
+from oftjax.nn._base import is_linear_base
+from oftjax.nn._graph import ModulePath, find_modules, path_str, replace_module
 from oftjax.nn._oft_embed import OFTEmbed
 from oftjax.nn._oft_linear import OFTLinear
 from oftjax.nn._settings import AdapterSettings
@@ -35,60 +35,24 @@ from oftjax.nn._variables import OFTBias, OFTParam
 __all__ = [
     "OFTParam",
     "apply_oft",
+    "as_oft_layer",
     "delete_adapter",
     "disable_adapters",
+    "is_adaptable_embedding",
+    "is_adaptable_linear",
     "oft_layers",
     "set_adapter",
     "trainable_count",
 ]
 
-PathKey = str | int
+
+def is_adaptable_linear(module: Any) -> bool:
+    """An ``OFTLinear`` already, or a layer it can wrap (``oftjax.nn.LinearBase``)."""
+    return isinstance(module, OFTLinear) or is_linear_base(module)
 
 
-def _path_str(path: Sequence[PathKey]) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def _child(node: Any, key: PathKey) -> Any:
-    if isinstance(key, int) or isinstance(node, dict | nnx.Dict):
-        return node[key]
-    return getattr(node, key)
-
-
-def _set_child(node: Any, key: PathKey, value: Any) -> None:
-    if isinstance(key, int) or isinstance(node, dict | nnx.Dict):
-        node[key] = value
-    else:
-        setattr(node, key, value)
-
-
-def _sort_key(path: Sequence[PathKey]) -> tuple[tuple[int, Any], ...]:
-    return tuple((0, p) if isinstance(p, int) else (1, str(p)) for p in path)
-
-
-def _modules(model: nnx.Module) -> Iterator[tuple[tuple[PathKey, ...], Any]]:
-    """Every module below the root with its path, not descending into OFT layers."""
-    oft_paths: list[tuple[PathKey, ...]] = []
-    # Parents before children; list indices in numeric order ("layers.2" before "layers.10").
-    for path, module in sorted(nnx.iter_modules(model), key=lambda pm: _sort_key(pm[0])):
-        if not path or any(path[: len(p)] == p for p in oft_paths):
-            continue
-        if isinstance(module, OFTAdapters):
-            oft_paths.append(tuple(path))
-        yield tuple(path), module
-
-
-def _is_linear(module: Any) -> bool:
-    if isinstance(module, OFTLinear):
-        return True
-    try:
-        base_kind(module)
-    except TypeError:
-        return False
-    return True
-
-
-def _is_embed(module: Any) -> bool:
+def is_adaptable_embedding(module: Any) -> bool:
+    """An ``OFTEmbed`` already, or an ``nnx.Embed`` it can wrap."""
     return isinstance(module, OFTEmbed | nnx.Embed)
 
 
@@ -100,9 +64,8 @@ def oft_layers(model: nnx.Module) -> Iterator[tuple[str, OFTAdapters]]:
       >>> list(oft_layers(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))
       []
     """
-    for path, module in _modules(model):
-        if isinstance(module, OFTAdapters):
-            yield _path_str(path), module
+    for path, module in find_modules(model, lambda m: isinstance(m, OFTAdapters)):
+        yield path_str(path), module
 
 
 def _current_active(model: nnx.Module) -> tuple[str, ...] | None:
@@ -161,44 +124,16 @@ def apply_oft(
             "those modules are neither adapted nor made trainable",
             stacklevel=2,
         )
-    matched: list[tuple[tuple[PathKey, ...], Any]] = []
-    candidates: list[str] = []
-    for path, module in _modules(model):
-        linear, embed = _is_linear(module), _is_embed(module)
-        name = _path_str(path)
-        if linear or embed:
-            candidates.append(name)
-        if config.is_all_linear and (not linear or path[-1] == "lm_head"):
-            continue  # PEFT's "all-linear" skips non-linear modules (embeddings too) and the output layer
-        if not config.is_target(name):
-            continue
-        if not (linear or embed):
-            raise TypeError(
-                f"Target module {name} ({type(module).__name__}) is not supported. Currently, only "
-                "nnx.Linear-like layers, oftjax.nn.Linear8bit, oftjax.nn.Linear4bit and nnx.Embed are "
-                "supported."
-            )
-        matched.append((path, module))
-    if not matched:
-        raise ValueError(
-            f"Target modules {_describe_targets(config)} not found in the base model. Candidate linear/"
-            f"embedding layers: {candidates[:8]}{' ...' if len(candidates) > 8 else ''}. Please check the "
-            "target modules and try again."
-        )
+    matched = _targets(model, config)
     for path, module in matched:
         if isinstance(module, OFTAdapters) and adapter_name in module.adapters:
             raise ValueError(
-                f"adapter {adapter_name!r} already exists on {_path_str(path)}; pick another adapter_name or "
+                f"adapter {adapter_name!r} already exists on {path_str(path)}; pick another adapter_name or "
                 "delete_adapter first"
             )
     active = _current_active(model)
     for path, module in matched:
-        if isinstance(module, OFTAdapters):
-            layer = module
-        elif _is_embed(module):
-            layer = OFTEmbed(module)
-        else:
-            layer = OFTLinear(module, rotate=rotate)
+        layer = as_oft_layer(module, rotate=rotate)
         settings = AdapterSettings.from_config(config, layer.in_features)
         layer.add_adapter(
             adapter_name,
@@ -211,12 +146,54 @@ def apply_oft(
         if active is not None:
             layer.active_adapters = active
         if layer is not module:
-            parent = model
-            for key in path[:-1]:
-                parent = _child(parent, key)
-            _set_child(parent, path[-1], layer)
+            replace_module(model, path, layer)
     _mark_biases(model, config.bias, [m for _, m in oft_layers(model)])
-    return [_path_str(p) for p, _ in matched]
+    return [path_str(p) for p, _ in matched]
+
+
+def _targets(model: nnx.Module, config: Any) -> list[tuple[ModulePath, Any]]:
+    """The modules ``config`` selects, in model order; TypeError/ValueError as ``apply_oft`` says."""
+    matched: list[tuple[ModulePath, Any]] = []
+    candidates: list[str] = []
+    for path, module in find_modules(model):
+        linear, embed = is_adaptable_linear(module), is_adaptable_embedding(module)
+        name = path_str(path)
+        if linear or embed:
+            candidates.append(name)
+        if config.is_all_linear and (not linear or path[-1] == "lm_head"):
+            continue  # PEFT's "all-linear" skips non-linear modules (embeddings too) and the output layer
+        if not config.is_target(name):
+            continue
+        if not (linear or embed):
+            raise TypeError(
+                f"Target module {name} ({type(module).__name__}) is not supported. Currently, only "
+                "nnx.Linear, oftjax.nn.Linear8bit, oftjax.nn.Linear4bit (or any oftjax.nn.LinearBase) and "
+                "nnx.Embed are supported."
+            )
+        matched.append((path, module))
+    if not matched:
+        raise ValueError(
+            f"Target modules {_describe_targets(config)} not found in the base model. Candidate linear/"
+            f"embedding layers: {candidates[:8]}{' ...' if len(candidates) > 8 else ''}. Please check the "
+            "target modules and try again."
+        )
+    return matched
+
+
+def as_oft_layer(module: Any, *, rotate: str = "auto") -> OFTAdapters:
+    """The OFT layer for a module: itself when already one, else a new ``OFTEmbed`` (``nnx.Embed``) or
+    ``OFTLinear`` holding it. The caller puts the result in the module's place (``replace_module``).
+
+    Example:
+      >>> from flax import nnx
+      >>> type(as_oft_layer(nnx.Embed(4, 2, rngs=nnx.Rngs(0)))).__name__
+      'OFTEmbed'
+    """
+    if isinstance(module, OFTAdapters):
+        return module
+    if isinstance(module, nnx.Embed):
+        return OFTEmbed(module)
+    return OFTLinear(module, rotate=rotate)
 
 
 def _describe_targets(config: Any) -> str:
@@ -225,12 +202,15 @@ def _describe_targets(config: Any) -> str:
 
 
 def _mark_biases(model: nnx.Module, bias: str, oft_modules: list[OFTAdapters]) -> None:
-    """PEFT's ``bias``: "all" makes every bias trainable, "oft_only" the biases of OFT layers."""
+    """PEFT's ``bias``: "all" makes every bias trainable, "oft_only" the biases of OFT layers' bases."""
     if bias == "none":
         return
     if bias not in ("all", "oft_only"):
         raise ValueError(f"OFTConfig.bias must be 'none', 'all' or 'oft_only'; got {bias!r}")
-    modules = [m for _, m in nnx.iter_modules(model)] if bias == "all" else oft_modules
+    if bias == "all":
+        modules = [model, *(m for _, m in find_modules(model, enter=lambda m: True))]
+    else:
+        modules = [m.base_layer for m in oft_modules]
     for module in modules:
         for name, value in list(vars(module).items()):
             is_bias = name == "bias" if bias == "oft_only" else "bias" in name

@@ -60,7 +60,7 @@ def test_paths_are_dotted_with_list_indices():
     ]
     assert [p for p, _ in oft_layers(model)] == paths
     flat = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model))}
-    assert "model/layers/0/q_proj/kernel" in flat  # base state names unchanged
+    assert "model/layers/0/q_proj/base_layer/kernel" in flat  # the base's state, below PEFT's base_layer
     assert "model/layers/0/q_proj/oft_R/default" in flat
 
 
@@ -73,9 +73,10 @@ def test_dispatch_by_base_type_and_identity(kinds):
     layer = model.model["layers"][0]
     assert isinstance(layer.q_proj, OFTLinear) and isinstance(layer.v_proj, OFTLinear)
     want = {"int8": Linear8bit, "nf4": Linear4bit, "fp4": Linear4bit, "float": nnx.Linear}
-    assert layer.q_proj.base_type is want[kinds[0]] and layer.v_proj.base_type is want[kinds[1]]
+    assert type(layer.q_proj.base_layer) is want[kinds[0]]
+    assert type(layer.v_proj.base_layer) is want[kinds[1]]
     if kinds[0] != "float":
-        assert isinstance(layer.q_proj.weight, QuantWeight)
+        assert isinstance(layer.q_proj.base_layer.weight, QuantWeight)
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(y0))
 
 
@@ -167,7 +168,9 @@ def test_bias_modes_select_trainable_biases(bias):
         bias
     ]  # + LayerNorm biases
     assert trainable_count(model) == rot + biases
-    assert isinstance(model.model["layers"][0].q_proj.bias, OFTBias if bias != "none" else nnx.Param)
+    assert isinstance(
+        model.model["layers"][0].q_proj.base_layer.bias, OFTBias if bias != "none" else nnx.Param
+    )
     assert isinstance(model.lm_head.bias, OFTBias) == (bias == "all")
     # LayerNorm's bias is a bias too: PEFT's "all" marks every parameter named *bias*.
     assert isinstance(model.model["layers"][0].norm.bias, OFTBias) == (bias == "all")

@@ -13,18 +13,11 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from oftjax.nn import Linear4bit, Linear8bit
+from oftjax.nn import Linear4bit, Linear8bit, find_modules, path_str, replace_module
 
 __all__ = ["QUANT_CHOICES", "quantize_model"]
 
 QUANT_CHOICES = ("nf4", "fp4", "int8", "none")
-
-
-def _set_child(parent: Any, key: Any, value: Any) -> None:
-    if isinstance(key, int):
-        parent[key] = value
-    else:
-        setattr(parent, key, value)
 
 
 def quantize_model(
@@ -36,6 +29,9 @@ def quantize_model(
     skip: tuple[str, ...] = ("lm_head",),
 ) -> list[str]:
     """Quantize the float ``nnx.Linear`` layers of ``model`` in place; return their dotted paths.
+
+    The base layers inside OFT layers are left alone (``oftjax.nn.find_modules`` does not enter them):
+    quantize first, then apply OFT, as PEFT's QOFT recipe does.
 
     Args:
       model: an NNX model (e.g. ``LlamaForCausalLM``) with float linears.
@@ -54,10 +50,11 @@ def quantize_model(
         raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
     if quant == "none":
         return []
-    targets = []
-    for path, module in nnx.iter_graph(model):
-        if type(module) is nnx.Linear and path and str(path[-1]) not in skip:
-            targets.append((path, module))
+    targets = [
+        (path, module)
+        for path, module in find_modules(model, lambda m: type(m) is nnx.Linear)
+        if str(path[-1]) not in skip
+    ]
     if not targets:
         raise ValueError("no float nnx.Linear layers to quantize (already quantized?)")
     done = []
@@ -71,9 +68,6 @@ def quantize_model(
                 weight, bias, quant_type=quant, blocksize=64, compress_statistics=double_quant,
                 compute_dtype=compute_dtype,
             )  # fmt: skip
-        parent = model
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        _set_child(parent, path[-1], new)
-        done.append(".".join(str(p) for p in path))
+        replace_module(model, path, new)
+        done.append(path_str(path))
     return done
