@@ -39,16 +39,20 @@ def adapted(kind="float", names=("default",), block_sizes=(16,), **kw):
 def test_float_merge_equals_forward_and_unmerge_restores():
     model = adapted()
     x = rand((6, 64))
-    kernel0 = np.asarray(model.lin0.kernel[...])
+    kernel0 = np.asarray(model.lin0.base_layer.kernel[...])
     y = model(x)
     report = merge(model)
     assert list(report.layers) == ["lin0"] and report.max_requant_rel_error == 0.0
     assert model.lin0.merged_adapters == ("default",) and model.lin0.forward_adapters() == ()
     BD = np.asarray(model.lin0.delta_weight("default"), np.float64)
-    np.testing.assert_allclose(np.asarray(model.lin0.kernel[...]), BD @ kernel0, rtol=FWD.rtol, atol=FWD.atol)
+    np.testing.assert_allclose(
+        np.asarray(model.lin0.base_layer.kernel[...]), BD @ kernel0, rtol=FWD.rtol, atol=FWD.atol
+    )
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(y), rtol=FWD.rtol, atol=FWD.atol)
     unmerge(model)
-    np.testing.assert_allclose(np.asarray(model.lin0.kernel[...]), kernel0, rtol=FWD.rtol, atol=FWD.atol)
+    np.testing.assert_allclose(
+        np.asarray(model.lin0.base_layer.kernel[...]), kernel0, rtol=FWD.rtol, atol=FWD.atol
+    )
     assert model.lin0.merged_adapters == ()
 
 
@@ -58,12 +62,12 @@ def test_several_adapters_merge_in_forward_order(b):
     x = rand((6, 64))
     y = model(x)
     layer = model.lin0
-    W = np.asarray(layer.kernel[...], np.float64).T
+    W = np.asarray(layer.base_layer.kernel[...], np.float64).T
     BDa, BDb = (np.asarray(layer.delta_weight(n), np.float64) for n in ("a", "b"))
     merge(model)
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(y), rtol=FWD.rtol, atol=FWD.atol)
     np.testing.assert_allclose(
-        np.asarray(layer.kernel[...]).T, W @ BDb.T @ BDa.T, rtol=FWD.rtol, atol=FWD.atol
+        np.asarray(layer.base_layer.kernel[...]).T, W @ BDb.T @ BDa.T, rtol=FWD.rtol, atol=FWD.atol
     )  # W (BD_a BD_b)^T
     # PEFT's order W BD_a^T BD_b^T computes x BD_b BD_a W^T: equal only when the blocks commute (b = 2 vs 4
     # here do not commute either; tests/parity shows PEFT's merged output differing).
@@ -97,28 +101,28 @@ def test_merging_twice_skips_with_peft_warnings():
 def test_safe_merge_raises_peft_nan_error_and_leaves_weight():
     model = adapted()
     model.lin0.oft_R["default"][...] = jnp.full_like(model.lin0.oft_R["default"][...], jnp.nan)
-    kernel0 = np.asarray(model.lin0.kernel[...])
+    kernel0 = np.asarray(model.lin0.base_layer.kernel[...])
     with pytest.raises(
         ValueError, match="NaNs detected in the merged weights. The adapter default seems to be broken"
     ):
         merge(model, safe_merge=True)
-    np.testing.assert_array_equal(np.asarray(model.lin0.kernel[...]), kernel0)
+    np.testing.assert_array_equal(np.asarray(model.lin0.base_layer.kernel[...]), kernel0)
     assert model.lin0.merged_adapters == ()
 
 
 def test_disable_adapters_unmerges_first():
     model = adapted()
     x = rand((3, 64))
-    base_kernel = np.asarray(model.lin0.kernel[...])
+    base_kernel = np.asarray(model.lin0.base_layer.kernel[...])
     merge(model)
     with disable_adapters(model):
         assert model.lin0.merged_adapters == ()
         np.testing.assert_allclose(
-            np.asarray(model.lin0.kernel[...]), base_kernel, rtol=FWD.rtol, atol=FWD.atol
+            np.asarray(model.lin0.base_layer.kernel[...]), base_kernel, rtol=FWD.rtol, atol=FWD.atol
         )
         y_base = model(x)
     np.testing.assert_array_equal(
-        np.asarray(y_base), np.asarray(model.lin1(nnx.relu(model.lin0.base_forward(x))))
+        np.asarray(y_base), np.asarray(model.lin1(nnx.relu(model.lin0.base_layer(x))))
     )
 
 
@@ -131,14 +135,14 @@ def test_quantized_merge_requantizes_like_quantizing_the_float_weight(kind):
     layer = model.lin0
     x = rand((6, 64))
     y = model(x)
-    q0 = layer.weight.get_value()
+    q0 = layer.base_layer.weight.get_value()
     W = quant.dequantize(q0, jnp.float32 if kind == "int8" else q0.dtype).astype(jnp.float32)
     R = layer.rotation_blocks("default").astype(jnp.float32)
     from oftjax import oft
 
     merged_float = oft.merge_rotation(W, R)
     report = merge(model).layers["lin0"]
-    q1 = layer.weight.get_value()
+    q1 = layer.base_layer.weight.get_value()
     if kind == "int8":
         want = quant.quantize_int8(merged_float)
     else:

@@ -1,9 +1,10 @@
 """Named-adapter management shared by the OFT layers (``OFTLinear``, ``OFTEmbed``): PEFT's ``OFTLayer``.
 
-``OFTAdapters`` adopts a frozen base layer's state under the base's own attribute names and holds the named
-adapters in one ``nnx.Dict`` of ``OFTParam`` ``[R, b(b-1)/2]``, whose attribute name is PEFT's
-(``oft_R`` for linears, ``oft_embedding_R`` for embeddings: ``PARAM_NAME``). It knows nothing about where the
-rotation is applied; each layer's ``__call__`` does that (input side for linears, output side for embeddings).
+``OFTAdapters`` holds the frozen base layer as its child ``base_layer`` (PEFT's attribute name, so the base's
+state sits at ``<module>.base_layer.kernel``, ``.base_layer.weight``, ...) and the named adapters in one
+``nnx.Dict`` of ``OFTParam`` ``[R, b(b-1)/2]``, whose attribute name is PEFT's (``oft_R`` for linears,
+``oft_embedding_R`` for embeddings: ``PARAM_NAME``). It builds the rotation blocks; each layer's ``__call__``
+applies them (input side for linears, output side for embeddings: ``ROTATES_OUTPUT``).
 Reference: PEFT 0.21.2 ``src/peft/tuners/oft/layer.py`` (``OFTLayer``, ``OFTRotationModule``).
 """
 
@@ -18,36 +19,35 @@ import jax.numpy as jnp
 from flax import nnx
 
 from oftjax import oft
+from oftjax.nn._base import base_ops
 from oftjax.nn._forward import rotation_from_vec
+from oftjax.nn._merge import unmerge_layer
 from oftjax.nn._settings import AdapterSettings
 from oftjax.nn._variables import OFTParam
 
 
 class OFTAdapters(nnx.Module):
-    """Base of the OFT layers: adopted base state plus named adapters (add, activate, disable, delete).
+    """Base of the OFT layers: the wrapped base layer plus named adapters (add, activate, disable, delete).
 
-    Subclasses set ``PARAM_NAME`` (PEFT's attribute name for the adapter dict), call ``_adopt_base`` and
-    ``_init_adapters`` in ``__init__``, define ``in_features`` (the rotated dimension) and ``__call__``.
+    Subclasses set ``PARAM_NAME`` (PEFT's attribute name for the adapter dict) and ``ROTATES_OUTPUT``, check
+    the base type and call ``OFTAdapters.__init__``, and define ``__call__``.
 
     Attributes:
+      base_layer: the frozen base module (its own state names below ``base_layer``).
+      in_features: the rotated dimension (``BaseLayer.in_features`` of the base).
+      out_features: the base's output dimension.
       active_adapters: names applied in the forward, in order.
       merged_adapters: names folded into the base weight (in the order applied to it).
       deterministic: True turns module_dropout off (``model.eval()`` sets it, ``model.train()`` clears it).
     """
 
     PARAM_NAME: ClassVar[str] = "oft_R"
-    in_features: int
+    ROTATES_OUTPUT: ClassVar[bool] = False  # the rotation acts on the base's output (embeddings)
 
-    def _adopt_base(self, base: nnx.Module) -> None:
-        """Share (not copy) the base layer's attributes under the same names; remember its type."""
-        nodes = getattr(base, "_pytree__nodes", {})
-        for name, value in vars(base).items():
-            if name.startswith("_pytree__") or name.startswith("_object__"):
-                continue
-            setattr(self, name, nnx.data(value) if nodes.get(name, False) else value)
-        self.base_type = type(base)
-
-    def _init_adapters(self) -> None:
+    def __init__(self, base: nnx.Module):
+        ops = base_ops(base)
+        self.base_layer = base
+        self.in_features, self.out_features = int(ops.in_features), int(ops.out_features)
         setattr(self, self.PARAM_NAME, nnx.Dict())
         self.oft_settings: tuple[tuple[str, AdapterSettings], ...] = ()
         self.active_adapters: tuple[str, ...] = ()
@@ -131,8 +131,6 @@ class OFTAdapters(nnx.Module):
     def disable_adapters(self) -> Iterator[None]:
         """Run the base layer only inside the context (PEFT's ``disable_adapter``: unmerges first)."""
         if self.merged_adapters:
-            from oftjax.nn._merge import unmerge_layer
-
             unmerge_layer(self)
         previous = self.adapters_disabled
         self.adapters_disabled = True

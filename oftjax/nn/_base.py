@@ -1,108 +1,162 @@
-"""What OFT needs from a base layer, by base type (PEFT's ``dispatch_bnb_8bit`` / ``dispatch_bnb_4bit``).
+"""What an OFT layer needs from the layer it wraps: a small protocol, and adapters for flax's own layers.
 
-Three kinds of frozen base are supported:
+An OFT layer holds its frozen base as a child module (``base_layer``, as flax's ``LoRA`` holds
+``base_module``) and calls it for the forward. Beyond calling it, merging needs the base's dense weight and a
+way to write a merged one back, and the rotate-the-weight forward needs its matmul with a rotated weight.
+That is the protocol (PEFT's ``dispatch_bnb_8bit`` / ``dispatch_bnb_4bit`` pick the same per base type):
 
-* ``"float"``: ``nnx.Linear`` (or any module with a 2-D ``kernel`` variable ``[in, out]``, an optional
-  ``bias`` and an ``__call__`` computing ``x @ kernel + bias``);
-* ``"int8"``: ``Linear8bit`` (``weight``: ``QuantWeight`` holding an ``Int8Weight`` ``[out, in]``);
-* ``"4bit"``: ``Linear4bit`` (``weight``: ``QuantWeight`` holding a ``FourBitWeight`` ``[out, in]``).
+* ``BaseLayer``: ``in_features``, ``out_features``, ``dense_weight(dtype)`` (torch layout ``[out, in]``) and
+  ``set_dense_weight(w)``.
+* ``LinearBase``: a ``BaseLayer`` that also computes ``rotated_forward(x, rotations)``, the base's output for
+  inputs rotated by the chain of blocks, by rotating its weight instead.
 
-Each kind knows how to read its dense weight, write a merged one back, and (for the rotate-the-weight forward)
-compute its matmul from a given kernel.
+``oftjax.nn.Linear8bit`` / ``Linear4bit`` implement ``LinearBase`` themselves. ``nnx.Linear`` and
+``nnx.Embed`` cannot, so ``base_ops`` wraps them in ``FloatLinearOps`` / ``EmbedOps``, chosen by type
+(``BASE_OPS``); any other module that implements the protocol is used as is.
+
+Example:
+  >>> from flax import nnx
+  >>> ops = base_ops(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+  >>> type(ops).__name__, ops.dense_weight().shape
+  ('FloatLinearOps', (3, 4))
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Protocol, runtime_checkable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from oftjax import quant
-from oftjax.nn._quant_linear import Linear4bit, Linear8bit
+from oftjax.nn._forward import rotated_matmul
+
+__all__ = ["BASE_OPS", "BaseLayer", "EmbedOps", "FloatLinearOps", "LinearBase", "base_ops", "is_linear_base"]
 
 
-def base_kind(module: Any) -> str:
-    """The kind of base layer ``module`` is: "float", "int8" or "4bit"; TypeError when unsupported.
+@runtime_checkable
+class BaseLayer(Protocol):
+    """A frozen layer whose weight OFT rotates and merges into.
+
+    Attributes:
+      in_features: the dimension the adapters rotate (an embedding's ``features``: it rotates its output).
+      out_features: the output dimension.
+    """
+
+    in_features: int
+    out_features: int
+
+    def dense_weight(self, dtype: Any = None) -> jax.Array:
+        """The weight in torch layout (``[out, in]``; an embedding's table ``[num_embeddings, d]``).
+
+        ``dtype=None`` gives the dtype merges start from (what PEFT dequantizes to): a float weight's own
+        dtype, int8 fp32 (``int8_vectorwise_dequant``), 4-bit the original weight dtype
+        (``dequantize_4bit``).
+        """
+        ...
+
+    def set_dense_weight(self, w: jax.Array) -> None:
+        """Store a merged weight (same layout as ``dense_weight``): cast a float weight to its dtype,
+        requantize a quantized one with its own format options (bit-exact with bitsandbytes)."""
+        ...
+
+
+@runtime_checkable
+class LinearBase(BaseLayer, Protocol):
+    """A ``BaseLayer`` computing ``y = x W^T + b``, which OFTLinear may rotate on the weight side."""
+
+    def rotated_forward(self, x: jax.Array, rotations: tuple[jax.Array, ...]) -> jax.Array:
+        """The layer's output for ``x BD(R_1) ... BD(R_n)``, computed by rotating the weight
+        (``oftjax.nn._forward.rotated_matmul``: the gradient flows back the input-centric way)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatLinearOps:
+    """``LinearBase`` for an ``nnx.Linear`` (kernel ``[in, out]``, optional bias)."""
+
+    module: nnx.Linear
+
+    @property
+    def in_features(self) -> int:
+        return int(self.module.kernel[...].shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.module.kernel[...].shape[1])
+
+    def dense_weight(self, dtype: Any = None) -> jax.Array:
+        w = self.module.kernel[...].T
+        return w if dtype is None else w.astype(dtype)
+
+    def set_dense_weight(self, w: jax.Array) -> None:
+        kernel = self.module.kernel
+        kernel[...] = w.T.astype(kernel[...].dtype)
+
+    def rotated_forward(self, x: jax.Array, rotations: tuple[jax.Array, ...]) -> jax.Array:
+        # nnx.Linear's own dtype promotion, then x @ (BD K) + bias.
+        m = self.module
+        bias = m.bias[...] if m.bias is not None else None
+        x, kernel, bias = m.promote_dtype((x, m.kernel[...], bias), dtype=m.dtype)
+        y = rotated_matmul(x, rotations, kernel)
+        return y + bias if bias is not None else y
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOps:
+    """``BaseLayer`` for an ``nnx.Embed``: the table ``[num_embeddings, d]`` is already torch's layout, and
+    the adapters rotate the output (``in_features = out_features = d``)."""
+
+    module: nnx.Embed
+
+    @property
+    def in_features(self) -> int:
+        return int(self.module.features)
+
+    @property
+    def out_features(self) -> int:
+        return int(self.module.features)
+
+    def dense_weight(self, dtype: Any = None) -> jax.Array:
+        w = self.module.embedding[...]
+        return w if dtype is None else w.astype(dtype)
+
+    def set_dense_weight(self, w: jax.Array) -> None:
+        table = self.module.embedding
+        table[...] = w.astype(table[...].dtype)
+
+
+# flax layer type -> the object implementing the protocol for it (subclasses included).
+BASE_OPS: dict[type, type] = {nnx.Linear: FloatLinearOps, nnx.Embed: EmbedOps}
+
+
+def base_ops(module: Any) -> BaseLayer:
+    """The protocol object for ``module``: itself when it implements ``BaseLayer``, else its adapter.
+
+    Raises:
+      TypeError: the module is neither a ``BaseLayer`` nor of a type in ``BASE_OPS``.
+    """
+    for cls in type(module).__mro__:
+        if cls in BASE_OPS:
+            return BASE_OPS[cls](module)
+    if isinstance(module, BaseLayer):
+        return module
+    raise TypeError(
+        f"OFT supports nnx.Linear, nnx.Embed, oftjax.nn.Linear8bit, oftjax.nn.Linear4bit and layers "
+        f"implementing oftjax.nn.BaseLayer; got {type(module).__name__}"
+    )
+
+
+def is_linear_base(module: Any) -> bool:
+    """Whether OFTLinear can wrap ``module`` (a ``LinearBase``, directly or through ``BASE_OPS``).
 
     Example:
       >>> from flax import nnx
-      >>> base_kind(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-      'float'
+      >>> rngs = nnx.Rngs(0)
+      >>> is_linear_base(nnx.Linear(2, 3, rngs=rngs)), is_linear_base(nnx.Embed(4, 2, rngs=rngs))
+      (True, False)
     """
-    if isinstance(module, Linear8bit):
-        return "int8"
-    if isinstance(module, Linear4bit):
-        return "4bit"
-    kernel = getattr(module, "kernel", None)
-    if isinstance(module, nnx.Module) and isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2:
-        return "float"
-    raise TypeError(
-        f"OFT supports nnx.Linear-like layers (a 2-D `kernel` [in, out]), oftjax.nn.Linear8bit and "
-        f"oftjax.nn.Linear4bit; got {type(module).__name__}"
-    )
-
-
-def in_out_features(module: Any, kind: str) -> tuple[int, int]:
-    """``(in_features, out_features)`` of a base layer, read from its weight shape."""
-    if kind == "float":
-        d_in, d_out = module.kernel[...].shape
-    else:
-        d_out, d_in = module.weight.get_value().shape
-    return int(d_in), int(d_out)
-
-
-def weight_source(module: Any, kind: str) -> Any:
-    """The array (float: kernel ``[in, out]``; embed: table ``[num, d]``) or quantized pytree of a weight."""
-    if kind == "embed":
-        return module.embedding[...]
-    return module.kernel[...] if kind == "float" else module.weight.get_value()
-
-
-def dense_from_source(source: Any, kind: str) -> jax.Array:
-    """The base weight as a torch-layout ``[out, in]`` array, in the dtype merges start from (jit-able).
-
-    float: the kernel transposed (its own dtype); embed: the table ``[num_embeddings, d]`` as is; int8: fp32
-    (PEFT dequantizes with ``int8_vectorwise_dequant``, fp32); 4-bit: the original weight dtype
-    (``quant_state.dtype``, what ``dequantize_4bit`` returns).
-    """
-    if kind == "float":
-        return source.T
-    if kind == "embed":  # nn.Embedding's weight layout [num_embeddings, d] is nnx.Embed's too
-        return source
-    return quant.dequantize(source, jnp.float32 if kind == "int8" else source.dtype)
-
-
-def requantize(q: Any, w: jax.Array) -> Any:
-    """Quantize ``w`` ``[out, in]`` with the same format options as ``q`` (bnb ``Int8Params``/``Params4bit``).
-
-    The merged weight is cast to the dtype bnb would hand to its quantizer
-    (``set_base_weight(w.to(orig_dtype))``): fp32 for int8 (PEFT's dequantized dtype), ``q.dtype`` for 4-bit.
-    """
-    if isinstance(q, quant.Int8Weight):
-        out = quant.quantize_int8(w.astype(jnp.float32))
-        return out if out.dtype == q.dtype else _with_dtype(out, q.dtype)
-    return quant.quantize_4bit(
-        w.astype(q.dtype),
-        quant_type=q.quant_type,
-        blocksize=q.blocksize,
-        compress_statistics=q.compress_statistics,
-        quant_storage=q.quant_storage,
-    )
-
-
-def _with_dtype(q: quant.Int8Weight, dtype: Any) -> quant.Int8Weight:
-    # The int8 codes do not depend on the float dtype they came from beyond bnb's fp16 cast; keep the layer's
-    # original dtype as the default dequantize dtype.
-    return quant.Int8Weight(q.CB, q.SCB, dtype=dtype)
-
-
-def set_dense_weight(module: Any, kind: str, w: jax.Array) -> None:
-    """Write a torch-layout ``[out, in]`` weight back (float: cast to kernel dtype; quantized: requantize)."""
-    if kind == "float":
-        module.kernel[...] = w.T.astype(module.kernel[...].dtype)
-    elif kind == "embed":
-        module.embedding[...] = w.astype(module.embedding[...].dtype)
-    else:
-        module.weight.set_value(requantize(module.weight.get_value(), w))
+    try:
+        return isinstance(base_ops(module), LinearBase)
+    except TypeError:
+        return False

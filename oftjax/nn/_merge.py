@@ -21,17 +21,21 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oftjax import oft, quant
-from oftjax.nn._adapters import OFTAdapters
-from oftjax.nn._base import dense_from_source, set_dense_weight, weight_source
+from oftjax import oft
+from oftjax.nn._base import base_ops
 from oftjax.nn._forward import rotation_from_vec
 from oftjax.nn._settings import AdapterSettings
+
+if TYPE_CHECKING:  # the layers call into this module (disable_adapters unmerges), not the other way round
+    from oftjax.nn._adapters import OFTAdapters
+
+__all__ = ["LayerMergeReport", "adapters_to_merge", "merge_layer", "merged_weight", "unmerge_layer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +44,7 @@ class LayerMergeReport:
 
     Attributes:
       adapters: the adapters merged (or unmerged) by this call, in the order applied to the weight.
-      kind: "float", "int8" or "4bit".
+      kind: the base layer's type name ("Linear", "Linear8bit", "Linear4bit", "Embed").
       requant_rel_error: ``||dequant(requant(W')) - W'||_F / ||W'||_F`` for quantized bases (0.0 for float):
         what requantizing the rotated weight cost.
       requant_max_abs_error: the largest absolute element error of that requantization.
@@ -73,35 +77,23 @@ def adapters_to_merge(layer: OFTAdapters, adapter_names: Sequence[str] | None) -
     return names
 
 
-def _requant_error(layer: OFTAdapters, target: jax.Array) -> tuple[float, float]:
-    if layer.base_kind in ("float", "embed"):
-        return 0.0, 0.0
-    q = layer.weight.get_value()
-    got = np.asarray(quant.dequantize(q, jnp.float32))
-    want = np.asarray(target, np.float32)
-    diff = got - want
-    denom = float(np.linalg.norm(want)) or 1.0
-    return float(np.linalg.norm(diff)) / denom, float(np.abs(diff).max(initial=0.0))
-
-
-@functools.partial(jax.jit, static_argnames=("kind", "settings", "inverse"))
+@functools.partial(jax.jit, static_argnames=("settings", "inverse", "rotates_output"))
 def _rotate_weight(
-    source: Any,
+    W0: jax.Array,
     vecs: tuple[jax.Array, ...],
     *,
-    kind: str,
     settings: tuple[AdapterSettings, ...],
     inverse: bool,
+    rotates_output: bool,
 ) -> tuple[jax.Array, tuple[jax.Array, ...], jax.Array]:
-    """Jitted merge math: (rotated weight in the stored dtype, COFT-projected vecs, finiteness per step)."""
-    W0 = dense_from_source(source, kind)
+    """Jitted merge math: (rotated weight in ``W0``'s dtype, COFT-projected vecs, finiteness per step)."""
     W = W0.astype(jnp.float32)
     projected, finite = [], []
     for vec, s in zip(vecs, settings, strict=True):
         vec = oft.coft_project(vec, s.eps) if s.coft else vec
         projected.append(vec)
         R = rotation_from_vec(vec, s).astype(jnp.float32)
-        if kind == "embed":  # output rotation: W BD (merge) / W BD^-1 (unmerge), rows as the forward's
+        if rotates_output:  # W BD (merge) / W BD^-1 (unmerge), rows rotated as the forward's outputs
             W = oft.rotate_input(W, oft.inverse_blocks(R) if inverse else R)
         else:
             W = oft.unmerge_rotation(W, R) if inverse else oft.merge_rotation(W, R)
@@ -110,11 +102,14 @@ def _rotate_weight(
 
 
 def _rotated(layer: OFTAdapters, names: Sequence[str], *, inverse: bool) -> tuple[jax.Array, jax.Array]:
-    source = weight_source(layer, layer.base_kind)
     settings = tuple(layer.adapters[n] for n in names)
     vecs = tuple(layer.rotation_params[n][...] for n in names)
     W, projected, finite = _rotate_weight(
-        source, vecs, kind=layer.base_kind, settings=settings, inverse=inverse
+        base_ops(layer.base_layer).dense_weight(),
+        vecs,
+        settings=settings,
+        inverse=inverse,
+        rotates_output=layer.ROTATES_OUTPUT,
     )
     for n, s, v in zip(names, settings, projected, strict=True):
         if s.coft:  # PEFT's get_delta_weight projects in place too
@@ -124,18 +119,18 @@ def _rotated(layer: OFTAdapters, names: Sequence[str], *, inverse: bool) -> tupl
 
 def _application_order(layer: OFTAdapters, names: Sequence[str]) -> list[str]:
     """The order the rotations are applied to the weight so the merged layer computes the forward."""
-    if layer.base_kind == "embed":
+    if layer.ROTATES_OUTPUT:
         return list(names)  # W BD_a BD_b: the first adapter first
-    # Linear: forward order a, b means W (BD_a BD_b)^T = (W BD_b^T) BD_a^T: rotate by the last adapter first.
+    # Input side: forward order a, b means W (BD_a BD_b)^T = (W BD_b^T) BD_a^T: the last adapter first.
     return list(reversed(names))
 
 
 def merged_weight(layer: OFTAdapters, names: Sequence[str], *, safe_merge: bool = False) -> jax.Array:
     """The float weight ``[out, in]`` that merging ``names`` (forward order) writes, before requantization.
 
-    ``W (BD_1 ... BD_n)^T`` computed in fp32 from the current base weight, cast to the dtype the base stores
-    (float: kernel dtype; int8: fp32; 4-bit: the original weight dtype), i.e. the tensor bitsandbytes would be
-    handed to quantize.
+    ``W (BD_1 ... BD_n)^T`` computed in fp32 from the current base weight, cast to the dtype merges start from
+    (``BaseLayer.dense_weight``: float: its dtype; int8: fp32; 4-bit: the original weight dtype), i.e. the
+    tensor bitsandbytes would be handed to quantize.
     """
     order = _application_order(layer, names)
     W, finite = _rotated(layer, order, inverse=False)
@@ -146,6 +141,18 @@ def merged_weight(layer: OFTAdapters, names: Sequence[str], *, safe_merge: bool 
                     f"NaNs detected in the merged weights. The adapter {name} seems to be broken"
                 )
     return W
+
+
+def _store(layer: OFTAdapters, target: jax.Array, adapters: tuple[str, ...]) -> LayerMergeReport:
+    """Write ``target`` into the base and report what storing it cost (the requantization error)."""
+    ops = base_ops(layer.base_layer)
+    ops.set_dense_weight(target)
+    got = np.asarray(ops.dense_weight(jnp.float32))
+    want = np.asarray(target, np.float32)
+    diff = got - want
+    denom = float(np.linalg.norm(want)) or 1.0
+    rel, mx = float(np.linalg.norm(diff)) / denom, float(np.abs(diff).max(initial=0.0))
+    return LayerMergeReport(adapters, type(layer.base_layer).__name__, rel, mx)
 
 
 def merge_layer(
@@ -165,7 +172,8 @@ def merge_layer(
       >>> layer = OFTLinear(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
       >>> layer.add_adapter("a", AdapterSettings(r=2, block_size=2), init_weights=False, rngs=nnx.Rngs(1))
       >>> y = layer(jnp.ones((1, 4)))
-      >>> _ = merge_layer(layer)
+      >>> merge_layer(layer).adapters
+      ('a',)
       >>> bool(jnp.allclose(layer(jnp.ones((1, 4))), y, atol=1e-6))
       True
     """
@@ -174,10 +182,9 @@ def merge_layer(
         return None
     target = merged_weight(layer, names, safe_merge=safe_merge)
     applied = tuple(_application_order(layer, names))
-    set_dense_weight(layer, layer.base_kind, target)
+    report = _store(layer, target, applied)
     layer.merged_adapters = (*layer.merged_adapters, *applied)
-    rel, mx = _requant_error(layer, target)
-    return LayerMergeReport(tuple(applied), layer.base_kind, rel, mx)
+    return report
 
 
 def unmerge_layer(layer: OFTAdapters) -> LayerMergeReport | None:
@@ -188,9 +195,8 @@ def unmerge_layer(layer: OFTAdapters) -> LayerMergeReport | None:
     if not layer.merged_adapters:
         warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
         return None
-    undone = list(reversed(layer.merged_adapters))
+    undone = tuple(reversed(layer.merged_adapters))
     target, _ = _rotated(layer, undone, inverse=True)
-    set_dense_weight(layer, layer.base_kind, target)
+    report = _store(layer, target, undone)
     layer.merged_adapters = ()
-    rel, mx = _requant_error(layer, target)
-    return LayerMergeReport(tuple(undone), layer.base_kind, rel, mx)
+    return report

@@ -1,7 +1,7 @@
 """``OFTEmbed``: named OFT adapters over a frozen ``nnx.Embed`` (PEFT's ``oft.layer.Embedding``, >= 0.19).
 
-The wrapper adopts the base's state under its own names (``embedding`` ``[num_embeddings, d]``, plus its
-``num_embeddings``/``features``/``dtype``), so a checkpoint maps onto it exactly as onto the base, and adds
+The wrapper holds the base as its child ``base_layer`` (PEFT's name; its table is
+``<module>.base_layer.embedding`` ``[num_embeddings, d]``, PEFT's ``<module>.base_layer.weight``) and adds
 ``oft_embedding_R[adapter]`` (an ``OFTParam`` ``[R, b(b-1)/2]`` over ``d``, PEFT's
 ``oft_embedding_R.<adapter>.weight``). Unlike a linear, the rotation acts on the OUTPUT (reference: PEFT
 0.21.2 ``src/peft/tuners/oft/layer.py`` class ``Embedding``)::
@@ -35,9 +35,10 @@ class OFTEmbed(OFTAdapters):
     ``target_modules`` names the embedding (PEFT targets embeddings only when named).
 
     Args:
-      base: an ``nnx.Embed``. Its variables are adopted (shared, not copied) under the same names.
+      base: an ``nnx.Embed``. It becomes the child ``base_layer`` (held, not copied).
 
     Attributes:
+      base_layer: the frozen ``nnx.Embed``.
       oft_embedding_R: ``nnx.Dict`` adapter name -> ``OFTParam`` ``[R, b(b-1)/2]``.
       in_features: the rotated dimension ``d`` (``features``; PEFT's ``in_features`` = ``embedding_dim``).
       active_adapters, merged_adapters, deterministic: as in ``OFTLinear``.
@@ -49,33 +50,28 @@ class OFTEmbed(OFTAdapters):
       >>> layer = OFTEmbed(nnx.Embed(10, 8, rngs=nnx.Rngs(0)))
       >>> layer.add_adapter("default", AdapterSettings(r=2, block_size=4))
       >>> ids = jnp.array([[1, 2, 3]])
-      >>> bool((layer(ids) == layer.base_forward(ids)).all())  # identity at init
+      >>> bool((layer(ids) == layer.base_layer(ids)).all())  # identity at init
       True
     """
 
     PARAM_NAME = "oft_embedding_R"
-    base_kind = "embed"
+    ROTATES_OUTPUT = True
 
     def __init__(self, base: nnx.Module):
-        if isinstance(base, OFTEmbed):
-            raise TypeError("OFTEmbed: the base layer is already an OFTEmbed; add an adapter to it instead")
+        if isinstance(base, OFTAdapters):
+            raise TypeError(
+                f"OFTEmbed: the base layer is already an {type(base).__name__}; add an adapter to it instead"
+            )
         if not isinstance(base, nnx.Embed):
             raise TypeError(f"OFTEmbed wraps an nnx.Embed; got {type(base).__name__}")
-        self._adopt_base(base)
-        self.in_features = int(base.features)
-        self.out_features = int(base.features)
-        self._init_adapters()
-
-    def base_forward(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-        """The base embedding lookup on these variables."""
-        return self.base_type.__call__(self, inputs, out_sharding=out_sharding)
+        super().__init__(base)
 
     def attend(self, query: jax.Array, out_sharding: Any = None) -> jax.Array:
         """The base ``nnx.Embed.attend`` (unrotated table, as PEFT's tied output layer)."""
-        return self.base_type.attend(self, query, out_sharding=out_sharding)
+        return self.base_layer.attend(query, out_sharding=out_sharding)
 
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-        y = self.base_forward(inputs, out_sharding=out_sharding)
+        y = self.base_layer(inputs, out_sharding=out_sharding)
         names = self.forward_adapters()
         if not names:
             return y

@@ -3,17 +3,21 @@
 Both keep the weight packed in a ``QuantWeight`` (attribute ``weight``, torch layout ``[out, in]``) and
 dequantize inside the traced computation, so nothing holds a float copy:
 
-* ``Linear8bit``: dequantize-then-matmul, bnb's training path on CPU (``MatMul8bitFp``,
-  ../shared/notes/bitsandbytes-formats.md §7.2). bnb's eval path (LLM.int8, activation quantization) is not
+* ``Linear8bit``: dequantize-then-matmul, bnb's training path on CPU (``MatMul8bitFp``;
+  docs/bitsandbytes-formats.md, "int8 paths"). bnb's eval path (LLM.int8, activation quantization) is not
   reproduced; outputs differ from it by bnb's activation quantization error.
 * ``Linear4bit``: ``y = x.astype(cd) @ RNE_cd(code[q] * absmax_fp32).T + bias.astype(cd)`` then cast back to
-  ``x.dtype`` (bnb ``Linear4bit.forward`` with the CPU repacking disabled, notes §7.1): the weight is
-  dequantized straight into the compute dtype, not through the original weight dtype.
+  ``x.dtype`` (bnb ``Linear4bit.forward`` with the CPU repacking disabled; docs/bitsandbytes-formats.md,
+  "What the forward passes compute"): the weight is dequantized straight into the compute dtype, not
+  through the original weight dtype.
 
 In training the dense weight lives only inside the forward matmul and again inside the backward one
 (``dequant_matmul``'s custom VJP keeps the packed weight as its residual and dequantizes it a second time, as
 bnb's ``MatMul4Bit`` backward does): no float copy of a frozen weight survives from the forward to the
 backward pass, so activation memory does not grow by 4 bytes per frozen parameter.
+
+Both implement ``oftjax.nn.LinearBase`` (the weight an OFT layer merges into, and the matmul with a rotated
+weight), so ``OFTLinear`` wraps them like any other base.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from oftjax import quant
-from oftjax.nn._forward import DotGeneral, dequant_matmul
+from oftjax.nn._forward import DotGeneral, dequant_matmul, rotated_dequant_matmul
 from oftjax.nn._variables import QuantWeight
 
 
@@ -76,9 +80,58 @@ class _QuantLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cd = self.compute_dtype
         y = dequant_matmul(x.astype(cd), self.weight.get_value(), cd, self.dot_general, self.precision)
+        return self._finish(y, x.dtype)
+
+    def _finish(self, y: jax.Array, out_dtype: Any) -> jax.Array:
         if self.bias is not None:
-            y = y + self.bias[...].astype(cd)
-        return y.astype(x.dtype)
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y.astype(out_dtype)
+
+    # ``oftjax.nn.LinearBase``: what an OFT layer needs from its base
+
+    def dense_weight(self, dtype: Any = None) -> jax.Array:
+        """The dequantized ``[out, in]`` weight; default dtype: what merges start from (int8: fp32, as
+        PEFT's ``int8_vectorwise_dequant``; 4-bit: the original weight dtype, as ``dequantize_4bit``)."""
+        q = self.weight.get_value()
+        if dtype is None:
+            dtype = jnp.float32 if isinstance(q, quant.Int8Weight) else q.dtype
+        return quant.dequantize(q, dtype)
+
+    def set_dense_weight(self, w: jax.Array) -> None:
+        """Requantize ``w`` ``[out, in]`` with this layer's format options and store it."""
+        self.weight.set_value(requantize(self.weight.get_value(), w))
+
+    def rotated_forward(self, x: jax.Array, rotations: tuple[jax.Array, ...]) -> jax.Array:
+        """The forward for inputs ``x BD(R_1) ... BD(R_n)``, rotating the dequantized weight instead."""
+        cd = self.compute_dtype
+        y = rotated_dequant_matmul(x.astype(cd), rotations, self.weight.get_value(), cd)
+        return self._finish(y, x.dtype)
+
+
+def requantize(q: Any, w: jax.Array) -> Any:
+    """Quantize ``w`` ``[out, in]`` with the same format options as ``q`` (bnb ``Int8Params``/``Params4bit``).
+
+    The merged weight is cast to the dtype bnb would hand to its quantizer
+    (``set_base_weight(w.to(orig_dtype))``): fp32 for int8 (PEFT's dequantized dtype), ``q.dtype`` for 4-bit.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = quant.quantize_int8(jnp.eye(4))
+      >>> requantize(q, jnp.eye(4) * 2).SCB.tolist()
+      [2.0, 2.0, 2.0, 2.0]
+    """
+    if isinstance(q, quant.Int8Weight):
+        out = quant.quantize_int8(w.astype(jnp.float32))
+        # The int8 codes do not depend on the float dtype they came from beyond bnb's fp16 cast; keep the
+        # layer's original dtype as the default dequantize dtype.
+        return out if out.dtype == q.dtype else quant.Int8Weight(out.CB, out.SCB, dtype=q.dtype)
+    return quant.quantize_4bit(
+        w.astype(q.dtype),
+        quant_type=q.quant_type,
+        blocksize=q.blocksize,
+        compress_statistics=q.compress_statistics,
+        quant_storage=q.quant_storage,
+    )
 
 
 class Linear8bit(_QuantLinear):

@@ -40,7 +40,7 @@ class Tiny(nnx.Module):
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
-def test_identity_at_init_is_bit_exact_and_keeps_state_names(jit):
+def test_identity_at_init_is_bit_exact_and_holds_the_base(jit):
     base = _embed()
     want = base(IDS)
     layer = OFTEmbed(base)
@@ -49,11 +49,12 @@ def test_identity_at_init_is_bit_exact_and_keeps_state_names(jit):
     layer.set_active_adapters(["default", "other"])
     got = nnx.jit(lambda m, x: m(x))(layer, IDS) if jit else layer(IDS)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert set(nnx.state(layer).keys()) == {"embedding", "oft_embedding_R"}
-    assert layer.embedding is base.embedding  # adopted, not copied
+    assert set(nnx.state(layer).keys()) == {"base_layer", "oft_embedding_R"}
+    assert set(nnx.state(layer)["base_layer"].keys()) == {"embedding"}
+    assert layer.base_layer is base  # held, not copied
     assert isinstance(layer.oft_embedding_R["default"], OFTParam)
     assert layer.oft_embedding_R["other"][...].shape == (1, 1)
-    assert (layer.in_features, layer.num_embeddings, layer.features) == (16, 20, 16)
+    assert (layer.in_features, layer.out_features, layer.base_layer.num_embeddings) == (16, 16, 20)
 
 
 def test_output_is_rotated_by_the_chain_of_adapters():
@@ -61,7 +62,7 @@ def test_output_is_rotated_by_the_chain_of_adapters():
     layer = _wrapped(AdapterSettings(r=4, block_size=4), AdapterSettings(r=2, block_size=8))
     layer.set_active_adapters(["a0", "a1"])
     BDa, BDb = (np.asarray(layer.delta_weight(n), np.float64) for n in ("a0", "a1"))
-    W = np.asarray(layer.embedding[...], np.float64)
+    W = np.asarray(layer.base_layer.embedding[...], np.float64)
     want = W[np.asarray(IDS)] @ BDa @ BDb
     np.testing.assert_allclose(np.asarray(layer(IDS)), want, rtol=FWD.rtol, atol=FWD.atol)
     np.testing.assert_allclose(
@@ -72,13 +73,15 @@ def test_output_is_rotated_by_the_chain_of_adapters():
     )
     # attend (tied heads) sees the base table, as PEFT's tied lm_head does.
     q = jnp.ones((2, 16))
-    np.testing.assert_array_equal(np.asarray(layer.attend(q)), np.asarray(q @ layer.embedding[...].T))
+    np.testing.assert_array_equal(
+        np.asarray(layer.attend(q)), np.asarray(q @ layer.base_layer.embedding[...].T)
+    )
 
 
 def test_merge_in_forward_order_and_unmerge():
     layer = _wrapped(AdapterSettings(r=4, block_size=4), AdapterSettings(r=2, block_size=8))
     layer.set_active_adapters(["a0", "a1"])
-    W0 = np.asarray(layer.embedding[...])
+    W0 = np.asarray(layer.base_layer.embedding[...])
     y = np.asarray(layer(IDS))
     BDa, BDb = (np.asarray(layer.delta_weight(n), np.float64) for n in ("a0", "a1"))
 
@@ -88,15 +91,19 @@ def test_merge_in_forward_order_and_unmerge():
 
     model = Holder(layer)
     report = oftjax.merge(model)
-    assert report.layers["emb"].kind == "embed" and report.layers["emb"].adapters == ("a0", "a1")
+    assert report.layers["emb"].kind == "Embed" and report.layers["emb"].adapters == ("a0", "a1")
     assert layer.merged_adapters == ("a0", "a1")
-    np.testing.assert_allclose(np.asarray(layer.embedding[...]), W0 @ BDa @ BDb, rtol=FWD.rtol, atol=FWD.atol)
+    np.testing.assert_allclose(
+        np.asarray(layer.base_layer.embedding[...]), W0 @ BDa @ BDb, rtol=FWD.rtol, atol=FWD.atol
+    )
     np.testing.assert_allclose(np.asarray(layer(IDS)), y, rtol=FWD.rtol, atol=FWD.atol)
     with pytest.warns(UserWarning, match="All adapters are already merged"):
         oftjax.merge(model)
     oftjax.unmerge(model)
     assert layer.merged_adapters == ()
-    np.testing.assert_allclose(np.asarray(layer.embedding[...]), W0, rtol=ROUNDTRIP.rtol, atol=ROUNDTRIP.atol)
+    np.testing.assert_allclose(
+        np.asarray(layer.base_layer.embedding[...]), W0, rtol=ROUNDTRIP.rtol, atol=ROUNDTRIP.atol
+    )
     # disable_adapters unmerges first (PEFT), then runs the base.
     oftjax.merge(model)
     with layer.disable_adapters():

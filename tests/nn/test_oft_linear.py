@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from oftjax import oft
-from oftjax.nn import AdapterSettings, OFTLinear, OFTParam, QuantWeight
+from oftjax.nn import AdapterSettings, OFTLinear, OFTParam, QuantWeight, base_ops
 from tests.nn._helpers import BASES, COMPILES, make_base, rand
 from tests.tolerances import TOL
 
@@ -24,9 +24,7 @@ def _close_scaled(a, b, tol=PATHS):
 
 def _dense_weight(layer):
     """Torch-layout [out, in] weight the base forward uses (compute dtype fp32)."""
-    if layer.base_kind == "float":
-        return np.asarray(layer.kernel[...]).T
-    return np.asarray(layer.dequantized_weight(jnp.float32))
+    return np.asarray(base_ops(layer.base_layer).dense_weight(jnp.float32))
 
 
 def _wrapped(kind, in_f=64, out_f=24, *settings, seed=0, rotate="auto"):
@@ -55,18 +53,17 @@ def test_identity_at_init_is_bit_exact(kind, jit):
 
 
 @pytest.mark.parametrize("kind", BASES, ids=BASES)
-def test_keeps_base_state_names(kind):
+def test_holds_base_with_its_state_names_below_base_layer(kind):
     base = make_base(kind, 64, 8)
     layer = OFTLinear(base)
     layer.add_adapter("default", AdapterSettings(r=2, block_size=32))
     base_names = set(nnx.state(base).keys())
     assert base_names == ({"kernel", "bias"} if kind == "float" else {"weight", "bias"})
-    assert set(nnx.state(layer).keys()) == base_names | {"oft_R"}
+    assert set(nnx.state(layer).keys()) == {"base_layer", "oft_R"}
+    assert set(nnx.state(layer)["base_layer"].keys()) == base_names
     assert layer.oft_R["default"][...].shape == (2, 32 * 31 // 2)
     assert isinstance(layer.oft_R["default"], OFTParam)
-    # Variables are adopted, not copied.
-    name = "kernel" if kind == "float" else "weight"
-    assert getattr(layer, name) is getattr(base, name)
+    assert layer.base_layer is base  # held, not copied
 
 
 def test_forward_matches_dense_chain_of_two_adapters():
@@ -76,10 +73,10 @@ def test_forward_matches_dense_chain_of_two_adapters():
     x = rand((7, 16))
     BDa, BDb = (np.asarray(layer.delta_weight(n), np.float64) for n in ("a0", "a1"))
     W = _dense_weight(layer).astype(np.float64)
-    want = np.asarray(x, np.float64) @ BDa @ BDb @ W.T + np.asarray(layer.bias[...])
+    want = np.asarray(x, np.float64) @ BDa @ BDb @ W.T + np.asarray(layer.base_layer.bias[...])
     np.testing.assert_allclose(np.asarray(layer(x)), want, rtol=FWD.rtol, atol=FWD.atol)
     # the other order differs: the order is real.
-    other = np.asarray(x, np.float64) @ BDb @ BDa @ W.T + np.asarray(layer.bias[...])
+    other = np.asarray(x, np.float64) @ BDb @ BDa @ W.T + np.asarray(layer.base_layer.bias[...])
     assert np.abs(other - want).max() > 1e-3
 
 
@@ -146,7 +143,8 @@ def test_coft_projects_on_forward_and_writes_back_with_straight_through_grad():
     np.testing.assert_array_equal(np.asarray(layer.oft_R["a0"][...]), np.asarray(projected))
     # Same gradient as a plain adapter sitting at the projected point (PEFT's in-place no_grad projection).
     plain = _wrapped("float", 16, 3, AdapterSettings(r=4, block_size=4))
-    plain.kernel[...], plain.bias[...] = layer.kernel[...], layer.bias[...]
+    plain.base_layer.kernel[...] = layer.base_layer.kernel[...]
+    plain.base_layer.bias[...] = layer.base_layer.bias[...]
     plain.oft_R["a0"][...] = projected
     g_plain = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, OFTParam))(plain)
     np.testing.assert_allclose(
@@ -265,4 +263,4 @@ def test_optimizer_updates_only_rotations():
         jax.tree.leaves(nnx.state(layer, nnx.Not(OFTParam))), jax.tree.leaves(frozen), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), b)
-    assert isinstance(layer.weight, QuantWeight)
+    assert isinstance(layer.base_layer.weight, QuantWeight)

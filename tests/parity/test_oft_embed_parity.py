@@ -141,16 +141,16 @@ def test_forward_grads_merge_unmerge_match_peft(case):
             rtol=FWD.rtol, atol=FWD.atol, err_msg=path,
         )  # fmt: skip
     # merge: embedding W BD, linear W BD^T; then the merged models agree, then unmerge restores.
-    W0 = np.asarray(jm.emb.embedding[...]).copy()
+    W0 = np.asarray(jm.emb.base_layer.embedding[...]).copy()
     pm.base_model.merge_adapter()
     merge(jm)
     np.testing.assert_allclose(
-        np.asarray(jm.emb.embedding[...]), pe.get_base_layer().weight.detach().numpy(), rtol=FWD.rtol,
-        atol=FWD.atol,
+        np.asarray(jm.emb.base_layer.embedding[...]), pe.get_base_layer().weight.detach().numpy(),
+        rtol=FWD.rtol, atol=FWD.atol,
     )  # fmt: skip
     np.testing.assert_allclose(
-        np.asarray(jm.lin.kernel[...]).T, pm.base_model.model.lin.get_base_layer().weight.detach().numpy(),
-        rtol=FWD.rtol, atol=FWD.atol,
+        np.asarray(jm.lin.base_layer.kernel[...]).T,
+        pm.base_model.model.lin.get_base_layer().weight.detach().numpy(), rtol=FWD.rtol, atol=FWD.atol,
     )  # fmt: skip
     with torch.no_grad():
         merged_t = pm(torch.from_numpy(ids)).numpy()
@@ -161,10 +161,10 @@ def test_forward_grads_merge_unmerge_match_peft(case):
     unmerge(jm)
     rt = TOL["oft_unmerge_roundtrip"]
     np.testing.assert_allclose(
-        np.asarray(jm.emb.embedding[...]), pe.get_base_layer().weight.detach().numpy(), rtol=FWD.rtol,
-        atol=FWD.atol,
+        np.asarray(jm.emb.base_layer.embedding[...]), pe.get_base_layer().weight.detach().numpy(),
+        rtol=FWD.rtol, atol=FWD.atol,
     )  # fmt: skip
-    np.testing.assert_allclose(np.asarray(jm.emb.embedding[...]), W0, rtol=rt.rtol, atol=rt.atol)
+    np.testing.assert_allclose(np.asarray(jm.emb.base_layer.embedding[...]), W0, rtol=rt.rtol, atol=rt.atol)
 
 
 def test_two_adapters_chain_and_merge_like_peft():
@@ -190,7 +190,7 @@ def test_two_adapters_chain_and_merge_like_peft():
         pm.base_model.merge_adapter(["default", "other"])
     merge(jm, ["default", "other"])
     np.testing.assert_allclose(
-        np.asarray(jm.emb.embedding[...]),
+        np.asarray(jm.emb.base_layer.embedding[...]),
         pm.base_model.model.emb.get_base_layer().weight.detach().numpy(),
         rtol=FWD.rtol,
         atol=FWD.atol,

@@ -108,7 +108,7 @@ def test_mlp_forward_grads_and_merge_match_peft(case):
     merge(jm)
     for p, m in br.peft_oft_layers(pm).items():
         want = m.get_base_layer().weight.detach().numpy()
-        got = np.asarray(br.jax_layer(jm, p).kernel[...]).T
+        got = np.asarray(br.jax_layer(jm, p).base_layer.kernel[...]).T
         np.testing.assert_allclose(got, want, rtol=FWD.rtol, atol=FWD.atol, err_msg=p)
     with torch.no_grad():
         out_t = pm(torch.from_numpy(x)).numpy()
@@ -253,8 +253,8 @@ def _run_bnb_case(kind, d, case):
     np.testing.assert_allclose(target.astype(np.float32), dense, rtol=FWD.rtol, atol=FWD.atol)
     # requantized bytes == bitsandbytes quantizing the same float weight
     report = merge(jq).layers["lin0"]
-    got = tuple(np.asarray(a) for a in jax.tree.leaves(layer.weight.get_value()))
-    want = _bnb_requantize(target, layer.weight.get_value())
+    got = tuple(np.asarray(a) for a in jax.tree.leaves(layer.base_layer.weight.get_value()))
+    want = _bnb_requantize(target, layer.base_layer.weight.get_value())
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
     assert 0 < report.requant_rel_error < TOL["requant_int8" if kind == "int8" else "requant_4bit"].rtol
