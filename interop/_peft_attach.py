@@ -1,17 +1,18 @@
 """Attach PEFT OFT adapters to NNX models (``interop.peft.load_adapter`` / ``attach_adapter``).
 
-A model's module paths are its attribute names joined by dots, list indices as numbers
-(``model.layers.0.self_attn.q_proj``): exactly PEFT's module names for a torch model built the same way. The
-per-layer block layout comes from the tensor shapes (PEFT adjusts r/b per layer): ``b`` from
-``n = b(b-1)/2`` and ``r = shape[0]`` (``in_features / b`` with ``block_share``). Layers named by
+A model's module names are its module paths (``interop._nnx_names``: attribute names joined by dots, list
+indices as numbers, ``model.layers.0.self_attn.q_proj``): exactly PEFT's module names for a torch model built
+the same way. The per-layer block layout comes from the tensor shapes (PEFT adjusts r/b per layer): ``b``
+from ``n = b(b-1)/2`` and ``r = shape[0]`` (``in_features / b`` with ``block_share``). Layers named by
 ``oft_R.weight`` are wrapped in ``oftjax.nn.OFTLinear``, embeddings (``nnx.Embed``) named by
 ``oft_embedding_R.weight`` in ``oftjax.nn.OFTEmbed`` (or get one more adapter if already wrapped). The base
-table PEFT saves next to a targeted input embedding (``<module>.base_layer.weight``) is loaded into the
-embedding, as PEFT does.
+tensors PEFT saves (``<module>.base_layer.bias``, and the table ``<module>.base_layer.weight`` next to a
+targeted input embedding) are loaded into the base layer, as PEFT does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,53 +23,15 @@ import numpy as np
 from flax import nnx
 
 from oftjax.config import OFTConfig
-from oftjax.nn import AdapterSettings, OFTAdapters, OFTBias, OFTEmbed, OFTLinear, base_kind
+from oftjax.nn import AdapterSettings, ModulePath, OFTAdapters, OFTBias, base_ops, replace_module
+from oftjax.surgery import as_oft_layer, is_adaptable_embedding, is_adaptable_linear, oft_layers
 
 from . import _peft_format as fmt
 from ._io import InteropError
+from ._nnx_names import base_module, module_table
 from ._peft_files import read_adapter_with_extras as _read
 
-PathKey = tuple[str | int, ...]
-
-
-def _dotted(path: PathKey) -> str:
-    return ".".join(str(k) for k in path)
-
-
-def module_table(model: Any) -> dict[str, tuple[PathKey, Any]]:
-    """Every NNX module below ``model`` by dotted path (PEFT's module naming), root excluded."""
-    table: dict[str, tuple[PathKey, Any]] = {}
-    for path, node in nnx.iter_graph(model):
-        if path and isinstance(node, nnx.Module):
-            table.setdefault(_dotted(path), (tuple(path), node))
-    return table
-
-
-def _node_at(model: Any, path: PathKey) -> Any:
-    node = model
-    for key in path:
-        node = node[key] if isinstance(key, int) or isinstance(node, (nnx.Dict, dict)) else getattr(node, key)
-    return node
-
-
-def _replace(model: Any, path: PathKey, new: Any) -> None:
-    parent, key = _node_at(model, path[:-1]), path[-1]
-    if isinstance(key, int) or isinstance(parent, (nnx.Dict, dict)):
-        parent[key] = new
-    else:
-        setattr(parent, key, new)
-
-
-def _is_linear_like(module: Any) -> bool:
-    try:
-        base_kind(module)
-    except TypeError:
-        return False
-    return True
-
-
-def _is_embed_like(module: Any) -> bool:
-    return isinstance(module, OFTEmbed | nnx.Embed)
+__all__ = ["attach_adapter", "load_adapter", "module_table"]
 
 
 def _settings(
@@ -92,7 +55,7 @@ def _settings(
     )
 
 
-def _current_active(table: Mapping[str, tuple[PathKey, Any]]) -> tuple[str, ...] | None:
+def _current_active(table: Mapping[str, tuple[ModulePath, Any]]) -> tuple[str, ...] | None:
     """The model's active adapters (those of its first OFT layer), or None when it has no OFT layer yet."""
     for _, m in table.values():
         if isinstance(m, OFTAdapters) and m.adapters:
@@ -146,6 +109,26 @@ def load_adapter(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rotation:
+    """One layer's rotation to attach: the module (wrapped or to wrap), its settings and tensor."""
+
+    name: str
+    path: ModulePath
+    module: Any
+    settings: AdapterSettings
+    array: np.ndarray
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything ``attach_adapter`` writes, checked before the model is touched."""
+
+    rotations: list[_Rotation] = dataclasses.field(default_factory=list)
+    tables: list[tuple[Any, np.ndarray]] = dataclasses.field(default_factory=list)  # (nnx.Embed, table)
+    biases: list[tuple[Any, np.ndarray]] = dataclasses.field(default_factory=list)  # (base module, bias)
+
+
 def attach_adapter(
     model: Any,
     config: OFTConfig,
@@ -169,17 +152,44 @@ def attach_adapter(
     parsed = fmt.check_tensors(tensors, config, source)
     table = module_table(model)
     current = _current_active(table)
+    plan = _plan(config, tensors, parsed, table, adapter_name, source)
+    if strict:
+        _check_no_missing_keys(config, table, {r.name for r in plan.rotations}, source)
+    if config.module_dropout > 0 and rngs is None:
+        raise InteropError(f"{source}: module_dropout={config.module_dropout} > 0 needs rngs=nnx.Rngs(...)")
+    # Everything checked: now mutate the model.
+    wrapped = _attach_rotations(model, plan.rotations, adapter_name, rngs)
     if activate is None:
         activate = current is None
-    plans: list[tuple[str, PathKey, Any, AdapterSettings, np.ndarray]] = []
-    bias_updates: list[tuple[str, Any, np.ndarray]] = []
-    table_updates: list[tuple[Any, np.ndarray]] = []
+    if activate:
+        for _, layer in oft_layers(model):
+            if layer.adapters:
+                layer.active_adapters = (adapter_name,) if adapter_name in layer.adapters else ()
+    else:
+        for layer in wrapped.values():
+            layer.active_adapters = tuple(current or ())
+    for embed, array in plan.tables:
+        embed.embedding[...] = jnp.asarray(array, dtype=embed.embedding[...].dtype)
+    for base, array in plan.biases:
+        base.bias = OFTBias(jnp.asarray(array, dtype=base.bias[...].dtype))
+    return sorted(wrapped)
+
+
+def _plan(
+    config: OFTConfig,
+    tensors: Mapping[str, np.ndarray],
+    parsed: Mapping[str, fmt.ParsedKey],
+    table: Mapping[str, tuple[ModulePath, Any]],
+    adapter_name: str,
+    source: Path,
+) -> _Plan:
+    """Check every tensor against the module it names (InteropError naming the key if one does not fit)."""
+    plan = _Plan()
     for key, p in sorted(parsed.items()):
         if p.kind == "module_to_save":
             raise InteropError(
                 f"{source}: {key!r}: modules_to_save ({list(config.modules_to_save or ())}) is not supported "
-                "by "
-                "load_adapter; only OFT rotations and biases are attached"
+                "by load_adapter; only OFT rotations and biases are attached"
             )
         if p.module not in table:
             near = [m for m in table if m.endswith(p.module.rpartition(".")[2])][:5]
@@ -189,99 +199,89 @@ def attach_adapter(
             )
         mpath, module = table[p.module]
         array = np.asarray(tensors[key])
+        at = f"{source}: {key!r}"
+        where = f"{at}: module {p.module!r}"
         if p.kind in fmt.ROTATION_KINDS:
-            embed = p.kind == "oft_embedding_R"
-            if embed and not _is_embed_like(module):
-                raise InteropError(
-                    f"{source}: {key!r}: module {p.module!r} is a {type(module).__name__}, not an embedding "
-                    "(nnx.Embed)"
-                )
-            if not embed and not (isinstance(module, OFTLinear) or _is_linear_like(module)):
-                what = (
-                    "an embedding: PEFT names its rotation 'oft_embedding_R'"
-                    if _is_embed_like(module)
-                    else ""
-                )
-                raise InteropError(
-                    f"{source}: {key!r}: module {p.module!r} is a {type(module).__name__}, not a linear layer"
-                    + (f" ({what})" if what else "")
-                )
-            if isinstance(module, OFTAdapters) and adapter_name in module.adapters:
-                raise InteropError(
-                    f"{source}: {key!r}: module {p.module!r} already has an adapter named {adapter_name!r}; "
-                    "delete it or load under another adapter_name"
-                )
+            _check_rotation_target(module, p.kind == "oft_embedding_R", adapter_name, where)
             rows, n = array.shape
-            in_features = int(module.in_features) if isinstance(module, OFTAdapters) else _in_features(module)
-            settings = _settings(config, rows, fmt.block_size_of(n), in_features, key, source)
-            plans.append((p.module, mpath, module, settings, array))
+            settings = _settings(config, rows, fmt.block_size_of(n), _in_features(module), key, source)
+            plan.rotations.append(_Rotation(p.module, mpath, module, settings, array))
         elif p.kind == "embedding_base":
             # PEFT loads this into the base embedding (set_peft_model_state_dict): so do we.
-            table_var = getattr(module, "embedding", None)
-            if not _is_embed_like(module) or not isinstance(table_var, nnx.Variable):
-                raise InteropError(f"{source}: {key!r}: module {p.module!r} is not an embedding (nnx.Embed)")
-            if tuple(table_var[...].shape) != tuple(array.shape):
-                raise InteropError(
-                    f"{source}: {key!r} has shape {list(array.shape)}; module {p.module!r} embedding is "
-                    f"{list(table_var[...].shape)} (a resized vocabulary: resize the model's embedding first)"
-                )
-            table_updates.append((module, array))
+            plan.tables.append((_checked_embedding_base(module, array, at, p.module), array))
         else:
-            bias = getattr(module, "bias", None)
-            if not isinstance(bias, nnx.Variable):
-                raise InteropError(f"{source}: {key!r}: module {p.module!r} has no bias to load into")
-            if tuple(bias[...].shape) != tuple(array.shape):
-                raise InteropError(
-                    f"{source}: {key!r} has shape {list(array.shape)}; module {p.module!r} bias is "
-                    f"{list(bias[...].shape)}"
-                )
-            bias_updates.append((p.module, module, array))
-    if strict:
-        _check_no_missing_keys(config, table, {name for name, *_ in plans}, adapter_name, source)
-    needs_rngs = config.module_dropout > 0
-    if needs_rngs and rngs is None:
-        raise InteropError(f"{source}: module_dropout={config.module_dropout} > 0 needs rngs=nnx.Rngs(...)")
-    # Everything checked: now mutate the model.
+            plan.biases.append((_checked_bias_owner(module, array, at, p.module), array))
+    return plan
+
+
+def _check_rotation_target(module: Any, embed: bool, adapter_name: str, where: str) -> None:
+    if embed and not is_adaptable_embedding(module):
+        raise InteropError(f"{where} is a {type(module).__name__}, not an embedding (nnx.Embed)")
+    if not embed and not is_adaptable_linear(module):
+        what = (
+            " (an embedding: PEFT names its rotation 'oft_embedding_R')"
+            if is_adaptable_embedding(module)
+            else ""
+        )
+        raise InteropError(f"{where} is a {type(module).__name__}, not a linear layer{what}")
+    if isinstance(module, OFTAdapters) and adapter_name in module.adapters:
+        raise InteropError(
+            f"{where} already has an adapter named {adapter_name!r}; delete it or load under another "
+            "adapter_name"
+        )
+
+
+def _checked_embedding_base(module: Any, array: np.ndarray, at: str, name: str) -> nnx.Embed:
+    base = base_module(module)
+    if not isinstance(base, nnx.Embed):
+        raise InteropError(f"{at}: module {name!r} is not an embedding (nnx.Embed)")
+    have = list(base.embedding[...].shape)
+    if have != list(array.shape):
+        raise InteropError(
+            f"{at} has shape {list(array.shape)}; module {name!r} embedding is {have} (a resized vocabulary: "
+            "resize the model's embedding first)"
+        )
+    return base
+
+
+def _checked_bias_owner(module: Any, array: np.ndarray, at: str, name: str) -> Any:
+    base = base_module(module)
+    bias = getattr(base, "bias", None)
+    if not isinstance(bias, nnx.Variable):
+        raise InteropError(f"{at}: module {name!r} has no bias to load into")
+    if list(bias[...].shape) != list(array.shape):
+        raise InteropError(
+            f"{at} has shape {list(array.shape)}; module {name!r} bias is {list(bias[...].shape)}"
+        )
+    return base
+
+
+def _attach_rotations(
+    model: Any, rotations: list[_Rotation], adapter_name: str, rngs: nnx.Rngs | None
+) -> dict[str, OFTAdapters]:
+    """Wrap (or reuse) each layer, add the adapter with the file's values; module name -> OFT layer."""
     wrapped: dict[str, OFTAdapters] = {}
-    for name, mpath, module, settings, array in plans:
-        if isinstance(module, OFTAdapters):
-            layer = module
-        else:
-            layer = OFTEmbed(module) if _is_embed_like(module) else OFTLinear(module)
-        layer.add_adapter(adapter_name, settings, init_weights=True, rngs=rngs, param_dtype=array.dtype)
-        layer.rotation_params[adapter_name][...] = jnp.asarray(array)
-        if layer is not module:
-            _replace(model, mpath, layer)
-        wrapped[name] = layer
-    if activate:
-        for _, m in module_table(model).values():
-            if isinstance(m, OFTAdapters) and m.adapters:
-                m.active_adapters = (adapter_name,) if adapter_name in m.adapters else ()
-    else:
-        for layer in wrapped.values():
-            layer.active_adapters = tuple(current or ())
-    for module, array in table_updates:  # the wrapper shares the base's variable: either one works
-        module.embedding[...] = jnp.asarray(array, dtype=module.embedding[...].dtype)
-    for name, module, array in bias_updates:
-        target = wrapped.get(name, module)
-        old = target.bias
-        target.bias = OFTBias(jnp.asarray(array, dtype=old[...].dtype))
-    return sorted(wrapped)
+    for rot in rotations:
+        layer = as_oft_layer(rot.module)
+        layer.add_adapter(
+            adapter_name, rot.settings, init_weights=True, rngs=rngs, param_dtype=rot.array.dtype
+        )
+        layer.rotation_params[adapter_name][...] = jnp.asarray(rot.array)
+        if layer is not rot.module:
+            replace_module(model, rot.path, layer)
+        wrapped[rot.name] = layer
+    return wrapped
 
 
 def _check_no_missing_keys(
-    config: OFTConfig,
-    table: Mapping[str, tuple[PathKey, Any]],
-    rotated: set[str],
-    adapter_name: str,
-    source: Path,
+    config: OFTConfig, table: Mapping[str, tuple[ModulePath, Any]], rotated: set[str], source: Path
 ) -> None:
     if config.target_modules is None:
         return  # PEFT's per-architecture default targets: nothing to compare against here
     expected = []
     for path, (key, module) in table.items():
-        embed = _is_embed_like(module)
-        if not (embed or isinstance(module, OFTLinear) or _is_linear_like(module)):
+        embed = is_adaptable_embedding(module)
+        if not (embed or is_adaptable_linear(module)):
             continue
         if config.is_all_linear and (embed or key[-1] == "lm_head"):
             continue  # PEFT's "all-linear" never adapts embeddings or the output layer
@@ -298,9 +298,7 @@ def _check_no_missing_keys(
 
 
 def _in_features(module: Any) -> int:
-    if isinstance(module, nnx.Embed):  # PEFT's in_features of an embedding: embedding_dim (rotated output)
-        return int(module.features)
-    kind = base_kind(module)
-    if kind == "float":
-        return int(module.kernel[...].shape[0])
-    return int(module.weight.get_value().shape[1])
+    """The rotated dimension (PEFT's ``in_features``; an embedding's ``embedding_dim``: its output)."""
+    if isinstance(module, OFTAdapters):
+        return int(module.in_features)
+    return int(base_ops(module).in_features)

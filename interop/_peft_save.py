@@ -22,11 +22,12 @@ from flax import nnx
 
 from oftjax import oft
 from oftjax.config import OFTConfig
-from oftjax.nn import OFTAdapters, OFTBias, OFTEmbed
+from oftjax.nn import ModulePath, OFTAdapters, OFTBias, OFTEmbed
+from oftjax.surgery import is_adaptable_embedding, is_adaptable_linear
 
 from . import _peft_format as fmt
 from ._io import InteropError
-from ._peft_attach import PathKey, _is_embed_like, _is_linear_like, module_table
+from ._nnx_names import base_module, module_table
 from ._peft_files import write_adapter
 
 
@@ -52,10 +53,15 @@ _SETTING_FIELDS = (
 )
 
 
-def _bias_mode(table: Mapping[str, tuple[PathKey, Any]], layers: Mapping[str, OFTAdapters]) -> str:
+def _bias(module: Any) -> Any:
+    """The bias variable (or None) HF names ``<module>.bias``: an OFT layer's is its base layer's."""
+    return getattr(base_module(module), "bias", None)
+
+
+def _bias_mode(table: Mapping[str, tuple[ModulePath, Any]], layers: Mapping[str, OFTAdapters]) -> str:
     """PEFT's ``bias`` that saves exactly the biases made trainable (``OFTBias``) in the model."""
-    trainable = {p for p, (_, m) in table.items() if isinstance(getattr(m, "bias", None), OFTBias)}
-    with_bias = {p for p, m in layers.items() if getattr(m, "bias", None) is not None}
+    trainable = {p for p, (_, m) in table.items() if isinstance(_bias(m), OFTBias)}
+    with_bias = {p for p, m in layers.items() if _bias(m) is not None}
     if trainable and trainable <= set(layers):
         return "oft_only"
     if trainable and with_bias <= trainable:
@@ -106,8 +112,9 @@ def _check_config(
         if not config.is_target(path):
             bad.append(f"{path}: carries the adapter but the config's target_modules do not select it")
     for path, (_, module) in table.items():
-        adaptable = _is_linear_like(module) or _is_embed_like(module) or isinstance(module, OFTAdapters)
-        if path not in layers and adaptable and not (config.is_all_linear and _is_embed_like(module)):
+        embed = is_adaptable_embedding(module)
+        adaptable = embed or is_adaptable_linear(module)
+        if path not in layers and adaptable and not (config.is_all_linear and embed):
             if config.is_target(path):
                 bad.append(
                     f"{path}: selected by the config's target_modules but has no {adapter_name!r} adapter"
@@ -162,23 +169,35 @@ def collect_adapter(
         config = _infer_config(layers, adapter_name, _bias_mode(table, layers))
     else:
         _check_config(config, layers, table, adapter_name)
+    return config, _adapter_tensors(table, layers, adapter_name, config, save_embedding_layers)
+
+
+def _adapter_tensors(
+    table: Mapping[str, tuple[ModulePath, Any]],
+    layers: Mapping[str, OFTAdapters],
+    adapter_name: str,
+    config: OFTConfig,
+    save_embedding_layers: bool | str,
+) -> dict[str, np.ndarray]:
+    """The PEFT-named tensors: rotations, then the base tensors PEFT saves (``<module>.base_layer.*``)."""
     tensors: dict[str, np.ndarray] = {}
     for path, layer in layers.items():
         # oft_R for linears, oft_embedding_R for embeddings (the layer's PEFT attribute name).
         key = f"{fmt.PEFT_PREFIX}{path}.{layer.PARAM_NAME}.weight"
         tensors[key] = np.asarray(layer.rotation_params[adapter_name][...])
         if _saves_embedding_table(path, layer, save_embedding_layers):
-            tensors[f"{fmt.PEFT_PREFIX}{path}.base_layer.weight"] = np.asarray(layer.embedding[...])
+            table_var = base_module(layer).embedding
+            tensors[f"{fmt.PEFT_PREFIX}{path}.base_layer.weight"] = np.asarray(table_var[...])
     if config.bias in ("oft_only", "all"):
         for path, layer in layers.items():
-            if getattr(layer, "bias", None) is not None:
-                tensors[f"{fmt.PEFT_PREFIX}{path}.base_layer.bias"] = np.asarray(layer.bias[...])
+            if _bias(layer) is not None:
+                tensors[f"{fmt.PEFT_PREFIX}{path}.base_layer.bias"] = np.asarray(_bias(layer)[...])
     if config.bias == "all":
         for path, (_, module) in table.items():
-            bias = getattr(module, "bias", None)
+            bias = _bias(module)
             if path not in layers and isinstance(bias, nnx.Variable) and bias[...] is not None:
                 tensors[f"{fmt.PEFT_PREFIX}{path}.bias"] = np.asarray(bias[...])
-    return config, tensors
+    return tensors
 
 
 def save_adapter(

@@ -1,8 +1,9 @@
 """HF checkpoint directories <-> ``oftjax.models.LlamaForCausalLM`` (float, bnb 8-bit and 4-bit).
 
 The model side of the checkpoint interop: HF tensor names map one to one onto the NNX module paths
-(``model.layers.0.self_attn.q_proj.weight`` -> ``model.layers[0].self_attn.q_proj``), torch ``[out, in]``
-weights are transposed into NNX kernels ``[in, out]`` (and back), embeddings and norms keep their layout.
+(``model.layers.0.self_attn.q_proj.weight`` -> ``model.layers[0].self_attn.q_proj``; on an OFT-wrapped
+layer its ``base_layer``, ``interop._nnx_names.base_module``), torch ``[out, in]`` weights are transposed
+into NNX kernels ``[in, out]`` (and back), embeddings and norms keep their layout.
 Quantized projections stay packed: they become ``oftjax.nn.Linear8bit`` / ``Linear4bit`` holding the
 ``Int8Weight`` / ``FourBitWeight`` read by ``interop.hf.read_checkpoint`` (never a float round trip).
 
@@ -23,7 +24,9 @@ from flax import nnx
 
 from interop import _hf_checkpoint as hf
 from interop._io import InteropError
+from interop._nnx_names import base_module
 from oftjax.models import LlamaForCausalLM, ModelConfig
+from oftjax.nn import module_at, replace_module
 from oftjax.quant import FourBitWeight, Int8Weight
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -62,20 +65,9 @@ def _has_bias(config: ModelConfig, path: str) -> bool:
     return config.mlp_bias if name in _MLP else False
 
 
-def _get(root: Any, path: str) -> Any:
-    node = root
-    for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
-def _set(root: Any, path: str, value: Any) -> None:
-    parent, _, name = path.rpartition(".")
-    node = _get(root, parent) if parent else root
-    if name.isdigit():
-        node[int(name)] = value
-    else:
-        setattr(node, name, value)
+def _get(model: Any, path: str) -> Any:
+    """The module holding the tensors HF names ``<path>.weight`` / ``<path>.bias`` (an OFT layer's base)."""
+    return base_module(module_at(model, path))
 
 
 # --------------------------------------------------------------------------------------- tensors -> model
@@ -130,7 +122,7 @@ def model_from_modules(
         var.set_value(jnp.asarray(value, dtype))
         used.add(f"{path}.{name}")
 
-    take("model.embed_tokens", "weight", model.model.embed_tokens.embedding)
+    take("model.embed_tokens", "weight", _get(model, "model.embed_tokens").embedding)
     for path in _norm_paths(config):
         take(path, "weight", _get(model, path).weight)
     for path in linear_paths(config):
@@ -152,7 +144,7 @@ def model_from_modules(
                 new = Linear8bit(_to_jax(weight), b, compute_dtype=compute_dtype)
             else:
                 new = Linear4bit(_to_jax(weight), b, compute_dtype=quant_compute_dtype)
-            _set(model, path, new)
+            replace_module(model, path, new)
             used.update({f"{path}.weight"} | ({f"{path}.bias"} if bias is not None else set()))
             continue
         take(path, "weight", layer.kernel, transpose=True)
@@ -206,14 +198,14 @@ def modules_from_model(model: LlamaForCausalLM) -> dict[str, dict[str, Any]]:
     """
     config = model.config
     out: dict[str, dict[str, Any]] = {
-        "model.embed_tokens": {"weight": _np(model.model.embed_tokens.embedding)}
+        "model.embed_tokens": {"weight": _np(_get(model, "model.embed_tokens").embedding)}
     }
     for path in _norm_paths(config):
         out[path] = {"weight": _np(_get(model, path).weight)}
     for path in linear_paths(config):
         layer = _get(model, path)
         tensors: dict[str, Any] = {}
-        if hasattr(layer, "kernel"):  # nnx.Linear, or an OFT wrapper keeping the base's state names
+        if hasattr(layer, "kernel"):  # nnx.Linear
             tensors["weight"] = _np(layer.kernel).T
         elif hasattr(layer, "weight"):
             tensors["weight"] = jax.tree.map(np.asarray, layer.weight.get_value())

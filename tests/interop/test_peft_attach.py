@@ -80,7 +80,7 @@ def test_load_then_save_round_trips_tensors_and_config(tmp_path):
     path, tensors = _adapter(tmp_path, config, shapes, bias={f"layers.{i}.lin": 12 for i in range(3)})
     model = Deep(nnx.Rngs(0))
     peft.load_adapter(model, path)
-    assert isinstance(model.layers[1].lin.bias, OFTBias)
+    assert isinstance(model.layers[1].lin.base_layer.bias, OFTBias)
     y = model(_x())
     out = peft.save_adapter(model, tmp_path / "saved", config=peft.read_adapter(path)[0])
     config2, tensors2 = peft.read_adapter(out)
@@ -217,7 +217,7 @@ def test_embedding_adapter_is_read_and_attached(tmp_path):
     with_table = {f"{P}emb.oft_embedding_R.weight": vec, f"{P}emb.base_layer.weight": table}
     model = WithEmb(nnx.Rngs(0))
     peft.attach_adapter(model, config, with_table)
-    np.testing.assert_array_equal(np.asarray(model.emb.embedding[...]), table)
+    np.testing.assert_array_equal(np.asarray(model.emb.base_layer.embedding[...]), table)
     with pytest.raises(InteropError, match="lacks"):
         peft.attach_adapter(WithEmb(nnx.Rngs(0)), config, {**tensors, f"{P}other.base_layer.weight": table})
     with pytest.raises(InteropError, match="not a linear layer .an embedding"):
@@ -253,7 +253,8 @@ def test_embed_tokens_adapters_save_and_load_native(tmp_path):
         "two",
     ]
     np.testing.assert_array_equal(
-        np.asarray(fresh.embed_tokens.embedding[...]), np.asarray(model.embed_tokens.embedding[...])
+        np.asarray(fresh.embed_tokens.base_layer.embedding[...]),
+        np.asarray(model.embed_tokens.base_layer.embedding[...]),
     )
     for name in ("default", "two"):
         np.testing.assert_array_equal(

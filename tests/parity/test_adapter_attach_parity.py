@@ -24,6 +24,7 @@ from safetensors.numpy import save_file
 from torch import nn
 
 from interop import peft
+from oftjax.nn import module_at
 from oftjax.surgery import set_adapter
 from tests.tolerances import TOL
 
@@ -101,10 +102,8 @@ def _nnx_from_torch(kind, state):
     """The NNX model with the torch base weights (``state``: a torch state dict of the plain model)."""
     model = MODELS[kind][1](nnx.Rngs(0))
     for key, value in state.items():
-        *path, attr = key.split(".")
-        module = model
-        for p in path:
-            module = module[int(p)] if p.isdigit() else getattr(module, p)
+        path, _, attr = key.rpartition(".")
+        module = module_at(model, path)
         array = jnp.asarray(value.detach().numpy())
         getattr(module, "kernel" if attr == "weight" else "bias")[...] = (
             array.T if attr == "weight" else array
