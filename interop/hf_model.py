@@ -99,8 +99,6 @@ def model_from_modules(
     Raises:
       InteropError: a missing or unexpected tensor, or a shape that disagrees with the config (named).
     """
-    from oftjax.nn import Linear4bit, Linear8bit
-
     embed = _require(modules, "model.embed_tokens", "weight", source)
     dtype = jnp.dtype(dtype if dtype is not None else _float_dtype(embed))
     compute_dtype = jnp.dtype(compute_dtype if compute_dtype is not None else dtype)
@@ -133,23 +131,42 @@ def model_from_modules(
             want = "a bias" if _has_bias(config, path) else "no bias"
             raise InteropError(f"{source}: module {path}: the config expects {want} ({path}.bias)")
         if isinstance(weight, Int8Weight | FourBitWeight):
-            want = (layer.out_features, layer.in_features)
-            if tuple(weight.shape) != want:
-                raise InteropError(
-                    f"{source}: quantized {path}.weight has shape {list(weight.shape)}, the config expects "
-                    f"{list(want)}"
-                )
             b = None if bias is None else jnp.asarray(_load(bias), dtype)
-            if isinstance(weight, Int8Weight):
-                new = Linear8bit(_to_jax(weight), b, compute_dtype=compute_dtype)
-            else:
-                new = Linear4bit(_to_jax(weight), b, compute_dtype=quant_compute_dtype)
-            replace_module(model, path, new)
+            cd = compute_dtype if isinstance(weight, Int8Weight) else quant_compute_dtype
+            replace_module(model, path, _quantized_linear(path, layer, weight, b, cd, source))
             used.update({f"{path}.weight"} | ({f"{path}.bias"} if bias is not None else set()))
             continue
         take(path, "weight", layer.kernel, transpose=True)
         if bias is not None:
             take(path, "bias", layer.bias)
+    _check_all_used(config, modules, used, source)
+    return model
+
+
+def _quantized_linear(
+    path: str,
+    layer: nnx.Linear,
+    weight: Int8Weight | FourBitWeight,
+    bias: Any,
+    compute_dtype: Any,
+    source: str,
+) -> Any:
+    """The ``Linear8bit`` / ``Linear4bit`` replacing the float ``layer`` at ``path`` (shape checked)."""
+    from oftjax.nn import Linear4bit, Linear8bit
+
+    want = (layer.out_features, layer.in_features)
+    if tuple(weight.shape) != want:
+        raise InteropError(
+            f"{source}: quantized {path}.weight has shape {list(weight.shape)}, the config expects "
+            f"{list(want)}"
+        )
+    cls = Linear8bit if isinstance(weight, Int8Weight) else Linear4bit
+    return cls(_to_jax(weight), bias, compute_dtype=compute_dtype)
+
+
+def _check_all_used(
+    config: ModelConfig, modules: Mapping[str, Mapping[str, Any]], used: set[str], source: str
+) -> None:
     extra = sorted(
         f"{p}.{n}"
         for p, ts in modules.items()
@@ -160,7 +177,6 @@ def model_from_modules(
     )
     if extra:
         raise InteropError(f"{source}: unexpected tensor(s) for this {config.model_type} config: {extra[:8]}")
-    return model
 
 
 def _require(modules: Mapping[str, Mapping[str, Any]], path: str, name: str, source: str) -> Any:

@@ -10,7 +10,18 @@ import pytest
 from flax import nnx
 
 from oftjax.config import OFTConfig
-from oftjax.nn import Linear4bit, Linear8bit, OFTBias, OFTLinear, OFTParam, QuantWeight
+from oftjax.nn import (
+    Linear4bit,
+    Linear8bit,
+    OFTBias,
+    OFTLinear,
+    OFTParam,
+    QuantWeight,
+    find_modules,
+    module_at,
+    path_str,
+    replace_module,
+)
 from oftjax.surgery import (
     apply_oft,
     delete_adapter,
@@ -219,3 +230,41 @@ def test_list_indices_sort_numerically_and_plain_lists_work():
         f"layers.{i}" for i in range(11)
     ]
     assert isinstance(model.layers[10], OFTLinear) and isinstance(model.extra[0], OFTLinear)
+
+
+def test_find_and_replace_modules_by_attribute_index_and_dict_key():
+    model = Tiny()
+    linears = [path_str(p) for p, _ in find_modules(model, lambda m: isinstance(m, nnx.Linear))]
+    assert linears == [
+        "lm_head",
+        "model.layers.0.q_proj",
+        "model.layers.0.v_proj",
+        "model.layers.1.q_proj",
+        "model.layers.1.v_proj",
+    ]
+    new = nnx.Linear(64, 64, rngs=nnx.Rngs(5))
+    replace_module(model, ("model", "layers", 1, "q_proj"), new)  # nnx.Dict key, nnx.List index, attribute
+    assert module_at(model, "model.layers.1.q_proj") is new and model.model["layers"][1].q_proj is new
+    block = Block(nnx.Rngs(0), 7)
+    replace_module(model, "model.layers.0", block)
+    assert model.model["layers"][0] is block
+    with pytest.raises(ValueError, match="root"):
+        replace_module(model, (), block)
+
+
+def test_find_modules_does_not_enter_oft_layers_unless_asked():
+    model = Tiny()
+    apply_oft(model, cfg(target_modules=["q_proj"]))
+    names = [path_str(p) for p, _ in find_modules(model)]
+    assert "model.layers.0.q_proj" in names and not any("base_layer" in n or "oft_R" in n for n in names)
+    everything = [path_str(p) for p, _ in find_modules(model, enter=lambda m: True)]
+    assert "model.layers.0.q_proj.base_layer" in everything
+
+
+def test_replace_module_refuses_immutable_parents():
+    class Held(nnx.Module):
+        def __init__(self):
+            self.pair = nnx.data((nnx.Linear(2, 2, rngs=nnx.Rngs(0)),))
+
+    with pytest.raises(TypeError, match=r"pair\.0 sits in an immutable tuple"):
+        replace_module(Held(), ("pair", 0), nnx.Linear(2, 2, rngs=nnx.Rngs(1)))

@@ -9,6 +9,8 @@ from flax import nnx
 
 from oftjax import oft
 from oftjax.nn import AdapterSettings, OFTLinear, OFTParam, QuantWeight, base_ops
+from oftjax.nn._forward import rotated_matmul
+from oftjax.nn._merge import merge_layer
 from tests.nn._helpers import BASES, COMPILES, make_base, rand
 from tests.tolerances import TOL
 
@@ -28,7 +30,11 @@ def _dense_weight(layer):
 
 
 def _wrapped(kind, in_f=64, out_f=24, *settings, seed=0, rotate="auto"):
-    layer = OFTLinear(make_base(kind, in_f, out_f, seed=seed), rotate=rotate)
+    return _wrapped_base(make_base(kind, in_f, out_f, seed=seed), rotate, *settings)
+
+
+def _wrapped_base(base, rotate, *settings):
+    layer = OFTLinear(base, rotate=rotate)
     for i, s in enumerate(settings):
         layer.add_adapter(f"a{i}", s, init_weights=False, rngs=nnx.Rngs(10 + i))
     return layer
@@ -264,3 +270,51 @@ def test_optimizer_updates_only_rotations():
     ):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert isinstance(layer.base_layer.weight, QuantWeight)
+
+
+class _ScaledLinear(nnx.Module):
+    """A base of its own (``y = 2 x W^T``) that implements ``LinearBase`` instead of being in ``BASE_OPS``."""
+
+    def __init__(self, w):
+        self.w = nnx.Param(w)
+        self.out_features, self.in_features = w.shape
+
+    def __call__(self, x):
+        return x @ self.dense_weight().T
+
+    def dense_weight(self, dtype=None):
+        w = 2 * self.w[...]
+        return w if dtype is None else w.astype(dtype)
+
+    def set_dense_weight(self, w):
+        self.w[...] = w / 2
+
+    def rotated_forward(self, x, rotations):
+        return rotated_matmul(x, rotations, self.dense_weight().T)
+
+
+def test_any_linear_base_is_wrapped_both_paths_agree_and_it_merges():
+    from oftjax.nn._base import EmbedOps, FloatLinearOps
+
+    assert isinstance(base_ops(make_base("float", 8, 4)), FloatLinearOps)
+    assert isinstance(base_ops(nnx.Embed(4, 8, rngs=nnx.Rngs(0))), EmbedOps)
+    quantized = make_base("nf4", 64, 4)
+    assert base_ops(quantized) is quantized  # Linear4bit implements the protocol itself
+    with pytest.raises(TypeError, match="OFT supports nnx.Linear.*got LayerNorm"):
+        OFTLinear(nnx.LayerNorm(8, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="not one"):
+        OFTLinear(nnx.Embed(4, 8, rngs=nnx.Rngs(0)))
+    w = rand((6, 16), seed=3)
+    x = rand((5, 16), seed=4)
+    layers = {
+        rotate: _wrapped_base(_ScaledLinear(w), rotate, AdapterSettings(r=4, block_size=4))
+        for rotate in ("input", "weight")
+    }
+    want = np.asarray(x, np.float64) @ np.asarray(layers["input"].delta_weight("a0"), np.float64)
+    want = want @ (2 * np.asarray(w, np.float64)).T
+    for layer in layers.values():
+        np.testing.assert_allclose(np.asarray(layer(x)), want, rtol=FWD.rtol, atol=FWD.atol)
+    layer = layers["weight"]
+    report = merge_layer(layer)
+    assert report.kind == "_ScaledLinear" and layer.merged_adapters == ("a0",)
+    np.testing.assert_allclose(np.asarray(layer.base_layer(x)), want, rtol=FWD.rtol, atol=FWD.atol)
