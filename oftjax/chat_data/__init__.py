@@ -25,6 +25,9 @@ from oftjax.chat_data._load import ChatDataReport as ChatDataReport
 from oftjax.chat_data._load import ChatExample as ChatExample
 from oftjax.chat_data._load import load_chat_data as load_chat_data
 from oftjax.chat_data._load import padded_arrays as padded_arrays
+from oftjax.chat_data._pydoc_set import build_pydoc_set as build_pydoc_set
+from oftjax.chat_data._pydoc_set import pydoc_chat_paths as pydoc_chat_paths
+from oftjax.chat_data._pydoc_set import pydoc_rows as pydoc_rows
 from oftjax.chat_data._rows import ChatDataError as ChatDataError
 from oftjax.chat_data._rows import Row as Row
 from oftjax.chat_data._rows import RowError as RowError
@@ -41,8 +44,11 @@ __all__ = [
     "ChatTokenizer",
     "Row",
     "RowError",
+    "build_pydoc_set",
     "load_chat_data",
     "overlap_mask",
     "padded_arrays",
     "parse_row",
+    "pydoc_chat_paths",
+    "pydoc_rows",
 ]
