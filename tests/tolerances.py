@@ -114,3 +114,10 @@ TOL["quant_rms_golden"] = Tol(
     "relative-RMS quantization error of a format on fixed-seed data is a golden value; 1% leaves room for "
     "platform RNG/libm differences, far below the gaps between formats (nf4 vs fp4 differ by 30%)",
 )
+TOL["finite_difference"] = Tol(
+    3e-2,
+    3e-3,
+    "a float32 central difference, step 1e-3: truncation ~1e-6 relative, rounding ~2^-24 / 1e-3 ~ 6e-5 of "
+    "the output's scale per evaluation, amplified where the function is steep; catches a wrong tangent rule "
+    "(an O(1) error), not rounding",
+)

@@ -145,7 +145,11 @@ def _fused_cpu(*operands: jax.Array, vectorize: bool, **meta: Any) -> tuple[jax.
     n = int(np.prod(meta["shape"], dtype=np.int64))
     target = _NESTED_ROTATE if len(q_ops) == 4 else _PLAIN_ROTATE
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(meta["shape"]), np.float32))
-    return (call(*_code_operands(tuple(q_ops), n, meta["quant_type"]), Rt, **_attrs(meta["blocksize"], vectorize)),)
+    return (
+        call(
+            *_code_operands(tuple(q_ops), n, meta["quant_type"]), Rt, **_attrs(meta["blocksize"], vectorize)
+        ),
+    )
 
 
 DEQUANTIZE_ROTATE = KernelOp("oftjax_dequantize_rotate", xla=_fused_xla, cpu=_fused_cpu, num_results=1)

@@ -82,7 +82,7 @@ def _default_jvp(p: Primitive, default: Callable, primals: Sequence, tangents: S
 
 def _default_batch(default: Callable, args: Sequence, dims: Sequence, **params: Any):
     """``vmap`` rule: the pure-JAX formulation, vectorized (kernels run unbatched calls only)."""
-    in_axes = tuple(None if d is batching.not_mapped else d for d in dims)
+    in_axes = tuple(dims)  # None: not mapped
     out = jax.vmap(functools.partial(default, **params), in_axes=in_axes)(*args)
     return list(out), [0] * len(out)
 

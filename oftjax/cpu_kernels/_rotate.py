@@ -49,7 +49,7 @@ def _rotate_xla(x: jax.Array, R: jax.Array) -> tuple[jax.Array]:
 
 
 def rotate_cpu(x: jax.Array, R: jax.Array) -> tuple[jax.Array]:
-    """``x BD(R)`` for float32 ``x [..., r*b]`` and ``R [r, b, b]`` by the kernel (lowers for the CPU only)."""
+    """``x BD(R)`` for float32 ``x [..., r*b]``, ``R [r, b, b]`` by the kernel (lowers for the CPU only)."""
     call = jax.ffi.ffi_call(_ROTATE, jax.ShapeDtypeStruct(x.shape, x.dtype))
     return (call(x, R),)
 
@@ -61,7 +61,12 @@ def rotate_grad_cpu(x: jax.Array, R: jax.Array, g: jax.Array) -> tuple[jax.Array
 
 
 ROTATE = KernelOp(
-    "oftjax_rotate_blocks", xla=_rotate_xla, cpu=rotate_cpu, num_results=1, diff=(0, 1), cpu_bwd=rotate_grad_cpu
+    "oftjax_rotate_blocks",
+    xla=_rotate_xla,
+    cpu=rotate_cpu,
+    num_results=1,
+    diff=(0, 1),
+    cpu_bwd=rotate_grad_cpu,
 )
 
 

@@ -48,7 +48,9 @@ def swiglu_grad_cpu(gate: jax.Array, up: jax.Array, dh: jax.Array) -> tuple[jax.
     return tuple(jax.ffi.ffi_call(_BACKWARD, out)(gate, up, dh))
 
 
-SWIGLU = KernelOp("oftjax_swiglu", xla=_xla, cpu=swiglu_cpu, num_results=1, diff=(0, 1), cpu_bwd=swiglu_grad_cpu)
+SWIGLU = KernelOp(
+    "oftjax_swiglu", xla=_xla, cpu=swiglu_cpu, num_results=1, diff=(0, 1), cpu_bwd=swiglu_grad_cpu
+)
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> Any:
