@@ -14,16 +14,17 @@ Times are the best of ``--reps`` runs after warm-up (JAX: compilation): on a sha
 the estimate least disturbed by other load (medians are printed too). Both frameworks run in this process on
 the same cores, round-robin (JAX step, torch step, floor, repeat) so that all three see the same load.
 
-A second table times applying the rotations alone, ``x BD(R)`` forward + gradients w.r.t. ``x`` and ``R``,
-at the same tokens x dim for several block sizes: oftjax's ``rotate_blocks`` (the native CPU kernel where it
-runs, csrc/rotate.cc), its XLA formulation (what GPUs and other block sizes run), and PEFT's own
-``einsum("...rk,rkc->...rc")`` in torch.
+The OFT layer table runs oftjax with its CPU kernels (``--cpu-kernels on``, what ``oftjax train`` does on a
+CPU) or as the pure-JAX library (``off``). A second table times applying the rotations alone, ``x BD(R)``
+forward + gradients w.r.t. ``x`` and ``R``, at the same tokens x dim for several block sizes:
+``oftjax.oft.rotate_blocks`` compiled with the CPU kernel (csrc/rotate.cc, where the block size has one) and
+without (the pure-JAX formulation GPUs run), and PEFT's own ``einsum("...rk,rkc->...rc")`` in torch.
 
 A third table times rotary embedding + causal attention, forward + gradients w.r.t. q, k, v, at the train
-benchmark's attention shapes (``--attn-shape batch,seq,heads,kv_heads,head_dim``): oftjax's fused CPU kernels
-(RoPE inside, csrc/attention.cc), oftjax's XLA path (``apply_rope`` + blocked ``causal_attention``, what GPUs
-run), and torch as transformers runs Llama by default (``apply_rotary_pos_emb`` +
-``scaled_dot_product_attention`` with ``is_causal``).
+benchmark's attention shapes (``--attn-shape batch,seq,heads,kv_heads,head_dim``): oftjax's
+``causal_attention`` compiled with its fused CPU kernel (RoPE inside, csrc/attention.cc) and without (RoPE +
+blocked attention in pure JAX, what GPUs run), and torch as transformers runs Llama by default
+(``apply_rotary_pos_emb`` + ``scaled_dot_product_attention`` with ``is_causal``).
 
 Usage: python benchmarks/bench_layer.py [--tokens 512 --dim 2048 --block 32 --reps 10]
                                        [--rotation-blocks 16,32,64] [--attn-shape 4,256,8,4,64]
@@ -43,12 +44,21 @@ from flax import nnx
 
 from interop import bnb as bnb_io
 from interop import oracle
+from oftjax import cpu_kernels
 from oftjax.config import OFTConfig
-from oftjax.nn import Linear4bit, Linear8bit, OFTParam, rotation_native_info
-from oftjax.nn._forward import _rotate_blocks_xla, rotate_blocks
+from oftjax.nn import Linear4bit, Linear8bit, OFTParam
+from oftjax.oft import rotate_blocks
 from oftjax.surgery import apply_oft
 
 BASES = ("float", "int8", "nf4")
+
+
+def compiled(fn: Callable, *args, kernels: bool) -> Callable[[], object]:
+    """``fn(*args)`` compiled ahead of time with oftjax's CPU kernels on or off (the executable keeps the
+    implementation it was compiled with), as a no-argument timing closure."""
+    with cpu_kernels.enable() if kernels else cpu_kernels.disable():
+        exe = jax.jit(fn).lower(*args).compile()
+    return lambda: jax.block_until_ready(exe(*args))
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tuple[float, float]]:
@@ -133,9 +143,12 @@ def bench(
         model = Holder(jax_layer(kind, tl))
         apply_oft(model, OFTConfig(**kw), rngs=nnx.Rngs(0))
 
-        @nnx.jit
-        def step(m, x, G):
-            return nnx.value_and_grad(lambda m: jnp.sum(m(x) * G), argnums=nnx.DiffState(0, OFTParam))(m)
+        graphdef, params, rest = nnx.split(model, OFTParam, ...)
+
+        def loss(p, rest, x, G, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, p, rest)(x) * G)
+
+        jax_step = compiled(jax.value_and_grad(loss), params, rest, x, G, kernels=a.cpu_kernels == "on")
 
         holder = torch.nn.Module()
         holder.lin = tl
@@ -152,7 +165,7 @@ def bench(
 
         t = time_interleaved(
             {
-                "jax": lambda m=model, f=step: jax.block_until_ready(f(m, x, G)),
+                "jax": jax_step,
                 "torch": torch_step,
                 "floor": floor,
             },
@@ -171,9 +184,9 @@ def bench_rotation(a: argparse.Namespace, block: int) -> dict[str, tuple[float, 
     R_t = torch.linalg.qr(torch.randn(a.dim // block, block, block, generator=g))[0]
     x, G, R = (jnp.asarray(t.numpy()) for t in (x_t, G_t, R_t))
 
-    def jax_step(rotate):
-        f = jax.jit(jax.value_and_grad(lambda x, R, G: jnp.sum(rotate(x, R) * G), argnums=(0, 1)))
-        return lambda: jax.block_until_ready(f(x, R, G))
+    def jax_step(kernels: bool):
+        fn = jax.value_and_grad(lambda x, R, G: jnp.sum(rotate_blocks(x, R) * G), argnums=(0, 1))
+        return compiled(fn, x, R, G, kernels=kernels)
 
     x_t.requires_grad_(True)
     R_t.requires_grad_(True)
@@ -183,18 +196,12 @@ def bench_rotation(a: argparse.Namespace, block: int) -> dict[str, tuple[float, 
         y = torch.einsum("...rk,rkc->...rc", x_t.reshape(a.tokens, -1, block), R_t).reshape(a.tokens, a.dim)
         (y * G_t).sum().backward()
 
-    return time_interleaved(
-        {"oftjax": jax_step(rotate_blocks), "xla": jax_step(_rotate_blocks_xla), "torch": torch_step}, a.reps
-    )
+    return time_interleaved({"oftjax": jax_step(True), "xla": jax_step(False), "torch": torch_step}, a.reps)
 
 
 def bench_attention(a: argparse.Namespace) -> dict[str, tuple[float, float]]:
     """RoPE + causal attention, ``sum(out * G)`` and its gradients w.r.t. q, k, v, in all three."""
-    import numpy as np
-
-    from oftjax.models import _native_attention
     from oftjax.models._attention import causal_attention
-    from oftjax.models._rope import apply_rope
 
     torch = oracle.require("torch")
     b, s, h, kv, d = (int(v) for v in a.attn_shape.split(","))
@@ -207,18 +214,11 @@ def bench_attention(a: argparse.Namespace) -> dict[str, tuple[float, float]]:
     q, k, v, G, cos, sin = (jnp.asarray(t.numpy()) for t in (q_t, k_t, v_t, G_t, cos_t, sin_t))
     scale = d**-0.5
 
-    def xla(q, k, v):
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        qh = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-        out = causal_attention(qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale, None, 4)
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+    def jax_step(kernels: bool):
+        def loss(q, k, v, G, cos, sin):
+            return jnp.sum(causal_attention(q, k, v, cos, sin, scale=scale) * G)
 
-    def native(q, k, v):
-        return _native_attention.fused_causal_attention(q, k, v, scale, cos=cos, sin=sin)
-
-    def jax_step(f):
-        step = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(f(q, k, v) * G), argnums=(0, 1, 2)))
-        return lambda: jax.block_until_ready(step(q, k, v))
+        return compiled(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, v, G, cos, sin, kernels=kernels)
 
     for t in (q_t, k_t, v_t):
         t.requires_grad_(True)
@@ -234,10 +234,7 @@ def bench_attention(a: argparse.Namespace) -> dict[str, tuple[float, float]]:
         out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         (out.transpose(1, 2) * G_t).sum().backward()
 
-    fns = {"xla": jax_step(xla), "torch": torch_step}
-    if _native_attention.supports(d, np.float32) and jax.default_backend() == "cpu":
-        fns["oftjax"] = jax_step(native)
-    return time_interleaved(fns, a.reps)
+    return time_interleaved({"oftjax": jax_step(True), "xla": jax_step(False), "torch": torch_step}, a.reps)
 
 
 def main() -> None:
@@ -248,10 +245,17 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=12)
     p.add_argument("--rotation-blocks", default="16,32,64", help="block sizes of the rotation-only table")
     p.add_argument("--attn-shape", default="4,256,8,4,64", help="batch,seq,heads,kv_heads,head_dim")
+    p.add_argument(
+        "--cpu-kernels",
+        choices=["on", "off"],
+        default="on",
+        help="the OFT layer table with oftjax's CPU kernels (as `oftjax train` on a CPU) or pure JAX",
+    )
     a = p.parse_args()
     torch = oracle.require("torch")
     print(
-        f"OFT layer fwd+bwd: tokens={a.tokens}, {a.dim}x{a.dim}, block {a.block}, fp32; "
+        f"OFT layer fwd+bwd: tokens={a.tokens}, {a.dim}x{a.dim}, block {a.block}, fp32, CPU kernels "
+        f"{a.cpu_kernels}; "
         f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); best of {a.reps} (median in parentheses)"
     )
@@ -263,22 +267,20 @@ def main() -> None:
     print(
         "targets: JAX/torch <= 0.80, JAX/floor <= 1.20 (floor: JAX dense matmul fwd + input grad, no adapter)"
     )
-    native = rotation_native_info()["block_sizes"]
-    print(f"\nx BD(R) alone, fwd + grads (x, R): tokens={a.tokens}, dim {a.dim}; native sizes {native}")
-    head = ("block", "oftjax ms", "XLA path ms", "torch ms", "oftjax/torch", "XLA/oftjax")
+    native = cpu_kernels.info()["rotation"]["block_sizes"]
+    print(f"\nx BD(R) alone, fwd + grads (x, R): tokens={a.tokens}, dim {a.dim}; kernel sizes {native}")
+    head = ("block", "CPU kernel ms", "pure JAX ms", "torch ms", "kernel/torch", "JAX/kernel")
     print(f"{head[0]:<6} {head[1]:>16} {head[2]:>16} {head[3]:>16} {head[4]:>12} {head[5]:>10}")
     for block in (int(b) for b in a.rotation_blocks.split(",")):
         t = bench_rotation(a, block)
         cells = " ".join(f"{f'{b:.2f} ({m:.2f})':>16}" for b, m in (t["oftjax"], t["xla"], t["torch"]))
         ratios = f"{t['oftjax'][0] / t['torch'][0]:>12.2f} {t['xla'][0] / t['oftjax'][0]:>10.2f}"
-        print(f"{block:<6} {cells} {ratios}{'' if block in native else '  (XLA path: not a native size)'}")
+        print(f"{block:<6} {cells} {ratios}{'' if block in native else '  (no kernel for this size)'}")
 
     t = bench_attention(a)
     print(f"\nRoPE + causal attention, fwd + grads (q, k, v): batch,seq,heads,kv,head_dim {a.attn_shape}")
-    head = ("oftjax ms", "XLA path ms", "torch ms", "oftjax/torch", "XLA/oftjax")
+    head = ("CPU kernel ms", "pure JAX ms", "torch ms", "kernel/torch", "JAX/kernel")
     print(f"{head[0]:>16} {head[1]:>16} {head[2]:>16} {head[3]:>12} {head[4]:>10}")
-    if "oftjax" not in t:
-        t["oftjax"] = t["xla"]  # no native kernels here: oftjax runs the XLA path
     cells = " ".join(f"{f'{b:.2f} ({m:.2f})':>16}" for b, m in (t["oftjax"], t["xla"], t["torch"]))
     print(f"{cells} {t['oftjax'][0] / t['torch'][0]:>12.2f} {t['xla'][0] / t['oftjax'][0]:>10.2f}")
 

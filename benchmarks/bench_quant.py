@@ -30,11 +30,12 @@ What makes the comparison fair (checked, not assumed):
     per-block values, which the default allocator reuses); ``keep`` keeps freed blocks mapped (as a
     long-running training process would), which leaves the compute alone.
 
-On CPU the JAX 4-bit dequantize runs the CPU kernel where it is available (csrc/dequant4.cc, an XLA FFI
-custom call: AVX-512 permutes, the double-quant absmax computed per block in the same pass, XLA's intra-op
-thread pool, huge-page advice for its output, non-temporal stores for large outputs), otherwise the pure-XLA
-formulation that GPUs and TPUs run; the printed header says which. XLA:CPU compiler options tried on the XLA
-formulation did not help, so none is set here or in the library (benchmarks/RESULTS.md lists them).
+With ``--cpu-kernels on`` (the default) the JAX 4-bit dequantize runs oftjax's CPU kernel (csrc/dequant4.cc,
+an XLA FFI custom call: AVX-512 permutes, the double-quant absmax computed per block in the same pass, XLA's
+intra-op thread pool, huge-page advice for its output, non-temporal stores for large outputs); with ``off``
+the pure-JAX formulation that GPUs and TPUs run; the printed header says which. XLA:CPU compiler options
+tried on the pure-JAX formulation did not help, so none is set here or in the library (benchmarks/RESULTS.md
+lists them).
 """
 
 from __future__ import annotations
@@ -67,11 +68,15 @@ def set_allocator(keep: bool) -> None:
 
 
 def _dequant_path() -> str:
-    info = quant.native_info()
-    if not info["available"]:
-        return f"XLA ({info['reason']})"
+    from oftjax import cpu_kernels
+
+    info = cpu_kernels.info()
+    if "dequantize_4bit" not in info["operations"]:
+        reason = info["dequantize"]["reason"] if info["enabled"] else "--cpu-kernels off"
+        return f"pure JAX ({reason})"
     pages = "4 KiB pages" if os.environ.get("OFTJAX_HUGEPAGES", "1") == "0" else "huge-page advice"
-    return f"native kernel ({'AVX-512' if info['avx512'] else 'scalar'}, {pages})"
+    avx = "AVX-512" if info["dequantize"]["avx512"] else "scalar"
+    return f"CPU kernel ({avx}, {pages})"
 
 
 def paired_medians(fj, fb, repeats: int, rounds: int = 3) -> tuple[float, float]:
@@ -97,9 +102,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--allocator", default="default", choices=["default", "fresh", "keep"], help="see doc")
+    ap.add_argument(
+        "--cpu-kernels",
+        choices=["on", "off"],
+        default="on",
+        help="oftjax.cpu_kernels (off: the pure-JAX library)",
+    )
     args = ap.parse_args()
     if args.allocator != "default":
         set_allocator(keep=args.allocator == "keep")
+    if args.cpu_kernels == "on":
+        from oftjax import cpu_kernels
+
+        cpu_kernels.enable()
 
     import bitsandbytes.functional as F  # noqa: N812 - bnb's own alias
     import torch

@@ -190,8 +190,19 @@ def jax_trainer(model, a: argparse.Namespace, rng):
     return Trainer(model, tcfg), batch
 
 
+def apply_cpu_kernels(a: argparse.Namespace) -> str:
+    """``--cpu-kernels on`` enables oftjax's CPU kernels, as ``oftjax train`` does on a CPU."""
+    if a.cpu_kernels == "off":
+        return "pure JAX"
+    from oftjax import cpu_kernels
+
+    cpu_kernels.enable()
+    return "CPU kernels" if cpu_kernels.enabled() else "pure JAX (no CPU kernels built)"
+
+
 def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     malloc = _apply_malloc(a)
+    kernels = apply_cpu_kernels(a)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -232,6 +243,7 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
         {
             "side": "oftjax",
             "malloc": malloc,
+            "kernels": kernels,
             "faults_per_step": faults[0],
             "backend": jax.default_backend(),
             "step_s": step,
@@ -368,7 +380,13 @@ def main(argv: list[str] | None = None) -> int:
         "--malloc",
         choices=["keep", "default"],
         default="keep",
-        help="glibc setting applied to BOTH sides (oftjax/_malloc.py; `oftjax train` uses keep by default)",
+        help="glibc setting applied to BOTH sides (oftjax/cli/_malloc.py; `oftjax train` uses keep)",
+    )
+    p.add_argument(
+        "--cpu-kernels",
+        choices=["on", "off"],
+        default="on",
+        help="oftjax's opt-in CPU kernels (on: as `oftjax train` runs on a CPU; off: the pure-JAX library)",
     )
     a = p.parse_args(argv)
     load0 = os.getloadavg()[0]
@@ -379,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"train step, Llama hidden {a.hidden} x {a.layers} layers, seq {a.seq}, batch {a.batch}, "
         f"vocab {a.vocab}; NF4 + DQ base, OFT b=32 on {len(TARGETS)} projections "
-        f"({jx['trainable']:,} trainable); {(gemm + attn) / 1e9:.1f} GFLOP/step in GEMMs + attention"
+        f"({jx['trainable']:,} trainable); {(gemm + attn) / 1e9:.1f} GFLOP/step in GEMMs + attention; "
+        f"oftjax: {jx['kernels']}"
     )
     if jx["trainable"] != th["trainable"]:
         print(f"WARNING: trainable parameters differ: oftjax {jx['trainable']:,}, torch {th['trainable']:,}")

@@ -7,12 +7,14 @@ innermost label in its ``op_name`` metadata, which the code sets with ``jax.name
   gemm         the frozen linears' matmuls (forward ``x W^T`` and input gradient ``g W``): the GEMM floor
   dequant      4-bit / int8 dequantization (``oftjax.quant``), forward and backward
   oft_rotate   applying rotations: ``x BD(R)`` (input path), ``W BD(R)^T`` (weight path), their gradients
-               (on CPU the native kernels of csrc/rotate.cc)
+               (with the CPU kernels: csrc/rotate.cc)
   oft_build    building rotation blocks from parameters (skew, Cayley-Neumann series) and their gradients
-               (on CPU one native call per direction, csrc/rotate.cc)
-  attention    scores, softmax, probabilities x values, forward and backward (on CPU one fused kernel per
-               direction, csrc/attention.cc, which also applies RoPE; the XLA path has its own rope label)
-  rope, rms_norm, swiglu, loss, optimizer: as named (swiglu on CPU: csrc/swiglu.cc)
+               (with the CPU kernels: one call per direction, csrc/rotate.cc)
+  attention    scores, softmax, probabilities x values, forward and backward (with the CPU kernels: one fused
+               kernel per direction, csrc/attention.cc, which also applies RoPE; pure JAX has a rope label)
+  rope, rms_norm, swiglu, loss, optimizer: as named (swiglu with the CPU kernels: csrc/swiglu.cc)
+
+``--cpu-kernels on`` (the default, as ``oftjax train`` runs on a CPU) or ``off`` (the pure-JAX library).
   other        everything else (residual adds, embedding, layout copies XLA put between labelled ops)
 
 Op times are the sum over the threads that ran them (XLA:CPU runs independent ops concurrently, and a GEMM's
@@ -92,12 +94,13 @@ def op_times(trace_dir: str, steps: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bench_train.add_shape_args(p, steps=4)
+    p.add_argument("--cpu-kernels", choices=["on", "off"], default="on", help="oftjax's opt-in CPU kernels")
     a = p.parse_args(argv)
     # what bench_train and `oftjax train` do: otherwise every step faults its temporary buffer in afresh, and
     # whichever op first writes a page (a dequantize, a swiglu) is charged for it
     from oftjax.cli import keep_freed_memory
 
-    print(f"malloc: {keep_freed_memory()}")
+    print(f"malloc: {keep_freed_memory()}; {bench_train.apply_cpu_kernels(a)}")
 
     import jax
     import numpy as np
