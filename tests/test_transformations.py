@@ -128,3 +128,14 @@ def test_whole_model_jvp_grad_and_vmap():
 
     per_row = jax.vmap(lambda row: f(params, row[None])[0])(ids)
     _close(per_row, logits, TOL["fp32_forward"])
+
+
+def test_tied_head_with_an_adapted_embedding():
+    """The tied lm_head reads the base table also when ``embed_tokens`` is an OFT layer (PEFT: the rotation
+    applies to the lookups only)."""
+    cfg = ModelConfig.from_hf({**TINY_LLAMA, "model_type": "llama", "tie_word_embeddings": True})
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(7), (1, 16), 0, TINY_LLAMA["vocab_size"])
+    before = model(ids)
+    oftjax.apply_oft(model, oftjax.OFTConfig(r=0, oft_block_size=16, target_modules=["embed_tokens"]))
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(before))  # identity at init

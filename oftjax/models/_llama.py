@@ -292,7 +292,9 @@ class LlamaForCausalLM(nnx.Module):
         h = self.model(input_ids, attention_mask, positions)
         with jax.named_scope("gemm"):  # a profile label (benchmarks/profile_train.py), nothing else
             if self.lm_head is None:
-                emb = self.model.embed_tokens.embedding[...].astype(h.dtype)
+                # the base table (an OFT-adapted embedding rotates its lookups, not the tied head: PEFT)
+                embed = self.model.embed_tokens
+                emb = getattr(embed, "base_layer", embed).embedding[...].astype(h.dtype)
                 return h @ emb.T
             return _project(self.lm_head, h)
 
