@@ -246,7 +246,7 @@ def load_model(
     *,
     dtype: Any = None,
     compute_dtype: Any = None,
-    strict: bool = True,
+    strict: bool = False,
 ) -> LlamaForCausalLM:
     """Load an HF Llama/Mistral/Qwen2 checkpoint directory (float, bnb 8-bit or 4-bit) into JAX.
 
@@ -255,9 +255,11 @@ def load_model(
 
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
-      dtype: float parameter dtype (default: the checkpoint's).
+      dtype: float parameter dtype, "float32" / "bfloat16" or a dtype (default: the checkpoint's). On a CPU
+        pass float32 for a bf16 checkpoint: XLA:CPU computes bfloat16 slowly (``oftjax train`` does).
       compute_dtype: activation dtype (default: ``dtype``).
-      strict: refuse unknown config keys (unsupported math is always refused).
+      strict: also refuse config keys the key policy does not know (``ModelConfig.from_hf``); by default
+        they are accepted with one warning. Keys whose value changes math oftjax lacks are always refused.
 
     Example:
       >>> model = load_model("tiny-llama-nf4")      # doctest: +SKIP

@@ -107,6 +107,7 @@ def load_causal_lm(
     double_quant: bool = True,
     adapter: Any = None,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> Any:
     """Load an HF checkpoint in transformers (+ bitsandbytes, + a PEFT adapter), oracle traps disarmed.
 
@@ -116,6 +117,9 @@ def load_causal_lm(
       double_quant: 4-bit double quantization.
       adapter: a PEFT adapter directory for ``PeftModel.from_pretrained``.
       device: "cpu" or "cuda" (CUDA bitsandbytes).
+      dtype: "float32" or "bfloat16": the float weights and activations (transformers' ``dtype``) and the
+        4-bit layers' ``bnb_4bit_compute_dtype``, so that the JAX side loaded with the same ``dtype``
+        computes the same thing.
 
     The model is returned in eval mode, except int8 models: those run in train mode (dropout is 0 in these
     configs), the path where bitsandbytes dequantizes and multiplies in float, as oftjax's ``Linear8bit``
@@ -124,9 +128,11 @@ def load_causal_lm(
     torch = require("torch")
     transformers = require("transformers")
     use_default_cpu_dequant()
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "device_map": device}
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "device_map": device}
     if quant not in (None, "none"):
-        kwargs["quantization_config"] = bnb_config(quant, double_quant=double_quant)
+        kwargs["quantization_config"] = bnb_config(quant, double_quant=double_quant, compute_dtype=dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     disable_cpu_repacking(model)
     if adapter is not None:
