@@ -14,6 +14,7 @@ from oftjax.models._llama import MistralForCausalLM as MistralForCausalLM
 from oftjax.models._llama import Qwen2ForCausalLM as Qwen2ForCausalLM
 from oftjax.models._llama import RMSNorm as RMSNorm
 from oftjax.models._llama import causal_mask as causal_mask
+from oftjax.models._llama import segment_mask as segment_mask
 
 __all__ = [
     "AXIS_DATA",
@@ -25,4 +26,5 @@ __all__ = [
     "RMSNorm",
     "UnsupportedConfigError",
     "causal_mask",
+    "segment_mask",
 ]

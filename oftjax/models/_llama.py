@@ -166,20 +166,41 @@ class DecoderLayer(nnx.Module):
 
 
 def causal_mask(
-    seq_len: int, padding_mask: jax.Array | None, window: int | None, batch: int = 1
+    seq_len: int, attention_mask: jax.Array | None, window: int | None, batch: int = 1
 ) -> jax.Array:
-    """Boolean ``[batch, q, k]``: causal (``k <= q``), windowed (``k > q - window``) and key padding.
+    """Boolean ``[batch, q, k]``: causal (``k <= q``), windowed (``k > q - window``) and ``attention_mask``.
 
-    Built from sequence indices like transformers' ``create_causal_mask`` (not from ``positions``).
+    ``attention_mask`` is None, a key-padding mask ``[batch, k]`` (1/True: a real token) or a full mask
+    ``[batch, q, k]`` (True: may attend; e.g. ``segment_mask`` for packed examples), combined with the
+    causal and window mask. Built from sequence indices like transformers' ``create_causal_mask`` (not from
+    ``positions``).
     """
     q = jnp.arange(seq_len)[:, None]
     k = jnp.arange(seq_len)[None, :]
     allowed = k <= q
     if window is not None:
         allowed = allowed & (k > q - window)
-    if padding_mask is None:
+    if attention_mask is None:
         return jnp.broadcast_to(allowed, (batch, seq_len, seq_len))
-    return allowed[None] & padding_mask.astype(jnp.bool_)[:, None, :]
+    if attention_mask.ndim == 3:
+        return allowed[None] & attention_mask.astype(jnp.bool_)
+    return allowed[None] & attention_mask.astype(jnp.bool_)[:, None, :]
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """The ``[batch, q, k]`` attention mask of packed rows: a token attends only within its own example.
+
+    Args:
+      segment_ids: int ``[batch, seq]``, the example each token belongs to (equal ids: same example). Pass
+        the result as ``attention_mask`` with ``positions`` restarting at 0 for each example.
+
+    Example:
+      >>> segment_mask(jnp.array([[0, 0, 1]])).astype(int)[0]
+      Array([[1, 1, 0],
+             [1, 1, 0],
+             [0, 0, 1]], dtype=int32)
+    """
+    return segment_ids[:, :, None] == segment_ids[:, None, :]
 
 
 def _layer_call(causal_only: bool, window: int | None):
@@ -220,6 +241,11 @@ class LlamaModel(nnx.Module):
         positions: jax.Array | None = None,
     ) -> jax.Array:
         b, s = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) not in ((b, s), (b, s, s)):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected [batch, seq] = {[b, s]} "
+                f"(key padding) or [batch, seq, seq] = {[b, s, s]} (who may attend to whom)"
+            )
         h = self.embed_tokens(input_ids)
         if positions is None:
             positions = jnp.arange(s)
@@ -229,7 +255,7 @@ class LlamaModel(nnx.Module):
             w: causal_mask(s, attention_mask, w, b)
             for w in set(map(self.config.window, range(len(self.layers))))
         }
-        causal_only = attention_mask is None  # no padding: the mask is causal (and windowed)
+        causal_only = attention_mask is None  # no mask given: causal (and windowed) only
         for i, layer in enumerate(self.layers):
             window = self.config.window(i)
             call = _layer_call(causal_only, window)
@@ -285,9 +311,12 @@ class LlamaForCausalLM(nnx.Module):
 
         Args:
           input_ids: int ``[batch, seq]``.
-          attention_mask: ``[batch, seq]``, 1/True for real tokens, 0/False for padding (keys only, as HF).
+          attention_mask: ``[batch, seq]``, 1/True for real tokens, 0/False for padding (keys only, as HF);
+            or ``[batch, seq, seq]``, True where query ``i`` may attend to key ``j`` (packed examples:
+            ``segment_mask``), combined with the causal and sliding-window mask. Either form computes the
+            full score matrix (``masked_attention``).
           positions: int ``[seq]`` or ``[batch, seq]`` rotary positions; default ``arange(seq)`` (HF's
-            forward does the same, whatever the padding).
+            forward does the same, whatever the padding); restart them per example in packed rows.
         """
         h = self.model(input_ids, attention_mask, positions)
         with jax.named_scope("gemm"):  # a profile label (benchmarks/profile_train.py), nothing else

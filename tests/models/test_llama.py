@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from oftjax.models import AXIS_DATA, AXIS_FSDP, LlamaForCausalLM, ModelConfig, causal_mask
+from oftjax.models import AXIS_DATA, AXIS_FSDP, LlamaForCausalLM, ModelConfig, causal_mask, segment_mask
 from oftjax.models._llama import swiglu
 from oftjax.models._rope import inv_freq
 from tests._tiny import TINY_LLAMA
@@ -127,6 +127,36 @@ def test_left_padding_masks_the_pad_keys(model):
     np.testing.assert_array_equal(
         np.asarray(run(model, pad, mask)[:, 3:]), np.asarray(run(model, other, mask)[:, 3:])
     )
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["causal", "window3"])
+def test_packed_examples_equal_each_run_alone(window):
+    """Two examples in one row, a [b, s, s] segment mask and positions restarting per example: every token's
+    logits equal those of its example run alone (and the window still applies within an example)."""
+    cfg = dataclasses.replace(CFG, model_type="mistral", sliding_window=window)
+    m = make(cfg, 3)
+    a, b = ids(1, 5, seed=1), ids(1, 4, seed=2)
+    packed = jnp.concatenate([a, b], axis=1)
+    segments = jnp.array([[0] * 5 + [1] * 4])
+    positions = jnp.array([list(range(5)) + list(range(4))])
+    got = run(m, packed, segment_mask(segments), positions)
+    close(got[:, :5], run(m, a), TOL["fp32_forward"])
+    close(got[:, 5:], run(m, b), TOL["fp32_forward"])
+    whole = run(m, packed)  # without the mask the second example sees the first
+    assert not np.allclose(np.asarray(whole[:, 5:]), np.asarray(got[:, 5:]))
+
+
+def test_full_mask_combines_with_causal_and_window():
+    allowed = jnp.ones((1, 4, 4), bool).at[0, 3, 1].set(False)
+    m = np.asarray(causal_mask(4, allowed, window=3))[0]
+    want = np.tril(np.ones((4, 4), bool)) & ~np.tril(np.ones((4, 4), bool), -3)
+    want[3, 1] = False
+    np.testing.assert_array_equal(m, want)
+
+
+def test_attention_mask_of_another_shape_is_refused(model):
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 9, 8\)"):
+        model(ids(), jnp.ones((2, 9, 8), bool))
 
 
 def test_positions_default_and_shift(model):
