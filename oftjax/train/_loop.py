@@ -11,7 +11,10 @@ same figure on every step of the window.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +29,47 @@ from oftjax.train._config import TrainConfig
 from oftjax.train._log import MetricsLog, plot_loss
 from oftjax.train._step import Trainer
 
-__all__ = ["FitResult", "eval_batches", "fit"]
+__all__ = ["FitResult", "TrainingDiverged", "eval_batches", "fit"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite or rose far above its start; ``fit`` stopped the run (message: why, and
+    which checkpoint and adapter were kept). ``step`` is the first bad step (from 1), ``checkpoint`` the kept
+    checkpoint directory or None."""
+
+    def __init__(self, message: str, *, step: int, loss: float, checkpoint: Path | None = None):
+        super().__init__(message)
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+
+
+class _Guard:
+    """Divergence test over the records as they arrive: a non-finite loss, or the mean of the last
+    ``WINDOW`` losses above ``factor`` times the mean of the run's first ``WINDOW`` (single batches vary too
+    much to compare one loss with another)."""
+
+    WINDOW = 3
+
+    def __init__(self, factor: float):
+        self.factor = factor
+        self.first: list[float] = []
+        self.recent: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+
+    def check(self, records: list[dict]) -> None:
+        for r in records:
+            loss = r["loss"]
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"step {r['step']}: the loss is {loss}", step=r["step"], loss=loss)
+            if len(self.first) < self.WINDOW:
+                self.first.append(loss)
+            self.recent.append(loss)
+            start, now = sum(self.first) / len(self.first), sum(self.recent) / len(self.recent)
+            if len(self.first) == self.WINDOW and now > self.factor * start:
+                raise TrainingDiverged(
+                    f"step {r['step']}: the loss (mean of the last {self.WINDOW} steps) rose to {now:.3f}, "
+                    f"more than {self.factor:g}x its start ({start:.3f}, the first {self.WINDOW} steps)",
+                    step=r["step"],
+                    loss=loss,
+                )
 
 
 @dataclasses.dataclass
@@ -97,6 +140,7 @@ class _Run:
     bar: Any
     output_dir: Path
     write_adapter: Callable[[Path], None]
+    guard: _Guard | None = None
 
     def due(self, done: int, start: int, end: int) -> tuple[bool, bool, bool]:
         """``(fetch, evaluate, save)`` after step ``done`` (counted from 1) of a run over ``(start, end]``."""
@@ -120,6 +164,12 @@ class _Run:
             if not fetch:
                 continue
             arrived = window.fetch()
+            if self.guard is not None:
+                try:
+                    self.guard.check(arrived)
+                except TrainingDiverged:
+                    self.log.write(*arrived)  # the bad steps stay on record; nothing after them is saved
+                    raise
             if evaluate:
                 arrived[-1]["eval_loss"] = eval_after = trainer.eval_loss(self.evals)
             self.log.write(*arrived)
@@ -170,6 +220,7 @@ def fit(
     desc: str = "train",
     plot_title: str = "OFT fine-tuning loss",
     stop_after: int | None = None,
+    divergence_factor: float | None = 2.0,
 ) -> FitResult:
     """Train ``model`` for ``cfg.steps`` steps; write ``metrics.jsonl``, ``loss.png`` and checkpoints.
 
@@ -179,6 +230,13 @@ def fit(
     after step k with a checkpoint (an interruption that ``resume=True`` continues; the schedule still spans
     ``cfg.steps``). Metrics reach the host, ``metrics.jsonl`` and the progress bar once per ``cfg.log_every``
     steps (see the module docstring): the loop itself never waits for a step to finish.
+
+    ``divergence_factor=f`` (None: off) stops a run whose loss is not finite, or whose mean over the last 3
+    steps exceeds f times its mean over the first 3, with ``TrainingDiverged``: the checkpoints whose
+    parameters gave a bad loss are removed, the adapter of the last good one is copied to
+    ``output_dir/adapter`` (none when no checkpoint came before), ``metrics.jsonl`` keeps the bad steps.
+    Checked on the steps' metrics as they arrive (every ``log_every`` steps), before any evaluation or
+    checkpoint of that window.
 
     Example:
       >>> result = fit(model, TrainConfig(steps=20), data, output_dir="runs/x")  # doctest: +SKIP
@@ -202,9 +260,12 @@ def fit(
     bar = tqdm(
         desc=desc, initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True, mininterval=1.0
     )
-    run = _Run(trainer, cfg, train_data, evals, log, bar, output_dir, adapter_writer)
+    guard = _Guard(divergence_factor) if divergence_factor else None
+    run = _Run(trainer, cfg, train_data, evals, log, bar, output_dir, adapter_writer, guard)
     try:
         records, eval_after = run.steps(start, end)
+    except TrainingDiverged as e:
+        raise _diverged(e, output_dir, write_adapter is not None) from None
     finally:
         bar.close()
     model = trainer.model
@@ -212,3 +273,30 @@ def fit(
         write_adapter(model, output_dir / "adapter")
     plot_loss(log.path, output_dir / "loss.png", title=plot_title, initial_eval=eval_before)
     return FitResult(model, records, start, eval_before, eval_after, time.perf_counter() - t_start)
+
+
+def _diverged(e: TrainingDiverged, output_dir: Path, has_adapter: bool) -> TrainingDiverged:
+    """Keep the last good checkpoint and its adapter; the error that says so.
+
+    The parameters of checkpoint ``n`` are those that computed step ``n + 1``'s loss, so a first bad step
+    ``d`` condemns the checkpoints from ``d - 1`` on.
+    """
+    root = output_dir / "checkpoints"
+    for ckpt in sorted(root.glob("step_*")) if root.is_dir() else []:
+        if ckpt.name[5:].isdigit() and int(ckpt.name[5:]) >= e.step - 1:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    good = latest_checkpoint(output_dir)
+    kept = "no checkpoint was saved before it, so no adapter was written"
+    if good is None:
+        shutil.rmtree(output_dir / "adapter", ignore_errors=True)
+    else:
+        kept = f"kept the last good checkpoint {good}"
+        if has_adapter and (good / "adapter").is_dir():
+            tmp = output_dir / ".adapter.diverged.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(good / "adapter", tmp)
+            shutil.rmtree(output_dir / "adapter", ignore_errors=True)
+            tmp.rename(output_dir / "adapter")
+            kept += f" and its adapter in {output_dir / 'adapter'}"
+    message = f"training diverged at {e}; {kept}. Lower the learning rate."
+    return TrainingDiverged(message, step=e.step, loss=e.loss, checkpoint=good)
