@@ -28,6 +28,9 @@ from oftjax.nn import module_at
 from oftjax.surgery import set_adapter
 from tests.tolerances import TOL
 
+# layer, model and training parity: with the pure-JAX default and with the CPU kernels (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 FWD = TOL["fp32_forward"]
 
 

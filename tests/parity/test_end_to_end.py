@@ -21,6 +21,9 @@ from oftjax.cli import main
 from oftjax.cli._parity import jax_outputs
 from tests.tolerances import TOL
 
+# layer, model and training parity: with the pure-JAX default and with the CPU kernels (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 SEQ = 32
 
 

@@ -22,6 +22,9 @@ from interop.hf_model import load_model, save_model
 from tests._tiny import TINY_LLAMA
 from tests.tolerances import TOL
 
+# layer, model and training parity: with the pure-JAX default and with the CPU kernels (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 LLAMA3 = dict(
     rope_type="llama3",
     rope_theta=10000.0,

@@ -39,6 +39,9 @@ from oftjax.surgery import apply_oft, set_adapter
 from tests._tiny import TINY_LLAMA
 from tests.tolerances import TOL
 
+# layer, model and training parity: with the pure-JAX default and with the CPU kernels (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 FWD, GRAD = TOL["fp32_forward"], TOL["fp32_grad"]
 VOCAB, DIM, OUT = 30, 16, 5
 

@@ -24,6 +24,9 @@ from oftjax.surgery import apply_oft, set_adapter
 from tests.parity import _bridge as br
 from tests.tolerances import TOL
 
+# layer, model and training parity: with the pure-JAX default and with the CPU kernels (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 FWD, GRAD, RGRAD = TOL["fp32_forward"], TOL["fp32_grad"], TOL["fp32_rotation_grad"]
 
 oracle.use_default_cpu_dequant()

@@ -13,6 +13,9 @@ from oftjax.surgery import apply_oft
 from oftjax.train import TrainConfig, Trainer, make_mesh, quantize_model
 from tests.tolerances import TOL
 
+# layer, model and training parity: with the pure-JAX default and with the CPU kernels (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 CFG = ModelConfig.from_hf(
     {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -10,6 +10,9 @@ from oftjax.train import TrainConfig, Trainer, make_mesh
 from tests.tolerances import TOL
 from tests.train._tiny import TinyLM, random_batch
 
+# layer, model and training parity: with the pure-JAX default and with the CPU kernels (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernels")
+
 
 def _cfg(**kw):
     base = dict(steps=10, learning_rate=1e-2, warmup_steps=1, batch_size=8, seq_len=12)
