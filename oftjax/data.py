@@ -14,6 +14,11 @@ Pipeline (all numpy, deterministic for a given seed):
    step (``batch_at``) belong to the training layer (``oftjax.train``, which never imports this module) and
    are re-exported here.
 
+Chat and instruction data (JSONL / JSON rows, ``is_row_data``) is read by ``oftjax.chat_data`` instead: each
+row is one example (ids and a loss mask), ``split_examples`` holds some out, and ``padded_rows`` puts one
+example per row, right-padded to ``seq_len``, so that no example attends to another and each one's positions
+start at 0 (causal attention never looks at the padding after a token; the padding is out of the loss).
+
 Example:
     >>> tok = ByteTokenizer()
     >>> data = pack([tok.encode("hello world")], seq_len=8, bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -40,15 +45,19 @@ __all__ = [
     "HFTokenizer",
     "PackedData",
     "batch_at",
+    "is_row_data",
     "load_tokenizer",
     "num_batches_per_epoch",
     "pack",
+    "padded_rows",
     "read_texts",
     "split",
+    "split_examples",
     "tokenize",
 ]
 
 _SKIP_DIRS = {"__pycache__", "node_modules", "site-packages"}
+ROW_SUFFIXES = (".jsonl", ".json")
 
 
 class ByteTokenizer:
@@ -241,3 +250,66 @@ def split(data: PackedData, eval_fraction: float, *, seed: int = 0) -> tuple[Pac
         raise ValueError(f"{n} packed rows are too few to split with eval_fraction={eval_fraction}")
     perm = np.random.default_rng(seed).permutation(n)
     return data.take(np.sort(perm[n_eval:])), data.take(np.sort(perm[:n_eval]))
+
+
+def _data_files(root: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS]
+        files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return files
+
+
+def is_row_data(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds rows for ``oftjax.chat_data`` rather than raw text.
+
+    Rows: a ``.jsonl`` / ``.json`` file, or a folder whose (non-hidden) files all have those suffixes. A
+    folder that mixes them with other files is raw text (every text-like file read as a document).
+
+    Example:
+        >>> is_row_data("train.jsonl"), is_row_data("notes.txt")
+        (True, False)
+    """
+    root = Path(path)
+    if root.suffix in ROW_SUFFIXES and not root.is_dir():
+        return True
+    if not root.is_dir():
+        return False
+    files = _data_files(root)
+    return bool(files) and all(f.suffix in ROW_SUFFIXES for f in files)
+
+
+def split_examples(examples: Sequence, eval_fraction: float, *, seed: int = 0) -> tuple[list, list]:
+    """``(train, eval)`` examples after a seeded shuffle (each keeps its original order); eval gets
+    ``round(N * eval_fraction)`` of them, at least one when the fraction is positive.
+
+    Raises:
+        ValueError: ``eval_fraction`` outside [0, 1), or too few examples to keep one for training.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n = len(examples)
+    n_eval = int(round(n * eval_fraction))
+    if eval_fraction > 0 and n_eval == 0:
+        n_eval = 1
+    if n - n_eval < 1:
+        raise ValueError(f"{n} examples are too few to split with eval_fraction={eval_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return [examples[i] for i in np.sort(perm[n_eval:])], [examples[i] for i in np.sort(perm[:n_eval])]
+
+
+def padded_rows(examples: Sequence, seq_len: int, pad_id: int) -> PackedData:
+    """One example (``input_ids``, ``loss_mask``: ``oftjax.chat_data.ChatExample``) per row, right-padded to
+    ``seq_len`` with ``pad_id`` (out of the loss); examples longer than ``seq_len`` keep their first tokens.
+
+    Example:
+        >>> from oftjax.chat_data import ChatExample
+        >>> ex = ChatExample(np.array([5, 6, 7], np.int32), np.array([0, 1, 1], bool), "a.jsonl:1")
+        >>> padded_rows([ex], 4, pad_id=0).input_ids.tolist()
+        [[5, 6, 7, 0]]
+    """
+    from oftjax.chat_data import padded_arrays
+
+    if not examples:
+        raise ValueError("no examples to put in rows")
+    return PackedData(*padded_arrays(examples, seq_len, pad_id))

@@ -29,6 +29,7 @@ __all__ = [
     "FINETUNE",
     "PRETRAIN",
     "OFT_BLOCK_SIZE",
+    "REAL_MODEL",
     "TARGET_MODULES",
     "default_texts",
     "stdlib_dir",
@@ -63,6 +64,9 @@ BASE_CONFIG = {
 # Pretraining of the base (full parameters) and the OFT fine-tuning: TrainConfig fields.
 PRETRAIN = {"steps": 300, "learning_rate": 3e-3, "warmup_steps": 20, "batch_size": 16, "seq_len": 128}
 FINETUNE = {"steps": 150, "learning_rate": 1e-2, "warmup_steps": 10, "batch_size": 8, "seq_len": 128}
+# ``oftjax train --model``: a pretrained checkpoint. The toy's rate destroys a real model; this one comes from
+# the learning-rate sweep on SmolLM2-135M-Instruct (NF4 + OFT, the pydoc chat set) in benchmarks/RESULTS.md.
+REAL_MODEL = {"steps": 100, "learning_rate": 1e-3, "batch_size": 4, "seq_len": 512}
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OFT_BLOCK_SIZE = 32
 

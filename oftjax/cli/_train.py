@@ -1,11 +1,14 @@
-"""``oftjax train``: load (or pretrain) a base, quantize it, apply OFT, train with optax, write an adapter."""
+"""``oftjax train``: load (or pretrain) a base, quantize it, apply OFT, train with optax, write an adapter.
+
+Data: ``oftjax/cli/_train_data.py``. The run stops with exit status 1 when training diverges (``fit``'s
+guard; the last good checkpoint and adapter are kept); its last line says whether the held-out loss improved.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,11 @@ from oftjax.cli._train_args import fail as _fail
 from oftjax.cli._train_args import parse_mesh as _parse_mesh
 from oftjax.cli._train_args import prepare_output as _prepare_output
 from oftjax.cli._train_args import validate as _validate
+from oftjax.cli._train_data import TrainData, check_data_args, datasets, read_data, resolve_data_names
+from oftjax.cli._train_summary import run_facts, summarize, write_summary
+
+# fit stops a run whose smoothed loss passes this multiple of its start (oftjax.train.fit)
+DIVERGENCE_FACTOR = 2.0
 
 __all__ = ["checkpoint_quant", "pretrain_base", "run_train"]
 
@@ -102,14 +110,6 @@ def _frozen_bytes_per_param(model) -> tuple[float, int]:
 
 
 @dataclasses.dataclass
-class _Texts:
-    """The run's text: what pretrains the default base (None with ``--model``) and what OFT trains on."""
-
-    pretrain: list[tuple[str, str]] | None
-    finetune: list[tuple[str, str]]
-
-
-@dataclasses.dataclass
 class _Base:
     """The loaded (and quantized) base model and what the summary says about it."""
 
@@ -136,19 +136,44 @@ def run_train(args: argparse.Namespace) -> int:
         from oftjax.cli._malloc import keep_freed_memory
 
         keep_freed_memory()
+    _resolve_arguments(args)
     _validate(args)
+    check_data_args(args)
     _prepare_output(args)
     t0 = time.perf_counter()
+    summary: dict[str, Any] = {}
     with _cpu_kernels(args):
-        texts = _read_data(args)
-        summary: dict[str, Any] = {}
-        base = _load_base(args, _base_dir(args, texts, summary))
+        data = read_data(args, _sayer(args))
+        base = _load_base(args, _base_dir(args, data, summary))
         _quantize(args, base)
         adapter = _apply_oft(args, base)
-        train, evald = _datasets(args, texts, base.tokenizer)
-        res = _train(args, base, adapter, train, evald)
-    _summarize(args, base, adapter, res, summary, time.perf_counter() - t0)
+        train, evald, summary["data"] = datasets(args, data, base.model_dir, base.tokenizer, _sayer(args))
+        res = _train(args, base, adapter, train, evald, summary)
+    summarize(args, base, adapter, res, summary, time.perf_counter() - t0)
     return 0
+
+
+def _sayer(args: argparse.Namespace):
+    return lambda msg: _say(args, msg)
+
+
+def _resolve_arguments(args: argparse.Namespace) -> None:
+    """Before validation: ``--model`` as a directory (a Hub id looked up in the local cache), named data
+    sets, and the defaults that depend on ``--model`` (a pretrained checkpoint needs a far lower rate than
+    the embedded model: ``oftjax.default_job.REAL_MODEL``)."""
+    from oftjax.cli._model_source import resolve_model
+
+    if args.model is not None:
+        args.model = resolve_model(args.model)
+    resolve_data_names(args)
+    defaults = dj.FINETUNE if args.model is None else dj.REAL_MODEL
+    for name, key in (("lr", "learning_rate"), ("steps", "steps"), ("batch_size", "batch_size")):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[key])
+    if args.seq_len is None:
+        args.seq_len = defaults["seq_len"]
+    if args.eval_batches < 1:
+        _fail(f"--eval-batches must be >= 1, got {args.eval_batches}")
 
 
 def _cpu_kernels(args: argparse.Namespace) -> contextlib.AbstractContextManager:
@@ -159,30 +184,7 @@ def _cpu_kernels(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     return cpu_kernels.enable() if args.cpu_kernels == "on" else cpu_kernels.disable()
 
 
-def _read_data(args: argparse.Namespace) -> _Texts:
-    """The default job's two slices, ``--data``, or (``--model`` alone) the standard library's sources."""
-    from oftjax.data import read_texts
-
-    pretrain = finetune = None
-    if args.model is None:
-        pretrain, finetune, ft_what = dj.default_texts(args.max_data_bytes)
-        mb = sum(len(t) for _, t in pretrain) / 1e6
-        _say(
-            args,
-            f"data: pretraining on {len(pretrain)} files ({mb:.1f} MB) of Python standard library "
-            f"sources; fine-tuning on {ft_what}",
-        )
-    if args.data is not None:
-        finetune = read_texts(args.data, max_bytes=args.max_data_bytes)
-        mb = sum(len(t) for _, t in finetune) / 1e6
-        _say(args, f"data: fine-tuning on {len(finetune)} files ({mb:.1f} MB) from {args.data}")
-    elif args.model is not None:
-        finetune = read_texts(dj.stdlib_dir(), max_bytes=args.max_data_bytes)
-        _say(args, f"data: fine-tuning on {len(finetune)} Python standard library source files")
-    return _Texts(pretrain, finetune)
-
-
-def _base_dir(args: argparse.Namespace, texts: _Texts, summary: dict) -> Path:
+def _base_dir(args: argparse.Namespace, data: TrainData, summary: dict) -> Path:
     """``--model``, or the default base in ``OUTPUT/base`` (pretrained there first when it is not yet)."""
     from oftjax.data import ByteTokenizer, tokenize
 
@@ -199,7 +201,7 @@ def _base_dir(args: argparse.Namespace, texts: _Texts, summary: dict) -> Path:
     )
     summary["pretrain"] = pretrain_base(
         model_dir,
-        tokenize([t for _, t in texts.pretrain], ByteTokenizer()),
+        tokenize([t for _, t in data.pretrain], ByteTokenizer()),
         run_dir=args.output,
         seed=args.seed,
         steps=args.pretrain_steps,
@@ -209,13 +211,11 @@ def _base_dir(args: argparse.Namespace, texts: _Texts, summary: dict) -> Path:
 
 
 def _load_base(args: argparse.Namespace, model_dir: Path) -> _Base:
-    """The checkpoint as an oftjax model (bf16 compute and remat as asked) and its tokenizer."""
-    import jax.numpy as jnp
-
+    """The checkpoint as an oftjax model (``--dtype``, remat as asked) and its tokenizer."""
     from interop.hf_model import load_model
     from oftjax.data import load_tokenizer
 
-    model = load_model(model_dir, compute_dtype=jnp.bfloat16 if args.bf16 else None)
+    model = load_model(model_dir, dtype=args.dtype, strict=args.strict_config)
     if args.remat and hasattr(getattr(model, "model", None), "remat"):
         model.model.remat = True
     tokenizer = load_tokenizer(model_dir)
@@ -244,7 +244,7 @@ def _quantize(args: argparse.Namespace, base: _Base) -> None:
         _say(args, f"base: {base.model_dir} ({ck_quant} checkpoint, kept packed)")
     else:
         base.quant = args.quant or "nf4"
-        compute = jnp.bfloat16 if args.bf16 else jnp.float32
+        compute = jnp.dtype(args.dtype)
         paths = quantize_model(base.model, base.quant, double_quant=args.double_quant, compute_dtype=compute)
         if paths:
             dq = " + double quant" if base.quant in ("nf4", "fp4") and args.double_quant else ""
@@ -278,24 +278,12 @@ def _apply_oft(args: argparse.Namespace, base: _Base) -> _Adapter:
     return _Adapter(oft_cfg, matched, n_train)
 
 
-def _datasets(args: argparse.Namespace, texts: _Texts, tokenizer: Any):
-    """The fine-tuning text tokenized, packed into ``--seq-len`` rows and split into (train, held out)."""
-    from oftjax.data import split, tokenize
-
-    packed = _pack(tokenize([t for _, t in texts.finetune], tokenizer), tokenizer, args.seq_len)
-    train, evald = split(packed, args.eval_fraction, seed=args.seed)
-    if len(train) < args.batch_size:
-        _fail(
-            f"only {len(train)} training sequences of {args.seq_len} tokens; need at least --batch-size "
-            f"{args.batch_size} (more data or a shorter --seq-len)"
-        )
-    return train, evald
-
-
-def _train(args: argparse.Namespace, base: _Base, adapter: _Adapter, train, evald):
-    """``fit`` with the command's settings; the adapter is written in PEFT format."""
+def _train(args: argparse.Namespace, base: _Base, adapter: _Adapter, train, evald, summary: dict):
+    """``fit`` with the command's settings; the adapter is written in PEFT format. A diverged run writes
+    its summary and fails with ``fit``'s message (the last good checkpoint and adapter are kept)."""
     from interop.peft import save_adapter
     from oftjax.train import TrainConfig, fit, make_mesh
+    from oftjax.train._loop import TrainingDiverged
 
     cfg = TrainConfig(
         steps=args.steps,
@@ -310,66 +298,34 @@ def _train(args: argparse.Namespace, base: _Base, adapter: _Adapter, train, eval
         log_every=args.log_every,
         eval_every=args.eval_every,
         save_every=args.save_every,
+        eval_batches=args.eval_batches,
     )
 
     def write_adapter(m, path: Path) -> None:
         save_adapter(m, path, force=True, config=adapter.config)
 
+    n_eval = len(evald) if evald is not None else 0
     _say(
         args,
-        f"train: {len(train)} sequences x {args.seq_len} tokens ({len(evald)} held out), {args.steps} "
-        f"steps of {args.batch_size} sequences",
+        f"train: {len(train)} sequences x {args.seq_len} tokens ({n_eval} held out), {args.steps} "
+        f"steps of {args.batch_size} sequences, peak learning rate {args.lr:g}, {args.dtype}",
     )
-    return fit(
-        base.model,
-        cfg,
-        train,
-        eval_data=evald,
-        output_dir=args.output,
-        mesh=make_mesh(*_parse_mesh(args.mesh)) if args.mesh else None,
-        write_adapter=write_adapter,
-        resume=args.resume,
-        progress=not args.quiet,
-        desc="OFT fine-tune",
-    )
-
-
-def _summarize(args: argparse.Namespace, base: _Base, adapter: _Adapter, res, summary: dict, seconds: float):
-    """``summary.json`` and the closing lines: loss of the first/last steps, eval loss, tokens/s.
-
-    Tokens/s is the median over the steps after the first (whose window includes compilation) of each
-    step's window throughput (see ``oftjax.train.fit``).
-    """
-    import numpy as np
-
-    out: Path = args.output
-    recs = res.records
-    k = max(1, min(10, len(recs) // 5))
-    first = float(np.mean([r["loss"] for r in recs[:k]])) if recs else float("nan")
-    last = float(np.mean([r["loss"] for r in recs[-k:]])) if recs else float("nan")
-    tok_s = float(np.median([r["tokens_per_s"] for r in recs[1:]])) if len(recs) > 1 else float("nan")
-    summary.update(
-        {
-            "base": str(base.model_dir),
-            "quant": base.quant,
-            "bytes_per_frozen_param": base.bytes_per_param,
-            "oft_layers": len(adapter.layers),
-            "trainable_params": adapter.trainable,
-            "train_loss_first": first,
-            "train_loss_last": last,
-            "eval_loss_before": res.eval_loss_before,
-            "eval_loss_after": res.eval_loss_after,
-            "tokens_per_s": tok_s,
-            "seconds": seconds,
-        }
-    )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    ev = ""
-    if res.eval_loss_before is not None and res.eval_loss_after is not None:
-        ev = f"; eval {res.eval_loss_before:.3f} -> {res.eval_loss_after:.3f}"
-    _say(
-        args,
-        f"done in {seconds:.0f} s: OFT train loss {first:.3f} -> {last:.3f} (mean of first/last "
-        f"{k} steps){ev}; {tok_s:,.0f} tokens/s",
-    )
-    _say(args, f"wrote {out / 'adapter'} (PEFT adapter), {out / 'metrics.jsonl'}, {out / 'loss.png'}")
+    try:
+        return fit(
+            base.model,
+            cfg,
+            train,
+            eval_data=evald,
+            output_dir=args.output,
+            mesh=make_mesh(*_parse_mesh(args.mesh)) if args.mesh else None,
+            write_adapter=write_adapter,
+            resume=args.resume,
+            progress=not args.quiet,
+            desc="OFT fine-tune",
+            divergence_factor=DIVERGENCE_FACTOR,
+        )
+    except TrainingDiverged as e:
+        summary.update(run_facts(base, adapter))
+        summary["diverged"] = {"step": e.step, "loss": e.loss, "checkpoint": str(e.checkpoint or "")}
+        write_summary(args.output, summary)
+        _fail(f"{e} (--lr {args.lr:g}; metrics in {args.output / 'metrics.jsonl'})")

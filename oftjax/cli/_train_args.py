@@ -48,6 +48,7 @@ RESUME_KEYS = (
     "data",
     "max_data_bytes",
     "cpu_kernels",
+    *("dtype", "loss_on", "eval_data", "skip_bad_rows"),
 )
 
 
@@ -76,8 +77,15 @@ def _model_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--model",
         type=Path,
-        help="HF checkpoint dir (float, bnb 8-bit or 4-bit); default: the "
-        "embedded small Llama, pretrained on first use",
+        help="HF checkpoint dir (float, bnb 8-bit or 4-bit), or a Hub id (org/name) already in the local "
+        "Hugging Face cache (HF_HUB_CACHE; nothing is downloaded); default: the embedded small Llama, "
+        "pretrained on first use",
+    )
+    g.add_argument(
+        "--strict-config",
+        action="store_true",
+        help="refuse config.json keys oftjax does not know (default: accept them with one warning; keys "
+        "that change math oftjax lacks are always refused)",
     )
     g.add_argument(
         "--quant",
@@ -113,8 +121,15 @@ def _model_arguments(g: argparse._ArgumentGroup) -> None:
 
 def _runtime_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
-        "--bf16", action="store_true", help="bfloat16 compute (parameters, loss and optimizer fp32)"
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="float weights and activations (trainable rotations, loss and optimizer stay float32); a bf16 "
+        "checkpoint is widened exactly. float32 by default: XLA:CPU has no native bfloat16 matmul and "
+        "converts around every bf16 operation, so bfloat16 runs slower than float32 on a CPU; on a GPU or "
+        "TPU it is faster and halves activation memory (default: %(default)s)",
     )
+    g.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="--dtype bfloat16")
     g.add_argument("--remat", action="store_true", help="rematerialize decoder layers in the backward pass")
     g.add_argument(
         "--malloc",
@@ -145,23 +160,67 @@ def _data_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--data",
         type=Path,
-        help="a text file or a folder of text files (default: the Python standard library's sources)",
+        help="JSONL / JSON rows ({'messages': [...]} chats rendered with the checkpoint's chat template, "
+        "{'prompt', 'completion'} or {'text'}; a file or a folder of them), or raw text (a text file or a "
+        "folder of text files); 'pydoc-chat': the chat set that ships with oftjax (with its eval set) "
+        "(default: the Python standard library's sources)",
+    )
+    g.add_argument(
+        "--eval-data",
+        type=Path,
+        default=None,
+        help="held-out rows or text, the same kind as --data (default: --eval-fraction of --data)",
+    )
+    g.add_argument(
+        "--loss-on",
+        choices=("assistant", "all"),
+        default="assistant",
+        help="rows: train on the assistant's answers (and completions) only, or on every token "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="drop bad rows (listed with file:line and reason, and counted) instead of stopping at the first",
     )
     g.add_argument("--max-data-bytes", type=int, default=dj.DATA_BYTES, help="default: %(default)s")
-    g.add_argument("--seq-len", type=int, default=dj.FINETUNE["seq_len"], help="default: %(default)s")
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per row; longer examples are truncated and counted (default: "
+        f"{dj.FINETUNE['seq_len']}, with --model {dj.REAL_MODEL['seq_len']})",
+    )
     g.add_argument("--eval-fraction", type=float, default=0.05, help="held-out rows (default: %(default)s)")
+    g.add_argument(
+        "--eval-batches",
+        type=int,
+        default=16,
+        help="batches of held-out rows per evaluation, at most (default: %(default)s)",
+    )
 
 
 def _optimization_arguments(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--steps", type=int, default=dj.FINETUNE["steps"], help="default: %(default)s")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"default: {dj.FINETUNE['steps']}, with --model {dj.REAL_MODEL['steps']}",
+    )
     g.add_argument(
         "--lr",
         type=float,
-        default=dj.FINETUNE["learning_rate"],
-        help="peak AdamW learning rate (default: %(default)s)",
+        default=None,
+        help=f"peak AdamW learning rate (default: {dj.FINETUNE['learning_rate']:g} for the embedded model, "
+        f"{dj.REAL_MODEL['learning_rate']:g} with --model: benchmarks/RESULTS.md has the sweep)",
     )
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
-    g.add_argument("--batch-size", type=int, default=dj.FINETUNE["batch_size"], help="default: %(default)s")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"default: {dj.FINETUNE['batch_size']}, with --model {dj.REAL_MODEL['batch_size']}",
+    )
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=float, default=1.0)
