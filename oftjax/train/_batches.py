@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["PackedData", "batch_at", "num_batches_per_epoch"]
+__all__ = ["PackedData", "batch_at", "batch_rows", "num_batches_per_epoch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,21 +44,38 @@ def num_batches_per_epoch(data: PackedData, batch_size: int) -> int:
     return len(data) // batch_size
 
 
+def batch_rows(num_rows: int, step: int, batch_size: int, *, seed: int = 0) -> np.ndarray:
+    """The row indices (sorted) of global step ``step``'s batch: a slice of a seeded per-epoch permutation.
+
+    Every process of a multi-process run computes the same indices and reads only the rows its devices
+    hold (``oftjax.train.global_batch``).
+
+    Raises:
+        ValueError: fewer rows than ``batch_size``.
+    """
+    per_epoch = num_rows // batch_size
+    if per_epoch == 0:
+        raise ValueError(
+            f"batch size {batch_size} exceeds the {num_rows} packed rows; "
+            "use more data, a shorter --seq-len or a smaller --batch-size"
+        )
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    return np.sort(perm[k * batch_size : (k + 1) * batch_size])
+
+
 def batch_at(data: PackedData, step: int, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """The batch of global step ``step``: rows of a seeded per-epoch permutation, by random access.
+    """The batch of global step ``step``: the rows ``batch_rows`` picks, by random access.
 
     Returns ``{"input_ids": int32 [B, T], "loss_mask": bool [B, T]}``.
 
     Raises:
         ValueError: fewer rows than ``batch_size``.
     """
-    per_epoch = num_batches_per_epoch(data, batch_size)
-    if per_epoch == 0:
+    if len(data) < batch_size:
         raise ValueError(
             f"batch size {batch_size} exceeds the {len(data)} packed rows of length {data.seq_len}; "
             "use more data, a shorter --seq-len or a smaller --batch-size"
         )
-    epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(len(data))
-    idx = np.sort(perm[k * batch_size : (k + 1) * batch_size])
+    idx = batch_rows(len(data), step, batch_size, seed=seed)
     return {"input_ids": data.input_ids[idx], "loss_mask": data.loss_mask[idx]}

@@ -10,6 +10,16 @@ is complete)::
 
 Frozen weights are not saved (they come from the model checkpoint). PRNG key arrays are stored as their raw
 ``key_data`` and re-wrapped with the implementation of the key they replace.
+
+The file holds global arrays (leaves sharded over several processes are gathered first), so a checkpoint
+resumes on any process count and mesh shape: the restored arrays are placed by the resuming run's own
+shardings. In a multi-process run every process takes part in ``save_checkpoint`` (the gather) and process
+0 alone writes; every process reads at restore (the run directory is on a shared file system).
+
+Crash safety: a checkpoint is built in ``.step_XXXXXXXX.<random>.tmp`` (files flushed to disk, metadata
+written through a temporary file) and renamed into place. A kill leaves at most a ``.tmp`` directory, which
+the next ``fit`` removes (``remove_partial_checkpoints``); ``latest_checkpoint`` takes the newest directory
+whose metadata parses and whose tensor file is whole, skipping any other.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,10 +39,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-__all__ = ["latest_checkpoint", "restore_train_state", "save_checkpoint", "saved_state_filter"]
+from oftjax.train._distributed import barrier, host_arrays, is_primary
+
+__all__ = [
+    "latest_checkpoint",
+    "remove_partial_checkpoints",
+    "restore_train_state",
+    "save_checkpoint",
+    "saved_state_filter",
+]
 
 FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_PARTIAL_DIR = re.compile(r"^\.step_\d+\..*\.tmp$")
 
 
 def saved_state_filter(wrt: Any) -> Any:
@@ -50,11 +70,36 @@ def _raw(x: Any) -> Any:
 
 
 def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
-    """``{"0/model/layers/0/...": array}`` for every variable of ``state`` (host numpy), fetched at once."""
+    """``{"0/model/layers/0/...": array}`` for every variable of ``state`` (host numpy), fetched at once.
+
+    Global arrays of a multi-process run are gathered (``host_arrays``): call it on every process.
+    """
     flat = nnx.to_flat_state(state)
     values = [_raw(var.get_value() if isinstance(var, nnx.Variable) else var) for _, var in flat]
     # one transfer for all; 0-d stays 0-d (np.ascontiguousarray would make it [1])
-    return {_key(path): np.asarray(v) for (path, _), v in zip(flat, jax.device_get(values), strict=True)}
+    return {_key(path): v for (path, _), v in zip(flat, host_arrays(values), strict=True)}
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    """``path`` holds either its old content or all of ``obj``: a flushed temporary file, then a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -70,35 +115,85 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically; keep the newest ``keep``.
 
-    Returns the checkpoint directory.
+    In a multi-process run every process calls it (sharded leaves are gathered) and process 0 writes;
+    every process returns once the checkpoint is complete. Returns the checkpoint directory.
     """
-    from safetensors.numpy import save_file
-
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
-        arrays = flat_arrays(nnx.filter_state(state, saved_state_filter(wrt)))
-        save_file(
-            {k: np.array(v, order="C") for k, v in arrays.items()}, str(tmp / "train_state.safetensors")
-        )
+    arrays = flat_arrays(nnx.filter_state(state, saved_state_filter(wrt)))
+    if is_primary():
         meta = {"format": FORMAT, "step": step, **(extra or {})}
         if config is not None:
             meta["config"] = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _write_checkpoint(root, final, arrays, meta, write_adapter)
+        steps = sorted(_checkpoint_steps(root))
+        for old in steps[:-keep] if keep > 0 else []:
+            shutil.rmtree(root / f"step_{old:08d}", ignore_errors=True)
+    barrier(f"checkpoint {final.name}")
+    return final
+
+
+def _write_checkpoint(
+    root: Path, final: Path, arrays: dict, meta: dict, write_adapter: Callable[[Path], None] | None
+) -> None:
+    from safetensors.numpy import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    try:
+        tensors = tmp / "train_state.safetensors"
+        save_file({k: np.array(v, order="C") for k, v in arrays.items()}, str(tensors))
+        _fsync(tensors)
+        _write_json_atomic(tmp / "trainer.json", meta)
         if write_adapter is not None:
             write_adapter(tmp / "adapter")
+        _fsync(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    steps = sorted(_checkpoint_steps(root))
-    for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(root / f"step_{old:08d}", ignore_errors=True)
-    return final
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the ``.step_*.tmp`` directories a killed run left under ``run_dir/checkpoints``; return them.
+
+    Run it before a new writer starts (``fit`` does, on process 0): a ``.tmp`` directory is never a
+    checkpoint, only the remains of one that was being written.
+    """
+    root = Path(run_dir) / "checkpoints"
+    removed = [p for p in root.iterdir() if _PARTIAL_DIR.match(p.name)] if root.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """The file's header parses and its size is exactly header + the data its tensors claim."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    return size == 8 + n + max(ends, default=0)
+
+
+def _complete(ckpt: Path, step: int) -> bool:
+    """``ckpt`` is a whole checkpoint of ``step``: its metadata parses and names it, its tensors are whole."""
+    try:
+        meta = json.loads((ckpt / "trainer.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("step") != step:
+        return False
+    return _safetensors_whole(ckpt / "train_state.safetensors")
 
 
 def _checkpoint_steps(root: Path) -> list[int]:
@@ -113,10 +208,18 @@ def _checkpoint_steps(root: Path) -> list[int]:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
+    """The newest complete checkpoint directory of a run, or None.
+
+    A directory whose ``trainer.json`` does not parse or name its step, or whose tensor file is cut short
+    (a copy interrupted, a disk that filled), is skipped with a warning for the next older one.
+    """
     root = Path(run_dir) / "checkpoints"
-    steps = _checkpoint_steps(root)
-    return root / f"step_{max(steps):08d}" if steps else None
+    for step in sorted(_checkpoint_steps(root), reverse=True):
+        ckpt = root / f"step_{step:08d}"
+        if _complete(ckpt, step):
+            return ckpt
+        warnings.warn(f"{ckpt}: incomplete checkpoint (metadata or tensors cut short); skipped", stacklevel=2)
+    return None
 
 
 def restore_train_state(ckpt_dir: str | os.PathLike, state: nnx.State, wrt: Any) -> tuple[nnx.State, dict]:

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
+
 __all__ = ["MetricsLog", "plot_loss", "read_metrics"]
 
 
@@ -19,13 +21,20 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; ``truncate(step)`` drops records after ``step`` (used on resume)."""
+    """Append-only ``metrics.jsonl``; ``truncate(step)`` drops records after ``step`` (used on resume).
+
+    In a multi-process run only process 0 writes (every process holds the same records).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writes = jax.process_index() == 0
+        if self.writes:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate(self, step: int) -> None:
+        if not self.writes:
+            return
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         with os.fdopen(fd, "w") as f:
@@ -34,6 +43,8 @@ class MetricsLog:
 
     def write(self, *records: dict) -> None:
         """Append ``records``, one JSON line each."""
+        if not self.writes:
+            return
         with self.path.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
 

@@ -7,6 +7,10 @@ the first step of a run (so its compilation is timed alone). Meanwhile the host 
 next steps, so the device always has work queued. ``tokens_per_s`` is therefore a window's throughput: its
 tokens divided by the wall time from the end of the previous window to the arrival of its last metrics, the
 same figure on every step of the window.
+
+Multi-process runs (``oftjax.train.initialize``): every process runs this loop over the global mesh; each
+places only its rows of each batch (``global_batch``), all read the same replicated metrics, and process 0
+alone writes ``metrics.jsonl``, the plot, checkpoints and the adapter and shows progress.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ from typing import Any
 import jax
 from flax import nnx
 
-from oftjax.train._batches import PackedData, batch_at
-from oftjax.train._checkpoint import latest_checkpoint, restore_train_state, save_checkpoint
+from oftjax.train._batches import PackedData
+from oftjax.train._checkpoint import (
+    latest_checkpoint,
+    remove_partial_checkpoints,
+    restore_train_state,
+    save_checkpoint,
+)
 from oftjax.train._config import TrainConfig
+from oftjax.train._distributed import barrier, is_primary, multi_process
 from oftjax.train._log import MetricsLog, plot_loss
+from oftjax.train._sharding import global_batch
 from oftjax.train._step import Trainer
 
 __all__ = ["FitResult", "TrainingDiverged", "eval_batches", "fit"]
@@ -159,7 +170,8 @@ class _Run:
         eval_after = None
         window = _Window(cfg.batch_size * self.data.seq_len)
         for step in range(start, end):
-            window.add(step, trainer.train_step(batch_at(self.data, step, cfg.batch_size, seed=cfg.seed)))
+            batch = global_batch(self.data, step, cfg.batch_size, seed=cfg.seed, mesh=trainer.mesh)
+            window.add(step, trainer.train_step(batch))
             fetch, evaluate, save = self.due(step + 1, start, end)
             if not fetch:
                 continue
@@ -193,7 +205,14 @@ class _Run:
 
 
 def _start_step(trainer: Trainer, log: MetricsLog, output_dir: Path, resume: bool) -> int:
-    """The step to start from: the latest checkpoint's (loaded into ``trainer``) when resuming, else 0."""
+    """The step to start from: the latest checkpoint's (loaded into ``trainer``) when resuming, else 0.
+
+    The remains of a checkpoint that a killed run was writing are removed first (by process 0, before any
+    process looks for the latest checkpoint).
+    """
+    if is_primary():
+        remove_partial_checkpoints(output_dir)
+    barrier("partial checkpoints removed")
     if resume and (ckpt := latest_checkpoint(output_dir)) is not None:
         state, meta = restore_train_state(ckpt, trainer.state, trainer.wrt)
         trainer.load_state(state)
@@ -231,6 +250,9 @@ def fit(
     ``cfg.steps``). Metrics reach the host, ``metrics.jsonl`` and the progress bar once per ``cfg.log_every``
     steps (see the module docstring): the loop itself never waits for a step to finish.
 
+    In a multi-process run every process calls ``fit`` with the same arguments and a ``mesh`` over all
+    processes' devices; process 0 writes the outputs (see the module docstring).
+
     ``divergence_factor=f`` (None: off) stops a run whose loss is not finite, or whose mean over the last 3
     steps exceeds f times its mean over the first 3, with ``TrainingDiverged``: the checkpoints whose
     parameters gave a bad loss are removed, the adapter of the last good one is copied to
@@ -244,7 +266,12 @@ def fit(
     from tqdm.auto import tqdm
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if multi_process() and mesh is None:
+        raise ValueError(
+            f"a {jax.process_count()}-process run needs a mesh over all processes' devices (make_mesh())"
+        )
+    if is_primary():
+        output_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model, cfg, wrt=wrt, mesh=mesh)
     log = MetricsLog(output_dir / "metrics.jsonl")
     start = _start_step(trainer, log, output_dir, resume)
@@ -258,7 +285,12 @@ def fit(
     t_start = time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(
-        desc=desc, initial=start, total=cfg.steps, disable=not progress, dynamic_ncols=True, mininterval=1.0
+        desc=desc,
+        initial=start,
+        total=cfg.steps,
+        disable=not (progress and is_primary()),
+        dynamic_ncols=True,
+        mininterval=1.0,
     )
     guard = _Guard(divergence_factor) if divergence_factor else None
     run = _Run(trainer, cfg, train_data, evals, log, bar, output_dir, adapter_writer, guard)
@@ -269,9 +301,11 @@ def fit(
     finally:
         bar.close()
     model = trainer.model
-    if write_adapter is not None:
-        write_adapter(model, output_dir / "adapter")
-    plot_loss(log.path, output_dir / "loss.png", title=plot_title, initial_eval=eval_before)
+    if is_primary():
+        if write_adapter is not None:
+            write_adapter(model, output_dir / "adapter")
+        plot_loss(log.path, output_dir / "loss.png", title=plot_title, initial_eval=eval_before)
+    barrier("outputs written")
     return FitResult(model, records, start, eval_before, eval_after, time.perf_counter() - t_start)
 
 
@@ -279,8 +313,11 @@ def _diverged(e: TrainingDiverged, output_dir: Path, has_adapter: bool) -> Train
     """Keep the last good checkpoint and its adapter; the error that says so.
 
     The parameters of checkpoint ``n`` are those that computed step ``n + 1``'s loss, so a first bad step
-    ``d`` condemns the checkpoints from ``d - 1`` on.
+    ``d`` condemns the checkpoints from ``d - 1`` on. Process 0 alone edits the run directory.
     """
+    if not is_primary():
+        message = f"training diverged at {e} (process 0 reports what was kept)"
+        return TrainingDiverged(message, step=e.step, loss=e.loss)
     root = output_dir / "checkpoints"
     for ckpt in sorted(root.glob("step_*")) if root.is_dir() else []:
         if ckpt.name[5:].isdigit() and int(ckpt.name[5:]) >= e.step - 1:

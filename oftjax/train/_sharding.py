@@ -9,6 +9,11 @@ Rules (``state_shardings``):
     ``CB [out, in]``, absmax ``[nb]``; leaves it does not divide (SCB, nested absmax, scalars) are replicated.
   * Everything else (OFT rotations, optimizer moments, RNG state, norms) is replicated.
   * Batches are split over ("data", "fsdp") together: FSDP is data parallelism with sharded parameters.
+
+In a multi-process run (``oftjax.train.initialize``) the mesh spans every process's devices and each
+process places only the batch rows its own devices hold (``global_batch``). The rules apply to abstract
+states too (``jax.ShapeDtypeStruct`` leaves, as ``nnx.eval_shape`` builds them): the memory planner lays
+out a model it never materializes.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["batch_sharding", "make_mesh", "shard_batch", "state_shardings"]
+__all__ = ["batch_sharding", "global_batch", "make_mesh", "shard_batch", "state_shardings"]
 
 _META_KEYS = ("out_sharding", "sharding", "sharding_names")
 
@@ -33,6 +38,11 @@ def make_mesh(data: int | None = None, fsdp: int = 1, devices=None) -> Mesh:
       ('data', 'fsdp')
     """
     devices = list(jax.devices() if devices is None else devices)
+    if jax.process_count() > 1 and data is not None and data * fsdp != len(devices):
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} must use all {len(devices)} devices of a "
+            f"{jax.process_count()}-process run (every process takes part in every step)"
+        )
     if data is None:
         if len(devices) % fsdp:
             raise ValueError(f"fsdp={fsdp} does not divide the {len(devices)} devices")
@@ -70,7 +80,7 @@ def _variable_shardings(var: nnx.Variable, mesh: Mesh):
     value = var.get_value() if hasattr(var, "get_value") else var.value
     meta = var.get_metadata()
     names = next((meta[k] for k in _META_KEYS if meta.get(k)), None)
-    if isinstance(value, jax.Array | np.ndarray) or np.isscalar(value):
+    if isinstance(value, jax.Array | np.ndarray | jax.ShapeDtypeStruct) or np.isscalar(value):
         if names is not None and getattr(value, "ndim", 0) >= 1:
             spec = _spec_from_names(names, value.shape, mesh)
         else:
@@ -94,6 +104,30 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
     if batch_size % mesh.shape["data"] == 0:
         return NamedSharding(mesh, P("data"))
     return NamedSharding(mesh, P())
+
+
+def global_batch(data, step: int, batch_size: int, *, seed: int, mesh: Mesh | None) -> dict:
+    """The batch of global step ``step`` of ``data`` (a ``PackedData``), placed for the step.
+
+    One process: ``batch_at``'s host arrays (the step places them). Several processes: global arrays built
+    with ``jax.make_array_from_callback``, each process reading only the rows its devices hold; every
+    process computes the same row indices (``batch_rows``), so the batch is the same at any process count.
+    """
+    from oftjax.train._batches import batch_at, batch_rows
+
+    if mesh is None or jax.process_count() == 1:
+        return batch_at(data, step, batch_size, seed=seed)
+    rows = batch_rows(len(data), step, batch_size, seed=seed)
+    sharding = batch_sharding(mesh, batch_size)
+    arrays = {"input_ids": data.input_ids, "loss_mask": data.loss_mask}
+
+    def rows_of(array: np.ndarray):
+        return lambda index: array[rows[index[0]]][(slice(None), *index[1:])]
+
+    return {
+        k: jax.make_array_from_callback((batch_size, *a.shape[1:]), sharding, rows_of(a))
+        for k, a in arrays.items()
+    }
 
 
 def shard_batch(batch: dict, mesh: Mesh | None) -> dict:
