@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from oftjax import default_job as dj
+from oftjax.cli import CLIError
 from oftjax.cli._train_args import fail as _fail
+from oftjax.cli._train_args import join_processes
 from oftjax.cli._train_args import parse_mesh as _parse_mesh
 from oftjax.cli._train_args import prepare_output as _prepare_output
 from oftjax.cli._train_args import validate as _validate
 from oftjax.cli._train_data import TrainData, check_data_args, datasets, read_data, resolve_data_names
 from oftjax.cli._train_summary import run_facts, summarize, write_summary
+from oftjax.train._distributed import exit_on_peer_failure, is_primary, primary_flag
 
 # fit stops a run whose smoothed loss passes this multiple of its start (oftjax.train.fit)
 DIVERGENCE_FACTOR = 2.0
@@ -136,21 +139,39 @@ def run_train(args: argparse.Namespace) -> int:
         from oftjax.cli._malloc import keep_freed_memory
 
         keep_freed_memory()
-    _resolve_arguments(args)
-    _validate(args)
-    check_data_args(args)
-    _prepare_output(args)
-    t0 = time.perf_counter()
-    summary: dict[str, Any] = {}
-    with _cpu_kernels(args):
-        data = read_data(args, _sayer(args))
-        base = _load_base(args, _base_dir(args, data, summary))
-        _quantize(args, base)
-        adapter = _apply_oft(args, base)
-        train, evald, summary["data"] = datasets(args, data, base.model_dir, base.tokenizer, _sayer(args))
-        res = _train(args, base, adapter, train, evald, summary)
-    summarize(args, base, adapter, res, summary, time.perf_counter() - t0)
+    join_processes(args)  # before anything touches a JAX device
+    with exit_on_peer_failure("oftjax train"):
+        _resolve_arguments(args)
+        _validate(args)
+        check_data_args(args)
+        _prepare_output_once(args)
+        t0 = time.perf_counter()
+        summary: dict[str, Any] = {}
+        with _cpu_kernels(args):
+            data = read_data(args, _sayer(args))
+            base = _load_base(args, _base_dir(args, data, summary))
+            _quantize(args, base)
+            adapter = _apply_oft(args, base)
+            train, evald, summary["data"] = datasets(args, data, base.model_dir, base.tokenizer, _sayer(args))
+            res = _train(args, base, adapter, train, evald, summary)
+        if is_primary():
+            summarize(args, base, adapter, res, summary, time.perf_counter() - t0)
     return 0
+
+
+def _prepare_output_once(args: argparse.Namespace) -> None:
+    """The run directory's overwrite/resume policy and ``run.json``: process 0 applies it, and every
+    process of a multi-process run stops when it refused."""
+    error = None
+    if is_primary():
+        try:
+            _prepare_output(args)
+        except CLIError as e:
+            error = e
+    if primary_flag(error is not None) and error is None:
+        _fail(f"{args.output}: process 0 refused the run directory (its error says why)")
+    if error is not None:
+        raise error
 
 
 def _sayer(args: argparse.Namespace):
@@ -278,11 +299,22 @@ def _apply_oft(args: argparse.Namespace, base: _Base) -> _Adapter:
     return _Adapter(oft_cfg, matched, n_train)
 
 
+def _mesh(args: argparse.Namespace):
+    """``--mesh``; by default one device, or data parallelism over every device of a multi-process run."""
+    import jax
+
+    from oftjax.train import make_mesh
+
+    if args.mesh:
+        return make_mesh(*_parse_mesh(args.mesh))
+    return make_mesh() if jax.process_count() > 1 else None
+
+
 def _train(args: argparse.Namespace, base: _Base, adapter: _Adapter, train, evald, summary: dict):
     """``fit`` with the command's settings; the adapter is written in PEFT format. A diverged run writes
     its summary and fails with ``fit``'s message (the last good checkpoint and adapter are kept)."""
     from interop.peft import save_adapter
-    from oftjax.train import TrainConfig, fit, make_mesh
+    from oftjax.train import TrainConfig, fit
     from oftjax.train._loop import TrainingDiverged
 
     cfg = TrainConfig(
@@ -317,7 +349,7 @@ def _train(args: argparse.Namespace, base: _Base, adapter: _Adapter, train, eval
             train,
             eval_data=evald,
             output_dir=args.output,
-            mesh=make_mesh(*_parse_mesh(args.mesh)) if args.mesh else None,
+            mesh=_mesh(args),
             write_adapter=write_adapter,
             resume=args.resume,
             progress=not args.quiet,
@@ -327,5 +359,6 @@ def _train(args: argparse.Namespace, base: _Base, adapter: _Adapter, train, eval
     except TrainingDiverged as e:
         summary.update(run_facts(base, adapter))
         summary["diverged"] = {"step": e.step, "loss": e.loss, "checkpoint": str(e.checkpoint or "")}
-        write_summary(args.output, summary)
+        if is_primary():
+            write_summary(args.output, summary)
         _fail(f"{e} (--lr {args.lr:g}; metrics in {args.output / 'metrics.jsonl'})")

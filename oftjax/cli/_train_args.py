@@ -15,6 +15,7 @@ __all__ = [
     "RUN_OUTPUTS",
     "add_train_parser",
     "fail",
+    "join_processes",
     "parse_mesh",
     "prepare_output",
     "validate",
@@ -66,6 +67,9 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     )
     _model_arguments(p.add_argument_group("model and adapter"))
     _runtime_arguments(p.add_argument_group("runtime"))
+    _process_arguments(
+        p.add_argument_group("multi-process (jax.distributed; every process runs the same command)")
+    )
     _data_arguments(p.add_argument_group("data"))
     _optimization_arguments(p.add_argument_group("optimization"))
     _output_arguments(p.add_argument_group("output"))
@@ -154,6 +158,65 @@ def _runtime_arguments(g: argparse._ArgumentGroup) -> None:
         metavar="DATAxFSDP",
         help="device mesh, e.g. 1x8 (FSDP over 8 devices) or 8x1; default: one device",
     )
+
+
+def _process_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="join a multi-process run: process 0 serves jax.distributed's coordination service at "
+        "HOST:PORT (give with --num-processes and --process-id); the mesh spans every process's devices "
+        "(default --mesh: data parallel over all of them) and process 0 writes the outputs",
+    )
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run described by the environment jax.distributed detects (SLURM, "
+        "Open MPI, TPU pod slices); explicit flags above override it",
+    )
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="a process silent this long counts as dead: the others stop with an error (default: "
+        "%(default)s)",
+    )
+
+
+def join_processes(args: argparse.Namespace) -> None:
+    """Join the multi-process run the flags ask for (before anything touches a JAX device).
+
+    Processes other than 0 run ``--quiet``: process 0 prints and writes for the run.
+    """
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if not args.distributed and any(v is None for v in explicit):
+        fail("--coordinator, --num-processes and --process-id go together (or --distributed alone)")
+    if args.num_processes is not None and args.num_processes < 1:
+        fail(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+        fail(f"--process-id must be in 0 .. {(args.num_processes or 1) - 1}, got {args.process_id}")
+    if args.heartbeat_timeout < 1:
+        fail(f"--heartbeat-timeout must be >= 1 second, got {args.heartbeat_timeout}")
+    if args.model is None and not (args.output / "base" / "config.json").is_file():
+        fail(
+            "a multi-process run needs --model (or the default base in OUTPUT/base, which a "
+            "single-process `oftjax train` pretrains)"
+        )
+    from oftjax.train import initialize, is_primary
+
+    try:
+        initialize(
+            args.coordinator, args.num_processes, args.process_id, heartbeat_timeout=args.heartbeat_timeout
+        )
+    except (RuntimeError, ValueError) as e:
+        fail(f"cannot join the multi-process run: {str(e).strip().splitlines()[0]}")
+    if not is_primary():
+        args.quiet = True
 
 
 def _data_arguments(g: argparse._ArgumentGroup) -> None:

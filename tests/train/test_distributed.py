@@ -176,3 +176,77 @@ def test_a_killed_process_ends_the_run(tmp_path, victim):
     assert code != 0
     assert waited < HEARTBEAT + 30
     assert "another process of this run stopped" in log or "another task died" in log, log[-3000:]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--coordinator", "127.0.0.1:1"], "go together"),
+        (["--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"], "--num-processes must be"),
+        (
+            ["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+            "--process-id must be in 0 .. 1",
+        ),
+        (["--distributed", "--heartbeat-timeout", "0"], "--heartbeat-timeout must be"),
+        (["--distributed"], "a multi-process run needs --model"),
+    ],
+    ids=["incomplete", "count", "index", "heartbeat", "no-model"],
+)
+def test_multi_process_flag_errors(argv, message, tmp_path, capsys):
+    from oftjax.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_oftjax_train_on_two_processes(tmp_path):
+    """``oftjax train --coordinator ...`` on two processes equals the same command on one 8-device process."""
+    from interop.hf_model import save_model
+    from oftjax.cli import main
+    from oftjax.models import LlamaForCausalLM, ModelConfig
+    from tests._tiny import TINY_LLAMA
+
+    model_dir = tmp_path / "tiny"
+    config = ModelConfig.from_hf({"model_type": "llama", **TINY_LLAMA, "vocab_size": 259})
+    save_model(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    common = ["train", "--model", str(model_dir), "--data", str(text), "--quiet", "--seq-len", "32",
+              "--batch-size", "8", "--oft-block-size", "16", "--steps", "4", "--save-every", "2",
+              "--mesh", "2x4", "--cpu-kernels", "off"]  # fmt: skip
+    assert main([*common, "--output", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)}
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "oftjax.cli",
+                *common,
+                "--output",
+                str(tmp_path / "two"),
+                "--coordinator",
+                coordinator,
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    one = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    _assert_close([r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")], one)
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "two" / "summary.json").is_file()
