@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ import numpy as np
 
 from interop import bnb
 from interop._hf_config import bnb_quantization_config as bnb_quantization_config  # for interop.hf_model
-from interop._hf_config import check_weights_match_config, validate_quantization_config
+from interop._hf_config import check_model_config, check_weights_match_config, validate_quantization_config
 from interop._io import InteropError, atomic_write_bytes, output_dir, read_json
+from interop._paths import Root, open_regular
 from interop._safetensors import LazyTensor, SafetensorsFile, total_nbytes, write_safetensors
 from oftjax.quant import FourBitWeight, Int8Weight
 
@@ -63,6 +65,7 @@ def _torch_state_dict(path: Path) -> dict[str, np.ndarray]:
         ) from e
     import ml_dtypes
 
+    os.close(open_regular(path))  # a regular file (torch.load would block on a FIFO)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many error types for corrupt/truncated pickles
@@ -71,8 +74,8 @@ def _torch_state_dict(path: Path) -> dict[str, np.ndarray]:
         raise InteropError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
     out = {}
     for k, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            raise InteropError(f"{path}: entry {k!r} is a {type(t).__name__}, not a tensor")
+        if not isinstance(k, str) or not isinstance(t, torch.Tensor):
+            raise InteropError(f"{path}: entry {k!r} is a {type(t).__name__}, not a tensor named by a string")
         t = t.detach().contiguous()
         if t.dtype == torch.bfloat16:
             out[k] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
@@ -81,24 +84,39 @@ def _torch_state_dict(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _sources(path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+# The weight files an index may list: safetensors shards for a safetensors index, torch files for a torch one.
+_SHARD_SUFFIXES = {SAFETENSORS_INDEX: (".safetensors",), TORCH_BIN_INDEX: (".bin", ".pt", ".pth")}
+
+
+def _weight_files(root: Root, single: str | None) -> tuple[list[Path], dict[str, Path], Path | None]:
+    """The weight files of a checkpoint (each checked inside ``root``), the index's tensor name -> file, and
+    the index file (None without one)."""
+    if single is not None:
+        return [root.file(single)], {}, None
+    name = next((n for n in WEIGHT_FILES if root.exists(n)), None)
+    if name is None:
+        raise InteropError(f"{root.path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+    if not name.endswith(".index.json"):
+        return [root.file(name)], {}, None
+    index_path = root.file(name)
+    wmap = read_json(index_path).get("weight_map")
+    if not isinstance(wmap, dict) or not wmap:
+        raise InteropError(f"{index_path}: 'weight_map': expected a non-empty object of tensor name -> file")
+    listed: dict[str, Path] = {}
+    files: dict[str, Path] = {}
+    for key, shard in wmap.items():
+        where = f"{index_path}: weight_map[{key!r}]"
+        if not isinstance(shard, str) or not shard.endswith(_SHARD_SUFFIXES[name]):
+            raise InteropError(f"{where}: {shard!r}: expected a file name ending in {_SHARD_SUFFIXES[name]}")
+        if shard not in files:
+            files[shard] = root.file(shard, where=where)
+        listed[key] = files[shard]
+    return [files[f] for f in sorted(files)], listed, index_path
+
+
+def _sources(root: Root, single: str | None) -> tuple[dict[str, Any], dict[str, Path]]:
     """tensor name -> lazy tensor (or array for torch files), and tensor name -> file it came from."""
-    if path.is_file():
-        files = [path]
-    else:
-        for name in WEIGHT_FILES:
-            if (path / name).is_file():
-                break
-        else:
-            raise InteropError(f"{path}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
-        if name.endswith(".index.json"):
-            index = read_json(path / name)
-            wmap = index.get("weight_map")
-            if not isinstance(wmap, dict) or not wmap:
-                raise InteropError(f"{path / name}: missing or empty 'weight_map'")
-            files = [path / f for f in sorted(set(wmap.values()))]
-        else:
-            files = [path / name]
+    files, listed, index_path = _weight_files(root, single)
     tensors: dict[str, Any] = {}
     origin: dict[str, Path] = {}
     for f in files:
@@ -111,10 +129,11 @@ def _sources(path: Path) -> tuple[dict[str, Any], dict[str, Path]]:
             if k in tensors:
                 raise InteropError(f"{f}: tensor {k!r} also appears in {origin[k]}")
             tensors[k], origin[k] = v, f
-    if not path.is_file() and name.endswith(".index.json"):
-        for k, f in wmap.items():
-            if origin.get(k) != path / f:
-                raise InteropError(f"{path / f}: missing tensor key {k!r} (listed in {path / name})")
+    for k, f in listed.items():
+        if origin.get(k) != f:
+            raise InteropError(f"{f}: missing tensor key {k!r} (listed in {index_path})")
+    if not tensors:
+        raise InteropError(f"{root.path}: no tensors in {', '.join(str(f) for f in files)}")
     return tensors, origin
 
 
@@ -127,7 +146,25 @@ _LAYER_SUFFIXES = (
 )
 
 
-def _group(tensors: dict[str, Any], origin: dict[str, Path], int8_dtype: Any) -> Weights:
+def _check_no_bare_codes(
+    tensors: dict[str, Any], origin: dict[str, Path], consumed: set[str], qc: Any
+) -> None:
+    """With a bnb ``quantization_config``, an integer ``weight`` outside every bnb layer is a layer whose
+    SCB / quant_state tensors are missing: refuse it rather than load the codes as float weights."""
+    if qc is None:
+        return
+    for k in tensors:
+        if k in consumed or not (k == "weight" or k.endswith(".weight")):
+            continue
+        if np.issubdtype(np.dtype(tensors[k].dtype), np.integer):
+            raise InteropError(
+                f"{origin[k]}: tensor {k!r} holds {np.dtype(tensors[k].dtype)} codes but its layer has no "
+                f"SCB (8-bit) or {bnb.QUANT_STATE}<nf4|fp4> (4-bit) tensor, although config.json has a "
+                "quantization_config; the checkpoint is incomplete"
+            )
+
+
+def _group(tensors: dict[str, Any], origin: dict[str, Path], int8_dtype: Any, qc: Any = None) -> Weights:
     qs_marker = "." + bnb.QUANT_STATE
     four = {k.split(qs_marker)[0] for k in tensors if qs_marker in k}
     eight = {k[: -len(".SCB")] for k in tensors if k.endswith(".SCB")}
@@ -153,6 +190,7 @@ def _group(tensors: dict[str, Any], origin: dict[str, Path], int8_dtype: Any) ->
                     f"{origin[k]}: missing tensor key: {k!r} is present but its layer has no "
                     f"{bnb.QUANT_STATE}<nf4|fp4> / SCB tensor"
                 )
+    _check_no_bare_codes(tensors, origin, consumed, qc)
     for k in sorted((k for k in tensors if k not in consumed), key=natural_key):
         module, _, name = k.rpartition(".")
         weights.setdefault(module, {})[name] = tensors[k]
@@ -175,15 +213,32 @@ def materialize(weights: Weights) -> Weights:
     return out
 
 
-def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, Any], Weights]:
+def _root(path: Path, allow_symlinks: bool) -> tuple[Root, str | None]:
+    """The root directory to read and, when ``path`` names one weights file, that file's name in it."""
+    if path.is_dir():
+        return Root(path, allow_symlinks=allow_symlinks), None
+    if not os.path.lexists(path):
+        raise InteropError(f"{path}: checkpoint directory or weights file not found")
+    real = Path(os.path.realpath(path))  # a file named on purpose by the caller: its directory is the root
+    return Root(real.parent, allow_symlinks=allow_symlinks), real.name
+
+
+def read_checkpoint(
+    path: str | os.PathLike, *, lazy: bool = False, allow_symlinks: bool = False
+) -> tuple[dict[str, Any], Weights]:
     """Read an HF checkpoint directory (float, bnb 8-bit or bnb 4-bit) without passing quantized layers
     through float.
+
+    Every file is untrusted (``interop._paths``): index entries must name files inside the directory, links
+    are followed only with ``allow_symlinks`` and only inside it (a Hugging Face cache snapshot's links into
+    its blobs always are), only regular files are opened, every header and config value is checked.
 
     Args:
       path: a directory with ``config.json`` and ``model.safetensors``, a sharded
         ``model.safetensors.index.json``, or torch ``pytorch_model.bin`` (``.index.json``; needs torch); or a
         single ``.safetensors`` / ``.bin`` / ``.pt`` file (config.json then read from beside it when present).
       lazy: leave array leaves as ``LazyTensor`` (memory-mapped; read on ``load()``) for streaming conversion.
+      allow_symlinks: follow symbolic links that stay inside the directory.
 
     Returns:
       ``(config, weights)``: config.json as a dict (its ``quantization_config`` validated) and
@@ -193,7 +248,8 @@ def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dic
 
     Raises:
       InteropError: missing/truncated/corrupt files, missing keys, shapes disagreeing with a layer's quant
-        state, unknown quant types, unknown quantization_config keys... naming the file and key.
+        state, unknown quant types, unknown quantization_config keys, paths leaving the directory... naming
+        the file and key.
 
     Example:
       >>> import tempfile
@@ -206,19 +262,17 @@ def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dic
       >>> weights["model.layers.0.mlp.up_proj"]["weight"].quant_type
       'nf4'
     """
-    path = Path(path)
-    cfg_path = path.parent / CONFIG if path.is_file() else path / CONFIG
-    if path.is_file() and not cfg_path.is_file():
-        config: dict[str, Any] = {}
-    else:
-        config = read_json(cfg_path)
+    root, single = _root(Path(path), allow_symlinks)
+    cfg_path = root.path / CONFIG
+    config: dict[str, Any] = read_json(root.file(CONFIG)) if single is None or root.exists(CONFIG) else {}
+    check_model_config(config, where=str(cfg_path))
     qc = config.get("quantization_config")
     if qc is not None:
         validate_quantization_config(qc, where=str(cfg_path))
     dtype_name = config.get("dtype", config.get("torch_dtype"))
     int8_dtype = bnb.dtype_from_name(dtype_name, where=f"{cfg_path}: dtype: ") if dtype_name else None
-    tensors, origin = _sources(path)
-    weights = _group(tensors, origin, int8_dtype)
+    tensors, origin = _sources(root, single)
+    weights = _group(tensors, origin, int8_dtype, qc)
     check_weights_match_config(config, weights, where=str(cfg_path))
     return config, (weights if lazy else materialize(weights))
 
@@ -227,19 +281,24 @@ def read_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dic
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes of ``5GB`` (10^9), ``2GiB`` (2^30), ``500MB``, ``100KB`` or an int.
+    """Bytes of ``5GB`` (10^9), ``2GiB`` (2^30), ``500MB``, ``100KB`` or an int; at least one byte.
 
     Example:
       >>> parse_size("5GB"), parse_size("2GiB"), parse_size(1000)
       (5000000000, 2147483648, 1000)
     """
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size {size!r}: expected e.g. '5GB', '500MB' or a number of bytes")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+    expected = "expected a positive size such as '5GB', '500MB' or a number of bytes"
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,15})?)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"max_shard_size {size!r}: {expected}")
+        base = 1024 if m.group(3) else 1000
+        n = int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+    if n < 1:
+        raise ValueError(f"max_shard_size {size!r}: {expected}")
+    return n
 
 
 def flatten(weights: Weights) -> dict[str, Any]:
@@ -389,6 +448,7 @@ def write_checkpoint(
        'model-00003-of-00003.safetensors', 'model.safetensors.index.json']
     """
     path = Path(path)
+    max_shard_size = parse_size(max_shard_size)  # checked before anything is written
     check_weights_match_config(config, weights, where=str(path / CONFIG))
     tensors = flatten(weights)
     with output_dir(path, force=force) as tmp:
@@ -399,6 +459,7 @@ def write_checkpoint(
 
 
 def copy_extra_files(dst: Path, files: Mapping[str, Path]) -> None:
+    """Copy each file (opened as a regular file only: ``interop._paths.open_regular``) to ``dst / name``."""
     import shutil
 
     for name, src in files.items():
@@ -406,18 +467,26 @@ def copy_extra_files(dst: Path, files: Mapping[str, Path]) -> None:
             raise InteropError(
                 f"extra file name {name!r} is not a plain file name or clashes with a weights file"
             )
-        shutil.copyfile(src, dst / name)
+        with os.fdopen(open_regular(src), "rb") as fin, open(dst / name, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
 
 
-def extra_files_of(src: Path, skip: tuple[str, ...]) -> dict[str, Path]:
-    """Regular files of ``src`` other than weights/config (tokenizer, generation_config.json, README...)."""
+def extra_files_of(src: Path, skip: tuple[str, ...], *, allow_symlinks: bool = False) -> dict[str, Path]:
+    """Regular files of ``src`` other than weights/config (tokenizer, generation_config.json, README...).
+
+    Subdirectories and hidden files are not copied. A symbolic link is copied (as the file it names) only
+    with ``allow_symlinks`` and only when it stays inside ``src``; any other link, and a FIFO, device or
+    socket, is an error naming it: converting must neither read outside the directory nor drop a file
+    silently.
+    """
     if not src.is_dir():
         return {}
+    root = Root(src, allow_symlinks=allow_symlinks)
     out = {}
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.name in skip:
+    for name, mode, _ in root.entries():
+        if name.startswith(".") or name in skip or stat.S_ISDIR(mode):
             continue
-        if f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name.endswith(".index.json"):
+        if Path(name).suffix in (".safetensors", ".bin", ".pt", ".pth") or name.endswith(".index.json"):
             continue
-        out[f.name] = f
+        out[name] = root.file(name, where=f"{src}: extra file {name!r}")
     return out

@@ -6,6 +6,7 @@ Keys and defaults follow transformers 5.24 ``BitsAndBytesConfig.to_dict()``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,39 @@ QC_KEYS = frozenset(
 _STORAGES = ("uint8", "int8", "float16", "bfloat16", "float32", "float64")
 
 
+_BOOL_KEYS = (
+    "load_in_4bit",
+    "load_in_8bit",
+    "_load_in_4bit",
+    "_load_in_8bit",
+    "bnb_4bit_use_double_quant",
+    "llm_int8_enable_fp32_cpu_offload",
+    "llm_int8_has_fp16_weight",
+)
+_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_types(qc: dict[str, Any], pre: str) -> None:
+    """Every known key's value has its type (transformers writes these exact types), named when not."""
+    for key in _BOOL_KEYS:
+        if key in qc and not isinstance(qc[key], bool):
+            raise InteropError(f"{pre}.{key} {qc[key]!r:.80}: expected true or false")
+    threshold = qc.get("llm_int8_threshold", 6.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise InteropError(f"{pre}.llm_int8_threshold {threshold!r:.80}: expected a finite number")
+    skip = qc.get("llm_int8_skip_modules")
+    if skip is not None and not (isinstance(skip, list) and all(isinstance(m, str) for m in skip)):
+        raise InteropError(
+            f"{pre}.llm_int8_skip_modules {skip!r:.80}: expected null or a list of module names"
+        )
+    for key in ("bnb_4bit_quant_type", "bnb_4bit_quant_storage", "bnb_4bit_compute_dtype"):
+        if qc.get(key) is not None and not isinstance(qc[key], str):
+            raise InteropError(f"{pre}.{key} {qc[key]!r:.80}: expected a string")
+    for plain, private in (("load_in_4bit", "_load_in_4bit"), ("load_in_8bit", "_load_in_8bit")):
+        if plain in qc and private in qc and qc[plain] != qc[private]:
+            raise InteropError(f"{pre}: {plain}={qc[plain]} disagrees with {private}={qc[private]}")
+
+
 def validate_quantization_config(qc: Any, *, where: str = CONFIG) -> dict[str, Any]:
     """Check a ``quantization_config`` dict and return its normalized essentials.
 
@@ -45,8 +79,9 @@ def validate_quantization_config(qc: Any, *, where: str = CONFIG) -> dict[str, A
       "threshold"}`` (4-bit fields are None for int8).
 
     Raises:
-      InteropError: unknown keys (named), another quant_method, both or neither of 4/8-bit, or options this
-        library does not implement (``llm_int8_has_fp16_weight``, unknown quant types or storages).
+      InteropError: unknown keys (named), a value of the wrong type, another quant_method, both or neither of
+        4/8-bit, or options this library does not implement (``llm_int8_has_fp16_weight``, unknown quant
+        types, storages or compute dtypes).
     """
     pre = f"{where}: quantization_config"
     if not isinstance(qc, dict):
@@ -57,8 +92,9 @@ def validate_quantization_config(qc: Any, *, where: str = CONFIG) -> dict[str, A
     unknown = sorted(set(qc) - QC_KEYS)
     if unknown:
         raise InteropError(f"{pre}: unknown key(s) {unknown} (known: {sorted(QC_KEYS)})")
-    four = bool(qc.get("load_in_4bit", qc.get("_load_in_4bit", False)))
-    eight = bool(qc.get("load_in_8bit", qc.get("_load_in_8bit", False)))
+    _check_types(qc, pre)
+    four = qc.get("load_in_4bit", qc.get("_load_in_4bit", False))
+    eight = qc.get("load_in_8bit", qc.get("_load_in_8bit", False))
     if four == eight:
         raise InteropError(f"{pre}: exactly one of load_in_4bit / load_in_8bit must be true")
     if qc.get("llm_int8_has_fp16_weight"):
@@ -71,17 +107,63 @@ def validate_quantization_config(qc: Any, *, where: str = CONFIG) -> dict[str, A
         storage = qc.get("bnb_4bit_quant_storage", "uint8") or "uint8"
         if storage not in _STORAGES:
             raise InteropError(f"{pre}.bnb_4bit_quant_storage {storage!r}: expected one of {_STORAGES}")
+        compute = qc.get("bnb_4bit_compute_dtype") or "float32"
+        if compute.removeprefix("torch.") not in _COMPUTE_DTYPES:
+            raise InteropError(f"{pre}.bnb_4bit_compute_dtype {compute!r}: expected one of {_COMPUTE_DTYPES}")
         out.update(
             quant_type=qt,
             use_double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
             quant_storage=bnb.dtype_from_name(storage),
-            compute_dtype=bnb.dtype_from_name(
-                qc.get("bnb_4bit_compute_dtype") or "float32", where=f"{pre}: "
-            ),
+            compute_dtype=bnb.dtype_from_name(compute, where=f"{pre}: "),
         )
     else:
         out.update(quant_type=None, use_double_quant=None, quant_storage=None, compute_dtype=None)
     return out
+
+
+# config.json keys with one meaning in every transformers config (``PretrainedConfig`` and its subclasses),
+# checked wherever they appear: a positive int, a positive finite number, a boolean or a string.
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+)
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window")
+_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+_STRINGS = ("model_type", "hidden_act")
+_OPTIONAL_STRINGS = ("dtype", "torch_dtype")
+
+
+def check_model_config(config: Mapping[str, Any], *, where: str = CONFIG) -> None:
+    """Type- and range-check the architecture keys of a config.json (those present), naming the key.
+
+    Example:
+      >>> check_model_config({"rms_norm_eps": -1.0}, where="ckpt/config.json")
+      Traceback (most recent call last):
+      interop._io.InteropError: ckpt/config.json: rms_norm_eps -1.0: expected a positive finite number
+    """
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    for key, value in config.items():
+        if key in _POSITIVE_INTS or (key in _OPTIONAL_POSITIVE_INTS and value is not None):
+            if not is_int(value) or value < 1:
+                raise InteropError(f"{where}: {key} {value!r:.80}: expected a positive integer")
+        elif key in _POSITIVE_NUMBERS:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or value <= 0:
+                raise InteropError(f"{where}: {key} {value!r:.80}: expected a positive finite number")
+        elif key in _BOOLS and not isinstance(value, bool):
+            raise InteropError(f"{where}: {key} {value!r:.80}: expected true or false")
+        elif (key in _STRINGS or (key in _OPTIONAL_STRINGS and value is not None)) and not isinstance(
+            value, str
+        ):
+            raise InteropError(f"{where}: {key} {value!r:.80}: expected a string")
 
 
 def bnb_quantization_config(

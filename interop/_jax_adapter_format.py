@@ -25,7 +25,8 @@ import numpy as np
 from oftjax.config import OFTConfig
 
 from . import _peft_format as fmt
-from ._io import InteropError, atomic_write_json, output_dir, read_json
+from ._io import InteropError, atomic_write_json, check_destination, output_dir, read_json
+from ._paths import Root
 from ._peft_files import list_adapters, read_adapter_with_extras, write_adapter
 from ._safetensors import atomic_save_safetensors, read_safetensors
 
@@ -113,7 +114,9 @@ def _config_dict(config: OFTConfig) -> dict[str, Any]:
     return out
 
 
-def _config_from_dict(d: Mapping[str, Any], source: Path, name: str) -> OFTConfig:
+def _config_from_dict(d: Any, source: Path, name: str) -> OFTConfig:
+    if not isinstance(d, dict):
+        raise InteropError(f"{source}: adapter {name!r}: 'config' must be an object, got {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(OFTConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -122,6 +125,31 @@ def _config_from_dict(d: Mapping[str, Any], source: Path, name: str) -> OFTConfi
         return OFTConfig(**d)
     except (TypeError, ValueError) as e:
         raise InteropError(f"{source}: adapter {name!r}: invalid OFT config ({e})") from e
+
+
+def _entry(name: Any, entry: Any, source: Path) -> tuple[list[str], dict[str, Any]]:
+    """An adapter entry's ``keys`` and ``peft_extras``, type-checked (``_config_from_dict`` checks its
+    config)."""
+    try:
+        fmt.check_adapter_name(name)
+    except InteropError as e:
+        raise InteropError(f"{source}: 'adapters': {e}") from None
+    if not isinstance(entry, dict):
+        raise InteropError(f"{source}: adapter {name!r}: expected an object, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - {"config", "keys", "peft_extras"})
+    if unknown:
+        raise InteropError(f"{source}: adapter {name!r}: unknown key(s) {unknown}")
+    keys = entry.get("keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise InteropError(f"{source}: adapter {name!r}: 'keys' {keys!r:.80}: expected a list of names")
+    extras = entry.get("peft_extras", {})
+    ignorable = set(fmt.IGNORED_CONFIG_KEYS) - {"peft_type"}
+    if not isinstance(extras, dict) or not set(extras) <= ignorable:
+        raise InteropError(
+            f"{source}: adapter {name!r}: 'peft_extras' {extras!r:.80}: expected an object with keys among "
+            f"{sorted(ignorable)}"
+        )
+    return keys, extras
 
 
 def write_jax_adapter(
@@ -178,12 +206,16 @@ def write_jax_adapter(
 
 
 def read_jax_adapter(
-    path: str | os.PathLike,
+    path: str | os.PathLike, *, allow_symlinks: bool = False
 ) -> tuple[dict[str, tuple[OFTConfig, dict[str, np.ndarray]]], dict[str, dict[str, Any]]]:
     """Read a JAX adapter directory -> ``({name: (config, {state path: array})}, {name: extras})``.
 
+    Its files are untrusted (``interop._paths``; ``allow_symlinks``: follow links that stay inside it) and
+    every value of ``oftjax_adapter.json`` is type-checked.
+
     Raises:
-        InteropError: missing or corrupt files, a wrong format or version, keys listed but absent.
+        InteropError: missing or corrupt files, a wrong format or version, a value of the wrong type, keys
+            listed but absent.
 
     Example:
         >>> import tempfile
@@ -195,9 +227,9 @@ def read_jax_adapter(
         >>> sorted(adapters), list(adapters["two"][1]), extras
         (['two'], ['lin0.oft_R.two'], {'two': {}})
     """
-    root = Path(path)
-    meta = read_json(root / CONFIG_FILE)
-    source = root / CONFIG_FILE
+    root = Root(path, allow_symlinks=allow_symlinks)
+    source = root.path / CONFIG_FILE
+    meta = read_json(root.file(CONFIG_FILE))
     if meta.get("format") != FORMAT:
         raise InteropError(f"{source}: 'format' is {meta.get('format')!r}; expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -208,30 +240,31 @@ def read_jax_adapter(
     entries = meta.get("adapters")
     if not isinstance(entries, dict) or not entries:
         raise InteropError(f"{source}: 'adapters' must be a non-empty object of adapter name -> entry")
-    tensors = read_safetensors(root / WEIGHTS_FILE)
-    listed = {k for e in entries.values() for k in e.get("keys", [])}
+    checked = {name: _entry(name, entry, source) for name, entry in entries.items()}
+    configs = {name: _config_from_dict(e.get("config", {}), source, name) for name, e in entries.items()}
+    weights_path = root.file(WEIGHTS_FILE)
+    tensors = read_safetensors(weights_path)
+    listed = {k for keys, _ in checked.values() for k in keys}
     extra_keys = sorted(set(tensors) - listed)
     if extra_keys:
-        raise InteropError(f"{root / WEIGHTS_FILE}: tensor key(s) {extra_keys[:5]} not listed in {source}")
+        raise InteropError(f"{weights_path}: tensor key(s) {extra_keys[:5]} not listed in {source}")
     adapters, extras = {}, {}
-    for name, entry in entries.items():
-        config = _config_from_dict(entry.get("config", {}), source, name)
-        missing = [k for k in entry.get("keys", []) if k not in tensors]
+    for name, (keys, peft_extras) in checked.items():
+        missing = [k for k in keys if k not in tensors]
         if missing:
-            raise InteropError(
-                f"{root / WEIGHTS_FILE}: adapter {name!r}: missing tensor key(s) {missing[:5]}"
-            )
-        adapters[name] = (config, {k: tensors[k] for k in entry.get("keys", [])})
-        extras[name] = dict(entry.get("peft_extras", {}))
+            raise InteropError(f"{weights_path}: adapter {name!r}: missing tensor key(s) {missing[:5]}")
+        adapters[name] = (configs[name], {k: tensors[k] for k in keys})
+        extras[name] = dict(peft_extras)
     return adapters, extras
 
 
-def _refuse_existing(dst: Path, force: bool) -> None:
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst}: exists; pass force=True (--force) to overwrite")
-
-
-def adapter_to_jax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force: bool = False) -> Path:
+def adapter_to_jax(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    force: bool = False,
+    *,
+    allow_symlinks: bool = False,
+) -> Path:
     """Convert a PEFT adapter directory (root adapter and any subfolder adapters) to a JAX adapter directory.
 
     Every adapter is read and validated (``read_adapter``) before anything is written.
@@ -252,18 +285,24 @@ def adapter_to_jax(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force
         {'default': ['lin0.oft_R.default'], 'other': ['lin0.oft_R.other']}
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    _refuse_existing(dst, force)
-    names = list_adapters(src)
+    check_destination(dst, force, directory=True)
+    names = list_adapters(src, allow_symlinks=allow_symlinks)
     if not names:
-        read_adapter_with_extras(src)  # raises the precise "not found" error
+        read_adapter_with_extras(src, allow_symlinks=allow_symlinks)  # raises the precise "not found" error
     adapters, extras = {}, {}
     for name in names:
-        config, tensors, extras[name] = read_adapter_with_extras(src, name)
+        config, tensors, extras[name] = read_adapter_with_extras(src, name, allow_symlinks=allow_symlinks)
         adapters[name] = (config, state_tensors(tensors, name, config))
     return write_jax_adapter(dst, adapters, extras=extras, force=force)
 
 
-def adapter_to_peft(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, force: bool = False) -> Path:
+def adapter_to_peft(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    force: bool = False,
+    *,
+    allow_symlinks: bool = False,
+) -> Path:
     """Convert a JAX adapter directory to a PEFT adapter directory (non-default adapters in subfolders).
 
     Every adapter is checked against PEFT's format before anything is written; the directory is built aside
@@ -284,8 +323,8 @@ def adapter_to_peft(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, forc
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     src, dst = Path(src_dir), Path(dst_dir)
-    _refuse_existing(dst, force)
-    adapters, extras = read_jax_adapter(src)
+    check_destination(dst, force, directory=True)
+    adapters, extras = read_jax_adapter(src, allow_symlinks=allow_symlinks)
     converted = {}
     for name, (config, arrays) in adapters.items():
         tensors = peft_tensors(arrays, name)

@@ -33,11 +33,15 @@ from interop._hf_checkpoint import (
     copy_extra_files,
     extra_files_of,
     materialize,
+    parse_size,
     progress_bar,
     read_checkpoint,
     write_checkpoint,
 )
+from interop._hf_config import check_model_config, validate_quantization_config
+from interop._hf_shapes import check_known_architecture
 from interop._io import InteropError, output_dir, read_json
+from interop._paths import Root
 from interop._safetensors import SafetensorsFile, total_nbytes, write_safetensors
 from oftjax.quant import FourBitWeight, Int8Weight
 
@@ -134,58 +138,92 @@ def _scalar_offset(offset: Any) -> np.ndarray | None:
     if offset is None:
         return None
     offset = offset.load()
-    if offset.dtype != np.float32 or offset.shape != ():
-        raise InteropError(f"offset: expected a float32 scalar, got {offset.dtype}{list(offset.shape)}")
+    if offset.dtype != np.float32 or offset.shape != () or not np.isfinite(offset):
+        raise InteropError(f"offset: {offset.dtype}{list(offset.shape)}: expected a finite float32 scalar")
     return offset
+
+
+def _field(spec: Mapping[str, Any], key: str, check: Any, expected: str) -> Any:
+    value = spec.get(key)
+    if not check(value):
+        raise InteropError(f"{key} {value!r:.80}: expected {expected}")
+    return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _quantized(kind: str, spec: Mapping[str, Any], lazy: Mapping[str, Any]) -> Int8Weight | FourBitWeight:
     """The ``Int8Weight`` / ``FourBitWeight`` a spec describes, over its lazily read leaves."""
+    dtype = bnb.dtype_from_name(_field(spec, "dtype", lambda x: isinstance(x, str), "a dtype name"))
     if kind == "int8":
         if set(lazy) != {"CB", "SCB"}:
             raise InteropError(f"int8 leaves {sorted(lazy)} != ['CB', 'SCB']")
-        return Int8Weight(CB=lazy["CB"], SCB=lazy["SCB"], dtype=bnb.dtype_from_name(spec.get("dtype")))
+        return Int8Weight(CB=lazy["CB"], SCB=lazy["SCB"], dtype=dtype)
     if set(lazy) not in ({"packed", "absmax"}, {"packed", "absmax", "nested_absmax", "offset"}):
         raise InteropError(f"4bit leaves {sorted(lazy)}: expected packed, absmax[, nested_absmax, offset]")
+    shape = _field(
+        spec,
+        "shape",
+        lambda x: isinstance(x, list) and 0 < len(x) <= 64 and all(_is_int(d) and d > 0 for d in x),
+        "a list of positive integers",
+    )
     return FourBitWeight(
         packed=lazy["packed"],
         absmax=lazy["absmax"],
         nested_absmax=lazy.get("nested_absmax"),
         offset=_scalar_offset(lazy.get("offset")),
-        shape=tuple(spec.get("shape") or ()),
-        dtype=bnb.dtype_from_name(spec.get("dtype")),
-        blocksize=spec.get("blocksize"),
-        quant_type=spec.get("quant_type"),
+        shape=tuple(shape),
+        dtype=dtype,
+        blocksize=_field(spec, "blocksize", _is_int, "an integer"),
+        quant_type=_field(spec, "quant_type", lambda x: isinstance(x, str), "'nf4' or 'fp4'"),
     )
 
 
-def _leaf(spec: Any, f: SafetensorsFile, where: str, module: str) -> Any:
+def _tensor_names(spec: Mapping[str, Any]) -> dict[str, str]:
+    """The spec's leaf name -> tensor name (``tensors``; ``{"": tensor}`` for an array)."""
+    if spec["kind"] == "array":
+        names = {"": spec.get("tensor")}
+    else:
+        names = spec.get("tensors")
+        if not isinstance(names, dict):
+            raise InteropError(f"'tensors' {names!r:.80}: expected an object of leaf name -> tensor name")
+    bad = [v for v in names.values() if not isinstance(v, str)]
+    if bad:
+        raise InteropError(f"tensor name(s) {bad[:3]!r}: expected strings")
+    return names
+
+
+def _leaf(spec: Any, f: SafetensorsFile, module: str) -> tuple[Any, list[str]]:
+    """The leaf a spec describes (lazy) and the tensor names it uses."""
     if not isinstance(spec, dict) or spec.get("kind") not in _SPEC_KEYS:
-        raise InteropError(f"{where}: expected a spec with kind 'array', 'int8' or '4bit', got {spec!r}")
+        raise InteropError(f"expected a spec with kind 'array', 'int8' or '4bit', got {spec!r:.80}")
     kind = spec["kind"]
     unknown = sorted(set(spec) - _SPEC_KEYS[kind])
     if unknown:
-        raise InteropError(f"{where}: unknown key(s) {unknown} for kind {kind!r}")
+        raise InteropError(f"unknown key(s) {unknown} for kind {kind!r}")
+    names = _tensor_names(spec)
     if kind == "array":
-        return f.lazy(spec.get("tensor"))
-    names = spec.get("tensors")
-    if not isinstance(names, dict):
-        raise InteropError(f"{where}: 'tensors' must map leaf names to tensor names")
+        return f.lazy(names[""]), list(names.values())
     lazy = {k: f.lazy(v) for k, v in names.items()}
-    try:
-        q = _quantized(kind, spec, lazy)
-        # Validate exactly as a bnb checkpoint layer is validated (shapes vs. quant state, dtypes, ...).
-        return bnb.from_state_dict(bnb.to_entries(q, module), module, dtype=q.dtype)
-    except (InteropError, TypeError) as e:
-        raise InteropError(f"{where}: {e}") from e
+    q = _quantized(kind, spec, lazy)
+    # Validate exactly as a bnb checkpoint layer is validated (shapes vs. quant state, dtypes, ...).
+    return bnb.from_state_dict(bnb.to_entries(q, module), module, dtype=q.dtype), list(names.values())
 
 
-def read_jax_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple[dict[str, Any], Weights]:
+def read_jax_checkpoint(
+    path: str | os.PathLike, *, lazy: bool = False, allow_symlinks: bool = False
+) -> tuple[dict[str, Any], Weights]:
     """Read a JAX checkpoint directory into ``(config, weights)`` (the structure of ``read_checkpoint``).
 
+    Its files are untrusted as ``read_checkpoint``'s are (``allow_symlinks``: follow links that stay inside
+    the directory).
+
     Raises:
-      InteropError: a missing or corrupt file, another format or version, an unknown key, a tensor that is
-        not described (or described but absent), or a quantized layer ``interop.bnb`` refuses.
+      InteropError: a missing or corrupt file, another format or version, an unknown key or a value of the
+        wrong type, a tensor that is not described (or described but absent), or a quantized layer
+        ``interop.bnb`` refuses.
 
     Example:
       >>> import tempfile
@@ -199,44 +237,55 @@ def read_jax_checkpoint(path: str | os.PathLike, *, lazy: bool = False) -> tuple
       >>> back["lin"]["weight"].CB.tolist()
       [[127, 127, 127], [127, 127, 127]]
     """
-    path = Path(path)
-    meta = read_json(path / META)
+    root = Root(path, allow_symlinks=allow_symlinks)
+    meta_path = root.path / META
+    meta = read_json(root.file(META))
     unknown = sorted(set(meta) - _META_KEYS)
     if unknown:
-        raise InteropError(f"{path / META}: unknown key(s) {unknown} (known: {sorted(_META_KEYS)})")
+        raise InteropError(f"{meta_path}: unknown key(s) {unknown} (known: {sorted(_META_KEYS)})")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise InteropError(
-            f"{path / META}: format {meta.get('format')!r} version {meta.get('format_version')!r}: expected "
+            f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}: expected "
             f"{FORMAT!r} version {FORMAT_VERSION}"
         )
     config, modules = meta.get("config"), meta.get("modules")
     if not isinstance(config, dict) or not isinstance(modules, dict):
-        raise InteropError(f"{path / META}: 'config' and 'modules' must be objects")
-    f = SafetensorsFile(path / DATA)
+        raise InteropError(f"{meta_path}: 'config' and 'modules' must be objects")
+    f = SafetensorsFile(root.file(DATA))
     weights: Weights = {}
     used: set[str] = set()
     for module, params in modules.items():
         if not isinstance(params, dict):
-            raise InteropError(f"{path / META}: modules[{module!r}] must be an object")
+            raise InteropError(f"{meta_path}: modules[{module!r}] must be an object")
         for name, spec in params.items():
-            where = f"{path / META}: {module}.{name}" if module else f"{path / META}: {name}"
+            where = f"{meta_path}: {module}.{name}" if module else f"{meta_path}: {name}"
             try:
-                leaf = _leaf(spec, f, where, module)
+                leaf, tnames = _leaf(spec, f, module)
             except InteropError as e:
                 msg = str(e)
-                raise InteropError(msg if msg.startswith(str(path)) else f"{where}: {msg}") from e
+                raise InteropError(msg if msg.startswith(str(root.path)) else f"{where}: {msg}") from e
             weights.setdefault(module, {})[name] = leaf
-            tnames = spec.get("tensors", {}).values() if spec["kind"] != "array" else [spec["tensor"]]
             used.update(tnames)
     extra = sorted(set(f.keys()) - used)
     if extra:
-        raise InteropError(f"{path / DATA}: tensor(s) {extra[:5]} not described in {META}")
-    check_weights_match_config(config, weights, where=str(path / META))
+        raise InteropError(f"{root.path / DATA}: tensor(s) {extra[:5]} not described in {META}")
+    if not weights:
+        raise InteropError(f"{meta_path}: 'modules' describes no tensors")
+    check_model_config(config, where=f"{meta_path}: config")
+    qc = config.get("quantization_config")
+    if qc is not None:
+        validate_quantization_config(qc, where=str(meta_path))
+    check_weights_match_config(config, weights, where=str(meta_path))
     return config, (weights if lazy else materialize(weights))
 
 
 def checkpoint_to_jax(
-    src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False, progress: bool = False
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    force: bool = False,
+    progress: bool = False,
+    allow_symlinks: bool = False,
 ) -> Path:
     """Convert an HF checkpoint directory (float / bnb 8-bit / bnb 4-bit) to a JAX one, tensor by tensor.
 
@@ -255,8 +304,9 @@ def checkpoint_to_jax(
       ['oftjax_checkpoint.json', 'tokenizer.json', 'weights.safetensors']
     """
     src = Path(src)
-    config, weights = read_checkpoint(src, lazy=True)
-    extra = extra_files_of(src, skip=(CONFIG, META))
+    config, weights = read_checkpoint(src, lazy=True, allow_symlinks=allow_symlinks)
+    check_known_architecture(config, weights, source=str(src))
+    extra = extra_files_of(src, skip=(CONFIG, META), allow_symlinks=allow_symlinks)
     return write_jax_checkpoint(dst, config, weights, force=force, progress=progress, extra_files=extra)
 
 
@@ -267,6 +317,7 @@ def checkpoint_to_hf(
     force: bool = False,
     progress: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    allow_symlinks: bool = False,
 ) -> Path:
     """Convert a JAX checkpoint directory back to an HF directory that transformers loads.
 
@@ -282,8 +333,10 @@ def checkpoint_to_hf(
       ['config.json', 'model.safetensors']
     """
     src = Path(src)
-    config, weights = read_jax_checkpoint(src, lazy=True)
-    extra = extra_files_of(src, skip=(CONFIG, META))
+    parse_size(max_shard_size)  # checked before anything is read or written
+    config, weights = read_jax_checkpoint(src, lazy=True, allow_symlinks=allow_symlinks)
+    check_known_architecture(config, weights, source=str(src))
+    extra = extra_files_of(src, skip=(CONFIG, META), allow_symlinks=allow_symlinks)
     return write_checkpoint(
         dst, config, weights, force=force, progress=progress, max_shard_size=max_shard_size, extra_files=extra
     )

@@ -71,6 +71,7 @@ def load_adapter(
     activate: bool | None = None,
     rngs: nnx.Rngs | None = None,
     strict: bool = True,
+    allow_symlinks: bool = False,
 ) -> list[str]:
     """Attach the PEFT OFT adapter at ``path`` to ``model`` (in place) under ``adapter_name``.
 
@@ -87,9 +88,11 @@ def load_adapter(
         activate: make the adapter the active one on every OFT layer; default: only when the model had no
             OFT adapter before (as ``PeftModel.from_pretrained``/``PeftModel.load_adapter``); otherwise newly
             wrapped layers keep the model's current active adapters (``oftjax.surgery.set_adapter`` switches).
-        rngs: needed only when ``module_dropout > 0`` (training-time block dropout).
+        rngs: the randomness of training-time block dropout (``module_dropout > 0``); loading for inference
+            (``model.eval()``) needs none.
         strict: refuse a file that lacks the tensor of a layer (linear or embedding) its config targets
             (PEFT would warn about missing adapter keys and leave that layer at its fresh initialization).
+        allow_symlinks: follow symbolic links that stay inside ``path`` (``read_adapter``).
 
     Returns:
         The module paths the adapter was attached to, sorted.
@@ -103,7 +106,8 @@ def load_adapter(
         >>> paths  # doctest: +SKIP
         ['lin0', 'lin1']
     """
-    config, tensors, _ = _read(path, adapter_name)
+    fmt.check_adapter_name(adapter_name)  # before anything is read
+    config, tensors, _ = _read(path, adapter_name, allow_symlinks=allow_symlinks)
     return attach_adapter(
         model, config, tensors, adapter_name, activate=activate, rngs=rngs, strict=strict, source=Path(path)
     )
@@ -155,8 +159,6 @@ def attach_adapter(
     plan = _plan(config, tensors, parsed, table, adapter_name, source)
     if strict:
         _check_no_missing_keys(config, table, {r.name for r in plan.rotations}, source)
-    if config.module_dropout > 0 and rngs is None:
-        raise InteropError(f"{source}: module_dropout={config.module_dropout} > 0 needs rngs=nnx.Rngs(...)")
     # Everything checked: now mutate the model.
     wrapped = _attach_rotations(model, plan.rotations, adapter_name, rngs)
     if activate is None:

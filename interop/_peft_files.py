@@ -4,11 +4,14 @@ A directory written by PEFT's ``save_pretrained`` holds ``adapter_config.json`` 
 ``adapter_model.safetensors``; a non-default adapter is saved in a subfolder named after it. What the keys and
 tensors mean, and how old PEFT versions are read, is ``interop._peft_format``'s business; this module adds the
 files around it: locating an adapter, refusing torch pickles, validating before writing, atomic writes.
+Every file is untrusted (``interop._paths``): adapter names are plain folder names, checked before anything
+is read, and links are followed only with ``allow_symlinks`` and only inside the save directory.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from oftjax.config import OFTConfig
 
 from . import _peft_format as fmt
 from ._io import InteropError, atomic_write_json, output_dir, read_json
+from ._paths import Root
 from ._safetensors import atomic_save_safetensors, read_safetensors
 
 ADAPTER_CONFIG = fmt.ADAPTER_CONFIG
@@ -27,29 +31,45 @@ ADAPTER_WEIGHTS = fmt.ADAPTER_WEIGHTS
 _TORCH_PICKLE = "adapter_model.bin"
 
 
-def adapter_dir(path: str | os.PathLike, adapter_name: str | None) -> Path:
+def _adapter_files(
+    path: str | os.PathLike, adapter_name: str | None, allow_symlinks: bool = False
+) -> tuple[Root, str]:
+    """The save directory as a ``Root`` and the prefix of adapter ``adapter_name``'s files in it (``""`` or
+    ``"<name>/"``); the name is checked before anything is read.
+
+    Raises:
+        InteropError: an invalid name, or no adapter there (the message lists the subfolders' adapters).
+    """
+    root = Root(path, allow_symlinks=allow_symlinks)
+    if adapter_name not in (None, "default"):
+        fmt.check_adapter_name(adapter_name)
+        if root.dir(adapter_name) is not None and root.exists(f"{adapter_name}/{ADAPTER_CONFIG}"):
+            return root, f"{adapter_name}/"
+    if root.path.is_dir() and root.exists(ADAPTER_CONFIG):
+        return root, ""
+    if not root.path.is_dir():
+        raise InteropError(f"{root.path}: adapter directory not found")
+    subs = list_adapters(root.path, allow_symlinks=allow_symlinks)
+    where = f" (adapter_name={adapter_name!r})" if adapter_name else ""
+    hint = f"; adapters found in subfolders: {subs}" if subs else ""
+    raise InteropError(f"{root.path / ADAPTER_CONFIG}: file not found{where}{hint}")
+
+
+def adapter_dir(path: str | os.PathLike, adapter_name: str | None, *, allow_symlinks: bool = False) -> Path:
     """The directory holding adapter ``adapter_name`` of the save directory ``path`` (a subfolder or itself).
 
     Raises:
-        InteropError: no adapter there; the message lists the adapters found in subfolders.
+        InteropError: an invalid name, or no adapter there (the message lists the subfolders' adapters).
     """
-    root = Path(path)
-    if adapter_name not in (None, "default"):
-        sub = root / adapter_name
-        if (sub / ADAPTER_CONFIG).is_file():
-            return sub
-    if (root / ADAPTER_CONFIG).is_file():
-        return root
-    if not root.is_dir():
-        raise InteropError(f"{root}: adapter directory not found")
-    subs = list_adapters(root)
-    where = f" (adapter_name={adapter_name!r})" if adapter_name else ""
-    hint = f"; adapters found in subfolders: {subs}" if subs else ""
-    raise InteropError(f"{root / ADAPTER_CONFIG}: file not found{where}{hint}")
+    root, prefix = _adapter_files(path, adapter_name, allow_symlinks)
+    return root.path / prefix if prefix else root.path
 
 
-def list_adapters(path: str | os.PathLike) -> list[str]:
+def list_adapters(path: str | os.PathLike, *, allow_symlinks: bool = False) -> list[str]:
     """Adapter names in a PEFT save directory: "default" for the root, then subfolders (as PEFT saves them).
+
+    A subfolder that is a symbolic link is an adapter only with ``allow_symlinks`` and when it stays inside
+    ``path``; otherwise it is an error naming it (never silently skipped, never read).
 
     Example:
         >>> import tempfile
@@ -60,29 +80,36 @@ def list_adapters(path: str | os.PathLike) -> list[str]:
         ...     list_adapters(tmp)
         ['default', 'other']
     """
-    root = Path(path)
-    names = ["default"] if (root / ADAPTER_CONFIG).is_file() else []
-    if root.is_dir():
-        names += sorted(p.name for p in root.iterdir() if p.is_dir() and (p / ADAPTER_CONFIG).is_file())
+    root = Root(path, allow_symlinks=allow_symlinks)
+    if not root.path.is_dir():
+        return []
+    names = ["default"] if root.exists(ADAPTER_CONFIG) else []
+    for name, mode, is_link in root.entries():
+        if stat.S_ISDIR(mode):
+            if root.exists(f"{name}/{ADAPTER_CONFIG}"):
+                names.append(name)
+        elif is_link and os.path.isdir(root.path / name):
+            root.dir(name, where=f"{root.path}: adapter subfolder {name!r}")  # raises: a link not followed
     return names
 
 
 def read_adapter_with_extras(
-    path: str | os.PathLike, adapter_name: str | None = None
+    path: str | os.PathLike, adapter_name: str | None = None, *, allow_symlinks: bool = False
 ) -> tuple[OFTConfig, dict[str, np.ndarray], dict[str, Any]]:
     """``read_adapter`` plus the knowingly ignored config keys (``auto_mapping``), to write back on a round
     trip."""
-    adir = adapter_dir(path, adapter_name)
-    config_path, weights_path = adir / ADAPTER_CONFIG, adir / ADAPTER_WEIGHTS
+    root, prefix = _adapter_files(path, adapter_name, allow_symlinks)
+    config_path = root.file(prefix + ADAPTER_CONFIG)
     raw = read_json(config_path)
-    if not weights_path.is_file() and (adir / _TORCH_PICKLE).is_file():
+    if not root.exists(prefix + ADAPTER_WEIGHTS) and root.exists(prefix + _TORCH_PICKLE):
         raise InteropError(
-            f"{adir / _TORCH_PICKLE}: torch pickle adapters are not read (no torch on this path); "
-            "re-save with save_pretrained(..., safe_serialization=True)"
+            f"{root.path / prefix / _TORCH_PICKLE}: torch pickle adapters are not read (no torch on this "
+            "path); re-save with save_pretrained(..., safe_serialization=True)"
         )
+    weights_path = root.file(prefix + ADAPTER_WEIGHTS)
     fmt.precheck_config(raw, config_path)
     tensors = read_safetensors(weights_path)
-    if fmt.is_v015(tensors):
+    if fmt.is_v015(tensors, weights_path):
         raw, tensors = fmt.convert_v015(raw, tensors, weights_path)
     config, extras = fmt.config_from_json(raw, config_path)
     fmt.check_tensors(tensors, config, weights_path)
@@ -90,7 +117,7 @@ def read_adapter_with_extras(
 
 
 def read_adapter(
-    path: str | os.PathLike, adapter_name: str | None = None
+    path: str | os.PathLike, adapter_name: str | None = None, *, allow_symlinks: bool = False
 ) -> tuple[OFTConfig, dict[str, np.ndarray]]:
     """Read a PEFT OFT adapter directory into an OFTConfig and its tensors (PEFT key names, numpy arrays).
 
@@ -100,6 +127,7 @@ def read_adapter(
         path: the directory ``save_pretrained`` wrote.
         adapter_name: a non-default adapter saved in the subfolder ``path/<adapter_name>``; None or "default"
             reads ``path`` itself.
+        allow_symlinks: follow symbolic links that stay inside ``path`` (by default a link is an error).
 
     Returns:
         ``(config, tensors)``, tensors keyed like ``base_model.model.lin0.oft_R.weight``, dtypes as stored.
@@ -118,14 +146,24 @@ def read_adapter(
         >>> config.r, tensors["base_model.model.lin0.oft_R.weight"].shape
         (2, (2, 10))
     """
-    config, tensors, _ = read_adapter_with_extras(path, adapter_name)
+    config, tensors, _ = read_adapter_with_extras(path, adapter_name, allow_symlinks=allow_symlinks)
     return config, tensors
 
 
 def _check_existing(target: Path, force: bool) -> None:
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if (target / name).exists() and not force:
-            raise FileExistsError(f"{target / name}: exists; pass force=True (--force) to overwrite")
+    """Without ``force``, ``target`` may hold only other adapters of the same save (PEFT's subfolders)."""
+    if force or not os.path.lexists(target):
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target}: exists and is not a directory; pass force=True (--force)")
+    for entry in sorted(target.iterdir()):
+        if entry.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            raise FileExistsError(f"{entry}: exists; pass force=True (--force) to overwrite")
+        if entry.is_dir() and not entry.is_symlink() and (entry / ADAPTER_CONFIG).is_file():
+            continue  # another adapter of the same save directory
+        raise FileExistsError(
+            f"{target}: exists and is not empty ({entry.name}); pass force=True (--force) to write into it"
+        )
 
 
 def write_adapter(
@@ -157,7 +195,8 @@ def write_adapter(
         The directory holding the two files.
 
     Raises:
-        FileExistsError: the adapter files exist and ``force`` is False (nothing is written).
+        FileExistsError: the adapter files, or other files than other adapters' subfolders, exist and
+            ``force`` is False (nothing is written); an empty directory is fine.
         InteropError: tensors that disagree with the config.
 
     Example:

@@ -226,9 +226,21 @@ def _old_keys(tensors: Mapping[str, np.ndarray]) -> list[ParsedKey]:
     return [ParsedKey(m["path"], m["kind"]) for m in matches if m]
 
 
-def is_v015(tensors: Mapping[str, np.ndarray]) -> bool:
-    """Whether the tensors use the PEFT 0.14-0.15 keys (``oft_r`` / ``oft_s``)."""
-    return bool(_old_keys(tensors))
+def is_v015(tensors: Mapping[str, np.ndarray], source: Path = Path("<tensors>")) -> bool:
+    """Whether the tensors use the PEFT 0.14-0.15 keys (``oft_r`` / ``oft_s``) only.
+
+    Raises:
+      InteropError: 0.14-0.15 keys among current-format ones: one file never holds both, and reading it as
+        either would drop tensors.
+    """
+    old = [k for k in tensors if k.startswith(PEFT_PREFIX) and _OLD_RE.match(k[len(PEFT_PREFIX) :])]
+    current = [k for k in tensors if k.startswith(PEFT_PREFIX) and _ROT_RE.match(k[len(PEFT_PREFIX) :])]
+    if old and current:
+        raise InteropError(
+            f"{source}: {old[0]!r} is a PEFT 0.14-0.15 key (oft_r/oft_s) but the file also holds "
+            f"current-format keys such as {current[0]!r}; one adapter file holds one format"
+        )
+    return bool(old)
 
 
 def _check_unit_scale(key: str, array: np.ndarray, source: Path) -> None:
@@ -289,6 +301,9 @@ def convert_v015(
     missing_s = sorted(rotated - seen_s)
     if missing_s:
         raise InteropError(f"{source}: PEFT 0.15 adapter lacks oft_s for module(s) {missing_s[:5]}")
+    stray_s = sorted(seen_s - rotated)
+    if stray_s:
+        raise InteropError(f"{source}: PEFT 0.15 oft_s without its oft_r for module(s) {stray_s[:5]}")
     raw = dict(config_raw)
     # v0.15 used the exact Cayley transform; the current default is Cayley-Neumann.
     raw["use_cayley_neumann"] = False

@@ -5,17 +5,22 @@ memory before writing. The format is simple (https://github.com/huggingface/safe
 little-endian header length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]},
 "__metadata__": {str: str}}`` (padded with spaces), then the tensor bytes, contiguous, in offset order.
 
-The reader memory-maps the file and validates the header against the file size, so a truncated or corrupt
-file is refused when opened, naming the file and the tensor. The writer streams tensor by tensor (a header
-computed from shapes first, then each tensor's bytes), so converting a checkpoint holds one tensor in memory
-at a time, and it is deterministic: the metadata keeps its insertion order (``safetensors.numpy.save``
-serializes it from a hash map, in a different order from one process to the next), the tensors are laid out
-as ``safetensors.save`` lays them out. Adapters and checkpoints alike are read and written here.
+The reader treats the file as untrusted: it opens regular files only (``interop._paths.open_regular``), checks
+every header field's type, computes sizes with Python integers (no overflow), and validates the header against
+the file size before memory-mapping it, so a truncated or corrupt file is refused when opened, naming the file
+and the tensor, and nothing is allocated for a tensor before its size is known to be backed by the file.
+
+The writer streams tensor by tensor (a header computed from shapes first, then each tensor's bytes), so
+converting a checkpoint holds one tensor in memory at a time, and it is deterministic: the metadata keeps its
+insertion order (``safetensors.numpy.save`` serializes it from a hash map, in a different order from one
+process to the next), the tensors are laid out as ``safetensors.save`` lays them out. Adapters and
+checkpoints alike are read and written here.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -26,7 +31,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from interop._io import InteropError, atomic_file
+from interop._io import InteropError, atomic_file, parse_json
+from interop._paths import open_regular
 
 # safetensors dtype names <-> numpy dtypes (safetensors/src/tensor.rs, enum Dtype).
 DTYPES: dict[str, np.dtype] = {
@@ -48,6 +54,9 @@ DTYPES: dict[str, np.dtype] = {
 }
 NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # the limit of the reference implementation
+_MAX_NDIM = 64  # numpy's
+_MAX_BYTES = 2**63 - 1  # sizes and offsets are int64 in the readers (numpy, torch)
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
 def dtype_name(dtype: Any) -> str:
@@ -91,61 +100,94 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InteropError(f"{self.path}: file not found")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise InteropError(f"{self.path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise InteropError(
-                    f"{self.path}: truncated or not a safetensors file (header of {n} bytes, file of {size})"
-                )
-            try:
-                header = json.loads(fh.read(n).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise InteropError(f"{self.path}: corrupt safetensors header ({e})") from e
-        if not isinstance(header, dict):
-            raise InteropError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self._metadata = header.pop("__metadata__", None) or {}
-        self._base = 8 + n
+        fd = open_regular(self.path)
+        try:
+            self._size = os.fstat(fd).st_size
+            header, self._base = self._read_header(fd)
+        finally:
+            os.close(fd)
+        self._metadata = self._check_metadata(header.pop("__metadata__", None))
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        spans = []
         for key, info in header.items():
-            try:
-                dtype = DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise InteropError(f"{self.path}: corrupt header entry for tensor {key!r} ({e!r})") from e
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != expected or begin < 0 or any(s < 0 for s in shape):
-                raise InteropError(
-                    f"{self.path}: tensor {key!r}: {info['dtype']}{list(shape)} needs {expected} bytes, "
-                    f"header gives offsets [{begin}, {end}]"
-                )
-            self._entries[key] = (dtype, shape, begin, end)
-            spans.append((begin, end, key))
+            self._entries[key] = self._check_entry(key, info)
         pos = 0
-        for begin, end, key in sorted(spans):
+        for begin, end, key in sorted((e[2], e[3], k) for k, e in self._entries.items()):
             if begin != pos:
                 raise InteropError(f"{self.path}: tensor {key!r} does not start where the previous one ends")
             pos = end
-        if self._base + pos != size:
+        if self._base + pos != self._size:
             raise InteropError(
                 f"{self.path}: truncated or corrupt: the header describes {pos} data bytes, the file holds "
-                f"{size - self._base}"
+                f"{self._size - self._base}"
             )
         self._mmap: mmap.mmap | None = None
 
+    def _read_header(self, fd: int) -> tuple[dict[str, Any], int]:
+        size = self._size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise InteropError(f"{self.path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise InteropError(
+                f"{self.path}: truncated or not a safetensors file (header of {n} bytes, file of {size})"
+            )
+        blob = b""
+        while len(blob) < n:
+            chunk = os.pread(fd, n - len(blob), 8 + len(blob))
+            if not chunk:
+                raise InteropError(f"{self.path}: truncated while reading its header")
+            blob += chunk
+        header = parse_json(blob, f"{self.path}: safetensors header")
+        if not isinstance(header, dict):
+            raise InteropError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        return header, 8 + n
+
+    def _check_metadata(self, metadata: Any) -> dict[str, str]:
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise InteropError(
+                f"{self.path}: '__metadata__': expected an object of strings, got {metadata!r:.80}"
+            )
+        return metadata
+
+    def _check_entry(self, key: str, info: Any) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """``(dtype, shape, begin, end)`` of one header entry: every field type-checked, the byte count
+        computed without overflow and compared with the offsets."""
+        where = f"{self.path}: corrupt header entry for tensor {key!r}"
+        if not isinstance(info, dict):
+            raise InteropError(f"{where}: header entry must be an object, got {type(info).__name__}")
+        if set(info) != _ENTRY_KEYS:
+            raise InteropError(f"{where}: header entry keys {sorted(info)}; expected {sorted(_ENTRY_KEYS)}")
+        name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(name, str) or name not in DTYPES:
+            raise InteropError(f"{where}: dtype {name!r}: expected one of {sorted(DTYPES)}")
+        if not isinstance(shape, list) or len(shape) > _MAX_NDIM or not all(_is_size(s) for s in shape):
+            raise InteropError(f"{where}: shape {shape!r:.80}: expected a list of integers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets):
+            raise InteropError(f"{where}: data_offsets {offsets!r:.80}: expected [begin, end], integers >= 0")
+        dtype, (begin, end) = DTYPES[name], offsets
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected or expected > _MAX_BYTES:
+            raise InteropError(
+                f"{self.path}: tensor {key!r}: {name} shape {shape} needs {expected} bytes, header gives "
+                f"offsets [{begin}, {end}]"
+            )
+        return dtype, tuple(shape), begin, end
+
     def _buffer(self) -> mmap.mmap | bytes:
         if self._mmap is None:
-            with open(self.path, "rb") as fh:
-                if self.path.stat().st_size == 0:
-                    return b""
-                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            if self._size == 0:
+                return b""
+            fd = open_regular(self.path)
+            try:
+                size = os.fstat(fd).st_size
+                if size != self._size:  # a shorter file would crash the reader (SIGBUS) when mapped
+                    raise InteropError(f"{self.path}: changed size while open ({self._size} -> {size} bytes)")
+                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
         return self._mmap
 
     def keys(self) -> list[str]:
@@ -196,8 +238,12 @@ class SafetensorsFile:
             self._mmap = None
 
 
+def _is_size(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def tensor_bytes(x: Any) -> memoryview | bytes:
@@ -221,7 +267,7 @@ def _copy_range(x: LazyTensor, fh: Any, n: int) -> bool:
         return False
     begin = x.file.data_offset(x.key)
     done = 0
-    with open(x.file.path, "rb", buffering=0) as src:
+    with os.fdopen(open_regular(x.file.path), "rb", buffering=0) as src:
         try:
             while done < n:
                 k = os.copy_file_range(src.fileno(), fh.fileno(), n - done, begin + done)
@@ -256,6 +302,10 @@ def write_safetensors(
     for name, x in tensors.items():
         shape = tuple(int(s) for s in x.shape)
         dtype = np.dtype(x.dtype)
+        if not isinstance(name, str) or name == "__metadata__" or len(shape) > _MAX_NDIM:
+            raise InteropError(f"{path}: tensor {name!r}: not a tensor name, or more than {_MAX_NDIM} dims")
+        if _nbytes(shape, dtype) > _MAX_BYTES:
+            raise InteropError(f"{path}: tensor {name!r}: shape {list(shape)} overflows a 64-bit byte count")
         specs.append((name, shape, dtype, x))
     specs.sort(key=lambda s: (-s[2].itemsize, s[0]))
     header: dict[str, Any] = {"__metadata__": dict(metadata) if metadata is not None else {"format": "pt"}}

@@ -38,7 +38,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from interop._io import InteropError
+from interop._io import InteropError, parse_json
 from oftjax.quant import BLOCKSIZES, DYNAMIC, FP4, NESTED_BLOCKSIZE, NF4, FourBitWeight, Int8Weight
 
 __all__ = ["from_state_dict", "to_state_dict", "layer_kind", "dtype_from_name", "dtype_to_name"]
@@ -126,12 +126,23 @@ def _check(cond: bool, key: str, what: str) -> None:
         raise InteropError(f"tensor {key!r}: {what}")
 
 
-def _parse_quant_state(blob: np.ndarray, key: str) -> dict[str, Any]:
-    _check(blob.dtype == np.uint8 and blob.ndim == 1, key, f"expected uint8 [L] JSON bytes, got {blob.dtype}")
+_MAX_QUANT_STATE = 4096  # bytes: bitsandbytes writes about 200
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_quant_state(tensor: Any, key: str) -> dict[str, Any]:
+    _check(
+        np.dtype(tensor.dtype) == np.uint8 and len(tensor.shape) == 1 and tensor.shape[0] <= _MAX_QUANT_STATE,
+        key,
+        f"expected uint8 [L <= {_MAX_QUANT_STATE}] JSON bytes, got {tensor.dtype}{list(tensor.shape)}",
+    )
     try:
-        qs = json.loads(blob.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InteropError(f"tensor {key!r}: corrupt quant_state JSON ({e})") from e
+        qs = parse_json(_load(tensor).tobytes(), "quant_state JSON")
+    except InteropError as e:
+        raise InteropError(f"tensor {key!r}: corrupt {e}") from None
     _check(isinstance(qs, dict), key, "quant_state JSON is not an object")
     unknown = sorted(set(qs) - set(_JSON_KEYS))
     _check(not unknown, key, f"unknown quant_state JSON key(s) {unknown} (known: {list(_JSON_KEYS)})")
@@ -153,15 +164,23 @@ _RESAVE = (
 def _check_quant_state(qs: Mapping[str, Any], key: str) -> tuple[str, int, tuple[int, ...], np.dtype]:
     """``(quant_type, blocksize, shape, dtype)`` of a parsed quant_state JSON, each checked."""
     quant_type = qs["quant_type"]
-    _check(quant_type in _CODES, key, f"unknown quant_type {quant_type!r}: expected 'nf4' or 'fp4'")
+    _check(
+        isinstance(quant_type, str) and quant_type in _CODES,
+        key,
+        f"unknown quant_type {quant_type!r}: expected 'nf4' or 'fp4'",
+    )
     _check(key.endswith("__" + quant_type), key, f"key suffix disagrees with quant_type {quant_type!r}")
     blocksize = qs["blocksize"]
-    _check(blocksize in BLOCKSIZES, key, f"blocksize {blocksize!r} not one of {BLOCKSIZES}")
+    _check(
+        _is_int(blocksize) and blocksize in BLOCKSIZES,
+        key,
+        f"blocksize {blocksize!r}: expected one of {BLOCKSIZES}",
+    )
     shape = qs["shape"]
     _check(
-        isinstance(shape, list) and len(shape) >= 1 and all(isinstance(s, int) and s > 0 for s in shape),
+        isinstance(shape, list) and 1 <= len(shape) <= 64 and all(_is_int(s) and s > 0 for s in shape),
         key,
-        f"shape {shape!r} is not a list of positive ints",
+        f"shape {shape!r:.80} is not a list of positive ints",
     )
     return quant_type, blocksize, tuple(shape), dtype_from_name(qs["dtype"], where=f"tensor {key!r}: ")
 
@@ -182,7 +201,13 @@ def _check_packed(sd: Mapping[str, Any], p: str, shape: tuple[int, ...]) -> Any:
 
 
 def _check_code_table(sd: Mapping[str, Any], key: str, expected: np.ndarray, what: str) -> None:
-    table = _load(_require(sd, key))
+    table = _require(sd, key)
+    _check(
+        tuple(table.shape) == expected.shape,
+        key,
+        f"not bitsandbytes' {what} (float32 {list(expected.shape)}, got {list(table.shape)})",
+    )
+    table = _load(table)
     _check(
         table.dtype == np.float32 and table.shape == expected.shape and table.tobytes() == expected.tobytes(),
         key,
@@ -218,12 +243,21 @@ def _read_nested(
         f"lossy re-quantization of absmax{_RESAVE}",
     )
     _check(
-        qs["nested_blocksize"] == NESTED_BLOCKSIZE,
+        _is_int(qs["nested_blocksize"]) and qs["nested_blocksize"] == NESTED_BLOCKSIZE,
         qs_key,
-        f"nested_blocksize {qs['nested_blocksize']!r} != {NESTED_BLOCKSIZE}",
+        f"nested_blocksize {qs['nested_blocksize']!r}: expected {NESTED_BLOCKSIZE}",
     )
     off = qs["nested_offset"]
-    _check(isinstance(off, (int, float)) and math.isfinite(off), qs_key, f"nested_offset {off!r} not finite")
+    # bitsandbytes prints a float32 as a Python float: it must convert back exactly (1e308 would be inf)
+    _check(
+        isinstance(off, (int, float))
+        and not isinstance(off, bool)
+        and math.isfinite(off)
+        and abs(off) <= float(np.finfo(np.float32).max)
+        and float(np.float32(off)) == off,
+        qs_key,
+        f"nested_offset {off!r}: expected a finite float32 value",
+    )
     am_key = p + "weight.absmax"
     _check(
         np.dtype(absmax.dtype) == np.uint8, am_key, f"expected uint8 codes (double quant), got {absmax.dtype}"
@@ -253,7 +287,7 @@ def _check_not_nested(sd: Mapping[str, Any], p: str, absmax: Any) -> None:
 
 def _read_4bit(sd: Mapping[str, Any], p: str) -> FourBitWeight:
     qs_key = _quant_state_key(set(sd.keys()), p)
-    qs = _parse_quant_state(_load(sd[qs_key]), qs_key)
+    qs = _parse_quant_state(sd[qs_key], qs_key)
     quant_type, blocksize, shape, dtype = _check_quant_state(qs, qs_key)
     weight = _check_packed(sd, p, shape)
     _check_code_table(sd, p + "weight.quant_map", _CODES[quant_type], f"standard {quant_type} code table")
@@ -288,6 +322,9 @@ def _read_int8(sd: Mapping[str, Any], p: str, dtype: Any) -> Int8Weight:
         f"expected float32 [{cb.shape[0]}] (one scale per row of {wkey!r}), got {scb.dtype}{list(scb.shape)}",
     )
     if fkey in sd:  # bnb < 0.42 did not write it; absent means "row"
+        _check(
+            math.prod(sd[fkey].shape) == 1, fkey, f"expected one integer, got shape {list(sd[fkey].shape)}"
+        )
         fmt = _load(sd[fkey])
         _check(fmt.size == 1 and np.issubdtype(fmt.dtype, np.integer), fkey, "expected one integer")
         _check(

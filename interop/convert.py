@@ -9,8 +9,9 @@ Subcommands (each takes ``SRC DST`` and ``--force`` to replace an existing DST):
     (``interop.hf.checkpoint_to_hf``; ``--max-shard-size``)
 
 Outputs are built in a temporary sibling directory and renamed when complete (nothing is written on error).
-Errors exit with status 1 and one line on stderr, without a traceback. Conversions rename and copy tensors
-with numpy; torch is never imported.
+Inputs are untrusted: files are read only inside SRC (``--allow-symlinks`` follows links that stay inside
+it). Errors exit with status 1 and one line on stderr, without a traceback (``OFTJAX_DEBUG=1`` shows it).
+Conversions rename and copy tensors with numpy; torch is never imported.
 
 Wiring: ``add_subparser(subparsers)`` registers ``convert`` and sets ``func`` on the parsed namespace; the
 caller exits with ``args.func(args)``. ``main(argv)`` runs the command alone (tests, ``python -m
@@ -24,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,26 +38,33 @@ _ERRORS = (InteropError, FileExistsError, FileNotFoundError, ValueError, TypeErr
 def _adapter_to_jax(args: argparse.Namespace) -> None:
     from interop import peft
 
-    peft.adapter_to_jax(args.src, args.dst, force=args.force)
+    peft.adapter_to_jax(args.src, args.dst, force=args.force, allow_symlinks=args.allow_symlinks)
 
 
 def _adapter_to_peft(args: argparse.Namespace) -> None:
     from interop import peft
 
-    peft.adapter_to_peft(args.src, args.dst, force=args.force)
+    peft.adapter_to_peft(args.src, args.dst, force=args.force, allow_symlinks=args.allow_symlinks)
 
 
 def _checkpoint_to_jax(args: argparse.Namespace) -> None:
     from interop import hf
 
-    hf.checkpoint_to_jax(args.src, args.dst, force=args.force, progress=not args.quiet)
+    hf.checkpoint_to_jax(
+        args.src, args.dst, force=args.force, progress=not args.quiet, allow_symlinks=args.allow_symlinks
+    )
 
 
 def _checkpoint_to_hf(args: argparse.Namespace) -> None:
     from interop import hf
 
     hf.checkpoint_to_hf(
-        args.src, args.dst, force=args.force, progress=not args.quiet, max_shard_size=args.max_shard_size
+        args.src,
+        args.dst,
+        force=args.force,
+        progress=not args.quiet,
+        max_shard_size=args.max_shard_size,
+        allow_symlinks=args.allow_symlinks,
     )
 
 
@@ -74,8 +83,12 @@ def _run(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Na
     def run(args: argparse.Namespace) -> int:
         try:
             handler(args)
-        except _ERRORS as e:
+        except Exception as e:  # one line, never a traceback (OFTJAX_DEBUG=1 re-raises)
+            if os.environ.get("OFTJAX_DEBUG"):
+                raise
             msg = " ".join(str(e).split()) or type(e).__name__
+            if not isinstance(e, _ERRORS):
+                msg = f"{type(e).__name__}: {msg}"
             print(f"oftjax convert {args.convert_command}: error: {msg}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
@@ -111,6 +124,12 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("dst", help="output directory (must not exist unless --force)")
         p.add_argument("--force", action="store_true", help="replace DST if it exists")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
+        p.add_argument(
+            "--allow-symlinks",
+            action="store_true",
+            help="follow symbolic links inside SRC (never those leaving it; a Hugging Face cache snapshot's "
+            "links into its blobs are always followed)",
+        )
         if name == "checkpoint-to-hf":
             p.add_argument(
                 "--max-shard-size",

@@ -78,6 +78,10 @@ class OFTAdapters(nnx.Module):
     ) -> None:
         """Add a named adapter (zeros = identity when ``init_weights``, else ``N(0, 0.1)`` as PEFT).
 
+        ``rngs`` is needed for a random init, and gives the randomness of training-time block dropout
+        (``module_dropout > 0``); without it such an adapter still runs in inference (``model.eval()``),
+        which is how a loaded adapter is used: dropout randomness is a training concern.
+
         Raises ValueError if ``name`` exists or the block layout does not tile ``in_features``.
         """
         if not isinstance(name, str) or not name:
@@ -91,11 +95,8 @@ class OFTAdapters(nnx.Module):
                 f"adapter {name!r}: r={settings.r} blocks of size {settings.block_size} do not tile "
                 f"in_features={self.in_features}"
             )
-        needs_rngs = (not init_weights) or settings.module_dropout > 0
-        if needs_rngs and rngs is None:
-            raise ValueError(
-                f"adapter {name!r}: init_weights=False and module_dropout > 0 need rngs=nnx.Rngs(...)"
-            )
+        if not init_weights and rngs is None:
+            raise ValueError(f"adapter {name!r}: init_weights=False (a random init) needs rngs=nnx.Rngs(...)")
         if init_weights:
             value = jnp.zeros(settings.param_shape, param_dtype)
         else:
@@ -104,7 +105,7 @@ class OFTAdapters(nnx.Module):
             )
         self.rotation_params[name] = OFTParam(value)
         self.oft_settings = (*self.oft_settings, (name, settings))
-        if settings.module_dropout > 0 and self.oft_rngs is None:
+        if settings.module_dropout > 0 and self.oft_rngs is None and rngs is not None:
             self.oft_rngs = rngs["dropout"].fork()
         if activate and name not in self.active_adapters:
             self.active_adapters = (*self.active_adapters, name)
@@ -162,7 +163,9 @@ class OFTAdapters(nnx.Module):
         if training and s.module_dropout > 0 and not self.deterministic:
             if self.oft_rngs is None:
                 raise ValueError(
-                    f"adapter {name!r}: module_dropout > 0 in training needs rngs (none were given)"
+                    f"adapter {name!r}: module_dropout={s.module_dropout} drops blocks in training, which "
+                    "needs randomness: call model.eval() for inference, or give rngs=nnx.Rngs(...) when "
+                    "adding or loading the adapter to train it"
                 )
             R = oft.dropout_blocks(R, s.module_dropout, self.oft_rngs(), block_share=s.block_share)
         return R

@@ -326,9 +326,10 @@ def test_existing_output_without_force_writes_nothing(tmp_path):
 
     jax_dir = tmp_path / "jax"
     jax_dir.mkdir()
+    (jax_dir / "notes.txt").write_text("mine")  # an empty directory would be fine
     with pytest.raises(FileExistsError, match="jax: exists"):
         peft.adapter_to_jax(out, jax_dir)
-    assert list(jax_dir.iterdir()) == []
+    assert [p.name for p in jax_dir.iterdir()] == ["notes.txt"]
     with pytest.raises(FileExistsError, match="exists"):
         peft.adapter_to_peft(jax_dir, out)
     assert _snapshot(out) != before  # the forced write above, untouched by the refused conversion

@@ -194,10 +194,14 @@ def test_module_dropout_in_training_only():
     assert not np.allclose(np.asarray(train_view(x)), np.asarray(y_eval))
 
 
-def test_module_dropout_needs_rngs():
+def test_module_dropout_needs_rngs_only_to_train():
     layer = OFTLinear(make_base("float", 32, 6))
-    with pytest.raises(ValueError, match="need rngs"):
-        layer.add_adapter("d", AdapterSettings(r=8, block_size=4, module_dropout=0.5))
+    layer.add_adapter("d", AdapterSettings(r=8, block_size=4, module_dropout=0.5))  # e.g. a loaded adapter
+    x = jnp.ones((2, 32), jnp.float32)
+    with pytest.raises(ValueError, match=r"needs randomness: call model.eval\(\) for inference"):
+        layer(x)
+    layer.eval()
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(layer.base_layer(x)))  # identity init
 
 
 def test_adapter_management():

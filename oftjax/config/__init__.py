@@ -5,15 +5,23 @@ Field names, defaults and validation follow PEFT 0.21.2 (``src/peft/tuners/oft/c
 ``src/peft/tuners/tuners_utils.py``. ``to_dict`` / ``from_dict`` read and write ``adapter_config.json``
 contents. One field is ours: ``legacy_neumann`` (the PEFT 0.16-0.17 Cayley-Neumann series), which is never
 written to JSON; it is encoded as a ``peft_version`` below 0.18, exactly how PEFT tells the two apart.
+
+A config may come from an untrusted file: every field is type- and range-checked with its name, and the
+regular expressions PEFT runs with ``re`` (a string ``target_modules`` / ``exclude_modules``,
+``modules_to_save`` inside PEFT's pattern) are checked when the config is built and matched in linear time
+(``_patterns``), so no pattern can hang target selection. ``layers_pattern`` is a plain name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from oftjax.config._patterns import PatternError, compile_pattern
 
 __all__ = ["DEFAULT_TARGET_MODULES", "PEFT_VERSION", "OFTConfig"]
 
@@ -75,6 +83,21 @@ def _int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"OFTConfig.{name}: must be >= {minimum}; got {value}")
     return value
+
+
+def _check_pattern(name: str, pattern: str) -> None:
+    try:
+        compile_pattern(pattern)
+    except PatternError as e:
+        raise ValueError(f"OFTConfig.{name}: pattern {pattern!r:.200}: {e}") from None
+
+
+def _save_pattern(module: str) -> str:
+    """PEFT's pattern for a ``modules_to_save`` entry (matched as ``re.match`` matches it)."""
+    return rf"(^|.*\.){module}($|\..*)"
+
+
+_PLAIN_NAME = re.compile(r"[\w.\-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +181,11 @@ class OFTConfig:
         )
 
     def _normalize_target_lists(self) -> None:
-        self._set("target_modules", _str_collection("target_modules", self.target_modules))
-        self._set("exclude_modules", _str_collection("exclude_modules", self.exclude_modules))
+        for name in ("target_modules", "exclude_modules"):
+            value = _str_collection(name, getattr(self, name))
+            if isinstance(value, str) and value.lower() != _ALL_LINEAR:
+                _check_pattern(name, value)
+            self._set(name, value)
 
     def _check_switches(self) -> None:
         for name in ("fan_in_fan_out", "init_weights", "coft", "block_share", "use_cayley_neumann"):
@@ -179,8 +205,9 @@ class OFTConfig:
         if not 0.0 <= self.module_dropout <= 1.0:
             raise ValueError(f"OFTConfig.module_dropout: must be in [0, 1]; got {self.module_dropout}")
         self._set("module_dropout", float(self.module_dropout))
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or self.eps < 0:
-            raise ValueError(f"OFTConfig.eps: COFT radius must be a float >= 0; got {self.eps!r}")
+        eps = self.eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"OFTConfig.eps: COFT radius must be a finite float >= 0; got {eps!r}")
         self._set("eps", float(self.eps))
 
     def _check_task_type(self) -> None:
@@ -198,7 +225,15 @@ class OFTConfig:
                     f"OFTConfig.modules_to_save: expected a list of module names; got the string "
                     f"{self.modules_to_save!r} (wrap it in a list)"
                 )
+            if not isinstance(self.modules_to_save, Iterable) or not all(
+                isinstance(m, str) for m in self.modules_to_save
+            ):
+                raise TypeError(
+                    f"OFTConfig.modules_to_save: expected a list of names; got {self.modules_to_save!r:.80}"
+                )
             self._set("modules_to_save", tuple(self.modules_to_save))
+            for module in self.modules_to_save:
+                _check_pattern("modules_to_save", _save_pattern(module))
         ltt = self.layers_to_transform
         if ltt is not None and not (isinstance(ltt, int) and not isinstance(ltt, bool)):
             if not isinstance(ltt, Iterable) or not all(
@@ -210,12 +245,18 @@ class OFTConfig:
             self._set("layers_to_transform", tuple(ltt))
         lp = self.layers_pattern
         if lp is not None and not isinstance(lp, str):
-            lp = tuple(lp)
-            if not all(isinstance(p, str) for p in lp):
+            if not isinstance(lp, Iterable) or not all(isinstance(p, str) for p in lp):
                 raise TypeError(
                     f"OFTConfig.layers_pattern: expected a string or a list of strings; got {lp!r}"
                 )
+            lp = tuple(lp)
             self._set("layers_pattern", lp)
+        for pattern in (lp,) if isinstance(lp, str) else lp or ():
+            if not _PLAIN_NAME.fullmatch(pattern):
+                raise ValueError(
+                    f"OFTConfig.layers_pattern: {pattern!r:.80} is not a module name such as 'layers' "
+                    "(letters, digits, '_', '.', '-')"
+                )
 
     def _check_peft_version(self) -> None:
         if self.peft_version is not None:
@@ -278,13 +319,13 @@ class OFTConfig:
         ex = self.exclude_modules
         if ex:
             if isinstance(ex, str):
-                if re.fullmatch(ex, path):
+                if compile_pattern(ex).fullmatch(path):
                     return True
             elif path in ex or any(path.endswith(f".{key}") for key in ex):
                 return True
         # PEFT never adapts a module that modules_to_save wraps.
         if self.modules_to_save and any(
-            re.match(rf"(^|.*\.){m}($|\..*)", path) for m in self.modules_to_save
+            compile_pattern(_save_pattern(m)).match(path) for m in self.modules_to_save
         ):
             return True
         return False
@@ -293,9 +334,9 @@ class OFTConfig:
         """Whether the module at dotted ``path`` is adapted (PEFT's ``check_target_module_exists``).
 
         - ``exclude_modules`` / ``modules_to_save`` matches are never targets.
-        - String ``target_modules``: ``re.fullmatch`` on the whole path (``layers_to_transform`` is then
-          ignored, as in PEFT). ``"all-linear"`` matches every path: the caller restricts it to linear layers
-          and drops the output layer.
+        - String ``target_modules``: a full match on the whole path, as ``re.fullmatch`` (in linear time:
+          ``_patterns``; ``layers_to_transform`` is then ignored, as in PEFT). ``"all-linear"`` matches every
+          path: the caller restricts it to linear layers and drops the output layer.
         - List: exact path, or a suffix on a ``.`` boundary (``"q_proj"`` matches ``"...attn.q_proj"``, not
           ``"...attn.xq_proj"``). Then, with ``layers_to_transform``, the layer index is the first number
           after ``<layers_pattern>.`` (or after any segment when no pattern is set) and must be selected.
@@ -321,7 +362,7 @@ class OFTConfig:
         if isinstance(targets, str):
             if self.is_all_linear:
                 return True
-            return re.fullmatch(targets, path) is not None
+            return compile_pattern(targets).fullmatch(path)
         if path in targets:
             return True
         found = any(path.endswith(f".{key}") for key in targets)
@@ -421,6 +462,11 @@ class OFTConfig:
             )
         if "oft_block_size" not in kwargs:
             raise ValueError(f"{source}: no 'oft_block_size'. {_V014_MESSAGE}")
+        version = kwargs.get("peft_version")
+        if version is not None and not isinstance(version, str):
+            raise TypeError(
+                f"{source}: OFTConfig.peft_version: expected a version string; got {version!r:.80}"
+            )
         if (
             kwargs.get("use_cayley_neumann", False)
             and "legacy_neumann" not in kwargs
