@@ -1,10 +1,6 @@
-"""What this machine's CPU has, for the native-kernel tests (which paths must run here)."""
+"""What this machine's CPU has, for the CPU-kernel tests (which paths must run here)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
 
 
 def cpu_flags() -> set[str]:
@@ -18,9 +14,3 @@ def cpu_flags() -> set[str]:
 
 def has_avx512f() -> bool:
     return "avx512f" in cpu_flags()
-
-
-def run_without_native(code: str) -> bytes:
-    """Run ``code`` in a fresh interpreter with the native kernels off (``OFTJAX_NATIVE=0``); its stdout."""
-    env = dict(os.environ, OFTJAX_NATIVE="0", XLA_FLAGS="")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout
