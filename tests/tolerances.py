@@ -121,3 +121,28 @@ TOL["finite_difference"] = Tol(
     "the output's scale per evaluation, amplified where the function is steep; catches a wrong tangent rule "
     "(an O(1) error), not rounding",
 )
+TOL["llm_int8_f32"] = Tol(
+    1e-5,
+    1.0,
+    "LLM.int8 (bnb eval int8 forward) vs bitsandbytes, float32: the activation quantization, the int32 "
+    "products and the rescale are bit-exact; the float parts (outlier columns, an OFT rotation before the "
+    "quantization) sum in another order (rtol). An input rounded differently before quantization moves its "
+    "int8 code by at most one step SCA_i / 127, so output (i, j) by at most SCA_i / 127 * max_k |W_jk|: atol "
+    "counts these steps (one)",
+)
+TOL["llm_int8_bf16"] = Tol(
+    2.0**-8,
+    1.0,
+    "as llm_int8_f32 with bfloat16 activations and outputs: the outlier matmul accumulates in float32 on "
+    "both sides and rounds once to bfloat16, which another summation order can move by one bfloat16 step "
+    "(2^-8 relative); atol: one activation quantization step",
+)
+TOL["llm_int8_logits"] = Tol(
+    1e-5,
+    1e-5,
+    "2-layer Llama from an 8-bit checkpoint, eval mode (LLM.int8) vs transformers' eval int8 forward, "
+    "fp32: the int8 parts are bit-exact, the float parts (attention, norms, lm_head, outlier columns) differ "
+    "in fp32 summation order (measured 2.4e-7 x max |logit|); that noise flips an int8 code only for a value "
+    "within ~1e-7 of a rounding midpoint, which would cost one activation step (~3e-3 x max |logit|). atol "
+    "is x max |logit|; the train-mode forward is 1e-2 away (the test checks both)",
+)

@@ -8,7 +8,10 @@ That is the protocol (PEFT's ``dispatch_bnb_8bit`` / ``dispatch_bnb_4bit`` pick 
 * ``BaseLayer``: ``in_features``, ``out_features``, ``dense_weight(dtype)`` (torch layout ``[out, in]``) and
   ``set_dense_weight(w)``.
 * ``LinearBase``: a ``BaseLayer`` that also computes ``rotated_forward(x, rotations)``, the base's output for
-  inputs rotated by the chain of blocks, by rotating its weight instead.
+  inputs rotated by the chain of blocks, by rotating its weight instead. Optionally ``quantizes_input``
+  (read with ``quantizes_input(module)``): True while the base's forward is not ``x W^T + b`` for its dense
+  weight (``Linear8bit`` in LLM.int8 mode quantizes ``x`` row-wise), so the weight path would compute
+  something else and an OFT layer rotates the input.
 
 ``oftjax.nn.Linear8bit`` / ``Linear4bit`` implement ``LinearBase`` themselves. ``nnx.Linear`` and
 ``nnx.Embed`` cannot, so ``base_ops`` wraps them in ``FloatLinearOps`` / ``EmbedOps``, chosen by type
@@ -31,7 +34,16 @@ from flax import nnx
 
 from oftjax.nn._forward import rotated_matmul
 
-__all__ = ["BASE_OPS", "BaseLayer", "EmbedOps", "FloatLinearOps", "LinearBase", "base_ops", "is_linear_base"]
+__all__ = [
+    "BASE_OPS",
+    "BaseLayer",
+    "EmbedOps",
+    "FloatLinearOps",
+    "LinearBase",
+    "base_ops",
+    "is_linear_base",
+    "quantizes_input",
+]
 
 
 @runtime_checkable
@@ -160,3 +172,15 @@ def is_linear_base(module: Any) -> bool:
         return isinstance(base_ops(module), LinearBase)
     except TypeError:
         return False
+
+
+def quantizes_input(ops: Any) -> bool:
+    """Whether a ``LinearBase``'s forward quantizes its input (its optional ``quantizes_input``, default
+    False): the rotate-the-weight path does not compute its forward then.
+
+    Example:
+      >>> from flax import nnx
+      >>> quantizes_input(base_ops(nnx.Linear(2, 3, rngs=nnx.Rngs(0))))
+      False
+    """
+    return bool(getattr(ops, "quantizes_input", False))

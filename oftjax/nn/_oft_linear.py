@@ -16,7 +16,9 @@ Where we differ from PEFT, on purpose:
 * with several adapters merged, the merge follows the forward order (see ``oftjax.merge``).
 * rotate-the-input vs rotate-the-kernel is chosen from static shapes (``rotate="auto"``); both give the
   same values (within fp32 rounding) and the same gradients. The kernel side is the base's
-  ``LinearBase.rotated_forward`` (``oftjax.nn._base``).
+  ``LinearBase.rotated_forward`` (``oftjax.nn._base``). A base whose forward quantizes its input
+  (``Linear8bit`` in LLM.int8 mode, as bitsandbytes runs in eval) always gets the rotated input, whatever
+  ``rotate`` says: rotating its weight would compute something else.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 from flax import nnx
 
 from oftjax.nn._adapters import OFTAdapters
-from oftjax.nn._base import LinearBase, base_ops
+from oftjax.nn._base import LinearBase, base_ops, quantizes_input
 from oftjax.nn._forward import rotate_chain, rotation_from_vec
 from oftjax.nn._settings import AdapterSettings
 
@@ -45,7 +47,8 @@ class OFTLinear(OFTAdapters):
       base: ``nnx.Linear``, ``Linear8bit``, ``Linear4bit`` or any layer implementing
         ``oftjax.nn.LinearBase``. It becomes the child ``base_layer`` (held, not copied).
       rotate: "input" rotates activations (``tokens * d_in * b``), "weight" rotates the kernel
-        (``d_in * d_out * b``), "auto" (default) picks the cheaper one from static shapes.
+        (``d_in * d_out * b``), "auto" (default) picks the cheaper one from static shapes. A base in
+        LLM.int8 mode always gets the rotated input.
 
     Attributes:
       base_layer: the frozen base layer.
@@ -80,9 +83,12 @@ class OFTLinear(OFTAdapters):
     # forward (adapter management, rotation_blocks, delta_weight: ``OFTAdapters``)
 
     def uses_weight_path(self, x_shape: tuple[int, ...], names: Sequence[str]) -> bool:
-        """Whether the forward rotates the kernel (else the inputs), from static shapes."""
-        if self.rotate != "auto" or not names:
-            return self.rotate == "weight" and bool(names)
+        """Whether the forward rotates the kernel (else the inputs): from static shapes, never for a base that
+        quantizes its input (``Linear8bit`` in LLM.int8 mode)."""
+        if not names or quantizes_input(base_ops(self.base_layer)):
+            return False
+        if self.rotate != "auto":
+            return self.rotate == "weight"
         tokens = 1
         for s in x_shape[:-1]:
             tokens *= int(s)

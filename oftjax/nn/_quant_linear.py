@@ -3,9 +3,12 @@
 Both keep the weight packed in a ``QuantWeight`` (attribute ``weight``, torch layout ``[out, in]``) and
 dequantize inside the traced computation, so nothing holds a float copy:
 
-* ``Linear8bit``: dequantize-then-matmul, bnb's training path on CPU (``MatMul8bitFp``;
-  docs/bitsandbytes-formats.md, "int8 paths"). bnb's eval path (LLM.int8, activation quantization) is not
-  reproduced; outputs differ from it by bnb's activation quantization error.
+* ``Linear8bit``: two forwards, as bnb's ``Linear8bitLt`` (docs/bitsandbytes-formats.md, "int8 paths"):
+  dequantize-then-matmul (bnb's training path on the CPU, ``MatMul8bitFp``) and LLM.int8 (bnb's eval path,
+  ``MatMul8bitLt``: row-wise int8 activations, int32 accumulation, outlier columns above ``threshold`` in
+  float; ``oftjax.quant.llm_int8_matmul``). ``int8_matmul`` picks one: "dequantize", "llm_int8", or "auto"
+  (default), which follows the layer's inference flag ``deterministic`` as nnx sets it: ``model.eval()``
+  (LLM.int8) / ``model.train()`` (dequantize), or per call ``nnx.view(model, deterministic=True)``.
 * ``Linear4bit``: ``y = x.astype(cd) @ RNE_cd(code[q] * absmax_fp32).T + bias.astype(cd)`` then cast back to
   ``x.dtype`` (bnb ``Linear4bit.forward`` with the CPU repacking disabled; docs/bitsandbytes-formats.md,
   "What the forward passes compute"): the weight is dequantized straight into the compute dtype, not
@@ -31,6 +34,8 @@ from flax import nnx
 from oftjax import quant
 from oftjax.nn._forward import DotGeneral, dequant_matmul, rotated_dequant_matmul
 from oftjax.nn._variables import QuantWeight
+
+INT8_MATMULS = ("auto", "dequantize", "llm_int8")
 
 
 def _bias_param(bias: Any, out_features: int) -> Any:
@@ -102,7 +107,16 @@ class _QuantLinear(nnx.Module):
         self.weight.set_value(requantize(self.weight.get_value(), w))
 
     def rotated_forward(self, x: jax.Array, rotations: tuple[jax.Array, ...]) -> jax.Array:
-        """The forward for inputs ``x BD(R_1) ... BD(R_n)``, rotating the dequantized weight instead."""
+        """The forward for inputs ``x BD(R_1) ... BD(R_n)``, rotating the dequantized weight instead.
+
+        Raises ValueError for a layer whose forward quantizes its input (``Linear8bit`` in LLM.int8 mode):
+        rotating its weight would compute something else; rotate the input.
+        """
+        if getattr(self, "quantizes_input", False):
+            raise ValueError(
+                f"{type(self).__name__}: the LLM.int8 forward quantizes its input, so it cannot be computed "
+                "by rotating the weight; rotate the input and call the layer (OFTLinear does)"
+            )
         cd = self.compute_dtype
         y = rotated_dequant_matmul(x.astype(cd), rotations, self.weight.get_value(), cd)
         return self._finish(y, x.dtype)
@@ -135,19 +149,93 @@ def requantize(q: Any, w: jax.Array) -> Any:
 
 
 class Linear8bit(_QuantLinear):
-    """Frozen LLM.int8 linear (bnb ``Linear8bitLt``): dequantize-then-matmul in ``compute_dtype``.
+    """Frozen int8 linear (bnb ``Linear8bitLt``): dequantize-then-matmul or LLM.int8, in ``compute_dtype``.
+
+    Args:
+      q: the ``Int8Weight`` ``[out, in]``.
+      bias: ``[out]`` or None.
+      compute_dtype: the dtype ``x`` is cast to (bnb computes in the input's dtype: give the activation
+        dtype); the output is cast back to ``x.dtype``.
+      threshold: ``llm_int8_threshold``: LLM.int8 keeps the input columns holding a value ``>= threshold``
+        in float (0, bnb ``Linear8bitLt``'s default, quantizes every column; transformers' default is 6.0).
+      int8_matmul: "auto" (LLM.int8 when ``deterministic``, as bnb in eval mode), "dequantize" or
+        "llm_int8" (always that forward).
+      rounding: "cpu" (bnb's CPU kernels, bit-exact) or "cuda" (the CUDA kernels' rules) for LLM.int8.
 
     Attributes: ``weight`` (``QuantWeight`` holding an ``Int8Weight``), ``bias`` (``nnx.Param`` or None),
-    ``in_features``, ``out_features``, ``compute_dtype``.
+    ``in_features``, ``out_features``, ``compute_dtype``, ``threshold``, ``int8_matmul``, ``rounding``,
+    ``deterministic`` (the inference flag: ``model.eval()`` sets it, ``model.train()`` clears it).
+
+    In LLM.int8 mode the gradient is the straight-through one (that of dequantize-then-matmul), as bnb's
+    ``MatMul8bitLt.backward``; and an OFT layer over it rotates its inputs, never its weight.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> layer = Linear8bit.from_float(jnp.ones((4, 8)) / 8)
+      >>> layer = Linear8bit.from_float(jnp.ones((4, 8)) / 8, threshold=6.0)
       >>> layer(jnp.ones((2, 8))).shape
       (2, 4)
+      >>> layer.eval()
+      >>> layer.uses_llm_int8
+      True
     """
 
     _format = quant.Int8Weight
+
+    def __init__(
+        self,
+        q: Any,
+        bias: Any = None,
+        *,
+        compute_dtype: Any = jnp.float32,
+        threshold: float = 0.0,
+        int8_matmul: str = "auto",
+        rounding: str = "cpu",
+        dot_general: DotGeneral = jax.lax.dot_general,
+        precision: jax.lax.PrecisionLike = None,
+    ):
+        super().__init__(q, bias, compute_dtype=compute_dtype, dot_general=dot_general, precision=precision)
+        _check_threshold(threshold)
+        self.threshold = float(threshold)
+        self.int8_matmul = _checked_mode(int8_matmul)
+        if rounding not in quant.ROUNDINGS:
+            raise ValueError(f"Linear8bit: rounding must be one of {quant.ROUNDINGS}; got {rounding!r}")
+        self.rounding = rounding
+        self.deterministic = False
+
+    @property
+    def uses_llm_int8(self) -> bool:
+        """Whether the forward is LLM.int8 (from ``int8_matmul`` and, for "auto", ``deterministic``)."""
+        mode = _checked_mode(self.int8_matmul)
+        return mode == "llm_int8" or (mode == "auto" and bool(self.deterministic))
+
+    @property
+    def quantizes_input(self) -> bool:
+        """``oftjax.nn.LinearBase``: True in LLM.int8 mode, where the output is not ``x W^T + b`` for the
+        dequantized ``W``, so rotating the weight instead of the input would compute something else."""
+        return self.uses_llm_int8
+
+    def set_view(self, deterministic: bool | None = None, int8_matmul: str | None = None) -> None:
+        """``nnx.view(model, deterministic=..., int8_matmul=...)``: the forward of one call (or model copy).
+
+        Args:
+          deterministic: True runs inference (LLM.int8 under ``int8_matmul="auto"``), False training.
+          int8_matmul: "auto", "dequantize" or "llm_int8".
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if int8_matmul is not None:
+            self.int8_matmul = _checked_mode(int8_matmul)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not self.uses_llm_int8:
+            return super().__call__(x)
+        cd = self.compute_dtype
+        # bnb's Linear8bitLt casts the bias to the input dtype before MatMul8bitLt adds it
+        bias = None if self.bias is None else self.bias[...].astype(cd)
+        y = quant.llm_int8_matmul(
+            x.astype(cd), self.weight.get_value(), bias, threshold=self.threshold, rounding=self.rounding
+        )
+        return y.astype(x.dtype)
 
     @classmethod
     def from_float(
@@ -159,13 +247,27 @@ class Linear8bit(_QuantLinear):
         rounding: str = "cpu",
         **kwargs: Any,
     ) -> Linear8bit:
-        """Quantize a torch-layout ``[out, in]`` float weight as bnb ``Int8Params`` does, then wrap it."""
+        """Quantize a torch-layout ``[out, in]`` float weight as bnb ``Int8Params`` does, then wrap it
+        (``rounding`` applies to the weight and to LLM.int8)."""
         return cls(
             quant.quantize_int8(jnp.asarray(weight), rounding=rounding),
             bias,
             compute_dtype=compute_dtype,
+            rounding=rounding,
             **kwargs,
         )
+
+
+def _checked_mode(mode: Any) -> str:
+    if mode not in INT8_MATMULS:
+        raise ValueError(f"Linear8bit: int8_matmul must be one of {INT8_MATMULS}; got {mode!r}")
+    return mode
+
+
+def _check_threshold(threshold: Any) -> None:
+    ok = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+    if not ok or not (0.0 <= float(threshold) < float("inf")):
+        raise ValueError(f"Linear8bit: threshold must be a finite number >= 0; got {threshold!r}")
 
 
 class Linear4bit(_QuantLinear):

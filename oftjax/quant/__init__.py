@@ -4,6 +4,9 @@
   quant_storage)`` -> ``FourBitWeight``; ``dequantize(q, dtype=None)`` for both. All jit-able; each public
   function compiles once per shape and format. ``rounding="cpu"`` (default) is bit-exact with bitsandbytes on
   the CPU, ``rounding="cuda"`` follows the CUDA kernels where they differ.
+* ``llm_int8_matmul(x, q, bias, threshold=, rounding=)``: bnb's eval-mode int8 forward (LLM.int8: row-wise
+  int8 activations, int32 accumulation, outlier columns in float), built from ``quantize_activations``,
+  ``int8_matmul`` and ``rescale_int32``; bit-exact with bnb on the CPU up to the float outlier matmul.
 * Pure JAX on every backend. ``oftjax.cpu_kernels.enable()`` replaces the 4-bit dequantize by a C++ kernel
   on the CPU with the same bits, except that it keeps float32 subnormal products as bitsandbytes does.
 * Host side: the double-quantization statistics (a torch-order float32 mean and the nested 8-bit codes of the
@@ -20,6 +23,11 @@ from oftjax.quant._formats import NESTED_BLOCKSIZE as NESTED_BLOCKSIZE
 from oftjax.quant._formats import QUANT_TYPES as QUANT_TYPES
 from oftjax.quant._formats import FourBitWeight as FourBitWeight
 from oftjax.quant._formats import Int8Weight as Int8Weight
+from oftjax.quant._int8_matmul import QuantizedActivations as QuantizedActivations
+from oftjax.quant._int8_matmul import int8_matmul as int8_matmul
+from oftjax.quant._int8_matmul import llm_int8_matmul as llm_int8_matmul
+from oftjax.quant._int8_matmul import quantize_activations as quantize_activations
+from oftjax.quant._int8_matmul import rescale_int32 as rescale_int32
 from oftjax.quant._quant4 import QUANT_STORAGES as QUANT_STORAGES
 from oftjax.quant._quant4 import ROUNDINGS as ROUNDINGS
 from oftjax.quant._quant4 import quantize_4bit as quantize_4bit
@@ -40,8 +48,13 @@ __all__ = [
     "ROUNDINGS",
     "FourBitWeight",
     "Int8Weight",
+    "QuantizedActivations",
     "code_table",
     "dequantize",
+    "int8_matmul",
+    "llm_int8_matmul",
     "quantize_4bit",
+    "quantize_activations",
     "quantize_int8",
+    "rescale_int32",
 ]

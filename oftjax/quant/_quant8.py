@@ -1,7 +1,8 @@
 """LLM.int8 row-wise weight quantization, bit-exact with bitsandbytes 0.50.2 on the CPU.
 
 Reference: bitsandbytes ``nn/modules.py`` (``Int8Params._quantize``: the weight is cast to float16 first) and
-``backends/default/ops.py`` (``int8_vectorwise_quant``); ../shared/notes/bitsandbytes-formats.md §3, §8.7-8.8:
+``backends/default/ops.py`` (``int8_vectorwise_quant``); docs/bitsandbytes-formats.md, "Quantization" and
+"CPU and CUDA rounding":
 
   * ``W16 = W.astype(float16)`` always (|w| > 65504 becomes inf and poisons its row: SCB = inf, CB = 0);
   * ``SCB = max |W16|`` per row, in float32;
@@ -9,6 +10,8 @@ Reference: bitsandbytes ``nn/modules.py`` (``Int8Params._quantize``: the weight 
     NaN (an all-zero or an inf row) becomes 0, as observed on x86.
 rounding="cuda" uses ``fl32(127 / SCB)`` (a true division) for the scale: CUDA's ``__fdividef`` is within
 2 ulp of it, so rare +-1 codes at exact .5 ties may still differ (not verifiable without a GPU).
+The LLM.int8 forward quantizes its activations by the same rule, row by row
+(``oftjax.quant.quantize_activations``).
 """
 
 from __future__ import annotations
