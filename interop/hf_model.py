@@ -272,7 +272,7 @@ def load_model(
     quant_cd = compute_dtype
     if quant_cd is None and qcfg.get("load_in_4bit"):
         quant_cd = qcfg.get("bnb_4bit_compute_dtype") or "float32"
-    return model_from_modules(
+    model = model_from_modules(
         config,
         modules,
         dtype=dtype,
@@ -280,6 +280,18 @@ def load_model(
         quant_compute_dtype=quant_cd,
         source=str(path),
     )
+    _set_int8_threshold(model, qcfg)
+    return model
+
+
+def _set_int8_threshold(model: Any, qcfg: Mapping[str, Any]) -> None:
+    """8-bit layers take ``llm_int8_threshold`` (transformers' default 6.0), which their LLM.int8 (eval)
+    forward uses to keep outlier input columns in float, as bnb's ``Linear8bitLt(threshold=...)``."""
+    from oftjax.nn import Linear8bit
+
+    if qcfg.get("load_in_8bit", qcfg.get("_load_in_8bit", False)):
+        threshold = float(qcfg.get("llm_int8_threshold", 6.0))
+        model.set_attributes(Linear8bit, threshold=threshold, raise_if_not_found=False)
 
 
 def save_model(
