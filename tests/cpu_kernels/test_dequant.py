@@ -3,9 +3,8 @@
 Three implementations must give the same bits: the kernel's AVX-512 path, its portable scalar path (forced
 with ``vectorize=False``; what machines without AVX-512 run) and the pure-JAX formulation (what GPUs run).
 The one documented difference: float32 *subnormal* products, which the kernel keeps as bitsandbytes does and
-XLA:CPU flushes to zero. The fused kernel (``dequantize_rotate``) writes the bits of dequantizing and then
-rotating with the rotation kernels. Kernel calls go through ``_dequant``'s CPU functions, or straight to the
-FFI targets where the operands must be inconsistent.
+XLA:CPU flushes to zero. Kernel calls go through ``_dequant``'s CPU functions, or straight to the FFI targets
+where the operands must be inconsistent. The fused dequantize-and-rotate kernel: test_dequant_rotate.py.
 """
 
 import dataclasses
@@ -18,19 +17,14 @@ import torch
 
 from oftjax import cpu_kernels, quant
 from oftjax.cpu_kernels import _dequant
-from oftjax.nn._forward import dequantize_rotate_weight, rotate_weight, rotated_dequant_matmul
 from oftjax.quant._dequant import _dequantize_4bit_xla, dequantize_4bit_values, dequantize_nested_absmax
 from tests._cpu import cpu_flags
 from tests.cpu_kernels._helpers import (
     AVX512_DEQUANT,
     BUILT_HERE,
-    ROTATE_BLOCK_SIZES,
-    assert_scaled_close,
     lowered,
     require_loaded,
-    rotate_reference,
 )
-from tests.cpu_kernels._helpers import bits as f32_bits
 from tests.quant.test_dequant_kernel import DTYPES, bits, reference
 from tests.tolerances import TOL
 
@@ -333,92 +327,3 @@ def test_enabled_dequantize_has_the_defaults_bits_for_every_storage(nested):
         for (q, dt), want in zip(cases, expected, strict=True):
             assert "@oftjax_dequant4" in f.lower(q, dt).as_text()
             np.testing.assert_array_equal(bits(np.asarray(f(q, dt))), want)
-
-
-# --- a 4-bit weight dequantized and rotated in one pass (csrc/dequant4.cc, Dequant4Rotate) ------------------
-
-
-def _quantized(shape, quant_type, blocksize, nested, seed=0):
-    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.05
-    return quant.quantize_4bit(
-        jnp.asarray(w), quant_type=quant_type, blocksize=blocksize, compress_statistics=nested
-    )
-
-
-_FUSED_SHAPES = {  # (rows, features), quantization blocksize
-    "64x96": ((64, 96), 64),
-    "512x512": ((512, 512), 64),
-    "rows-straddle-blocks": ((37, 48), 128),
-    "ragged-last-block": ((3, 96), 256),
-    "one-row": ((1, 64), 32),
-    "blocks-span-rows": ((16, 1536), 4096),
-}
-
-
-@pytest.mark.parametrize(
-    "b,shape,blocksize",
-    [
-        pytest.param(b, shape, bs, id=f"b{b}-{name}")
-        for name, (shape, bs) in _FUSED_SHAPES.items()
-        for b in ROTATE_BLOCK_SIZES
-        if shape[1] % b == 0
-    ],
-)
-@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double-quant"])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_fused_dequantize_rotate_has_the_bits_of_the_two_steps(b, shape, blocksize, nested, quant_type):
-    q = _quantized(shape, quant_type, blocksize, nested)
-    R = jnp.asarray(np.random.default_rng(1).standard_normal((shape[1] // b, b, b)), jnp.float32)
-    assert _dequant.fused_supported(q, R, jnp.float32)
-    target = "@oftjax_dequant4_nested_rotate(" if nested else "@oftjax_dequant4_rotate("
-    with cpu_kernels.enable():
-        fused = jax.jit(lambda q, R: dequantize_rotate_weight(q, (R,), jnp.float32))
-        assert target in fused.lower(q, R).as_text()
-        two_steps = jax.jit(lambda q, R: rotate_weight(quant.dequantize(q, jnp.float32), (R,)))
-        assert "@oftjax_rotate(" in two_steps.lower(q, R).as_text()
-        got, want = fused(q, R), two_steps(q, R)
-    np.testing.assert_array_equal(f32_bits(got), f32_bits(want))
-    expected = rotate_reference(quant.dequantize(q, jnp.float32), R, transpose=True)
-    assert_scaled_close(got, expected, "native_rotate")
-
-
-def test_fused_path_chains_further_adapters_and_keeps_the_default_where_it_cannot_run():
-    q = _quantized((64, 96), "nf4", 64, True)
-    rng = np.random.default_rng(2)
-    R1, R2 = (jnp.asarray(rng.standard_normal((3, 32, 32)), jnp.float32) for _ in range(2))
-    R8 = jnp.asarray(rng.standard_normal((12, 8, 8)), jnp.float32)
-    w = quant.dequantize(q, jnp.float32)
-    q8 = quant.quantize_int8(w)
-    with cpu_kernels.enable():
-        # the OFT layer's forward over a 4-bit weight runs it (and its backward dequantizes on its own)
-        step = jax.value_and_grad(lambda x, R: rotated_dequant_matmul(x, (R,), q, jnp.float32).sum(), (0, 1))
-        hlo = lowered(step, jnp.ones((8, 96), jnp.float32), R1)
-        assert "oftjax_dequant4_nested_rotate" in hlo and "oftjax_rotate_grad" in hlo
-        got = dequantize_rotate_weight(q, (R1, R2), jnp.float32)  # R2 fused, then R1 by rotate_blocks
-        np.testing.assert_array_equal(f32_bits(got), f32_bits(rotate_weight(w, (R1, R2))))
-        # no rotation, an 8-block (pure-JAX rotation), bf16 compute and int8 weights: the two steps
-        assert not _dequant.fused_supported(q, R8, jnp.float32)
-        assert not _dequant.fused_supported(q, R1, jnp.bfloat16)
-        assert not _dequant.fused_supported(q8, R1, jnp.float32)
-        assert "rotate(" not in lowered(lambda q, R: dequantize_rotate_weight(q, (R,), jnp.float32), q, R8)
-        np.testing.assert_array_equal(f32_bits(dequantize_rotate_weight(q, (), jnp.float32)), f32_bits(w))
-        np.testing.assert_array_equal(
-            f32_bits(dequantize_rotate_weight(q, (R8,), jnp.float32)), f32_bits(rotate_weight(w, (R8,)))
-        )
-        np.testing.assert_array_equal(
-            np.asarray(dequantize_rotate_weight(q8, (R1,), jnp.float32)),
-            np.asarray(rotate_weight(quant.dequantize(q8, jnp.float32), (R1,))),
-        )
-
-
-@pytest.mark.parametrize(
-    "R_shape,message",
-    [((12, 8, 8), "block size 8 needs AVX-512"), ((2, 32, 32), "r \\* b = d"), ((3, 32, 16), "r \\* b = d")],
-    ids=["b8", "width", "not-square"],
-)
-def test_fused_kernel_rejects_inconsistent_operands(R_shape, message):
-    q = _quantized((64, 96), "nf4", 64, False)
-    Rt = jnp.ones(R_shape, jnp.float32)
-    operands, meta = _dequant._operands(q), _dequant._meta(q)
-    with pytest.raises(Exception, match=message):
-        jax.block_until_ready(_dequant._fused_cpu(*operands, Rt, vectorize=True, **meta))
