@@ -76,12 +76,14 @@ def validate_quantization_config(qc: Any, *, where: str = CONFIG) -> dict[str, A
 
     Returns:
       ``{"kind": "4bit" | "int8", "quant_type", "use_double_quant", "quant_storage", "compute_dtype",
-      "threshold"}`` (4-bit fields are None for int8).
+      "threshold", "has_fp16_weight", "skip_modules"}`` (4-bit fields are None for int8; ``skip_modules`` a
+      list or None). ``has_fp16_weight``: the 8-bit projections are stored float and bitsandbytes quantizes
+      them at every forward (``check_weights_match_config`` refuses quantized leaves then).
 
     Raises:
       InteropError: unknown keys (named), a value of the wrong type, another quant_method, both or neither of
-        4/8-bit, or options this library does not implement (``llm_int8_has_fp16_weight``, unknown quant
-        types, storages or compute dtypes).
+        4/8-bit, or options this library does not implement (unknown quant types, storages or compute
+        dtypes).
     """
     pre = f"{where}: quantization_config"
     if not isinstance(qc, dict):
@@ -97,9 +99,12 @@ def validate_quantization_config(qc: Any, *, where: str = CONFIG) -> dict[str, A
     eight = qc.get("load_in_8bit", qc.get("_load_in_8bit", False))
     if four == eight:
         raise InteropError(f"{pre}: exactly one of load_in_4bit / load_in_8bit must be true")
-    if qc.get("llm_int8_has_fp16_weight"):
-        raise InteropError(f"{pre}.llm_int8_has_fp16_weight=true (float weights, no SCB) is not supported")
-    out: dict[str, Any] = {"kind": "4bit" if four else "int8", "threshold": qc.get("llm_int8_threshold", 6.0)}
+    out: dict[str, Any] = {
+        "kind": "4bit" if four else "int8",
+        "threshold": qc.get("llm_int8_threshold", 6.0),
+        "has_fp16_weight": bool(qc.get("llm_int8_has_fp16_weight", False)),
+        "skip_modules": qc.get("llm_int8_skip_modules"),
+    }
     if four:
         qt = qc.get("bnb_4bit_quant_type", "fp4")
         if qt not in ("nf4", "fp4"):
@@ -221,6 +226,11 @@ def check_weights_match_config(
             if norm is None:
                 raise InteropError(
                     f"{where}: {path} is bnb-quantized ({kind}) but config has no quantization_config"
+                )
+            if norm["has_fp16_weight"]:
+                raise InteropError(
+                    f"{where}: {path} is bnb-quantized ({kind}) but quantization_config."
+                    "llm_int8_has_fp16_weight=true says the weights are stored float"
                 )
             if kind != norm["kind"]:
                 raise InteropError(f"{where}: {path} is {kind} but quantization_config says {norm['kind']}")

@@ -157,7 +157,7 @@ class Linear8bit(_QuantLinear):
       compute_dtype: the dtype ``x`` is cast to (bnb computes in the input's dtype: give the activation
         dtype); the output is cast back to ``x.dtype``.
       threshold: ``llm_int8_threshold``: LLM.int8 keeps the input columns holding a value ``>= threshold``
-        in float (0, bnb ``Linear8bitLt``'s default, quantizes every column; transformers' default is 6.0).
+        in float; 0 quantizes every column. Default 6.0, transformers' (bnb ``Linear8bitLt``'s own is 0).
       int8_matmul: "auto" (LLM.int8 when ``deterministic``, as bnb in eval mode), "dequantize" or
         "llm_int8" (always that forward).
       rounding: "cpu" (bnb's CPU kernels, bit-exact) or "cuda" (the CUDA kernels' rules) for LLM.int8.
@@ -171,7 +171,7 @@ class Linear8bit(_QuantLinear):
 
     Example:
       >>> import jax.numpy as jnp
-      >>> layer = Linear8bit.from_float(jnp.ones((4, 8)) / 8, threshold=6.0)
+      >>> layer = Linear8bit.from_float(jnp.ones((4, 8)) / 8)
       >>> layer(jnp.ones((2, 8))).shape
       (2, 4)
       >>> layer.eval()
@@ -187,7 +187,7 @@ class Linear8bit(_QuantLinear):
         bias: Any = None,
         *,
         compute_dtype: Any = jnp.float32,
-        threshold: float = 0.0,
+        threshold: float = 6.0,
         int8_matmul: str = "auto",
         rounding: str = "cpu",
         dot_general: DotGeneral = jax.lax.dot_general,

@@ -24,7 +24,9 @@ flattened to ``[M, K]`` (every leading dimension is a row, as bnb flattens ``[ba
 
 Steps 1-3 are bit-exact with bitsandbytes on the CPU; step 4 is a float matmul whose summation order is
 XLA's, not MKL's (float32 rounding differences, and one rounding step of a 16-bit output dtype).
-Everything is jit-able, with static shapes; ``threshold`` and ``rounding`` are static.
+Everything is jit-able, with static shapes; ``threshold`` and ``rounding`` are static. The derivative is the
+straight-through one, that of ``x dequantize(W)^T + b`` (bnb's ``MatMul8bitLt.backward``); under ``vmap``
+each mapped slice decides its own outlier columns.
 """
 
 from __future__ import annotations

@@ -245,7 +245,20 @@ def test_per_call_view_leaves_the_model_training():
 
 # ------------------------------------------------------------------------------------------- the model
 
-MODEL_THRESHOLDS = {"default-6.0": None, "custom-2.0": 2.0}
+SKIP = ["model.layers.1.mlp", "q_proj"]  # a prefix at a module boundary and a suffix (transformers' rules)
+MODEL_CASES = {
+    "default": {},  # threshold 6.0: no outlier column in this model
+    "threshold-2": {"llm_int8_threshold": 2.0},  # outlier columns in most layers
+    # float q_proj and layer-1 MLP; with a skip list transformers quantizes lm_head too
+    "skip-modules": {"llm_int8_threshold": 2.0, "llm_int8_skip_modules": SKIP},
+    # float weights in the file, quantized by bnb at each forward (transformers cannot load this directory
+    # back: the reference is the model quantized on load)
+    "fp16-weight": {
+        "llm_int8_threshold": 2.0,
+        "llm_int8_has_fp16_weight": True,
+        "llm_int8_skip_modules": SKIP,
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +267,7 @@ def int8_dirs(tmp_path_factory):
     src = tmp_path_factory.mktemp("float") / "llama"
     build_hf("LlamaConfig", {}).save_pretrained(src)
     out = {}
-    for name, threshold in MODEL_THRESHOLDS.items():
-        kw = {} if threshold is None else {"llm_int8_threshold": threshold}
+    for name, kw in MODEL_CASES.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -277,18 +289,31 @@ def model_inputs():
     return ids, mask
 
 
-@pytest.mark.parametrize("name", list(MODEL_THRESHOLDS), ids=list(MODEL_THRESHOLDS))
+def _layer_kinds(hf_model, ours) -> None:
+    """Every projection is 8-bit in JAX exactly where transformers made it a Linear8bitLt."""
+    from interop.hf_model import linear_paths
+
+    for path in linear_paths(ours.config):
+        theirs = hf_model.get_submodule(path)
+        node = ours
+        for key in path.split("."):
+            node = node[int(key)] if key.isdigit() else getattr(node, key)
+        assert isinstance(node, Linear8bit) == isinstance(theirs, bnb.nn.Linear8bitLt), path
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES), ids=list(MODEL_CASES))
 def test_int8_model_eval_logits_match_transformers_eval(int8_dirs, name):
     path, hf_model = int8_dirs[name]
     threshold = json.loads((path / "config.json").read_text())["quantization_config"]["llm_int8_threshold"]
-    assert threshold == (MODEL_THRESHOLDS[name] or 6.0)
+    assert threshold == MODEL_CASES[name].get("llm_int8_threshold", 6.0)
     ids, mask = model_inputs()
     want = hf_logits(hf_model, ids, mask)
     ours = load_model(path)
-    q_proj = ours.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, Linear8bit) and q_proj.threshold == threshold and not q_proj.uses_llm_int8
+    _layer_kinds(hf_model, ours)
+    k_proj = ours.model.layers[0].self_attn.k_proj
+    assert isinstance(k_proj, Linear8bit) and k_proj.threshold == threshold and not k_proj.uses_llm_int8
     ours.eval()
-    assert q_proj.uses_llm_int8
+    assert k_proj.uses_llm_int8
     got = np.asarray(ours(jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())), np.float32)
     keep = mask.numpy().astype(bool)
     top1 = float((got.argmax(-1) == want.argmax(-1))[keep].mean())
