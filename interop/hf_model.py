@@ -269,6 +269,7 @@ def load_model(
     hf_config, modules = _read(path)
     config = ModelConfig.from_hf(hf_config, strict=strict)
     qcfg = hf_config.get("quantization_config") or {}
+    modules = _quantize_float_int8_weights(config, modules, qcfg, str(path))
     quant_cd = compute_dtype
     if quant_cd is None and qcfg.get("load_in_4bit"):
         quant_cd = qcfg.get("bnb_4bit_compute_dtype") or "float32"
@@ -282,6 +283,53 @@ def load_model(
     )
     _set_int8_threshold(model, qcfg)
     return model
+
+
+def _quantize_float_int8_weights(
+    config: ModelConfig, modules: Mapping[str, Mapping[str, Any]], qcfg: Mapping[str, Any], source: str
+) -> Mapping[str, Mapping[str, Any]]:
+    """``llm_int8_has_fp16_weight``: the 8-bit projections are stored float and bitsandbytes quantizes them
+    (``int8_vectorwise_quant`` of the float16 cast) at every forward, train and eval alike; a frozen weight
+    gives the same codes each time, so they are quantized once here (``quantize_int8``, the same bits). The
+    modules are those transformers converts: every projection and ``lm_head`` except what
+    ``llm_int8_skip_modules`` names, or except ``lm_head`` when there is no list. ``save_model`` writes such a
+    model as a plain 8-bit checkpoint (codes and scales), which transformers can load back."""
+    from oftjax.quant import quantize_int8
+
+    eight = qcfg.get("load_in_8bit", qcfg.get("_load_in_8bit", False))
+    if not (eight and qcfg.get("llm_int8_has_fp16_weight")):
+        return modules
+    skip = qcfg.get("llm_int8_skip_modules")
+    out = dict(modules)
+    for path in linear_paths(config):
+        weight = modules.get(path, {}).get("weight")
+        if weight is None or isinstance(weight, Int8Weight | FourBitWeight):
+            continue
+        if (path == "lm_head" and skip is None) or _skipped(path, skip or [], source):
+            continue
+        out[path] = {**modules[path], "weight": quantize_int8(jnp.asarray(_load(weight)))}
+    return out
+
+
+def _skipped(path: str, patterns: list[str], source: str) -> bool:
+    """transformers' ``should_convert_module`` negated: a pattern skips ``path`` when it is a suffix of it
+    or matches a prefix that ends at a module boundary (``.`` before or after, or the end). Patterns from the
+    file run on the linear-time matcher (``oftjax.config``), never on a backtracking engine."""
+    from oftjax.config import PatternError, compile_pattern
+
+    ends = [i for i in range(len(path) + 1) if i == len(path) or path[i] == "." or path[i - 1 : i] == "."]
+    for key in patterns:
+        if path.endswith(key):
+            return True
+        try:
+            pattern = compile_pattern(key)
+        except PatternError as e:
+            raise InteropError(
+                f"{source}: quantization_config.llm_int8_skip_modules {key!r:.80}: {e}"
+            ) from None
+        if any(pattern.fullmatch(path[:i]) for i in ends):
+            return True
+    return False
 
 
 def _set_int8_threshold(model: Any, qcfg: Mapping[str, Any]) -> None:
@@ -338,7 +386,7 @@ def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
             continue
         q = layer.weight.get_value()
         if isinstance(q, Int8Weight):
-            kinds.add(("int8",))
+            kinds.add(("int8", float(getattr(layer, "threshold", 6.0))))
         else:
             storage, cd = np.dtype(q.packed.dtype).name, jnp.dtype(layer.compute_dtype).name
             kinds.add(("4bit", q.quant_type, q.compress_statistics, storage, cd))
@@ -348,7 +396,7 @@ def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
         raise ValueError(f"cannot describe mixed layer formats {sorted(kinds)} with one bitsandbytes config")
     (kind,) = kinds
     if kind[0] == "int8":
-        out = hf.bnb_quantization_config("int8")
+        out = hf.bnb_quantization_config("int8", threshold=kind[1])
     else:
         _, quant_type, dq, storage, cd = kind
         out = hf.bnb_quantization_config(
