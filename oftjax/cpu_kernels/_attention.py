@@ -69,6 +69,8 @@ def causal_attention(q, k, v, cos, sin, *, scale: float, window: int | None = No
     supported head dim; cos/sin (``[b, s, d]``) get no derivative through the kernels."""
     if not all(a.dtype == np.float32 for a in (q, k, v)) or not supports(q.shape[-1], q.dtype):
         return NotImplemented
+    if window is not None and window < 1:  # the kernel reads 0 as "no window": leave it to the default
+        return NotImplemented
     rope = cos is not None
     if rope:
         cos, sin = cos.astype(jnp.float32), sin.astype(jnp.float32)

@@ -247,12 +247,6 @@ def _outcome(f, *args):
         return f"{type(e).__name__}: {e}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="oftjax/cpu_kernels/_attention.py causal_attention passes window < 1 to the kernel, whose window "
-    "0 means none (and < 0 an error); the default masks every key",
-)
 @pytest.mark.parametrize("window", [0, -1])
 def test_a_window_below_one_gives_the_defaults_outcome(window):
     # a replacement returns the default's result or NotImplemented, for every argument the default takes
