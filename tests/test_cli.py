@@ -121,3 +121,155 @@ def test_tiny_run_then_resume_and_changed_settings(tiny_dir, text_file, tmp_path
     assert main([*common, "--steps", "4", "--quant", "nf4", "--resume", "--cpu-kernels", "off"]) == 1
     assert "changed settings ['cpu_kernels']" in _err(capsys)
     np.testing.assert_equal(recs[-1]["step"], 4)
+
+
+# ------------------------------------------------------------------------------------------------- misuse
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", str(2**70)], "--seed"),
+        (["--seed", "-1"], "--seed"),
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--weight-decay", "nan"], "--weight-decay"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--max-grad-norm", "-1"], "--max-grad-norm"),
+        (["--max-grad-norm", "inf"], "--max-grad-norm"),
+        (["--warmup-steps", "-5"], "--warmup-steps"),
+        (["--eval-fraction", "1.5"], "--eval-fraction"),
+        (["--eval-fraction", "nan"], "--eval-fraction"),
+        (["--seq-len", "1"], "--seq-len"),
+        (["--save-every", "-1"], "--save-every"),
+        (["--target-modules", "nonexistent"], "nonexistent"),
+        (["--target-modules", "model"], "--target-modules"),
+    ],
+)
+def test_the_default_job_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+    """No pretraining, no run.json, no directory: every argument is checked first."""
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--quiet", *argv]) == 1
+    err = _err(capsys)
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_output_below_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "--output", str(tmp_path / "file" / "sub"), "--quiet"]) == 1
+    err = _err(capsys)
+    assert "not a directory" in err and err.count("\n") == 1
+
+
+def test_data_folder_with_a_fifo_or_device_is_refused(tiny_dir, tmp_path, capsys):
+    import os
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("text " * 500)
+    os.mkfifo(data / "pipe.txt")
+    args = [
+        "train",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "run"),
+        "--quiet",
+    ]
+    assert main(args) == 1
+    assert "pipe.txt" in _err(capsys)
+    (data / "pipe.txt").unlink()
+    os.symlink("/dev/zero", data / "zero.txt")
+    assert main(args) == 1
+    assert "zero.txt" in _err(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_internal_errors_are_one_line_unless_debugging(tmp_path, capsys, monkeypatch):
+    import oftjax.cli._train_args as train_args
+
+    def broken(args):
+        raise OverflowError("something deep inside")
+
+    monkeypatch.setattr(train_args, "_run", broken)  # what `train` runs, bound when the parser is built
+    assert main(["train", "--output", str(tmp_path / "run")]) == 1
+    err = _err(capsys)
+    assert err.count("\n") == 1 and "OverflowError: something deep inside" in err and "OFTJAX_DEBUG" in err
+    monkeypatch.setenv("OFTJAX_DEBUG", "1")
+    with pytest.raises(OverflowError):
+        main(["train", "--output", str(tmp_path / "run")])
+
+
+def test_parity_refuses_a_device_it_does_not_have_and_huge_inputs(tiny_dir, capsys):
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["parity", "--model", str(tiny_dir), "--device", "cuda"]) == 1
+        err = _err(capsys)
+        assert "--device cuda" in err and err.count("\n") == 1
+    assert main(["parity", "--model", str(tiny_dir), "--device", "tpu"]) == 1
+    assert "--device" in _err(capsys)
+    assert main(["parity", "--model", str(tiny_dir), "--seq-len", "100000"]) == 1
+    err = _err(capsys)
+    assert "--seq-len" in err and "128" in err
+
+
+def test_every_train_argument_is_a_resume_key_or_said_not_to_change_the_result():
+    from oftjax.cli._train_args import NOT_RESUME_KEYS, RESUME_KEYS
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    dests = {a.dest for a in train._actions if a.dest != "help"}
+    assert dests == set(RESUME_KEYS) | set(NOT_RESUME_KEYS)
+    assert not set(RESUME_KEYS) & set(NOT_RESUME_KEYS)
+    for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_fraction", "dtype", "cpu_kernels"):
+        assert key in RESUME_KEYS
+
+
+def test_resume_checks_every_setting_and_survives_a_crash(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["train", "--model", str(tiny_dir), "--data", str(text_file), "--output", str(out), "--quiet",
+              "--seq-len", "32", "--batch-size", "4", "--oft-block-size", "16", "--steps", "2",
+              "--save-every", "1", "--eval-every", "0", "--target-modules", "q_proj"]  # fmt: skip
+    assert main(common) == 0
+    for flag, value in [("--warmup-steps", "1"), ("--weight-decay", "0.1"), ("--max-grad-norm", "0.5"),
+                        ("--eval-fraction", "0.2"), ("--dtype", "bfloat16")]:  # fmt: skip
+        assert main([*common, "--resume", flag, value]) == 1
+        assert f"changed settings ['{flag[2:].replace('-', '_')}']" in _err(capsys)
+    # a crash left a torn metrics line and the temporaries of interrupted writes: resume goes on
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    (out / f".adapter.{_dead_pid()}.abc.tmp").mkdir()
+    (out / ".base.x1y2.tmp").mkdir()
+    (out / ".run.json.x1y2.tmp").write_text("{")
+    assert main([*common, "--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    # run.json lost or damaged: the settings cannot be checked, so resuming is refused
+    (out / "run.json").write_text("")
+    assert main([*common, "--resume"]) == 1
+    err = _err(capsys)
+    assert "run.json" in err and err.count("\n") == 1
+    (out / "run.json").unlink()
+    assert main([*common, "--resume"]) == 1
+    assert "run.json" in _err(capsys)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)  # fmt: skip
+
+
+def test_read_metrics_names_the_file_and_line_of_a_bad_record(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
+        read_metrics(path)
+    path.write_text('{"step": 1}\n{"step": 2, "lo')  # a write cut short: the last line only
+    assert read_metrics(path) == [{"step": 1}]

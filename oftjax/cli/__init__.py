@@ -28,6 +28,7 @@ class CLIError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``oftjax`` command."""
     from oftjax.cli._parity import add_parity_parser
+    from oftjax.cli._plan import add_plan_parser
     from oftjax.cli._train_args import add_train_parser
 
     parser = argparse.ArgumentParser(
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub)
     add_parity_parser(sub)
+    add_plan_parser(sub)
     try:
         from interop.convert import add_subparser
     except ImportError:  # pragma: no cover - interop ships with oftjax
@@ -47,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``oftjax`` console script; returns (and exits with) the status code."""
+    """Entry point of the ``oftjax`` console script; returns (and exits with) the status code.
+
+    Every error is one line on stderr and status 1, never a traceback: bad input says what is wrong with it,
+    anything else (a defect) says its type and how to see the traceback (``OFTJAX_DEBUG=1`` re-raises).
+    A ``train`` run that fails before its first checkpoint leaves no ``run.json`` it wrote.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [] or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]  # `oftjax` alone (or with train flags) runs the main job
@@ -55,19 +62,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         status = args.func(args)
-    except CLIError as e:
-        print(f"oftjax {args.command}: error: {e}", file=sys.stderr)
-        status = 1
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        # bad input (missing files, invalid configs/checkpoints/data): one line; OFTJAX_DEBUG=1 re-raises
-        if os.environ.get("OFTJAX_DEBUG"):
-            raise
-        print(f"oftjax {args.command}: error: {e}", file=sys.stderr)
-        status = 1
     except KeyboardInterrupt:
         print(f"oftjax {args.command}: interrupted", file=sys.stderr)
         status = 130
+    except Exception as e:
+        if os.environ.get("OFTJAX_DEBUG") and not isinstance(e, CLIError):
+            raise
+        _discard_failed_start(args)
+        print(f"oftjax {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        status = 1
     return int(status or 0)
+
+
+# Bad input: the message is the whole story (missing files, invalid configs, checkpoints or data).
+_INPUT_ERRORS = (CLIError, OSError, ValueError)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, _INPUT_ERRORS):
+        return msg
+    return f"{type(e).__name__}: {msg} (an internal error: run with OFTJAX_DEBUG=1 for the traceback)"
+
+
+def _discard_failed_start(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from oftjax.cli._train_args import discard_failed_start
+
+        discard_failed_start(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,56 +1,36 @@
-"""``oftjax train`` arguments: the parser, validation, and the run directory's overwrite/resume policy."""
+"""``oftjax train`` arguments: the parser. Validation (``validate``, ``fail``, ``parse_mesh``) is
+``oftjax/cli/_validate.py``, the run directory's overwrite/resume policy (``prepare_output``, ``RESUME_KEYS``)
+``oftjax/cli/_run_dir.py``; both are re-exported here."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from oftjax import default_job as dj
+from oftjax.cli._run_dir import NOT_RESUME_KEYS as NOT_RESUME_KEYS
+from oftjax.cli._run_dir import RESUME_KEYS as RESUME_KEYS
+from oftjax.cli._run_dir import RUN_OUTPUTS as RUN_OUTPUTS
+from oftjax.cli._run_dir import discard_failed_start as discard_failed_start
+from oftjax.cli._run_dir import prepare_output as prepare_output
+from oftjax.cli._run_dir import record as record
+from oftjax.cli._validate import fail as fail
+from oftjax.cli._validate import parse_mesh as parse_mesh
+from oftjax.cli._validate import validate as validate
 
 __all__ = [
+    "NOT_RESUME_KEYS",
     "RESUME_KEYS",
     "RUN_OUTPUTS",
     "add_train_parser",
+    "discard_failed_start",
     "fail",
     "join_processes",
     "parse_mesh",
     "prepare_output",
     "validate",
 ]
-
-# What a run directory may contain; --force removes only these (never other files).
-RUN_OUTPUTS = (
-    "adapter",
-    "checkpoints",
-    "metrics.jsonl",
-    "loss.png",
-    "run.json",
-    "summary.json",
-    "base",
-    "pretrain",
-)
-# Settings that must not change when a run is resumed.
-RESUME_KEYS = (
-    "model",
-    "quant",
-    "double_quant",
-    "target_modules",
-    "oft_block_size",
-    "cayley",
-    "batch_size",
-    "seq_len",
-    "grad_accum",
-    "lr",
-    "steps",
-    "seed",
-    "data",
-    "max_data_bytes",
-    "cpu_kernels",
-    *("dtype", "loss_on", "eval_data", "skip_bad_rows"),
-)
 
 
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
@@ -315,92 +295,6 @@ def _output_arguments(g: argparse._ArgumentGroup) -> None:
         help="start over in a non-empty --output (removes only oftjax's own outputs there)",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def fail(msg: str):
-    from oftjax.cli import CLIError
-
-    raise CLIError(msg)
-
-
-def record(args: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in RESUME_KEYS}
-
-
-def prepare_output(args: argparse.Namespace) -> None:
-    out: Path = args.output
-    if args.resume and args.force:
-        fail("--resume and --force exclude each other")
-    if out.exists() and not out.is_dir():
-        fail(f"{out}: exists and is not a directory")
-    nonempty = out.is_dir() and any(out.iterdir())
-    if nonempty and args.resume:
-        run_json = out / "run.json"
-        if run_json.is_file():
-            before = json.loads(run_json.read_text())
-            now = record(args)
-            diff = sorted(k for k in RESUME_KEYS if before.get(k) != now.get(k))
-            if diff:
-                fail(
-                    f"{out}: cannot resume with changed settings {diff} (was "
-                    f"{ {k: before.get(k) for k in diff} })"
-                )
-    elif nonempty and args.force:
-        for name in RUN_OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    elif nonempty:
-        fail(f"{out}: exists and is not empty; pass --resume to continue that run or --force to start over")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(record(args), indent=2, sort_keys=True) + "\n")
-
-
-def validate(args: argparse.Namespace) -> None:
-    for name in (
-        "steps",
-        "pretrain_steps",
-        "batch_size",
-        "seq_len",
-        "oft_block_size",
-        "grad_accum",
-        "max_data_bytes",
-    ):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("log_every", "eval_every", "save_every"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0:
-        fail(f"--lr must be > 0, got {args.lr}")
-    if args.batch_size % args.grad_accum:
-        fail(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    if args.model is not None and not (args.model / "config.json").is_file():
-        fail(f"{args.model}: not an HF checkpoint directory (no config.json)")
-    if args.data is not None and not args.data.exists():
-        fail(f"{args.data}: data path not found")
-    if not [m for m in args.target_modules.split(",") if m.strip()]:
-        fail("--target-modules is empty")
-    if args.mesh is not None:
-        parse_mesh(args.mesh)
-    if args.cpu_kernels is None:
-        import jax
-
-        args.cpu_kernels = "on" if jax.default_backend() == "cpu" else "off"
-
-
-def parse_mesh(spec: str) -> tuple[int, int]:
-    try:
-        data, fsdp = (int(x) for x in spec.lower().split("x"))
-    except ValueError:
-        fail(f"--mesh must look like DATAxFSDP (e.g. 2x4), got {spec!r}")
-    import jax
-
-    if data < 1 or fsdp < 1 or data * fsdp > jax.device_count():
-        fail(f"--mesh {spec} needs {data * fsdp} devices; this host has {jax.device_count()}")
-    return data, fsdp
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -13,11 +13,38 @@ __all__ = ["MetricsLog", "plot_loss", "read_metrics"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file (empty list when it does not exist)."""
+    """The records of a ``metrics.jsonl`` file (empty list when it does not exist).
+
+    A last line without its newline is a write cut short (a crash, ``kill -9``): it is dropped, and the
+    run resumes from its checkpoint as if it had never been written. Any other line that is not a JSON
+    object is damage: a ValueError naming ``file:line``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = (Path(tmp) / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
+        ...     read_metrics(Path(tmp) / "metrics.jsonl")
+        [{'step': 1}]
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            if number == len(lines):  # the last line has no newline: a write cut short
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({e})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
+        records.append(record)
+    return records
 
 
 class MetricsLog:
