@@ -1,4 +1,5 @@
-"""Linear8bit / Linear4bit: dequantize-then-matmul forward, state layout, trainability, jit."""
+"""Linear8bit / Linear4bit: dequantize-then-matmul forward, state layout, trainability, jit; Linear8bit's
+LLM.int8 mode (how it is chosen, its gradient, OFT over it)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import pytest
 from flax import nnx
 
 from oftjax import quant
-from oftjax.nn import Linear4bit, Linear8bit, OFTParam, QuantWeight
+from oftjax.nn import AdapterSettings, Linear4bit, Linear8bit, OFTLinear, OFTParam, QuantWeight
+from oftjax.nn._forward import rotate_chain
 from tests.nn._helpers import COMPILES, make_base, rand
 from tests.tolerances import TOL
 
@@ -104,3 +106,99 @@ def test_from_float_quantizes_like_quant(kind):
     for got, exp in zip(jax.tree.leaves(layer.weight.get_value()), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
     assert layer.bias is None
+
+
+# Linear8bit's two forwards (LLM.int8 against bitsandbytes: tests/parity/test_int8_eval_parity.py)
+
+
+def _int8(threshold=6.0, **kw):
+    return Linear8bit(
+        make_base("int8", 64, 8).weight.get_value(), rand((8,), seed=5), threshold=threshold, **kw
+    )
+
+
+def _outlier_input():
+    return rand((3, 64), seed=6).at[:, 7].set(9.0)
+
+
+def test_int8_mode_follows_eval_and_train():
+    layer = _int8()
+    x = _outlier_input()
+    assert (layer.int8_matmul, layer.deterministic, layer.uses_llm_int8) == ("auto", False, False)
+    dense = layer(x)
+    want = quant.llm_int8_matmul(x, layer.weight.get_value(), layer.bias[...], threshold=6.0)
+    layer.eval()
+    assert layer.uses_llm_int8 and layer.quantizes_input
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(want))
+    layer.train()
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(dense))
+    assert not np.array_equal(np.asarray(dense), np.asarray(want))
+
+
+@pytest.mark.parametrize("mode", ["dequantize", "llm_int8"])
+def test_int8_mode_attribute_overrides_the_flag(mode):
+    layer = _int8(int8_matmul=mode)
+    for deterministic in (False, True):
+        layer.deterministic = deterministic
+        assert layer.uses_llm_int8 == (mode == "llm_int8")
+        assert nnx.view(layer, int8_matmul="auto").uses_llm_int8 == deterministic
+    assert layer.int8_matmul == mode  # a view leaves the layer as it was
+
+
+def test_each_int8_mode_compiles_once():
+    layer = _int8()
+    f = nnx.jit(lambda m, x: m(x))
+    views = [layer, nnx.view(layer, deterministic=True)]
+    for v in views:
+        f(v, rand((2, 64)))
+    with COMPILES.counting() as c:
+        for v in views:
+            f(v, rand((2, 64), seed=1))
+    assert c.count == 0
+
+
+def test_llm_int8_mode_has_the_straight_through_gradient():
+    layer = _int8(int8_matmul="llm_int8")
+    x = _outlier_input()
+    g = jax.grad(lambda x: layer(x).sum())(x)
+    w = quant.dequantize(layer.weight.get_value(), jnp.float32)
+    tol = TOL["fp32_forward"]
+    np.testing.assert_allclose(np.asarray(g), np.asarray(jnp.ones((3, 8)) @ w), rtol=tol.rtol, atol=tol.atol)
+    grads = nnx.grad(lambda m: m(x).sum())(layer)
+    np.testing.assert_allclose(np.asarray(grads["bias"][...]), np.full(8, 3.0), rtol=tol.rtol)
+
+
+def test_oft_over_llm_int8_rotates_the_input_not_the_weight():
+    layer = OFTLinear(_int8(), rotate="weight")
+    layer.add_adapter("a", AdapterSettings(r=4, block_size=16), init_weights=False, rngs=nnx.Rngs(0))
+    x = _outlier_input()
+    names = layer.forward_adapters()
+    assert layer.uses_weight_path(x.shape, names)
+    layer.eval()
+    assert not layer.uses_weight_path(x.shape, names)
+    R = layer.rotation_blocks("a")
+    want = layer.base_layer(rotate_chain(x, (R,)).astype(x.dtype))
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(layer, x)), np.asarray(want))
+    with pytest.raises(ValueError, match="rotate the input"):
+        layer.base_layer.rotated_forward(x, (R,))
+
+
+BAD_INT8 = [
+    ("mode", dict(int8_matmul="int4"), "int8_matmul must be one of"),
+    ("threshold", dict(threshold=-1.0), "threshold must be a finite number >= 0"),
+    ("threshold-inf", dict(threshold=float("inf")), "threshold must be a finite number >= 0"),
+    ("rounding", dict(rounding="tpu"), "rounding must be one of"),
+]
+
+
+@pytest.mark.parametrize("name,kw,msg", BAD_INT8, ids=[b[0] for b in BAD_INT8])
+def test_int8_options_are_checked(name, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _int8(**kw)
+
+
+def test_int8_mode_set_later_is_checked_when_used():
+    layer = _int8()
+    layer.int8_matmul = "fast"
+    with pytest.raises(ValueError, match="int8_matmul must be one of"):
+        layer(rand((1, 64)))
