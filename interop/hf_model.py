@@ -1,11 +1,16 @@
-"""HF checkpoint directories <-> ``oftjax.models.LlamaForCausalLM`` (float, bnb 8-bit and 4-bit).
+"""HF checkpoint directories <-> ``oftjax.models.CausalLM`` (float, bnb 8-bit and 4-bit), every family.
 
 The model side of the checkpoint interop: HF tensor names map one to one onto the NNX module paths
 (``model.layers.0.self_attn.q_proj.weight`` -> ``model.layers[0].self_attn.q_proj``; on an OFT-wrapped
 layer its ``base_layer``, ``interop._nnx_names.base_module``), torch ``[out, in]`` weights are transposed
-into NNX kernels ``[in, out]`` (and back), embeddings and norms keep their layout.
+into NNX kernels ``[in, out]`` (and back), embeddings and norms keep their layout. Which modules a family has
+(Phi-3's fused ``qkv_proj``, Gemma's four norms per layer, q/k norms) comes from
+``oftjax.models.linear_modules`` / ``norm_modules``, nothing here is per family.
 Quantized projections stay packed: they become ``oftjax.nn.Linear8bit`` / ``Linear4bit`` holding the
-``Int8Weight`` / ``FourBitWeight`` read by ``interop.hf.read_checkpoint`` (never a float round trip).
+``Int8Weight`` / ``FourBitWeight`` read by ``interop.hf.read_checkpoint`` (never a float round trip). The
+embedding table is never widened: a bf16 table loaded with ``dtype=float32`` stays bf16 (the model casts the
+rows it looks up, and a tied head casts the table once per call), so a 262,144-row vocabulary costs its
+checkpoint bytes once.
 
 No torch: numpy, ml_dtypes (bf16) and the safetensors readers of ``interop``.
 """
@@ -25,12 +30,10 @@ from flax import nnx
 from interop import _hf_checkpoint as hf
 from interop._io import InteropError
 from interop._nnx_names import base_module
-from oftjax.models import LlamaForCausalLM, ModelConfig
+from oftjax.models import CausalLM, ModelConfig, linear_modules, norm_modules
 from oftjax.nn import module_at, replace_module
 from oftjax.quant import FourBitWeight, Int8Weight
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 # Non-persistent buffers some older checkpoints still carry; they are recomputed from the config.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -39,30 +42,15 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def linear_paths(config: ModelConfig) -> list[str]:
-    """HF module paths of every projection (the layers apply_oft and the bnb quantizer target) + lm_head."""
-    paths = []
-    for i in range(config.num_hidden_layers):
-        paths += [f"model.layers.{i}.self_attn.{n}" for n in _ATTN]
-        paths += [f"model.layers.{i}.mlp.{n}" for n in _MLP]
-    if not config.tie_word_embeddings:
-        paths.append("lm_head")
-    return paths
+    """HF module paths of every projection (the layers apply_oft and the bnb quantizer target) + lm_head.
 
-
-def _norm_paths(config: ModelConfig) -> list[str]:
-    paths = []
-    for i in range(config.num_hidden_layers):
-        paths += [f"model.layers.{i}.input_layernorm", f"model.layers.{i}.post_attention_layernorm"]
-    return [*paths, "model.norm"]
-
-
-def _has_bias(config: ModelConfig, path: str) -> bool:
-    name = path.rsplit(".", 1)[-1]
-    if name in ("q_proj", "k_proj", "v_proj"):
-        return config.qkv_bias
-    if name == "o_proj":
-        return config.o_bias
-    return config.mlp_bias if name in _MLP else False
+    Example:
+      >>> cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+      ...     num_attention_heads=2, num_key_value_heads=2, head_dim=4, tie_word_embeddings=True)
+      >>> linear_paths(cfg)[:2], len(linear_paths(cfg))
+      (['model.layers.0.self_attn.q_proj', 'model.layers.0.self_attn.k_proj'], 7)
+    """
+    return [path for path, _ in linear_modules(config)]
 
 
 def _get(model: Any, path: str) -> Any:
@@ -81,7 +69,7 @@ def model_from_modules(
     compute_dtype: Any = None,
     quant_compute_dtype: Any = None,
     source: str = "checkpoint",
-) -> LlamaForCausalLM:
+) -> CausalLM:
     """Build a model from per-module tensors ``{module_path: {"weight": ..., "bias": ...}}`` (HF layout).
 
     Float weights are numpy/jax arrays in torch layout; a projection's ``weight`` may instead be an
@@ -90,7 +78,8 @@ def model_from_modules(
     Args:
       config: the architecture.
       modules: the tensors, grouped by HF module path.
-      dtype: parameter dtype of float tensors (default: the embedding's dtype in the checkpoint).
+      dtype: parameter dtype of float tensors (default: the embedding's dtype in the checkpoint). The
+        embedding table takes it only when it is not wider than the checkpoint's (``_embed_dtype``).
       compute_dtype: the model's compute dtype (default: ``dtype``).
       quant_compute_dtype: compute dtype of 4-bit layers (bnb's ``bnb_4bit_compute_dtype``; default
         ``compute_dtype``). 8-bit layers compute in ``compute_dtype`` (bnb's ``MatMul8bitFp``).
@@ -100,13 +89,45 @@ def model_from_modules(
       InteropError: a missing or unexpected tensor, or a shape that disagrees with the config (named).
     """
     embed = _require(modules, "model.embed_tokens", "weight", source)
-    dtype = jnp.dtype(dtype if dtype is not None else _float_dtype(embed))
+    stored = _float_dtype(embed)
+    dtype = jnp.dtype(dtype if dtype is not None else stored)
     compute_dtype = jnp.dtype(compute_dtype if compute_dtype is not None else dtype)
     quant_compute_dtype = jnp.dtype(quant_compute_dtype if quant_compute_dtype is not None else compute_dtype)
     model = nnx.eval_shape(
-        lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0), dtype=compute_dtype, param_dtype=dtype)
+        lambda: CausalLM(
+            config,
+            rngs=nnx.Rngs(0),
+            dtype=compute_dtype,
+            param_dtype=dtype,
+            embed_dtype=_embed_dtype(stored, dtype),
+        )
     )
     used: set[str] = set()
+    take = _taker(modules, used, source)
+    take("model.embed_tokens", "weight", _get(model, "model.embed_tokens").embedding)
+    for path in norm_modules(config):
+        take(path, "weight", _get(model, path).weight)
+    for path, has_bias in linear_modules(config):
+        _take_linear(model, modules, path, has_bias, take, used, (compute_dtype, quant_compute_dtype), source)
+    _check_all_used(config, modules, used, source)
+    return model
+
+
+def _embed_dtype(stored: np.dtype, dtype: np.dtype) -> np.dtype:
+    """The embedding table's dtype: ``dtype``, unless that is wider than the checkpoint's (then the
+    checkpoint's: a widened copy holds the same numbers in more bytes, and the table is the largest tensor).
+
+    Example:
+      >>> import ml_dtypes
+      >>> _embed_dtype(np.dtype(ml_dtypes.bfloat16), np.dtype("float32")).name
+      'bfloat16'
+    """
+    return stored if np.dtype(dtype).itemsize > np.dtype(stored).itemsize else np.dtype(dtype)
+
+
+def _taker(modules: Mapping[str, Mapping[str, Any]], used: set[str], source: str):
+    """``take(path, name, var, transpose=False)``: read tensor ``<path>.<name>`` into ``var`` (its dtype),
+    after checking its shape against the config's; record it as used."""
 
     def take(path: str, name: str, var: nnx.Variable, transpose: bool = False) -> None:
         value = _load(_require(modules, path, name, source))
@@ -117,30 +138,38 @@ def model_from_modules(
                 f"the config expects {list(want)}"
             )
         value = value.T if transpose else value
-        var.set_value(jnp.asarray(value, dtype))
+        var.set_value(jnp.array(value, var.dtype))  # a copy: ``value`` may be a view of the mapped file
         used.add(f"{path}.{name}")
 
-    take("model.embed_tokens", "weight", _get(model, "model.embed_tokens").embedding)
-    for path in _norm_paths(config):
-        take(path, "weight", _get(model, path).weight)
-    for path in linear_paths(config):
-        layer = _get(model, path)
-        weight = _require(modules, path, "weight", source)
-        bias = modules[path].get("bias")
-        if _has_bias(config, path) != (bias is not None):
-            want = "a bias" if _has_bias(config, path) else "no bias"
-            raise InteropError(f"{source}: module {path}: the config expects {want} ({path}.bias)")
-        if isinstance(weight, Int8Weight | FourBitWeight):
-            b = None if bias is None else jnp.asarray(_load(bias), dtype)
-            cd = compute_dtype if isinstance(weight, Int8Weight) else quant_compute_dtype
-            replace_module(model, path, _quantized_linear(path, layer, weight, b, cd, source))
-            used.update({f"{path}.weight"} | ({f"{path}.bias"} if bias is not None else set()))
-            continue
-        take(path, "weight", layer.kernel, transpose=True)
-        if bias is not None:
-            take(path, "bias", layer.bias)
-    _check_all_used(config, modules, used, source)
-    return model
+    return take
+
+
+def _take_linear(
+    model: CausalLM,
+    modules: Mapping[str, Mapping[str, Any]],
+    path: str,
+    has_bias: bool,
+    take: Any,
+    used: set[str],
+    compute_dtypes: tuple[Any, Any],
+    source: str,
+) -> None:
+    """One projection: float into the ``nnx.Linear``, or a quantized weight as its replacement."""
+    layer = _get(model, path)
+    weight = _require(modules, path, "weight", source)
+    bias = modules[path].get("bias")
+    if has_bias != (bias is not None):
+        want = "a bias" if has_bias else "no bias"
+        raise InteropError(f"{source}: module {path}: the config expects {want} ({path}.bias)")
+    if isinstance(weight, Int8Weight | FourBitWeight):
+        b = None if bias is None else jnp.array(_load(bias), layer.param_dtype)
+        cd = compute_dtypes[0] if isinstance(weight, Int8Weight) else compute_dtypes[1]
+        replace_module(model, path, _quantized_linear(path, layer, weight, b, cd, source))
+        used.update({f"{path}.weight"} | ({f"{path}.bias"} if bias is not None else set()))
+        return
+    take(path, "weight", layer.kernel, transpose=True)
+    if bias is not None:
+        take(path, "bias", layer.bias)
 
 
 def _quantized_linear(
@@ -194,18 +223,21 @@ def _float_dtype(x: Any) -> np.dtype:
 
 
 def _load(x: Any) -> np.ndarray:
-    # Readers may hand out lazy tensors of a memory-mapped file (``LazyTensor.load()``): read them here.
+    # Lazy tensors of a memory-mapped file (``LazyTensor``): a read-only view of the mapped bytes, not a
+    # copy (the caller copies once, into the model's array).
+    if hasattr(x, "raw"):
+        return np.frombuffer(x.raw(), dtype=x.dtype).reshape(x.shape)
     return x.load() if hasattr(x, "load") else np.asarray(x)
 
 
 def _to_jax(q: Int8Weight | FourBitWeight) -> Any:
-    return jax.tree.map(lambda x: jnp.asarray(_load(x)), q)
+    return jax.tree.map(lambda x: jnp.array(_load(x)), q)
 
 
 # --------------------------------------------------------------------------------------- model -> tensors
 
 
-def modules_from_model(model: LlamaForCausalLM) -> dict[str, dict[str, Any]]:
+def modules_from_model(model: CausalLM) -> dict[str, dict[str, Any]]:
     """The inverse of ``model_from_modules``: ``{module_path: {"weight": ..., "bias": ...}}`` in HF layout.
 
     Float tensors are numpy in their parameter dtype (kernels transposed to ``[out, in]``); quantized bases
@@ -216,7 +248,7 @@ def modules_from_model(model: LlamaForCausalLM) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {
         "model.embed_tokens": {"weight": _np(_get(model, "model.embed_tokens").embedding)}
     }
-    for path in _norm_paths(config):
+    for path in norm_modules(config):
         out[path] = {"weight": _np(_get(model, path).weight)}
     for path in linear_paths(config):
         layer = _get(model, path)
@@ -247,8 +279,8 @@ def load_model(
     dtype: Any = None,
     compute_dtype: Any = None,
     strict: bool = False,
-) -> LlamaForCausalLM:
-    """Load an HF Llama/Mistral/Qwen2 checkpoint directory (float, bnb 8-bit or 4-bit) into JAX.
+) -> CausalLM:
+    """Load an HF checkpoint directory (float, bnb 8-bit or 4-bit) of an ``oftjax.models`` family into JAX.
 
     Quantized projections stay packed (``Linear8bit`` / ``Linear4bit``); 4-bit layers compute in the
     checkpoint's ``bnb_4bit_compute_dtype`` unless ``compute_dtype`` is given.
@@ -256,7 +288,8 @@ def load_model(
     Args:
       path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded index).
       dtype: float parameter dtype, "float32" / "bfloat16" or a dtype (default: the checkpoint's). On a CPU
-        pass float32 for a bf16 checkpoint: XLA:CPU computes bfloat16 slowly (``oftjax train`` does).
+        pass float32 for a bf16 checkpoint: XLA:CPU computes bfloat16 slowly (``oftjax train`` does). The
+        embedding table is never widened (it keeps a bf16 checkpoint's bf16; ``model_from_modules``).
       compute_dtype: activation dtype (default: ``dtype``).
       strict: also refuse config keys the key policy does not know (``ModelConfig.from_hf``); by default
         they are accepted with one warning. Keys whose value changes math oftjax lacks are always refused.
@@ -343,7 +376,7 @@ def _set_int8_threshold(model: Any, qcfg: Mapping[str, Any]) -> None:
 
 
 def save_model(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     path: str | os.PathLike,
     *,
     force: bool = False,
@@ -368,7 +401,7 @@ def save_model(
     _write(Path(path), hf_config, modules, force=force, max_shard_size=max_shard_size)
 
 
-def quantization_config(model: LlamaForCausalLM) -> dict[str, Any] | None:
+def quantization_config(model: CausalLM) -> dict[str, Any] | None:
     """The transformers ``BitsAndBytesConfig`` dict describing ``model``'s quantized layers (None if float).
 
     Float projections among quantized ones are listed in ``llm_int8_skip_modules`` (full module paths, which

@@ -7,8 +7,12 @@ cast back to the compute dtype, then the product with the values.
   memory of the full score matrix is skipped. The skipped keys would get probability exactly 0, so the values
   are the same up to summation order. A named operation (``oftjax._registry``): ``oftjax.cpu_kernels``
   replaces it on the CPU by a fused kernel.
-* ``masked_attention``: any boolean mask ``[b, q, k]`` (padding): the full score matrix, as HF (a fully
-  masked query row is uniform over all keys there, and here).
+* ``masked_attention``: any boolean mask ``[b, q, k]`` (padding, packed examples): the full score matrix, as
+  HF (a fully masked query row is uniform over all keys there, and here).
+* ``softcapped_causal_attention``: Gemma 2's causal attention with soft-capped scores
+  (``cap * tanh(scores / cap)`` before the mask), block by block like ``causal_attention`` but plain JAX and
+  not a named operation: a kernel replacing ``causal_attention`` computes plain attention only.
+  ``masked_attention`` takes the same ``softcap``.
 
 Both are plain JAX with ordinary autodiff. Layout inside: heads-major ``q [b, kv, groups, s, d]`` (query head
 ``h`` uses kv head ``h // groups``, HF's ``repeat_kv``) and ``k, v [b, kv, s, d]``, so every product is one
@@ -26,7 +30,7 @@ import numpy as np
 from oftjax._registry import operation
 from oftjax.models._rope import apply_rope
 
-__all__ = ["CAUSAL_BLOCKS", "causal_attention", "masked_attention"]
+__all__ = ["CAUSAL_BLOCKS", "causal_attention", "masked_attention", "softcapped_causal_attention"]
 
 # query blocks of the causal path: 64-row blocks at seq 256, 5/8 of the full score work, larger matmuls than 8
 CAUSAL_BLOCKS = 4
@@ -64,9 +68,14 @@ def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array, scale: float):
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), score_scale
 
 
-def _scores(q: jax.Array, k: jax.Array, scale: float | None) -> jax.Array:
+def _scores(q: jax.Array, k: jax.Array, scale: float | None, softcap: float | None = None) -> jax.Array:
     s = jnp.einsum("bkgqd,bktd->bkgqt", q, k)
-    return s if scale is None else s * jnp.asarray(scale, s.dtype)
+    s = s if scale is None else s * jnp.asarray(scale, s.dtype)
+    if softcap is None:
+        return s
+    # transformers' Gemma 2: scores / cap, tanh, * cap, in the scores' dtype, before the mask
+    cap = jnp.asarray(softcap, s.dtype)
+    return jnp.tanh(s / cap) * cap
 
 
 def _softmax_values(scores: jax.Array, allowed: jax.Array | np.ndarray, v: jax.Array) -> jax.Array:
@@ -114,20 +123,42 @@ def causal_attention(
     if cos is not None:
         with jax.named_scope("rope"):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return _blocked_causal(q, k, v, scale, window, None)
+
+
+def softcapped_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, window: int | None, softcap: float
+) -> jax.Array:
+    """``causal_attention`` of (already rotated) q/k with soft-capped scores ``softcap * tanh(s / softcap)``
+    (transformers' Gemma 2). Plain JAX, not a named operation. Shapes as ``causal_attention``.
+
+    Example:
+      >>> q = jnp.ones((1, 4, 2, 8)); k = v = jnp.ones((1, 4, 1, 8))
+      >>> softcapped_causal_attention(q, k, v, scale=0.25, window=None, softcap=50.0).shape
+      (1, 4, 2, 8)
+    """
+    return _blocked_causal(q, k, v, scale, window, softcap)
+
+
+def _blocked_causal(q, k, v, scale: float, window: int | None, softcap: float | None) -> jax.Array:
+    # query block [i0, i1) over keys [0, i1) only: the skipped keys would get probability exactly 0
     q, k, v, score_scale = _heads_major(q, k, v, scale)
     s = q.shape[3]
     blocks = min(CAUSAL_BLOCKS, max(1, s // 32))
     outs = []
     for i0, i1 in _bounds(s, blocks):
-        scores = _scores(q[:, :, :, i0:i1], k[:, :, :i1], score_scale)
+        scores = _scores(q[:, :, :, i0:i1], k[:, :, :i1], score_scale, softcap)
         outs.append(_softmax_values(scores, _block_mask(i0, i1, window), v[:, :, :i1]))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return _to_projection_layout(out)
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float) -> jax.Array:
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, softcap: float | None = None
+) -> jax.Array:
     """Attention of (already rotated) ``q [b, s, heads, d]`` over ``k, v [b, s, kv, d]`` under a boolean
-    ``mask [b, s, s]`` (True: may attend), the full score matrix. Returns ``[b, s, heads, d]``."""
+    ``mask [b, s, s]`` (True: may attend), the full score matrix; scores soft-capped by ``softcap`` when
+    given (before the mask, as transformers). Returns ``[b, s, heads, d]``."""
     q, k, v, score_scale = _heads_major(q, k, v, scale)
-    scores = _scores(q, k, score_scale)
+    scores = _scores(q, k, score_scale, softcap)
     return _to_projection_layout(_softmax_values(scores, mask[:, None, None], v))

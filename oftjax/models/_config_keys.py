@@ -40,11 +40,14 @@ METADATA = frozenset({
     # transformers 4 split q/k/v, the MLP and lm_head into pretraining_tp slices and summed them: the same
     # math in another summation order; transformers 5 ignores the key.
     "pretraining_tp",
+    # the KV-cache class generate() builds (Gemma's "hybrid"): decoding bookkeeping, not the forward
+    "cache_implementation",
 })  # fmt: skip
 METADATA_SUFFIXES = ("_token_id", "_token_ids")
 
-# Keys ModelConfig.from_hf reads and validates (use_sliding_window / max_window_layers: Qwen2 only;
-# transformers ignores them for Llama and Mistral).
+# Keys ModelConfig.from_hf reads and validates for every model type (use_sliding_window / max_window_layers:
+# Qwen2 and Qwen3 only; transformers ignores them for the others). A family reads more keys
+# (``Family.reads`` in ``_families.py``) and may ignore some (``Family.ignores``).
 READ = frozenset({
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
@@ -65,6 +68,9 @@ NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_qk_norm": ((False, None), "RMS normalization of queries and keys"),
     "attn_logit_softcapping": ((None,), "soft-capping of the attention logits"),
     "final_logit_softcapping": ((None,), "soft-capping of the output logits"),
+    "use_bidirectional_attention": ((False, None), "bidirectional (non-causal) attention"),
+    "resid_pdrop": ((0, 0.0, None), "dropout on the residual branches"),
+    "embd_pdrop": ((0, 0.0, None), "dropout on the embeddings"),
 }
 
 
@@ -77,25 +83,35 @@ def is_metadata(key: str) -> bool:
     return key in METADATA or key.endswith(METADATA_SUFFIXES)
 
 
-def check_keys(config: Mapping[str, Any], model_type: str, *, strict: bool) -> list[str]:
+def check_keys(
+    config: Mapping[str, Any],
+    model_type: str,
+    *,
+    strict: bool,
+    reads: frozenset[str] = frozenset(),
+    ignores: frozenset[str] = frozenset(),
+) -> list[str]:
     """Apply the key policy to a ``config.json`` dict; return the unknown keys (already warned about).
 
     Args:
       config: the parsed ``config.json``.
       model_type: for the messages.
       strict: refuse unknown keys instead of warning.
+      reads: keys this model type reads besides ``READ`` (a neutral key listed here is implemented).
+      ignores: keys transformers ignores for this model type (treated as metadata).
 
     Raises:
       UnsupportedConfigError: a neutral key at another value (the key, the value and the math named), or,
         with ``strict``, the unknown keys.
     """
     for key, (neutral, math) in NEUTRAL.items():
-        if key in config and config[key] not in neutral:
+        if key in config and key not in reads and config[key] not in neutral:
             allowed = " or ".join(repr(v) for v in neutral)
             raise UnsupportedConfigError(
                 f"{key}={config[key]!r} asks for {math}, which is not implemented (only {key}={allowed})"
             )
-    unknown = sorted(k for k in config if not (is_metadata(k) or k in READ or k in NEUTRAL))
+    known = READ | NEUTRAL.keys() | reads | ignores
+    unknown = sorted(k for k in config if not (is_metadata(k) or k in known))
     if unknown and strict:
         raise UnsupportedConfigError(
             f"unknown {model_type} config key(s) {unknown}: strict mode refuses keys oftjax does not know "

@@ -1,4 +1,7 @@
-"""ModelConfig: reading HF config dicts (Llama / Mistral / Qwen2), refusing unsupported math, writing back."""
+"""ModelConfig: reading HF config dicts (Llama / Mistral / Qwen2), refusing unsupported math, writing back.
+
+The newer families (Qwen3, Gemma 2, Gemma 3, Phi-3) have their own file, tests/models/test_config_families.py.
+"""
 
 import warnings
 
@@ -16,7 +19,7 @@ def hf(model_type="llama", **kw):
 def test_llama_defaults_match_transformers():
     cfg = ModelConfig.from_hf(hf(num_key_value_heads=2))
     assert (cfg.head_dim, cfg.num_key_value_heads, cfg.num_kv_groups) == (16, 2, 2)
-    assert (cfg.rope_type, cfg.rope_theta, cfg.rms_norm_eps, cfg.max_position_embeddings) == (
+    assert (cfg.rope.rope_type, cfg.rope.theta, cfg.rms_norm_eps, cfg.max_position_embeddings) == (
         "default",
         10000.0,
         1e-6,
@@ -48,14 +51,14 @@ def test_legacy_rope_spelling_transformers4():
             ),
         )
     )
-    assert (cfg.rope_type, cfg.rope_theta, cfg.rope_factor) == ("llama3", 500000.0, 8.0)
-    assert cfg.rope_original_max_position_embeddings == 8192
+    assert (cfg.rope.rope_type, cfg.rope.theta, cfg.rope.factor) == ("llama3", 500000.0, 8.0)
+    assert cfg.rope.original_max_position_embeddings == 8192
 
 
 def test_llama3_original_max_defaults_to_max_positions():
     params = dict(rope_type="llama3", rope_theta=1e4, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
     cfg = ModelConfig.from_hf(hf(rope_parameters=params, max_position_embeddings=64))
-    assert cfg.rope_original_max_position_embeddings == 64
+    assert cfg.rope.original_max_position_embeddings == 64
 
 
 def test_attention_and_mlp_bias_on_llama():

@@ -195,8 +195,8 @@ def _summary(cfg: ModelConfig) -> tuple:
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
         cfg.head_dim,
-        cfg.rope_type,
-        cfg.rope_theta,
+        cfg.rope.rope_type,
+        cfg.rope.theta,
         cfg.tie_word_embeddings,
         cfg.window(0),
     )
@@ -214,8 +214,9 @@ def test_published_config_loads_strictly_without_warning(name):
 
 def test_llama_3_2_rope_scaling_is_read():
     cfg = ModelConfig.from_hf(LLAMA_3_2_1B_INSTRUCT, strict=True)
-    assert (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor) == (32.0, 1.0, 4.0)
-    assert cfg.rope_original_max_position_embeddings == 8192
+    rope = cfg.rope
+    assert (rope.factor, rope.low_freq_factor, rope.high_freq_factor) == (32.0, 1.0, 4.0)
+    assert rope.original_max_position_embeddings == 8192
 
 
 def test_qwen2_5_mrope_switched_on_is_refused():

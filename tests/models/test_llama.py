@@ -9,8 +9,16 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from oftjax.models import AXIS_DATA, AXIS_FSDP, LlamaForCausalLM, ModelConfig, causal_mask, segment_mask
-from oftjax.models._llama import swiglu
+from oftjax.models import (
+    AXIS_DATA,
+    AXIS_FSDP,
+    LlamaForCausalLM,
+    ModelConfig,
+    RopeConfig,
+    causal_mask,
+    segment_mask,
+)
+from oftjax.models._layers import swiglu
 from oftjax.models._rope import inv_freq
 from tests._tiny import TINY_LLAMA
 from tests.tolerances import TOL
@@ -203,7 +211,7 @@ def test_bf16_compute_fp32_params():
 def test_inv_freq_closed_form():
     want = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
     np.testing.assert_allclose(inv_freq(CFG), want, rtol=1e-6)
-    linear = dataclasses.replace(CFG, rope_type="linear", rope_factor=4.0)
+    linear = dataclasses.replace(CFG, rope=RopeConfig("linear", factor=4.0))
     np.testing.assert_allclose(inv_freq(linear), want / 4, rtol=1e-6)
 
 
