@@ -35,8 +35,8 @@ from tests.parity import _bridge as br
 from tests.parity.test_model_parity import build_hf, hf_logits
 from tests.tolerances import TOL
 
-# layer, model and training parity: with the pure-JAX default and with the CPU kernels (tests/conftest.py)
-pytestmark = pytest.mark.usefixtures("kernels")
+# layer and model parity run with the pure-JAX default and with the CPU kernels (tests/conftest.py)
+KERNELS = pytest.mark.usefixtures("kernels")
 
 OPS = torch.ops.bitsandbytes
 DTYPES = {"f32": (torch.float32, jnp.float32), "bf16": (torch.bfloat16, jnp.bfloat16)}
@@ -159,6 +159,7 @@ def _eval_modes(layer: Linear8bit):
     }
 
 
+@KERNELS
 @pytest.mark.parametrize("threshold", list(THRESHOLDS.values()), ids=list(THRESHOLDS))
 @pytest.mark.parametrize("dt", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("outliers", [False, True], ids=["plain", "outliers"])
@@ -188,17 +189,20 @@ def test_linear8bit_eval_matches_linear8bitlt_eval(outliers, dt, threshold):
         assert not np.allclose(to_np(got_train), to_np(want), rtol=1e-3, atol=0)  # the two paths differ
 
 
-OFT_CASES = {
-    "b16-neumann": dict(oft_block_size=16),
-    "r4-exact-coft": dict(r=4, oft_block_size=0, use_cayley_neumann=False, coft=True, eps=1e-2),
+OFT_CASES = {  # rotate: what the layer is asked for (training would take the weight path either way)
+    "b16-neumann-weight": (dict(oft_block_size=16), "weight"),
+    "r4-exact-coft-auto": (
+        dict(r=4, oft_block_size=0, use_cayley_neumann=False, coft=True, eps=1e-2),
+        "auto",
+    ),
 }
 
 
-@pytest.mark.parametrize("rotate", ["auto", "weight"])
+@KERNELS
 @pytest.mark.parametrize("threshold", [0.0, 6.0], ids=["thr0", "thr6"])
 @pytest.mark.parametrize("dt", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case", list(OFT_CASES), ids=list(OFT_CASES))
-def test_oft_over_linear8bit_eval_matches_peft(case, dt, threshold, rotate):
+def test_oft_over_linear8bit_eval_matches_peft(case, dt, threshold):
     """PEFT's OFT layer over Linear8bitLt in eval: x rotated in the adapter dtype, cast back, then LLM.int8.
     Ours routes to the input path in LLM.int8 mode even when asked (or when "auto" would pick) the weight."""
     tdt, jdt = DTYPES[dt]
@@ -206,7 +210,8 @@ def test_oft_over_linear8bit_eval_matches_peft(case, dt, threshold, rotate):
     tq.lin0 = int8_layer(64, 32, threshold, seed=5)
     jq = br.JaxQuantNet(tq)
     jq.lin0 = jax_int8_layer(tq.lin0, threshold, jdt)
-    pcfg, jcfg = br.configs(target_modules=["lin0"], init_weights=False, **OFT_CASES[case])
+    config, rotate = OFT_CASES[case]
+    pcfg, jcfg = br.configs(target_modules=["lin0"], init_weights=False, **config)
     pm = peft.get_peft_model(tq, pcfg).eval()
     apply_oft(jq, jcfg, rngs=nnx.Rngs(0))
     br.copy_adapter(pm, jq)
@@ -248,8 +253,8 @@ def test_per_call_view_leaves_the_model_training():
 SKIP = ["model.layers.1.mlp", "q_proj"]  # a prefix at a module boundary and a suffix (transformers' rules)
 MODEL_CASES = {
     "default": {},  # threshold 6.0: no outlier column in this model
-    "threshold-2": {"llm_int8_threshold": 2.0},  # outlier columns in most layers
-    # float q_proj and layer-1 MLP; with a skip list transformers quantizes lm_head too
+    # threshold 2: outlier columns in most layers; float q_proj and layer-1 MLP, and with a skip list
+    # transformers quantizes lm_head too
     "skip-modules": {"llm_int8_threshold": 2.0, "llm_int8_skip_modules": SKIP},
     # float weights in the file, quantized by bnb at each forward (transformers cannot load this directory
     # back: the reference is the model quantized on load)
@@ -301,6 +306,7 @@ def _layer_kinds(hf_model, ours) -> None:
         assert isinstance(node, Linear8bit) == isinstance(theirs, bnb.nn.Linear8bitLt), path
 
 
+@KERNELS
 @pytest.mark.parametrize("name", list(MODEL_CASES), ids=list(MODEL_CASES))
 def test_int8_model_eval_logits_match_transformers_eval(int8_dirs, name):
     path, hf_model = int8_dirs[name]
