@@ -26,6 +26,8 @@ from oftjax.train._loop import eval_batches as eval_batches
 from oftjax.train._loop import fit as fit
 from oftjax.train._loss import causal_lm_loss as causal_lm_loss
 from oftjax.train._loss import causal_lm_loss_sum as causal_lm_loss_sum
+from oftjax.train._memory import MemoryPlan as MemoryPlan
+from oftjax.train._memory import plan_memory as plan_memory
 from oftjax.train._prepare import QUANT_CHOICES as QUANT_CHOICES
 from oftjax.train._prepare import quantize_model as quantize_model
 from oftjax.train._sharding import batch_sharding as batch_sharding
@@ -38,6 +40,7 @@ from oftjax.train._step import default_wrt as default_wrt
 
 __all__ = [
     "FitResult",
+    "MemoryPlan",
     "MetricsLog",
     "PackedData",
     "QUANT_CHOICES",
@@ -59,6 +62,7 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "num_batches_per_epoch",
+    "plan_memory",
     "plot_loss",
     "quantize_model",
     "read_metrics",

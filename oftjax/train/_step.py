@@ -23,7 +23,7 @@ from oftjax.train._config import TrainConfig, make_optimizer, make_schedule
 from oftjax.train._loss import causal_lm_loss_sum
 from oftjax.train._sharding import shard_batch, state_shardings
 
-__all__ = ["Trainer", "default_wrt"]
+__all__ = ["Trainer", "default_wrt", "jit_train_step"]
 
 
 def default_wrt() -> Any:
@@ -86,6 +86,21 @@ def _train_step(graphdef, wrt, micro: int, schedule: optax.Schedule, state, batc
     return nnx.state((model, optimizer)), metrics
 
 
+def jit_train_step(
+    graphdef: Any, wrt: Any, cfg: TrainConfig, shardings: nnx.State | None = None
+) -> jax.stages.Wrapped:
+    """The jitted step ``state, batch -> state, metrics`` over ``nnx.split((model, optimizer))``.
+
+    The state is donated (updated in place); with ``shardings`` (``state_shardings``) the new state keeps
+    the layout. ``Trainer`` runs it; the memory planner lowers it with abstract arguments
+    (``jax.ShapeDtypeStruct``) and compiles it without materializing anything.
+    """
+    train = functools.partial(_train_step, graphdef, wrt, cfg.grad_accum, make_schedule(cfg))
+    if shardings is None:
+        return jax.jit(train, donate_argnums=0)
+    return jax.jit(train, donate_argnums=0, out_shardings=(shardings, None))
+
+
 def _eval_step(graphdef, state, batch):
     model, _ = nnx.merge(graphdef, state)
     return causal_lm_loss_sum(_forward(model, batch), batch["input_ids"], batch.get("loss_mask"))
@@ -132,16 +147,11 @@ class Trainer:
         self._schedule = make_schedule(cfg)
         graphdef, state = nnx.split((model, self._optimizer))
         self._graphdef = graphdef
-        train = functools.partial(_train_step, graphdef, self.wrt, cfg.grad_accum, self._schedule)
-        evaluate = functools.partial(_eval_step, graphdef)
-        if mesh is not None:
-            self._shardings = state_shardings(state, mesh)
+        self._shardings = None if mesh is None else state_shardings(state, mesh)
+        if self._shardings is not None:
             state = jax.device_put(state, self._shardings)
-            self._train = jax.jit(train, donate_argnums=0, out_shardings=(self._shardings, None))
-        else:
-            self._shardings = None
-            self._train = jax.jit(train, donate_argnums=0)
-        self._eval = jax.jit(evaluate)
+        self._train = jit_train_step(graphdef, self.wrt, cfg, self._shardings)
+        self._eval = jax.jit(functools.partial(_eval_step, graphdef))
         self.state = state
         self._synced = True
 
