@@ -8,9 +8,10 @@
 namespace oftjax {
 
 // exp(x) for x <= 88.72 (scores minus their row maximum, log-sum-exps): a degree-6 polynomial after range
-// reduction; below -87.34 the input is clamped (result ~1.2e-38 rather than a denormal or 0).
+// reduction; below -87.34 the input is clamped (result ~1.2e-38 rather than a denormal or 0). NaN in, NaN out:
+// max_ps/min_ps return their second operand when either is NaN, so x goes second in every clamp.
 __attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -27,7 +28,7 @@ __attribute__((target("avx512f"))) inline __m512 Exp(__m512 x) {
 
 // exp(x) for any x: +inf above ~88.72 (the input is clamped to 89 first, so the range reduction stays exact).
 __attribute__((target("avx512f"))) inline __m512 ExpAny(__m512 x) {
-  return Exp(_mm512_min_ps(x, _mm512_set1_ps(89.0f)));
+  return Exp(_mm512_min_ps(_mm512_set1_ps(89.0f), x));
 }
 
 }  // namespace oftjax
