@@ -18,9 +18,9 @@ flattened to ``[M, K]`` (every leading dimension is a row, as bnb flattens ``[ba
 2. ``int8_matmul``: ``CA @ CB^T`` with int32 accumulation (exact).
 3. ``rescale_int32``: ``fl32(fl32(float32(acc) * fl32(SCA SCB^T)) * 6.200124e-05) + b``, cast to ``x.dtype``
    (bnb's CPU constant; CUDA: ``float16(fma(acc * SCA * SCB, 6.200012e-05, b))`` with ``rounding="cuda"``).
-4. outlier columns, when any: ``y += x[:, cols] @ float(dequantize(W)[:, cols]).astype(x.dtype)^T``, computed
-   here as a dense matmul of the masked input (masked columns add exact zeros), skipped by ``lax.cond`` when
-   no column is an outlier.
+4. outlier columns, when any: ``y += x[:, cols] @ float(dequantize(W)[:, cols]).astype(x.dtype)^T``, with
+   static shapes (``lax.switch``): nothing without outliers, a fixed-size gather of up to
+   ``OUTLIER_CAPACITY`` columns, else a dense matmul of the masked input (masked columns add exact zeros).
 
 Steps 1-3 are bit-exact with bitsandbytes on the CPU; step 4 is a float matmul whose summation order is
 XLA's, not MKL's (float32 rounding differences, and one rounding step of a 16-bit output dtype).
@@ -53,6 +53,9 @@ __all__ = [
 # int8_mm_dequant's 1/127^2: bnb's CPU kernel writes 6.200124e-05 (1/127^2 is 6.2000124e-05, so +1.8e-5
 # relative), the CUDA kernel MM_DEQUANT_CONST 6.200012e-05f.
 _MM_DEQUANT = {"cpu": np.float32(6.200124e-05), "cuda": np.float32(6.200012e-05)}
+# Outlier columns multiplied as a gathered block up to this many (LLM.int8 reports a handful of systematic
+# outlier features per layer); more fall back to a masked dense matmul. Shapes are static either way.
+OUTLIER_CAPACITY = 64
 
 
 class QuantizedActivations(NamedTuple):
@@ -233,14 +236,7 @@ def _llm_int8(
     acc = int8_matmul(qa.CA, q.CB)
     y = rescale_int32(acc, qa.SCA, q.SCB, bias, x.dtype, rounding)
     if threshold > 0.0:
-        y = jax.lax.cond(
-            jnp.any(qa.outlier_cols),
-            functools.partial(_add_outlier_columns, q=q),
-            lambda y, x2, cols: y,
-            y,
-            x2,
-            qa.outlier_cols,
-        )
+        y = _add_outlier_columns(y, x2, qa.outlier_cols, q)
     return y.reshape(*lead, q.shape[0])
 
 
@@ -262,17 +258,51 @@ def _dense(x: jax.Array, q: Int8Weight, bias: jax.Array | None) -> jax.Array:
     return y if bias is None else y + bias.astype(x.dtype)
 
 
-def _add_outlier_columns(y: jax.Array, x2: jax.Array, cols: jax.Array, *, q: Int8Weight) -> jax.Array:
+def _add_outlier_columns(y: jax.Array, x2: jax.Array, cols: jax.Array, q: Int8Weight) -> jax.Array:
     """``y + x[:, cols] @ W[:, cols]^T`` in ``y.dtype`` (torch ``addmm``: float32 accumulation, one rounding).
 
     The weight columns are ``int8_vectorwise_dequant`` (float32) cast to ``x.dtype``, as bnb's
-    ``int8_mixed_scaled_mm`` takes them; the masked matmul adds exact zeros for the other columns.
+    ``int8_mixed_scaled_mm`` takes them. Shapes stay static: with no outlier column nothing runs; up to
+    ``OUTLIER_CAPACITY`` columns are gathered into a fixed-size block (unused slots multiply zeros); beyond
+    that the whole masked input multiplies the whole dequantized weight (the other columns add exact zeros).
     """
-    w = dequantize_int8(q.CB, q.SCB).astype(x2.dtype)
+    count = jnp.sum(cols, dtype=jnp.int32)
+    capacity = min(OUTLIER_CAPACITY, cols.shape[0])
+    branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
+    return jax.lax.switch(
+        branch,
+        (
+            lambda y, x2, cols: y,
+            functools.partial(_gathered, q=q, capacity=capacity),
+            functools.partial(_masked, q=q),
+        ),
+        y,
+        x2,
+        cols,
+    )
+
+
+def _gathered(y: jax.Array, x2: jax.Array, cols: jax.Array, *, q: Int8Weight, capacity: int) -> jax.Array:
+    idx = jnp.nonzero(cols, size=capacity, fill_value=0)[0]
+    used = jnp.arange(capacity) < jnp.sum(cols, dtype=jnp.int32)
+    xo = jnp.where(used[None, :], x2[:, idx], jnp.zeros((), x2.dtype))
+    return _accumulate(y, xo, dequantize_int8(q.CB[:, idx], q.SCB).astype(x2.dtype))
+
+
+def _masked(y: jax.Array, x2: jax.Array, cols: jax.Array, *, q: Int8Weight) -> jax.Array:
     xo = jnp.where(cols[None, :], x2, jnp.zeros((), x2.dtype))
+    return _accumulate(y, xo, dequantize_int8(q.CB, q.SCB).astype(x2.dtype))
+
+
+def _accumulate(y: jax.Array, xo: jax.Array, w: jax.Array) -> jax.Array:
+    # float32 operands: products of 16-bit floats are exact in float32, so this is addmm's float32
+    # accumulation (and XLA:CPU has no bf16 x bf16 -> f32 dot for every shape); full float32 precision on
+    # accelerators too (no TF32 / bf16 passes), as torch's addmm by default: these are the precise columns
     dims = (((1,), (1,)), ((), ()))
     with jax.named_scope("gemm"):
-        extra = jax.lax.dot_general(xo, w, dims, preferred_element_type=jnp.float32)
+        extra = jax.lax.dot_general(
+            xo.astype(jnp.float32), w.astype(jnp.float32), dims, precision=jax.lax.Precision.HIGHEST
+        )
     return (y.astype(jnp.float32) + extra).astype(y.dtype)
 
 

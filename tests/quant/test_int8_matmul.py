@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from oftjax import quant
+from oftjax.quant._int8_matmul import OUTLIER_CAPACITY
 from tests.nn._helpers import COMPILES
 from tests.tolerances import TOL
 
@@ -133,37 +134,46 @@ def test_rescale_bits(dt, bias, rounding):
     np.testing.assert_array_equal(bits(got), bits(ref_rescale(acc, SCA, SCB, b, dtype, rounding)))
 
 
+# outlier columns: none at threshold 0; one (gathered block); 80 > OUTLIER_CAPACITY (masked dense matmul)
+STEP_CASES = {"thr0": (0.0, ()), "thr6-one-col": (6.0, (7,)), "thr6-80-cols": (6.0, tuple(range(3, 83)))}
+
+
 @pytest.mark.parametrize("rounding", quant.ROUNDINGS)
-@pytest.mark.parametrize("threshold", [0.0, 6.0], ids=["thr0", "thr6"])
-def test_llm_int8_matmul_equals_its_steps(threshold, rounding):
+@pytest.mark.parametrize("case", list(STEP_CASES), ids=list(STEP_CASES))
+def test_llm_int8_matmul_equals_its_steps(case, rounding):
     """Steps 1-3 exactly; the outlier columns as the float matmul of those columns (fp32 order)."""
-    x = activations((2, 5, 64), outlier_col=7)
-    q = quant.quantize_int8(jnp.asarray(activations((24, 64), seed=1, scale=0.05)))
+    threshold, outlier_cols = STEP_CASES[case]
+    x = activations((2, 5, 128), scale=0.5)
+    x[..., list(outlier_cols)] *= F32(40.0)
+    q = quant.quantize_int8(jnp.asarray(activations((24, 128), seed=1, scale=0.05)))
     b = jnp.asarray(activations((24,), seed=2))
     y = quant.llm_int8_matmul(jnp.asarray(x), q, b, threshold=threshold, rounding=rounding)
     assert y.shape == (2, 5, 24) and y.dtype == jnp.float32
-    x2 = x.reshape(10, 64)
+    x2 = x.reshape(10, 128)
     CA, SCA, cols = ref_quantize(x2, threshold, rounding)
+    assert sorted(np.flatnonzero(cols)) == list(outlier_cols)
     acc = CA.astype(np.int64) @ np.asarray(q.CB, np.int64).T
     want = ref_rescale(acc.astype(np.int32), SCA, np.asarray(q.SCB), np.asarray(b), F32, rounding)
-    if threshold == 0:
+    if not outlier_cols:
         np.testing.assert_array_equal(bits(y.reshape(10, 24)), bits(want))
         return
-    assert cols[7]
+    assert (len(outlier_cols) > OUTLIER_CAPACITY) == (case == "thr6-80-cols")  # the masked dense branch
     w = np.asarray(quant.dequantize(q, jnp.float32), np.float64)
     want = want + (x2 * cols).astype(np.float64) @ w.T
     tol = TOL["fp32_forward"]
-    np.testing.assert_allclose(np.asarray(y).reshape(10, 24), want, rtol=tol.rtol, atol=tol.atol)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(y).reshape(10, 24), want, rtol=tol.rtol, atol=tol.atol * scale)
 
 
 def test_outlier_mask_keeps_shapes_static():
-    """Any number of outlier columns (none, one, all) runs through one compilation."""
-    q = quant.quantize_int8(jnp.asarray(activations((8, 32), seed=1, scale=0.05)))
+    """Any number of outlier columns (none, one, beyond the gather capacity, all) runs through one
+    compilation."""
+    q = quant.quantize_int8(jnp.asarray(activations((8, 96), seed=1, scale=0.05)))
     f = jax.jit(lambda x: quant.llm_int8_matmul(x, q, threshold=6.0))
-    f(jnp.asarray(activations((3, 32))))
+    f(jnp.asarray(activations((3, 96))))
     with COMPILES.counting() as c:
-        for col in (None, 4, slice(None)):
-            x = activations((3, 32), seed=2)
+        for col in (None, 4, slice(0, 70), slice(None)):
+            x = activations((3, 96), seed=2)
             if col is not None:
                 x[:, col] = 9.0
             f(jnp.asarray(x))
