@@ -20,7 +20,8 @@ Reported:
     the median over rounds of torch's step time / JAX's (a round's two steps run back to back, so each of
     these ratios sees one machine state; the machine's speed moves between runs more than the ratio does);
   * the GEMM floor of each side, achieved GFLOP/s, and the step's share spent outside those GEMMs;
-  * peak RSS of each process;
+  * peak RSS of each process: after loading, quantizing and the warm-up steps (training), and at the end (with
+    the GEMM floor's own inputs, which are not the step's);
   * page faults per step of each process (the turn after the timed rounds);
   * JAX's compiled memory analysis of the train step (arguments, outputs, temporaries);
   * frozen-base bytes per parameter: the packed NF4 + DQ linears (sum of leaf nbytes / weight count; target
@@ -46,7 +47,13 @@ Figures, with the command that produced each: benchmarks/RESULTS.md.
 Where the JAX step's time outside the GEMMs goes (attention, rotations, dequantize, ...):
 ``python benchmarks/profile_train.py`` (same model and flags; XLA op times grouped by named scope).
 
+``--model DIR`` benchmarks a real checkpoint instead (its architecture and weights on both sides, loaded in
+float32, quantized to NF4 + double quantization on load: ``interop.hf.load_model`` + ``quantize_model`` and
+``BitsAndBytesConfig``; e.g. SmolLM2-135M-Instruct from ``python -m interop.real_model``: vocabulary 49,152,
+tied embeddings, 30 layers).
+
 Usage: python benchmarks/bench_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 10]
+       python benchmarks/bench_train.py --model DIR [--seq 256 --batch 4 --steps 10 --cpu-kernels on|off]
 """
 
 from __future__ import annotations
@@ -65,6 +72,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def hf_config(a: argparse.Namespace) -> dict:
+    """The benchmarked architecture: ``--model``'s config.json, else the synthetic Llama of the flags."""
+    if getattr(a, "model", None):
+        return json.loads((Path(a.model) / "config.json").read_text())
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -160,6 +170,20 @@ def add_shape_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--steps", type=int, default=steps)
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a real checkpoint directory (e.g. python -m interop.real_model) instead of the synthetic "
+        "Llama: its architecture and weights on both sides (--hidden/--layers/--vocab then come from it)",
+    )
+
+
+def apply_model_shape(a: argparse.Namespace) -> None:
+    """With ``--model``: the flags that describe the shape take the checkpoint's values (for the report)."""
+    if a.model is not None:
+        c = hf_config(a)
+        a.hidden, a.layers, a.vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
 
 
 def jax_quantized_model(a: argparse.Namespace):
@@ -170,7 +194,12 @@ def jax_quantized_model(a: argparse.Namespace):
     from oftjax.models import LlamaForCausalLM, ModelConfig
     from oftjax.train import quantize_model
 
-    model = LlamaForCausalLM(ModelConfig.from_hf(hf_config(a)), rngs=nnx.Rngs(0))
+    if a.model is not None:
+        from interop.hf_model import load_model
+
+        model = load_model(a.model, dtype="float32")
+    else:
+        model = LlamaForCausalLM(ModelConfig.from_hf(hf_config(a)), rngs=nnx.Rngs(0))
     quantize_model(model, "nf4", double_quant=True, compute_dtype=jnp.float32)
     return model
 
@@ -224,8 +253,9 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     n_train = trainable_count(model)
     compiled = trainer._train.lower(trainer.state, jax.device_put(batch)).compile()
     mem = compiled.memory_analysis()
-    for _ in range(a.warmup):
+    for _ in range(max(1, a.warmup)):
         float(trainer.train_step(batch)["loss"])
+    rss_training = _peak_rss_mb()  # before the GEMM floor's own arrays
 
     tokens = a.batch * a.seq
     xs = [jnp.asarray(rng.standard_normal((tokens, i)), jnp.float32) for i, _ in linear_shapes(a)]
@@ -251,6 +281,7 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
             "floor_s": statistics.median(floor_times),
             "tokens_per_s": a.batch * a.seq / step,
             "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_training_mb": rss_training,
             "trainable": n_train,
             "compiled_mb": {
                 k: getattr(mem, f"{k}_size_in_bytes", 0) / 2**20 for k in ("argument", "output", "temp")
@@ -274,11 +305,14 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     peft = oracle.require("peft")
     transformers = oracle.require("transformers")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(a).items() if k != "architectures"})
-        transformers.LlamaForCausalLM(cfg).save_pretrained(tmp)
-        model = oracle.load_causal_lm(tmp, quant="nf4", double_quant=True, device=device)
+    if a.model is not None:
+        model = oracle.load_causal_lm(a.model, quant="nf4", double_quant=True, device=device, dtype="float32")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(a).items() if k != "architectures"})
+            transformers.LlamaForCausalLM(cfg).save_pretrained(tmp)
+            model = oracle.load_causal_lm(tmp, quant="nf4", double_quant=True, device=device)
     model = peft.get_peft_model(
         model, peft.OFTConfig(r=0, oft_block_size=32, target_modules=list(TARGETS), task_type="CAUSAL_LM")
     )
@@ -297,6 +331,9 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
+    for _ in range(max(1, a.warmup)):
+        step_fn()
+    rss_training = _peak_rss_mb()  # before the GEMM floor's own arrays
     tokens = a.batch * a.seq
     g = torch.Generator().manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
@@ -313,7 +350,6 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
             torch.cuda.synchronize()
 
     for _ in range(a.warmup):
-        step_fn()
         floor()
     times, floor_times = turns.time([step_fn, floor], a.steps)
     step = statistics.median(times)
@@ -330,6 +366,7 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
             "floor_s": statistics.median(floor_times),
             "tokens_per_s": a.batch * a.seq / step,
             "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_training_mb": rss_training,
             "threads": torch.get_num_threads(),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
@@ -389,13 +426,19 @@ def main(argv: list[str] | None = None) -> int:
         help="oftjax's opt-in CPU kernels (on: as `oftjax train` runs on a CPU; off: the pure-JAX library)",
     )
     a = p.parse_args(argv)
+    apply_model_shape(a)
     load0 = os.getloadavg()[0]
     jx, th = _run_both(a)
     load1 = os.getloadavg()[0]
     ratio = jx["tokens_per_s"] / th["tokens_per_s"]
     gemm, attn = step_flops(a)
+    what = (
+        f"{a.model} (hidden {a.hidden} x {a.layers} layers)"
+        if a.model
+        else f"Llama hidden {a.hidden} x {a.layers} layers"
+    )
     print(
-        f"train step, Llama hidden {a.hidden} x {a.layers} layers, seq {a.seq}, batch {a.batch}, "
+        f"train step, {what}, seq {a.seq}, batch {a.batch}, "
         f"vocab {a.vocab}; NF4 + DQ base, OFT b=32 on {len(TARGETS)} projections "
         f"({jx['trainable']:,} trainable); {(gemm + attn) / 1e9:.1f} GFLOP/step in GEMMs + attention; "
         f"oftjax: {jx['kernels']}"
@@ -422,8 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     bound = th["step_s"] / jx["floor_s"]
     row("ratio bound (torch step/JAX floor)", "", "", f"{bound:.2f}")
     row("page faults per step", f"{jx['faults_per_step']:,.0f}", f"{th['faults_per_step']:,.0f}")
-    rss = jx["peak_rss_mb"] / th["peak_rss_mb"]
-    row("peak RSS (MB)", f"{jx['peak_rss_mb']:,.0f}", f"{th['peak_rss_mb']:,.0f}", f"{rss:.2f}")
+    for label, key in (
+        ("peak RSS, training (MB)", "peak_rss_training_mb"),
+        ("peak RSS, + floor (MB)", "peak_rss_mb"),
+    ):
+        rss = jx[key] / th[key]
+        row(label, f"{jx[key]:,.0f}", f"{th[key]:,.0f}", f"{rss:.2f}")
     if jx["compiled_mb"]:
         c = jx["compiled_mb"]
         row("JAX step args/out/temp (MB)", f"{c['argument']:.1f}/{c['output']:.1f}/{c['temp']:.1f}")
@@ -438,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     met = lambda ok: "met" if ok else "NOT met"
     print(
         f"targets: throughput ratio >= 1.5: {met(ratio >= 1.5)}; "
-        f"NF4+DQ <= 0.52 bytes/param: {met(bpp <= 0.52)}"
+        f"NF4+DQ <= 0.52 bytes/param: {met(bpp <= 0.52)}; peak RSS (training) <= torch's: "
+        f"{met(jx['peak_rss_training_mb'] <= th['peak_rss_training_mb'])}"
         + ("" if load0 < 1.0 else " (NOT a quiet-machine figure: rerun when the load average is < 1)")
     )
     if a.json:

@@ -25,6 +25,7 @@ part's wall cost, compare two compiled steps in one process with that part chang
 benchmarks/RESULTS.md.
 
 Usage: python benchmarks/profile_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 4]
+       python benchmarks/profile_train.py --model DIR [--seq 256 --batch 4 --cpu-kernels on|off]
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_train.add_shape_args(p, steps=4)
     p.add_argument("--cpu-kernels", choices=["on", "off"], default="on", help="oftjax's opt-in CPU kernels")
     a = p.parse_args(argv)
+    bench_train.apply_model_shape(a)
     # what bench_train and `oftjax train` do: otherwise every step faults its temporary buffer in afresh, and
     # whichever op first writes a page (a dequantize, a swiglu) is charged for it
     from oftjax.cli import keep_freed_memory
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         count[label] += 1
     total = sum(by_label.values())
     print(
-        f"train step, Llama hidden {a.hidden} x {a.layers} layers, seq {a.seq}, batch {a.batch}: "
+        f"train step, {f'{a.model}: ' if a.model else ''}Llama hidden {a.hidden} x {a.layers} layers, vocab "
+        f"{a.vocab}, seq {a.seq}, batch {a.batch}: "
         f"wall {1e3 * statistics.median(walls):.0f} ms (median of {len(walls)}, untraced); "
         f"traced op time {total:.0f} ms/step over {len(times)} distinct ops"
     )

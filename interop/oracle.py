@@ -108,6 +108,7 @@ def load_causal_lm(
     adapter: Any = None,
     device: str = "cpu",
     dtype: str = "float32",
+    attn_implementation: str | None = None,
 ) -> Any:
     """Load an HF checkpoint in transformers (+ bitsandbytes, + a PEFT adapter), oracle traps disarmed.
 
@@ -120,6 +121,9 @@ def load_causal_lm(
       dtype: "float32" or "bfloat16": the float weights and activations (transformers' ``dtype``) and the
         4-bit layers' ``bnb_4bit_compute_dtype``, so that the JAX side loaded with the same ``dtype``
         computes the same thing.
+      attn_implementation: transformers' attention ("eager", "sdpa"; None: its default, SDPA). "eager" is
+        the computation oftjax's attention reproduces (float32 softmax, probabilities rounded to the compute
+        dtype): in bfloat16, SDPA and eager differ from each other by more than oftjax differs from eager.
 
     The model is returned in eval mode, except int8 models: those run in train mode (dropout is 0 in these
     configs), the path where bitsandbytes dequantizes and multiplies in float, as oftjax's ``Linear8bit``
@@ -131,6 +135,8 @@ def load_causal_lm(
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "device_map": device}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if quant not in (None, "none"):
         kwargs["quantization_config"] = bnb_config(quant, double_quant=double_quant, compute_dtype=dtype)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)

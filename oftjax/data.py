@@ -18,6 +18,9 @@ Chat and instruction data (JSONL / JSON rows, ``is_row_data``) is read by ``oftj
 row is one example (ids and a loss mask), ``split_examples`` holds some out, and ``padded_rows`` puts one
 example per row, right-padded to ``seq_len``, so that no example attends to another and each one's positions
 start at 0 (causal attention never looks at the padding after a token; the padding is out of the loss).
+``pack_examples`` instead places several whole examples in a row, with segment ids from which the model's
+``segment_mask`` and ``segment_positions`` keep each example to itself (benchmarks/RESULTS.md compares the
+two).
 
 Example:
     >>> tok = ByteTokenizer()
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,8 +53,10 @@ __all__ = [
     "load_tokenizer",
     "num_batches_per_epoch",
     "pack",
+    "pack_examples",
     "padded_rows",
     "read_texts",
+    "segment_positions",
     "split",
     "split_examples",
     "tokenize",
@@ -146,6 +152,8 @@ def load_tokenizer(model_dir: str | os.PathLike | None) -> ByteTokenizer | HFTok
 
 def _read_text_file(path: Path) -> str | None:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # a FIFO would block, a device (/dev/zero) never ends: not text files
         raw = path.read_bytes()
     except OSError:
         return None
@@ -313,3 +321,59 @@ def padded_rows(examples: Sequence, seq_len: int, pad_id: int) -> PackedData:
     if not examples:
         raise ValueError("no examples to put in rows")
     return PackedData(*padded_arrays(examples, seq_len, pad_id))
+
+
+def pack_examples(examples: Sequence, seq_len: int, pad_id: int) -> tuple[PackedData, np.ndarray]:
+    """Whole examples placed in rows of ``seq_len`` tokens (first fit, in order): ``(rows, segment_ids)``.
+
+    ``segment_ids`` int32 ``[N, T]`` numbers the examples of a row from 1 (padding: 0). An example's first
+    token is never a target (the token before it belongs to another example), so the loss mask is cleared
+    there. Examples longer than ``seq_len`` keep their first tokens.
+
+    Example:
+        >>> from oftjax.chat_data import ChatExample
+        >>> ex = [ChatExample(np.array([5, 6, 7], np.int32), np.ones(3, bool), "a:1"),
+        ...       ChatExample(np.array([8, 9], np.int32), np.ones(2, bool), "a:2")]
+        >>> rows, seg = pack_examples(ex, 6, pad_id=0)
+        >>> rows.input_ids.tolist(), seg.tolist(), rows.loss_mask.astype(int).tolist()
+        ([[5, 6, 7, 8, 9, 0]], [[1, 1, 1, 2, 2, 0]], [[0, 1, 1, 0, 1, 0]])
+    """
+    if not examples:
+        raise ValueError("no examples to pack")
+    rows: list[list] = []  # per row: the examples in it
+    free: list[int] = []
+    for e in examples:
+        n = min(int(e.input_ids.size), seq_len)
+        i = next((r for r, room in enumerate(free) if room >= n), len(rows))
+        if i == len(rows):
+            rows.append([])
+            free.append(seq_len)
+        rows[i].append(e)
+        free[i] -= n
+    ids = np.full((len(rows), seq_len), pad_id, np.int32)
+    mask = np.zeros((len(rows), seq_len), bool)
+    seg = np.zeros((len(rows), seq_len), np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, e in enumerate(row, 1):
+            n = min(int(e.input_ids.size), seq_len)
+            ids[r, at : at + n] = e.input_ids[:n]
+            mask[r, at + 1 : at + n] = e.loss_mask[1:n]
+            seg[r, at : at + n] = k
+            at += n
+    return PackedData(ids, mask), seg
+
+
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Rotary positions restarting at 0 where the segment id changes along each row (int32, same shape).
+
+    Example:
+        >>> segment_positions(np.array([[1, 1, 1, 2, 2, 0]])).tolist()
+        [[0, 1, 2, 0, 1, 0]]
+    """
+    seg = np.asarray(segment_ids)
+    index = np.broadcast_to(np.arange(seg.shape[-1]), seg.shape)
+    starts = np.ones(seg.shape, bool)
+    starts[..., 1:] = seg[..., 1:] != seg[..., :-1]
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
+    return (index - first).astype(np.int32)

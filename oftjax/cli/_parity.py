@@ -39,11 +39,13 @@ TOLERANCE: dict[str, Tolerance] = {
         "layers, a few 1e-6 through SmolLM2's 30); top-1 differs only where two logits tie to ~1e-6",
     ),
     "bfloat16": Tolerance(
-        5e-2,
-        0.90,
-        "bf16 on both sides: each side rounds activations to bf16 (2^-8 relative) after different "
-        "operations (XLA fuses elementwise chains in float32, torch rounds after each), and the differences "
-        "compound over the layers; near-ties of the top logits then flip",
+        1e-1,
+        0.85,
+        "bf16 on both sides: each rounds activations to bf16 (2^-8 relative) after different operations "
+        "(XLA fuses elementwise chains in float32, torch rounds after each) and the differences compound "
+        "over the layers, so that near-ties of the top logits flip; the limits sit where two bf16 "
+        "implementations inside torch itself (SDPA and eager attention) already differ on a 30-layer model "
+        "(benchmarks/RESULTS.md, parity on SmolLM2)",
     ),
 }
 DEFAULT_RTOL = TOLERANCE["float32"].rtol
@@ -155,9 +157,11 @@ def compare(ours: np.ndarray, ref: np.ndarray, *, top1: bool = False) -> dict[st
 
 
 def run_parity(args: argparse.Namespace) -> int:
-    """``oftjax parity``: JAX and torch outputs for the same tokens, a table, the verdict as exit status."""
-    from interop import oracle
+    """``oftjax parity``: JAX and torch outputs for the same tokens, a table, the verdict as exit status.
 
+    In bfloat16 the table also shows torch in bfloat16 against torch in float32: the size of bf16 rounding
+    through the model, the scale against which the JAX-vs-torch difference is to be read.
+    """
     _check_inputs(args)
     tol = TOLERANCE[args.dtype]
     args.rtol = tol.rtol if args.rtol is None else args.rtol
@@ -168,24 +172,40 @@ def run_parity(args: argparse.Namespace) -> int:
     )
     ids = ids.astype(np.int64)
     ours, ours_layers = jax_outputs(model, ids, per_layer=args.per_layer)
+    ref, ref_layers = _torch_outputs(args, ck, ids, args.dtype, per_layer=args.per_layer)
+    rows = [("logits", compare(ours, ref, top1=True))]
+    if args.dtype != "float32":
+        # the scale of the dtype's own rounding: torch in this dtype against torch in float32
+        rows.append(
+            ("torch vs its fp32", compare(ref, _torch_outputs(args, ck, ids, "float32")[0], top1=True))
+        )
+    for i, (a, b) in enumerate(zip(ours_layers, ref_layers, strict=True)):
+        rows.append((f"layer {i} output", compare(a, b)))
+    return _report(args, ck, rows)
+
+
+def _torch_outputs(
+    args: argparse.Namespace, ck: str | None, ids: np.ndarray, dtype: str, *, per_layer: bool = False
+) -> tuple[np.ndarray, list]:
+    """The torch side's logits (and layer outputs) for ``ids``, computed in ``dtype``."""
+    from interop import oracle
+
     torch_model = oracle.load_causal_lm(
         args.model,
         quant=None if ck is not None or args.quant == "none" else args.quant,
         double_quant=args.double_quant,
         adapter=args.adapter,
         device=args.device,
-        dtype=args.dtype,
+        dtype=dtype,
+        attn_implementation="eager",  # the computation oftjax's attention reproduces (interop/oracle.py)
     )
-    ref, ref_layers = oracle.causal_lm_outputs(torch_model, ids, per_layer=args.per_layer)
-    rows = [("logits", compare(ours, ref, top1=True))]
-    for i, (a, b) in enumerate(zip(ours_layers, ref_layers, strict=True)):
-        rows.append((f"layer {i} output", compare(a, b)))
-    return _report(args, ck, rows)
+    return oracle.causal_lm_outputs(torch_model, ids, per_layer=per_layer)
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
     from oftjax.cli import CLIError
     from oftjax.cli._model_source import resolve_model
+    from oftjax.cli._validate import check_parity_args
 
     args.model = resolve_model(args.model)
     if not (args.model / "config.json").is_file():
@@ -194,6 +214,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise CLIError(f"{args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
     if args.batch < 1 or args.seq_len < 1:
         raise CLIError("--batch and --seq-len must be >= 1")
+    check_parity_args(args)
 
 
 def _jax_model(args: argparse.Namespace) -> tuple[Any, str | None]:

@@ -1,0 +1,146 @@
+"""Chat examples in a train step: one example per row (padded), packed rows, or padding per batch.
+
+Which way of putting variable-length examples into a ``[batch, seq]`` step trains fastest on a real model?
+Measured on SmolLM2-135M-Instruct (the checkpoint of ``interop/real_model.py``; ``--model`` another) with the
+packaged pydoc chat set, NF4 + double quantization, OFT (block size 32, all seven projections), float32, the
+CPU kernels on and glibc keeping freed memory, as ``oftjax train`` runs on a CPU. The token budget is the same
+for all three: ``--batch`` rows of ``--seq`` positions per step.
+
+* **padded**: one example per row, right-padded to ``--seq`` (``oftjax.data.padded_rows``). Causal attention
+  alone keeps examples apart, so the attention is the causal fast path (the attention kernel).
+* **packed**: whole examples placed in rows (``oftjax.data.pack_examples``), kept apart by the
+  ``[batch, seq, seq]`` mask of ``oftjax.models.segment_mask`` with positions restarting per example: almost
+  no padding, but the masked attention path (the full score matrix, no kernel).
+* **per-batch**: ``--batch`` random examples padded to the longest of them rounded up to a multiple of 64:
+  less padding than ``padded`` and the causal fast path, but one compilation per distinct length.
+
+For each, the step is compiled first (not timed), then ``--steps`` steps run on batches drawn from the set;
+tokens/s counts the real tokens of those batches (not padding) over their wall time.
+
+Usage: python benchmarks/bench_batching.py [--model DIR] [--seq 512 --batch 4 --steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BUCKET = 64
+
+
+def _model(path, a):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from interop.hf_model import load_model
+    from oftjax.config import OFTConfig
+    from oftjax.surgery import apply_oft
+    from oftjax.train import TrainConfig, Trainer, quantize_model
+
+    model = load_model(path, dtype="float32")
+    quantize_model(model, "nf4", double_quant=True, compute_dtype=jnp.float32)
+    apply_oft(model, OFTConfig(r=0, oft_block_size=32, target_modules=list(TARGETS)), rngs=nnx.Rngs(0))
+    cfg = TrainConfig(steps=1000, learning_rate=1e-4, batch_size=a.batch, seq_len=a.seq)
+    return Trainer(model, cfg)
+
+
+def _batches(kind: str, examples, a, pad_id: int, rng) -> list[tuple[dict, int]]:
+    """``--steps`` batches of one kind (with the extra keys the model call takes) and their real tokens."""
+    import numpy as np
+
+    from oftjax.data import pack_examples, padded_rows, segment_positions
+    from oftjax.models import segment_mask
+
+    lengths = np.array([min(e.input_ids.size, a.seq) for e in examples])
+    out = []
+    if kind == "padded":
+        rows = padded_rows(examples, a.seq, pad_id)
+        for _ in range(a.steps):
+            idx = rng.choice(len(rows), a.batch, replace=False)
+            batch = {"input_ids": rows.input_ids[idx], "loss_mask": rows.loss_mask[idx]}
+            out.append((batch, int(lengths[idx].sum())))
+    elif kind == "packed":
+        rows, seg = pack_examples(examples, a.seq, pad_id)
+        for _ in range(a.steps):
+            idx = rng.choice(len(rows), a.batch, replace=False)
+            batch = {
+                "input_ids": rows.input_ids[idx],
+                "loss_mask": rows.loss_mask[idx],
+                "attention_mask": np.asarray(segment_mask(seg[idx])),
+                "positions": segment_positions(seg[idx]),
+            }
+            out.append((batch, int((seg[idx] > 0).sum())))
+    else:
+        for _ in range(a.steps):
+            idx = rng.choice(len(examples), a.batch, replace=False)
+            width = min(a.seq, -(-int(lengths[idx].max()) // BUCKET) * BUCKET)
+            rows = padded_rows([examples[i] for i in idx], width, pad_id)
+            out.append(({"input_ids": rows.input_ids, "loss_mask": rows.loss_mask}, int(lengths[idx].sum())))
+    return out
+
+
+def _time(trainer, batches: list[dict]) -> tuple[list[float], float]:
+    """Per-step wall times, after one untimed step per distinct shape (its compilation)."""
+    seen = set()
+    t0 = time.perf_counter()
+    for b in batches:
+        if b["input_ids"].shape not in seen:
+            seen.add(b["input_ids"].shape)
+            float(trainer.train_step(b)["loss"])
+    compile_s = time.perf_counter() - t0
+    times = []
+    for b in batches:
+        t = time.perf_counter()
+        float(trainer.train_step(b)["loss"])
+        times.append(time.perf_counter() - t)
+    return times, compile_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the real SmolLM2 fixture)")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--kinds", default="padded,packed,per-batch")
+    a = p.parse_args(argv)
+    from oftjax.cli import keep_freed_memory
+
+    malloc = keep_freed_memory()
+    from oftjax import cpu_kernels
+
+    cpu_kernels.enable()
+    import numpy as np
+
+    from interop.real_model import build_smollm2
+    from oftjax.chat_data import ChatTokenizer, load_chat_data, pydoc_chat_paths
+
+    path = a.model or build_smollm2()
+    tok = ChatTokenizer.from_checkpoint(path)
+    examples = load_chat_data(pydoc_chat_paths()["train"], tok, seq_len=a.seq).examples
+    trainer = _model(path, a)
+    load0 = os.getloadavg()[0]
+    print(f"{path}: {len(examples)} examples, seq {a.seq}, batch {a.batch}; {malloc}; CPU kernels on")
+    print(
+        f"| {'layout':<10} | {'real tokens/step':>16} | {'step s, median':>15} | {'tokens/s':>9} | shapes |"
+    )
+    print(f"|{'-' * 12}|{'-' * 18}|{'-' * 17}|{'-' * 11}|--------|")
+    for kind in a.kinds.split(","):
+        pairs = _batches(kind, examples, a, tok.pad_id, np.random.default_rng(0))
+        batches, real = [b for b, _ in pairs], [n for _, n in pairs]
+        times, _ = _time(trainer, batches)
+        shapes = len({b["input_ids"].shape for b in batches})
+        print(
+            f"| {kind:<10} | {statistics.mean(real):>16,.0f} | {statistics.median(times):>15.2f} | "
+            f"{sum(real) / sum(times):>9,.0f} | {shapes:>6} |"
+        )
+    print(f"1-min load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
