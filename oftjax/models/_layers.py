@@ -81,9 +81,14 @@ def norm(cfg: ModelConfig, dim: int, param_dtype) -> RMSNorm:
 
 
 @operation("swiglu")
+@jax.custom_jvp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """``silu(gate) * up`` (HF's ``act_fn(gate_proj(x)) * up_proj(x)``); a named operation (a CPU kernel
     replaces it when ``oftjax.cpu_kernels`` is enabled).
+
+    The derivative is torch's ``silu_backward``, ``s (1 + gate (1 - s))`` with ``s = sigmoid(gate)``: autodiff
+    of ``gate * sigmoid(gate)`` would form ``(gate * cotangent) * sigmoid'(gate)``, which is ``inf * 0 = nan``
+    for ``|gate|`` near float32's largest values where torch's (and the kernel's) gradient is finite.
 
     Example:
       >>> import jax.numpy as jnp
@@ -91,6 +96,15 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
       0.0
     """
     return jax.nn.silu(gate) * up
+
+
+@swiglu.default.defjvp
+def _swiglu_jvp(primals, tangents):
+    gate, up = primals
+    d_gate, d_up = tangents
+    s = jax.nn.sigmoid(gate)
+    silu = gate * s
+    return silu * up, (s * (1 + gate * (1 - s))) * d_gate * up + silu * d_up
 
 
 def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
