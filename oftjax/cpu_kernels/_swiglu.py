@@ -1,6 +1,6 @@
 """SwiGLU's ``silu(gate) * up`` on the CPU, forward and backward (``csrc/swiglu.cc``).
 
-Replacement of the named operation ``swiglu`` (``oftjax.models._llama``) for float32 operands of one shape on
+Replacement of the named operation ``swiglu`` (``oftjax.models._layers``) for float32 operands of one shape on
 an AVX-512 machine. The same formulas as the pure-JAX formulation (torch's ``silu_backward`` for the
 gradient) to float32 rounding: their exp is a polynomial (~1 ulp) where XLA has its own logistic.
 
