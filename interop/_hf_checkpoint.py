@@ -26,6 +26,7 @@ import numpy as np
 from interop import bnb
 from interop._hf_config import bnb_quantization_config as bnb_quantization_config  # for interop.hf_model
 from interop._hf_config import check_model_config, check_weights_match_config, validate_quantization_config
+from interop._hf_shapes import check_known_architecture
 from interop._io import InteropError, atomic_write_bytes, output_dir, read_json
 from interop._paths import Root, open_regular
 from interop._safetensors import LazyTensor, SafetensorsFile, total_nbytes, write_safetensors
@@ -274,6 +275,7 @@ def read_checkpoint(
     tensors, origin = _sources(root, single)
     weights = _group(tensors, origin, int8_dtype, qc)
     check_weights_match_config(config, weights, where=str(cfg_path))
+    check_known_architecture(config, weights, source=str(root.path), where=str(cfg_path))
     return config, (weights if lazy else materialize(weights))
 
 

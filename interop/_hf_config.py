@@ -138,6 +138,9 @@ _POSITIVE_INTS = (
 )
 _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "sliding_window")
 _POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+_MAX_INT = 2**31 - 1  # sizes beyond int32: no model has them, and shape arithmetic overflows
+_MAX_LAYERS = 1024  # each layer is built in Python: more than any published decoder (a few hundred at most)
+_MAX_FLOAT32 = 3.4028234663852886e38  # the model computes in float32 at most: larger is infinite there
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
 _STRINGS = ("model_type", "hidden_act")
 _OPTIONAL_STRINGS = ("dtype", "torch_dtype")
@@ -157,11 +160,12 @@ def check_model_config(config: Mapping[str, Any], *, where: str = CONFIG) -> Non
 
     for key, value in config.items():
         if key in _POSITIVE_INTS or (key in _OPTIONAL_POSITIVE_INTS and value is not None):
-            if not is_int(value) or value < 1:
-                raise InteropError(f"{where}: {key} {value!r:.80}: expected a positive integer")
+            limit = _MAX_LAYERS if key == "num_hidden_layers" else _MAX_INT
+            if not is_int(value) or not 1 <= value <= limit:
+                raise InteropError(f"{where}: {key} {value!r:.80}: expected an integer in 1 .. {limit}")
         elif key in _POSITIVE_NUMBERS:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or value <= 0:
+            if not ok or not 0 < value <= _MAX_FLOAT32:
                 raise InteropError(f"{where}: {key} {value!r:.80}: expected a positive finite number")
         elif key in _BOOLS and not isinstance(value, bool):
             raise InteropError(f"{where}: {key} {value!r:.80}: expected true or false")

@@ -98,7 +98,7 @@ def write_jax_checkpoint(
       >>> import tempfile
       >>> weights = {"lm_head": {"weight": np.ones((2, 3), np.float32)}}
       >>> with tempfile.TemporaryDirectory() as tmp:
-      ...     path = write_jax_checkpoint(Path(tmp) / "jax", {"model_type": "llama"}, weights)
+      ...     path = write_jax_checkpoint(Path(tmp) / "jax", {"architectures": ["Tiny"]}, weights)
       ...     sorted(p.name for p in path.iterdir())
       ['oftjax_checkpoint.json', 'weights.safetensors']
     """
@@ -197,7 +197,7 @@ def _tensor_names(spec: Mapping[str, Any]) -> dict[str, str]:
 
 def _leaf(spec: Any, f: SafetensorsFile, module: str) -> tuple[Any, list[str]]:
     """The leaf a spec describes (lazy) and the tensor names it uses."""
-    if not isinstance(spec, dict) or spec.get("kind") not in _SPEC_KEYS:
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or spec["kind"] not in _SPEC_KEYS:
         raise InteropError(f"expected a spec with kind 'array', 'int8' or '4bit', got {spec!r:.80}")
     kind = spec["kind"]
     unknown = sorted(set(spec) - _SPEC_KEYS[kind])
@@ -276,6 +276,7 @@ def read_jax_checkpoint(
     if qc is not None:
         validate_quantization_config(qc, where=str(meta_path))
     check_weights_match_config(config, weights, where=str(meta_path))
+    check_known_architecture(config, weights, source=str(root.path), where=f"{meta_path}: config")
     return config, (weights if lazy else materialize(weights))
 
 
@@ -297,7 +298,7 @@ def checkpoint_to_jax(
       >>> import tempfile
       >>> weights = {"lm_head": {"weight": np.ones((2, 3), np.float32)}}
       >>> with tempfile.TemporaryDirectory() as tmp:
-      ...     _ = write_checkpoint(Path(tmp) / "hf", {"model_type": "llama"}, weights)
+      ...     _ = write_checkpoint(Path(tmp) / "hf", {"architectures": ["Tiny"]}, weights)
       ...     _ = (Path(tmp) / "hf" / "tokenizer.json").write_text("{}")
       ...     jax_dir = checkpoint_to_jax(Path(tmp) / "hf", Path(tmp) / "jax")
       ...     sorted(p.name for p in jax_dir.iterdir())
@@ -305,7 +306,6 @@ def checkpoint_to_jax(
     """
     src = Path(src)
     config, weights = read_checkpoint(src, lazy=True, allow_symlinks=allow_symlinks)
-    check_known_architecture(config, weights, source=str(src))
     extra = extra_files_of(src, skip=(CONFIG, META), allow_symlinks=allow_symlinks)
     return write_jax_checkpoint(dst, config, weights, force=force, progress=progress, extra_files=extra)
 
@@ -327,7 +327,7 @@ def checkpoint_to_hf(
       >>> import tempfile
       >>> weights = {"lm_head": {"weight": np.ones((2, 3), np.float32)}}
       >>> with tempfile.TemporaryDirectory() as tmp:
-      ...     jax_dir = write_jax_checkpoint(Path(tmp) / "jax", {"model_type": "llama"}, weights)
+      ...     jax_dir = write_jax_checkpoint(Path(tmp) / "jax", {"architectures": ["Tiny"]}, weights)
       ...     hf_dir = checkpoint_to_hf(jax_dir, Path(tmp) / "hf")
       ...     sorted(p.name for p in hf_dir.iterdir())
       ['config.json', 'model.safetensors']
@@ -335,7 +335,6 @@ def checkpoint_to_hf(
     src = Path(src)
     parse_size(max_shard_size)  # checked before anything is read or written
     config, weights = read_jax_checkpoint(src, lazy=True, allow_symlinks=allow_symlinks)
-    check_known_architecture(config, weights, source=str(src))
     extra = extra_files_of(src, skip=(CONFIG, META), allow_symlinks=allow_symlinks)
     return write_checkpoint(
         dst, config, weights, force=force, progress=progress, max_shard_size=max_shard_size, extra_files=extra

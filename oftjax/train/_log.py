@@ -22,7 +22,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     Example:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as tmp:
-        ...     _ = (Path(tmp) / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
+        ...     _ = (Path(tmp) / "metrics.jsonl").write_text('{"step": 1}\\n{"step": 2, "lo')
         ...     read_metrics(Path(tmp) / "metrics.jsonl")
         [{'step': 1}]
     """

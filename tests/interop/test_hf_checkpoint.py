@@ -358,6 +358,11 @@ def test_quantized_layer_with_bias_and_top_level_tensor(root, tmp_path):
     weights["model.layers.0.self_attn.q_proj"]["bias"] = bias
     weights[""] = {"scalar": np.array(3.0, np.float32)}
     out = hf.write_checkpoint(tmp_path / "out", config, weights)
+    with pytest.raises(InteropError, match=r"unexpected tensor\(s\) \['model.layers.0.self_attn.q_proj"):
+        hf.read_checkpoint(out)  # a Llama config has no place for them
+    # the format itself holds any tensor: a config of an architecture oftjax does not model is not checked
+    config = {k: v for k, v in config.items() if k != "model_type"}
+    out = hf.write_checkpoint(tmp_path / "other", config, weights)
     _, back = hf.read_checkpoint(out)
     q = back["model.layers.0.self_attn.q_proj"]
     assert isinstance(q["weight"], quant.Int8Weight) and q["bias"].tobytes() == bias.tobytes()

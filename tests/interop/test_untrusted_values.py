@@ -57,6 +57,18 @@ def _edit_json(path: Path, mutate) -> None:
     path.write_text(json.dumps(data))
 
 
+def _relabel(path: Path, key: str, dtype: str) -> None:
+    """Give tensor ``key`` of model.safetensors another dtype of the same size in the header (same bytes)."""
+    import struct
+
+    data = (path / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header[key]["dtype"] = dtype
+    blob = json.dumps(header).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+
+
 def _qc(path: Path, **changes) -> None:
     _edit_json(path / "config.json", lambda c: c["quantization_config"].update(changes))
 
@@ -91,6 +103,17 @@ CHECKPOINT_CASES = {
         "sharded",
         lambda p: _edit_json(p / "model.safetensors.index.json", lambda i: i.update(weight_map=[1])),
         "weight_map",
+    ),
+    "float-as-int32": ("float", lambda p: _relabel(p, "model.norm.weight", "I32"), "model.norm.weight"),
+    "renamed-tensor": (
+        "float",
+        lambda p: _rewrite(p, lambda t: t.update({"model.normx.weight": t.pop("model.norm.weight")})),
+        "model.norm",
+    ),
+    "missing-required-key": (
+        "nf4",
+        lambda p: _edit_json(p / "config.json", lambda c: c.pop("hidden_size")),
+        "hidden_size",
     ),
     "config-dtype-list": (
         "float",
@@ -139,6 +162,7 @@ JAX_CHECKPOINT_CASES = {
     "blocksize-float": (lambda m: m["modules"][V]["weight"].update(blocksize=64.0), "blocksize"),
     "shape-strings": (lambda m: m["modules"][V]["weight"].update(shape=["32", "64"]), "shape"),
     "modules-list": (lambda m: m.update(modules=[]), "modules"),
+    "kind-list": (lambda m: m["modules"]["lm_head"]["weight"].update(kind=[1]), "lm_head.weight"),
 }
 
 
