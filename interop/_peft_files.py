@@ -43,16 +43,30 @@ def _adapter_files(
     root = Root(path, allow_symlinks=allow_symlinks)
     if adapter_name not in (None, "default"):
         fmt.check_adapter_name(adapter_name)
-        if root.dir(adapter_name) is not None and root.exists(f"{adapter_name}/{ADAPTER_CONFIG}"):
+        if root.dir(adapter_name) is not None:
+            _check_has_config(root, f"{adapter_name}/")
             return root, f"{adapter_name}/"
     if root.path.is_dir() and root.exists(ADAPTER_CONFIG):
         return root, ""
+    if root.path.is_dir():
+        _check_has_config(root, "")
     if not root.path.is_dir():
         raise InteropError(f"{root.path}: adapter directory not found")
     subs = list_adapters(root.path, allow_symlinks=allow_symlinks)
     where = f" (adapter_name={adapter_name!r})" if adapter_name else ""
     hint = f"; adapters found in subfolders: {subs}" if subs else ""
     raise InteropError(f"{root.path / ADAPTER_CONFIG}: file not found{where}{hint}")
+
+
+def _check_has_config(root: Root, prefix: str) -> None:
+    """An adapter's weights without its config are an incomplete adapter: an error, never skipped (another
+    adapter of the directory would be read in its place, or the adapter silently left out)."""
+    if not root.exists(prefix + ADAPTER_CONFIG):
+        for weights in (ADAPTER_WEIGHTS, _TORCH_PICKLE):
+            if root.exists(prefix + weights):
+                raise InteropError(
+                    f"{root.path / prefix / weights}: an adapter's weights without its adapter_config.json"
+                )
 
 
 def adapter_dir(path: str | os.PathLike, adapter_name: str | None, *, allow_symlinks: bool = False) -> Path:
@@ -83,9 +97,11 @@ def list_adapters(path: str | os.PathLike, *, allow_symlinks: bool = False) -> l
     root = Root(path, allow_symlinks=allow_symlinks)
     if not root.path.is_dir():
         return []
+    _check_has_config(root, "")
     names = ["default"] if root.exists(ADAPTER_CONFIG) else []
     for name, mode, is_link in root.entries():
         if stat.S_ISDIR(mode):
+            _check_has_config(root, f"{name}/")
             if root.exists(f"{name}/{ADAPTER_CONFIG}"):
                 names.append(name)
         elif is_link and os.path.isdir(root.path / name):

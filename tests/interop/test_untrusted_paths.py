@@ -287,3 +287,16 @@ def test_hostile_json_is_one_clear_error(tmp_path, text):
 
     with pytest.raises(InteropError, match="x.safetensors"):
         SafetensorsFile(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("lost", ["adapter_config.json", "other/adapter_config.json"])
+def test_adapter_weights_without_their_config_are_refused_not_dropped(fx, tmp_path, lost):
+    adapter = _copy(fx.adapter, tmp_path)
+    (adapter / lost).unlink()
+    with pytest.raises(InteropError, match="without its adapter_config.json"):
+        peft.adapter_to_jax(adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    name = "other" if lost.startswith("other/") else "default"
+    model = hf.load_model(fx.checkpoints["float"])
+    with pytest.raises(InteropError, match="adapter_config.json"):
+        peft.load_adapter(model, adapter, name)  # never another adapter of the directory in its place
