@@ -30,7 +30,7 @@ from flax import nnx
 from interop import _hf_checkpoint as hf
 from interop._io import InteropError
 from interop._nnx_names import base_module
-from oftjax.models import CausalLM, ModelConfig, linear_modules, norm_modules
+from oftjax.models import CausalLM, ModelConfig, UnsupportedConfigError, linear_modules, norm_modules
 from oftjax.nn import module_at, replace_module
 from oftjax.quant import FourBitWeight, Int8Weight
 
@@ -279,6 +279,7 @@ def load_model(
     dtype: Any = None,
     compute_dtype: Any = None,
     strict: bool = False,
+    allow_symlinks: bool = False,
 ) -> CausalLM:
     """Load an HF checkpoint directory (float, bnb 8-bit or 4-bit) of an ``oftjax.models`` family into JAX.
 
@@ -293,14 +294,19 @@ def load_model(
       compute_dtype: activation dtype (default: ``dtype``).
       strict: also refuse config keys the key policy does not know (``ModelConfig.from_hf``); by default
         they are accepted with one warning. Keys whose value changes math oftjax lacks are always refused.
+      allow_symlinks: follow symbolic links that stay inside ``path`` (``interop.hf.read_checkpoint``: its
+        files are untrusted; a Hugging Face cache snapshot's links into its blobs are always followed).
 
     Example:
       >>> model = load_model("tiny-llama-nf4")      # doctest: +SKIP
       >>> logits = model(jnp.array([[1, 2, 3]]))     # doctest: +SKIP
     """
     path = Path(path)
-    hf_config, modules = _read(path)
-    config = ModelConfig.from_hf(hf_config, strict=strict)
+    hf_config, modules = _read(path, allow_symlinks)
+    try:
+        config = ModelConfig.from_hf(hf_config, strict=strict)
+    except UnsupportedConfigError as e:  # the keys strict refuses: name the file
+        raise UnsupportedConfigError(f"{path / hf.CONFIG}: {e}") from None
     qcfg = hf_config.get("quantization_config") or {}
     modules = _quantize_float_int8_weights(config, modules, qcfg, str(path))
     quant_cd = compute_dtype
@@ -440,9 +446,9 @@ def quantization_config(model: CausalLM) -> dict[str, Any] | None:
     return out
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def _read(path: Path, allow_symlinks: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """config.json + ``{module_path: {name: leaf}}`` (``interop.hf.read_checkpoint``, memory-mapped)."""
-    return hf.read_checkpoint(path, lazy=True)
+    return hf.read_checkpoint(path, lazy=True, allow_symlinks=allow_symlinks)
 
 
 def _write(path: Path, hf_config: dict[str, Any], modules: dict[str, dict[str, Any]], **kw: Any) -> None:
