@@ -16,14 +16,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from oftjax.config._patterns import PatternError, compile_pattern
+from oftjax.config._patterns import PatternError as PatternError
+from oftjax.config._patterns import compile_pattern as compile_pattern
+from oftjax.config._targets import layer_selected
+from oftjax.config._values import (
+    PLAIN_NAME,
+    check_pattern,
+    checked_int,
+    is_before_018,
+    parse_version,
+    save_pattern,
+    str_collection,
+)
 
-__all__ = ["DEFAULT_TARGET_MODULES", "PEFT_VERSION", "OFTConfig"]
+__all__ = ["DEFAULT_TARGET_MODULES", "PEFT_VERSION", "OFTConfig", "PatternError", "compile_pattern"]
 
 #: The PEFT version whose OFT math and file format we reproduce; written as ``peft_version`` by default.
 PEFT_VERSION = "0.21.2"
@@ -46,58 +56,6 @@ _V014_MESSAGE = (
     "with the latest version of OFT. Please retrain your adapter weights with newer PEFT versions. "
     "Alternatively, downgrade PEFT to version 0.13.0 to use the old adapter weights."
 )
-
-
-def _parse_version(version: str) -> tuple[tuple[int, ...], bool]:
-    """``(release, is_final)`` of a PEP 440-ish version; drops PEFT's ``@commit`` suffix."""
-    text = version.partition("@")[0].strip()
-    match = re.match(r"v?(\d+(?:\.\d+)*)(.*)$", text)
-    if match is None:
-        raise ValueError(f"OFTConfig: cannot parse peft_version {version!r}; expected e.g. '0.21.2'")
-    release = tuple(int(p) for p in match.group(1).split("."))
-    release = release + (0,) * (3 - len(release))
-    return release, match.group(2) == ""
-
-
-def _is_before_018(version: str) -> bool:
-    # The series changed in 0.18.0 (docs/peft-oft.md, "Versions of the OFT parameterization"). A 0.18 dev
-    # build already writes peft_version (added in the 0.18 cycle), so only the release number decides.
-    return _parse_version(version)[0] < (0, 18, 0)
-
-
-def _str_collection(name: str, value: Any) -> str | frozenset[str] | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, Iterable) and not isinstance(value, Mapping):
-        items = list(value)
-        bad = [v for v in items if not isinstance(v, str)]
-        if bad:
-            raise TypeError(f"OFTConfig.{name}: expected module names (str); got {bad!r}")
-        return frozenset(items)
-    raise TypeError(f"OFTConfig.{name}: expected None, a regex string or a list of names; got {value!r}")
-
-
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"OFTConfig.{name}: expected an int; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"OFTConfig.{name}: must be >= {minimum}; got {value}")
-    return value
-
-
-def _check_pattern(name: str, pattern: str) -> None:
-    try:
-        compile_pattern(pattern)
-    except PatternError as e:
-        raise ValueError(f"OFTConfig.{name}: pattern {pattern!r:.200}: {e}") from None
-
-
-def _save_pattern(module: str) -> str:
-    """PEFT's pattern for a ``modules_to_save`` entry (matched as ``re.match`` matches it)."""
-    return rf"(^|.*\.){module}($|\..*)"
-
-
-_PLAIN_NAME = re.compile(r"[\w.\-]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,17 +132,16 @@ class OFTConfig:
         object.__setattr__(self, name, value)
 
     def _normalize_sizes(self) -> None:
-        self._set("r", _int("r", self.r, 0))
-        self._set("oft_block_size", _int("oft_block_size", self.oft_block_size, 0))
-        self._set(
-            "num_cayley_neumann_terms", _int("num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1)
-        )
+        self._set("r", checked_int("r", self.r, 0))
+        self._set("oft_block_size", checked_int("oft_block_size", self.oft_block_size, 0))
+        terms = checked_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1)
+        self._set("num_cayley_neumann_terms", terms)
 
     def _normalize_target_lists(self) -> None:
         for name in ("target_modules", "exclude_modules"):
-            value = _str_collection(name, getattr(self, name))
+            value = str_collection(name, getattr(self, name))
             if isinstance(value, str) and value.lower() != _ALL_LINEAR:
-                _check_pattern(name, value)
+                check_pattern(name, value)
             self._set(name, value)
 
     def _check_switches(self) -> None:
@@ -233,7 +190,7 @@ class OFTConfig:
                 )
             self._set("modules_to_save", tuple(self.modules_to_save))
             for module in self.modules_to_save:
-                _check_pattern("modules_to_save", _save_pattern(module))
+                check_pattern("modules_to_save", save_pattern(module))
         ltt = self.layers_to_transform
         if ltt is not None and not (isinstance(ltt, int) and not isinstance(ltt, bool)):
             if not isinstance(ltt, Iterable) or not all(
@@ -252,7 +209,7 @@ class OFTConfig:
             lp = tuple(lp)
             self._set("layers_pattern", lp)
         for pattern in (lp,) if isinstance(lp, str) else lp or ():
-            if not _PLAIN_NAME.fullmatch(pattern):
+            if not PLAIN_NAME.fullmatch(pattern):
                 raise ValueError(
                     f"OFTConfig.layers_pattern: {pattern!r:.80} is not a module name such as 'layers' "
                     "(letters, digits, '_', '.', '-')"
@@ -264,7 +221,7 @@ class OFTConfig:
                 raise TypeError(
                     f"OFTConfig.peft_version: expected a version string; got {self.peft_version!r}"
                 )
-            _parse_version(self.peft_version)
+            parse_version(self.peft_version)
 
     def _check_peft_rules(self) -> None:
         """PEFT's checks, in PEFT's order and wording, plus what to change."""
@@ -284,7 +241,7 @@ class OFTConfig:
                 "but not both simultaneously, because r x oft_block_size == in_features. "
                 f"Set the other one to 0 (e.g. OFTConfig(r={self.r}, oft_block_size=0))."
             )
-        if self.legacy_neumann and self.peft_version is not None and not _is_before_018(self.peft_version):
+        if self.legacy_neumann and self.peft_version is not None and not is_before_018(self.peft_version):
             raise ValueError(
                 f"OFTConfig: legacy_neumann=True (the PEFT 0.16-0.17 series) contradicts peft_version "
                 f"{self.peft_version!r} (>= 0.18 uses the new series). Drop one of them."
@@ -325,7 +282,7 @@ class OFTConfig:
                 return True
         # PEFT never adapts a module that modules_to_save wraps.
         if self.modules_to_save and any(
-            compile_pattern(_save_pattern(m)).match(path) for m in self.modules_to_save
+            compile_pattern(save_pattern(m)).match(path) for m in self.modules_to_save
         ):
             return True
         return False
@@ -370,20 +327,7 @@ class OFTConfig:
         using_indexes = indexes is not None and (len(indexes) != 0 if isinstance(indexes, tuple) else True)
         if not (found and using_indexes):
             return found
-        match = None
-        patterns = self.layers_pattern
-        if patterns is None or len(patterns) == 0:
-            # Lazy .*? takes the first numbered segment (the layer), not e.g. an expert index further on.
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-        else:
-            for pattern in (patterns,) if isinstance(patterns, str) else patterns:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
-                if match is not None:
-                    break
-        if match is None:
-            return False
-        index = int(match.group("idx"))
-        return index == indexes if isinstance(indexes, int) else index in indexes
+        return layer_selected(path, indexes, self.layers_pattern)
 
     # ------------------------------------------------------------------ adapter_config.json
 
@@ -470,7 +414,7 @@ class OFTConfig:
         if (
             kwargs.get("use_cayley_neumann", False)
             and "legacy_neumann" not in kwargs
-            and (kwargs.get("peft_version") is None or _is_before_018(kwargs["peft_version"]))
+            and (kwargs.get("peft_version") is None or is_before_018(kwargs["peft_version"]))
         ):
             kwargs["legacy_neumann"] = True
             warnings.warn(
