@@ -248,15 +248,15 @@ def _read_nested(
         f"nested_blocksize {qs['nested_blocksize']!r}: expected {NESTED_BLOCKSIZE}",
     )
     off = qs["nested_offset"]
-    # bitsandbytes prints a float32 as a Python float: it must convert back exactly (1e308 would be inf)
+    # bitsandbytes prints a float32 as a Python float: it must convert back exactly (1e308 would be inf); it
+    # is the mean of the blocks' absmax (docs/bitsandbytes-formats.md, "Double quantization"), so never < 0
     _check(
         isinstance(off, (int, float))
         and not isinstance(off, bool)
-        and math.isfinite(off)
-        and abs(off) <= float(np.finfo(np.float32).max)
+        and 0 <= off <= float(np.finfo(np.float32).max)
         and float(np.float32(off)) == off,
         qs_key,
-        f"nested_offset {off!r}: expected a finite float32 value",
+        f"nested_offset {off!r}: expected a finite float32 value >= 0 (the mean of the blocks' absmax)",
     )
     am_key = p + "weight.absmax"
     _check(

@@ -37,6 +37,8 @@ __all__ = ["DEFAULT_TARGET_MODULES", "PEFT_VERSION", "OFTConfig", "PatternError"
 
 #: The PEFT version whose OFT math and file format we reproduce; written as ``peft_version`` by default.
 PEFT_VERSION = "0.21.2"
+#: The most Cayley-Neumann terms a config may ask for (each one is traced into every forward).
+MAX_NEUMANN_TERMS = 64
 #: Written as ``peft_version`` for ``legacy_neumann`` adapters (last release with the old series).
 LEGACY_PEFT_VERSION = "0.17.1"
 
@@ -134,7 +136,9 @@ class OFTConfig:
     def _normalize_sizes(self) -> None:
         self._set("r", checked_int("r", self.r, 0))
         self._set("oft_block_size", checked_int("oft_block_size", self.oft_block_size, 0))
-        terms = checked_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1)
+        # each term is a matrix product traced into the forward: PEFT's default is 5, the series converges
+        # long before MAX_NEUMANN_TERMS, and a file asking for 2**70 must not hang the loader
+        terms = checked_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms, 1, MAX_NEUMANN_TERMS)
         self._set("num_cayley_neumann_terms", terms)
 
     def _normalize_target_lists(self) -> None:

@@ -39,11 +39,13 @@ def str_collection(name: str, value: Any) -> str | frozenset[str] | None:
     raise TypeError(f"OFTConfig.{name}: expected None, a regex string or a list of names; got {value!r}")
 
 
-def checked_int(name: str, value: Any, minimum: int) -> int:
+def checked_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"OFTConfig.{name}: expected an int; got {value!r}")
     if value < minimum:
         raise ValueError(f"OFTConfig.{name}: must be >= {minimum}; got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"OFTConfig.{name}: must be <= {maximum}; got {value}")
     return value
 
 

@@ -80,6 +80,11 @@ CHECKPOINT_CASES = {
         lambda p: _rewrite(p, lambda t: _quant_state(t, nested_offset=1e308)),
         "nested_offset",
     ),
+    "nested-offset-negative": (
+        "nf4",
+        lambda p: _rewrite(p, lambda t: _quant_state(t, nested_offset=-0.5)),
+        "nested_offset",
+    ),
     "compute-dtype-int8": ("nf4", lambda p: _qc(p, bnb_4bit_compute_dtype="int8"), "bnb_4bit_compute_dtype"),
     "load-in-4bit-string": ("nf4", lambda p: _qc(p, load_in_4bit="yes"), "load_in_4bit"),
     "double-quant-int": ("nf4", lambda p: _qc(p, bnb_4bit_use_double_quant=1), "bnb_4bit_use_double_quant"),
@@ -202,6 +207,7 @@ ADAPTER_CASES = {
     ),
     "modules-to-save-regex": (lambda c: c.update(modules_to_save=["("]), "modules_to_save"),
     "dropout-nan": (lambda c: c.update(module_dropout=float("nan")), "module_dropout"),
+    "terms-huge": (lambda c: c.update(num_cayley_neumann_terms=2**70), "num_cayley_neumann_terms"),
     "terms-bool": (lambda c: c.update(num_cayley_neumann_terms=True), "num_cayley_neumann_terms"),
 }
 
