@@ -52,8 +52,13 @@ float32, quantized to NF4 + double quantization on load: ``interop.hf.load_model
 ``BitsAndBytesConfig``; e.g. SmolLM2-135M-Instruct from ``python -m interop.real_model``: vocabulary 49,152,
 tied embeddings, 30 layers).
 
+``--family NAME`` benchmarks a model family (``family_checkpoint``): the published config of a real checkpoint
+(Qwen3-0.6B, Gemma-2-2b, Gemma-3-270m, Gemma-3-1b, Phi-3-mini-4k, Phi-3-mini-128k) cut to ``--layers`` decoder
+layers, widths and vocabulary as published, random weights, benchmarked as ``--model`` is.
+
 Usage: python benchmarks/bench_train.py [--hidden 512 --layers 4 --seq 256 --batch 4 --steps 10]
        python benchmarks/bench_train.py --model DIR [--seq 256 --batch 4 --steps 10 --cpu-kernels on|off]
+       python benchmarks/bench_train.py --family gemma-3-270m --layers 2 [--seq 128 --batch 2 --steps 5]
 """
 
 from __future__ import annotations
@@ -69,6 +74,12 @@ import time
 from pathlib import Path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # Phi-3's names for the same projections
+
+
+def targets(a: argparse.Namespace) -> list[str]:
+    """The OFT targets: every projection, by the model's own names (PEFT's)."""
+    return list(FUSED_TARGETS if hf_config(a)["model_type"] == "phi3" else TARGETS)
 
 
 def hf_config(a: argparse.Namespace) -> dict:
@@ -102,10 +113,16 @@ def _peak_rss_mb() -> float:
 def linear_shapes(a: argparse.Namespace) -> list[tuple[int, int]]:
     """(in, out) of every frozen linear: 7 per layer and lm_head."""
     c = hf_config(a)
-    d, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    d, i, hd = c["hidden_size"], c["intermediate_size"], _head_dim(c)
+    q, kv = c["num_attention_heads"] * hd, c.get("num_key_value_heads", c["num_attention_heads"]) * hd
     layer = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
+    if c["model_type"] == "phi3":
+        layer = [(d, q + 2 * kv), (q, d), (d, 2 * i), (i, d)]
     return layer * c["num_hidden_layers"] + [(d, c["vocab_size"])]
+
+
+def _head_dim(c: dict) -> int:
+    return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
 
 
 def step_flops(a: argparse.Namespace) -> tuple[float, float]:
@@ -116,7 +133,7 @@ def step_flops(a: argparse.Namespace) -> tuple[float, float]:
     tokens = a.batch * a.seq
     gemm = sum(2 * 2 * tokens * n_in * n_out for n_in, n_out in linear_shapes(a))
     c = hf_config(a)
-    heads, hd = c["num_attention_heads"], c["head_dim"]
+    heads, hd = c["num_attention_heads"], _head_dim(c)
     # q k^T and p v forward (2 matmuls), backward 4 matmuls: 6 x 2 * B * H * S^2 * hd per layer.
     attn = 6 * 2 * a.batch * heads * a.seq * a.seq * hd * c["num_hidden_layers"]
     return float(gemm), float(attn)
@@ -205,7 +222,7 @@ def jax_quantized_model(a: argparse.Namespace):
 
 
 def jax_trainer(model, a: argparse.Namespace, rng):
-    """OFT (b=32 on ``TARGETS``) applied to ``model``, its Trainer (AdamW, no decay/clipping) and a batch."""
+    """OFT (b=32 on ``targets(a)``) applied to ``model``, its Trainer (AdamW, no decay/clipping), a batch."""
     import numpy as np
     from flax import nnx
 
@@ -213,7 +230,7 @@ def jax_trainer(model, a: argparse.Namespace, rng):
     from oftjax.surgery import apply_oft
     from oftjax.train import TrainConfig, Trainer
 
-    apply_oft(model, OFTConfig(r=0, oft_block_size=32, target_modules=list(TARGETS)), rngs=nnx.Rngs(0))
+    apply_oft(model, OFTConfig(r=0, oft_block_size=32, target_modules=targets(a)), rngs=nnx.Rngs(0))
     tcfg = TrainConfig(steps=1000, learning_rate=1e-4, batch_size=a.batch, seq_len=a.seq, max_grad_norm=None)
     batch = {"input_ids": rng.integers(0, a.vocab, (a.batch, a.seq)).astype(np.int32)}
     return Trainer(model, tcfg), batch
@@ -314,7 +331,7 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
             transformers.LlamaForCausalLM(cfg).save_pretrained(tmp)
             model = oracle.load_causal_lm(tmp, quant="nf4", double_quant=True, device=device)
     model = peft.get_peft_model(
-        model, peft.OFTConfig(r=0, oft_block_size=32, target_modules=list(TARGETS), task_type="CAUSAL_LM")
+        model, peft.OFTConfig(r=0, oft_block_size=32, target_modules=targets(a), task_type="CAUSAL_LM")
     )
     oracle.disable_cpu_repacking(model)
     model.train()
@@ -373,6 +390,35 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     )
 
 
+def family_checkpoint(a: argparse.Namespace) -> None:
+    """``--family NAME``: write the family's published config (tests/models/_family_configs.py) cut to its
+    first ``--layers`` decoder layers, with transformers' random initialization (seed 0), to a temporary
+    directory removed at exit, and benchmark it as ``--model`` (both sides load that checkpoint)."""
+    if a.family is None:
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+
+    sys.path.insert(
+        0, str(Path(__file__).resolve().parents[1])
+    )  # the repository root: tests/ is not installed
+    from tests.models._family_configs import PUBLISHED
+
+    config = {**PUBLISHED[a.family], "num_hidden_layers": a.layers}
+    if "layer_types" in config:  # the first --layers layers of the published pattern
+        config["layer_types"] = config["layer_types"][: a.layers]
+    tmp = tempfile.mkdtemp(prefix=f"bench-{a.family}-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(**config)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(tmp)
+    a.model = Path(tmp)
+
+
 def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
     """Both sides in their own processes, taking turns for every timed call (JAX first)."""
     ctx = mp.get_context("spawn")
@@ -425,7 +471,21 @@ def main(argv: list[str] | None = None) -> int:
         default="on",
         help="oftjax's opt-in CPU kernels (on: as `oftjax train` runs on a CPU; off: the pure-JAX library)",
     )
+    p.add_argument(
+        "--family",
+        choices=(
+            "qwen3-0.6b",
+            "gemma-2-2b",
+            "gemma-3-270m",
+            "gemma-3-1b",
+            "phi-3-mini-4k",
+            "phi-3-mini-128k",
+        ),
+        default=None,
+        help="a published config cut to --layers layers, random weights (family_checkpoint)",
+    )
     a = p.parse_args(argv)
+    family_checkpoint(a)
     apply_model_shape(a)
     load0 = os.getloadavg()[0]
     jx, th = _run_both(a)
@@ -439,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"train step, {what}, seq {a.seq}, batch {a.batch}, "
-        f"vocab {a.vocab}; NF4 + DQ base, OFT b=32 on {len(TARGETS)} projections "
+        f"vocab {a.vocab}; NF4 + DQ base, OFT b=32 on {len(targets(a))} projections "
         f"({jx['trainable']:,} trainable); {(gemm + attn) / 1e9:.1f} GFLOP/step in GEMMs + attention; "
         f"oftjax: {jx['kernels']}"
     )
