@@ -56,17 +56,15 @@ ADAPTER_MATH = ("r", "oft_block_size", "coft", "eps", "block_share", "use_cayley
 # ------------------------------------------------------------------------------------------- the test
 
 
-def _run_worker(tmp_path: Path, seed: int, count: int) -> list[dict]:
+def _run_worker(tmp_path: Path, seed: int, count: int, timeout: float = TIMEOUT_S, **extra) -> list[dict]:
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"base": str(tmp_path / "base"), "seed": seed, "count": count}))
+    spec.write_text(json.dumps({"base": str(tmp_path / "base"), "seed": seed, "count": count, **extra}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(
-        [sys.executable, __file__, str(spec)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    errors = tmp_path / "worker.err"  # a file, not a pipe: a full pipe would stop the worker
+    with open(errors, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, str(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err
+        )
     results, started, buffer = [], None, b""
     deadline = time.monotonic() + 300  # fixtures and references, before the first mutation
     try:
@@ -84,7 +82,7 @@ def _run_worker(tmp_path: Path, seed: int, count: int) -> list[dict]:
                 msg = json.loads(line)
                 if "start" in msg:
                     started = msg
-                    deadline = time.monotonic() + TIMEOUT_S
+                    deadline = time.monotonic() + timeout
                 elif "done" in msg:
                     results.append({**started, **msg})
     finally:
@@ -92,7 +90,7 @@ def _run_worker(tmp_path: Path, seed: int, count: int) -> list[dict]:
             proc.kill()
         proc.wait()
     if proc.returncode != 0:
-        err = proc.stderr.read().decode(errors="replace")[-3000:]
+        err = errors.read_text(errors="replace")[-3000:]
         pytest.fail(f"worker died (status {proc.returncode}) during {started}: {err}")
     return results
 
@@ -113,6 +111,15 @@ def _check(results: list[dict], count: int) -> None:
 
 def test_fuzz_mutations_end_in_one_line_errors_or_equal_outputs(tmp_path):
     _check(_run_worker(tmp_path, seed=0, count=DEFAULT_COUNT), DEFAULT_COUNT)
+
+
+@pytest.mark.parametrize("sabotage", ["hang", "crash"])
+def test_the_harness_reports_a_hang_and_a_crash(tmp_path, sabotage):
+    """The worker told to hang (or die) in a mutation: the test fails, naming it, instead of waiting."""
+    with pytest.raises(
+        pytest.fail.Exception, match=f"{sabotage if sabotage == 'hang' else 'died'}.*sabotage"
+    ):
+        _run_worker(tmp_path, seed=0, count=1, timeout=3, sabotage=sabotage)
 
 
 @pytest.mark.slow
@@ -366,6 +373,11 @@ def _meaning(rel: str, data: dict):
 def _worker_main(spec_path: str) -> None:
     sys.addaudithook(_audit)
     spec = json.loads(Path(spec_path).read_text())
+    if "sabotage" in spec:  # the harness's own test: misbehave at once
+        print(json.dumps({"start": 0, "target": "-", "desc": f"sabotage: {spec['sabotage']}"}), flush=True)
+        if spec["sabotage"] == "hang":
+            time.sleep(3600)
+        os.abort()
     warnings.simplefilter("ignore")
     worker = _Worker(Path(spec["base"]))
     for i in range(spec["count"]):
