@@ -400,11 +400,29 @@ def save_model(
       >>> load_model("runs/base")                              # doctest: +SKIP
     """
     modules = modules_from_model(model)
-    hf_config = model.config.to_hf(dtype=str(np.dtype(modules["model.embed_tokens"]["weight"].dtype)))
+    hf_config = model.config.to_hf(dtype=_checkpoint_dtype(modules))
     qcfg = quantization_config(model)
     if qcfg is not None:
         hf_config["quantization_config"] = qcfg
     _write(Path(path), hf_config, modules, force=force, max_shard_size=max_shard_size)
+
+
+def _checkpoint_dtype(modules: Mapping[str, Mapping[str, Any]]) -> str:
+    """The config's ``dtype``: the widest float dtype among the float tensors, so that transformers'
+    ``dtype="auto"`` narrows nothing (a bf16 embedding table beside float32 layers loads as float32).
+
+    Example:
+      >>> import ml_dtypes
+      >>> _checkpoint_dtype({"a": {"weight": np.zeros(2, ml_dtypes.bfloat16)}, "b": {"weight": np.zeros(2)}})
+      'float64'
+    """
+    floats = [
+        np.dtype(t.dtype)
+        for tensors in modules.values()
+        for t in tensors.values()
+        if isinstance(t, np.ndarray) and jnp.issubdtype(t.dtype, jnp.floating)
+    ]
+    return str(max(floats, key=lambda d: d.itemsize))
 
 
 def quantization_config(model: CausalLM) -> dict[str, Any] | None:

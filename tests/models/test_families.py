@@ -6,6 +6,7 @@ of the embedding table)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -251,6 +252,10 @@ def test_bf16_checkpoint_loaded_as_float32_keeps_its_table_bf16(tmp_path):
     )
     out = run(wide, ids())
     assert out.dtype == jnp.float32
+    save_model(
+        wide, tmp_path / "mixed"
+    )  # a bf16 table beside float32 layers: transformers' "auto" is float32
+    assert json.loads((tmp_path / "mixed" / "config.json").read_text())["dtype"] == "float32"
     same = load_model(tmp_path / "bf16", dtype=jnp.float32)  # the same numbers as an all-float32 model
     same.model.embed_tokens.embedding = nnx.Param(wide.model.embed_tokens.embedding[...].astype(jnp.float32))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(run(same, ids())))
