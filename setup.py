@@ -1,11 +1,12 @@
 """Builds the C++ CPU kernels into oftjax/cpu_kernels/; the rest of the build is in pyproject.toml.
 
-csrc/dequant4.cc (4-bit dequantize, also fused with a rotation of the weight's rows), csrc/rotate.cc
-(block-diagonal rotations and the Cayley-Neumann build of their blocks; the row micro-kernel, csrc/rotate_rows.h,
+csrc/dequant4.cc (4-bit dequantize, also fused with a rotation of the weight's rows), csrc/rotate.cc (block-
+diagonal rotations and the Cayley-Neumann build of their blocks; the row micro-kernel, csrc/rotate_rows.h,
 is shared with dequant4.cc), csrc/attention.cc (causal attention) and csrc/swiglu.cc (SwiGLU; its exp,
 csrc/simd_exp.h, is attention's). They are XLA FFI handlers that ``oftjax.cpu_kernels.enable()`` loads with
 ctypes, not Python modules. Their build is optional: without a C++17 compiler the install still succeeds and
-everything runs in pure JAX (``oftjax.cpu_kernels.info()`` says why). ``-ffp-contract=off`` for the dequantize
+everything runs in pure JAX (``oftjax.cpu_kernels.info()`` says why).
+``-ffp-contract=off`` for the dequantize
 (the double-quant absmax is a multiply then an add, rounded twice as bitsandbytes does; an FMA would round
 once) and for SwiGLU (products and sums rounded one by one, as the JAX formulation does).
 """
