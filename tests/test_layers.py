@@ -6,6 +6,7 @@ The layers, bottom up (docs/architecture.md, "Layers")::
     nn                              oft, quant, config, _registry
     config, surgery, merging        the nn level: nn and what nn may import
     models                          nn, oft, quant, config, _registry
+    generate                        the nn level and models
     train                           anything above, never the application
     interop                         anything above, never the command line
     the application                 oftjax.cli (with its allocator setting), oftjax.data, oftjax.default_job
@@ -38,6 +39,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "oftjax.surgery": _NN_LEVEL,
     "oftjax.merging": _NN_LEVEL,
     "oftjax.models": (*_NN, "oftjax.models"),
+    "oftjax.generate": (*_NN_LEVEL, "oftjax.models", "oftjax.generate"),
 }
 
 

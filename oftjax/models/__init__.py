@@ -23,6 +23,7 @@ from oftjax.models._decoder import linear_modules as linear_modules
 from oftjax.models._decoder import norm_modules as norm_modules
 from oftjax.models._decoder import segment_mask as segment_mask
 from oftjax.models._families import MODEL_TYPES as MODEL_TYPES
+from oftjax.models._kv_cache import KVCache as KVCache
 from oftjax.models._layers import AXIS_DATA as AXIS_DATA
 from oftjax.models._layers import AXIS_FSDP as AXIS_FSDP
 from oftjax.models._layers import RMSNorm as RMSNorm
@@ -34,6 +35,7 @@ __all__ = [
     "CausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "KVCache",
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "ModelConfig",

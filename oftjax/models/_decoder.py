@@ -20,6 +20,7 @@ from flax import nnx
 
 from oftjax.models._attention import causal_attention, masked_attention, softcapped_causal_attention
 from oftjax.models._config import ModelConfig
+from oftjax.models._kv_cache import KVCache
 from oftjax.models._layers import AXIS_FSDP, MLP, Embedding, FusedMLP, linear, meta, norm, project
 from oftjax.models._rope import apply_rope, rope_cos_sin
 
@@ -96,6 +97,32 @@ class Attention(nnx.Module):
                     out = masked_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return project(self.o_proj, out.reshape(b, s, self.num_heads * self.head_dim))
 
+    def cached(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache: tuple[jax.Array, jax.Array],
+        start: jax.Array,
+        mask: jax.Array,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attention of the tokens ``x [b, t, hidden]`` in cache slots ``[start, start + t)`` over the cache.
+
+        Their keys and values (after RoPE) are written into ``cache = (keys, values)`` (``[b, max_len, kv,
+        head_dim]``) first; ``mask [b, t, max_len]`` says which slots each query sees. Returns the output and
+        the updated cache.
+        """
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x)
+        with jax.named_scope("rope"):
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache
+        keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), start, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), start, axis=1)
+        with jax.named_scope("attention"):
+            out = masked_attention(q, keys, values, mask, scale=self.scale, softcap=self.softcap)
+        return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim)), (keys, values)
+
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block ``h + attn(norm(h))``, ``h + mlp(norm(h))``; Gemma (``sandwich_norms``) also normalizes
@@ -124,6 +151,14 @@ class DecoderLayer(nnx.Module):
         window: int | None = None,
     ) -> jax.Array:
         attn = self.self_attn(self.input_layernorm(h), mask, cos, sin, causal_only=causal_only, window=window)
+        return self._residuals(h, attn)
+
+    def cached(self, h, cos, sin, cache, start, mask) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The layer over cache slots ``[start, start + t)`` (``Attention.cached``); the updated cache too."""
+        attn, cache = self.self_attn.cached(self.input_layernorm(h), cos, sin, cache, start, mask)
+        return self._residuals(h, attn), cache
+
+    def _residuals(self, h: jax.Array, attn: jax.Array) -> jax.Array:
         if not self.sandwich:
             h = h + attn
             return h + self.mlp(self.post_attention_layernorm(h))
@@ -231,6 +266,37 @@ class DecoderModel(nnx.Module):
             h = call(layer, h, masks[window], *ropes[types[i]])
         return self.norm(h)
 
+    def decode(
+        self, input_ids: jax.Array, positions: jax.Array, input_mask: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Final hidden states of ``input_ids [b, t]`` written into cache slots ``[length, length + t)``.
+
+        ``positions [b, t]`` are the tokens' rotary positions; ``input_mask [b, t]`` is False for padding.
+        Each query attends to the written slots up to its own (and within the sliding window) that hold real
+        tokens, as transformers' generation with a cache does.
+        """
+        b, t = input_ids.shape
+        cfg = self.config
+        start = cache.length
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, input_mask.astype(jnp.bool_), start, 1)
+        q_slot = start + jnp.arange(t)[:, None]
+        k_slot = jnp.arange(cache.max_len)[None, :]
+        masks = {}
+        for w in set(map(cfg.window, range(len(self.layers)))):
+            allowed = k_slot <= q_slot
+            if w is not None:
+                allowed = allowed & (k_slot > q_slot - w)
+            masks[w] = allowed[None] & key_mask[:, None, :]
+        h = self.embed_tokens(input_ids)
+        types = cfg.attention_types
+        ropes = {ty: rope_cos_sin(cfg, positions, h.dtype, ty) for ty in sorted(set(types))}
+        keys, values = list(cache.keys), list(cache.values)
+        for i, layer in enumerate(self.layers):
+            mask = masks[cfg.window(i)]
+            h, (keys[i], values[i]) = layer.cached(h, *ropes[types[i]], (keys[i], values[i]), start, mask)
+        new = KVCache(tuple(keys), tuple(values), key_mask, start + t)
+        return self.norm(h), new
+
 
 class CausalLM(nnx.Module):
     """A causal LM of any family: ``model`` (``DecoderModel``) and ``lm_head`` (None when tied).
@@ -292,6 +358,14 @@ class CausalLM(nnx.Module):
             forward does the same, whatever the padding); restart them per example in packed rows.
         """
         return self.logits(self.model(input_ids, attention_mask, positions))
+
+    def decode(
+        self, input_ids: jax.Array, positions: jax.Array, input_mask: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Logits ``[b, t, vocab]`` of ``input_ids [b, t]`` continuing ``cache`` (``DecoderModel.decode``),
+        and the cache with their keys and values written. ``oftjax.generate`` drives it."""
+        hidden, cache = self.model.decode(input_ids, positions, input_mask, cache)
+        return self.logits(hidden), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The output head on final hidden states ``[..., hidden]`` (``model``'s output): the tied table or

@@ -26,6 +26,11 @@ from oftjax.nn._settings import AdapterSettings
 from oftjax.nn._variables import OFTParam
 
 
+class FrozenRotation(nnx.Variable):
+    """Rotation blocks ``[r, b, b]`` computed once for inference (``OFTAdapters.freeze_rotations``): not a
+    ``Param`` (never trained) and never saved with an adapter."""
+
+
 class OFTAdapters(nnx.Module):
     """Base of the OFT layers: the wrapped base layer plus named adapters (add, activate, disable, delete).
 
@@ -55,6 +60,7 @@ class OFTAdapters(nnx.Module):
         self.adapters_disabled = False
         self.deterministic = False
         self.oft_rngs = nnx.data(None)
+        self.frozen_rotations = nnx.data(None)
 
     @property
     def rotation_params(self) -> nnx.Dict:
@@ -153,6 +159,8 @@ class OFTAdapters(nnx.Module):
         (PEFT projects in place); the gradient passes straight through. With ``training`` and
         ``module_dropout > 0`` (and ``deterministic`` False), random blocks become the identity.
         """
+        if self.frozen_rotations is not None and name in self.frozen_rotations:
+            return self.frozen_rotations[name][...]
         s = self.adapters[name]
         param = self.rotation_params[name]
         vec = param[...]
@@ -169,6 +177,20 @@ class OFTAdapters(nnx.Module):
                 )
             R = oft.dropout_blocks(R, s.module_dropout, self.oft_rngs(), block_share=s.block_share)
         return R
+
+    def freeze_rotations(self) -> None:
+        """Compute the forward adapters' rotation blocks once and reuse them until ``unfreeze_rotations``.
+
+        For inference that calls the layer many times with the same parameters (decoding one token at a
+        time: ``oftjax.generate`` does it inside its jitted function, so the blocks are built once per call,
+        not once per token). Dropout does not apply to frozen blocks; training must not freeze.
+        """
+        blocks = {n: FrozenRotation(self.rotation_blocks(n)) for n in self.forward_adapters()}
+        self.frozen_rotations = nnx.Dict(blocks)
+
+    def unfreeze_rotations(self) -> None:
+        """Build the rotation blocks from the parameters on every call again (the default)."""
+        self.frozen_rotations = nnx.data(None)
 
     def delta_weight(self, name: str) -> jax.Array:
         """The dense block-diagonal rotation ``[d, d]`` of an adapter (PEFT's ``get_delta_weight``)."""

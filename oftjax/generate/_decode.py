@@ -1,0 +1,235 @@
+"""Prefill and a jitted decode loop over a static-shape KV cache, for any ``oftjax.models.CausalLM``.
+
+``generate`` left-pads the prompts to a length bucket (so a new prompt length within the bucket compiles
+nothing), runs the prompt through the model once (prefill: writes the cache, samples the first token), then
+decodes ``chunk`` tokens per jitted call inside a ``jax.lax.while_loop`` (one compilation per batch size and
+cache length; the loop ends early when every row has stopped). Rotary positions count each row's real tokens
+(left padding gets none), and padded slots are masked, as transformers' ``generate`` does with an attention
+mask. OFT rotation blocks are built once per ``generate`` call, in prefill, and reused by every decode step
+(``OFTAdapters.freeze_rotations``). The model runs in inference mode (``nnx.view(deterministic=True)``: no
+module dropout; int8 layers use LLM.int8 as bitsandbytes does in eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from oftjax.generate._sampling import SamplingConfig, sample_logits
+from oftjax.models import KVCache
+from oftjax.nn import OFTAdapters, find_modules, path_str
+
+__all__ = ["GenerationResult", "generate", "prompt_bucket"]
+
+Stream = Callable[[int, list[int]], None]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What ``generate`` produced.
+
+    Attributes:
+      tokens: the new tokens of each prompt, up to and including a stop token (the eos is kept, as
+        transformers' sequences keep it).
+      texts: the new tokens decoded (special tokens skipped), when a tokenizer was given; else None.
+      prompt_tokens: real (unpadded) prompt tokens per row.
+      prefill_seconds: the first call's wall time, prompt to first token (includes compilation when new).
+      decode_seconds: wall time of the remaining tokens.
+      cache_bytes: memory of the KV cache.
+    """
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    prompt_tokens: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    cache_bytes: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens after the first, all rows, per second of decoding."""
+        n = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return sum(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+
+def prompt_bucket(length: int, multiple: int = 64) -> int:
+    """The padded prompt length for ``length`` tokens: the next multiple of ``multiple`` (>= ``multiple``)."""
+    return max(multiple, -(-length // multiple) * multiple)
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(prompts), length), pad, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, length - len(p) :] = p
+            mask[i, length - len(p) :] = True
+    return ids, mask
+
+
+def _oft_layers(model: Any) -> list[tuple[str, OFTAdapters]]:
+    return [(path_str(p), m) for p, m in find_modules(model, lambda m: isinstance(m, OFTAdapters))]
+
+
+def _build_rotations(model: Any) -> dict[str, dict[str, jax.Array]]:
+    return {
+        p: {n: layer.rotation_blocks(n) for n in layer.forward_adapters()} for p, layer in _oft_layers(model)
+    }
+
+
+def _install_rotations(model: Any, rotations: dict[str, dict[str, jax.Array]]) -> None:
+    from oftjax.nn._adapters import FrozenRotation
+
+    for p, layer in _oft_layers(model):
+        layer.frozen_rotations = nnx.Dict({n: FrozenRotation(R) for n, R in rotations[p].items()})
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _prefill(graphdef, state, ids, mask, positions, cache, config: SamplingConfig, key):
+    model = nnx.merge(graphdef, state)
+    rotations = _build_rotations(model)
+    _install_rotations(model, rotations)
+    logits, cache = model.decode(ids, positions, mask, cache)
+    first = sample_logits(logits[:, -1], key, config)
+    done = jnp.isin(first, jnp.asarray(config.eos_token_ids or (-1,), jnp.int32))
+    return rotations, first, done, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("cache",))
+def _decode_chunk(
+    graphdef, config: SamplingConfig, chunk: int, state, rotations, cache, last, pos, done, key
+):
+    """Up to ``chunk`` decode steps: tokens ``[b, chunk]`` (pad where a row had stopped or the loop ended)."""
+    model = nnx.merge(graphdef, state)
+    _install_rotations(model, rotations)
+    graphdef2, state2 = nnx.split(model)
+    eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+    b = last.shape[0]
+
+    def step(carry):
+        i, out, last, pos, done, cache, key = carry
+        m = nnx.merge(graphdef2, state2)
+        logits, cache = m.decode(last[:, None], pos[:, None], jnp.ones((b, 1), jnp.bool_), cache)
+        key, sub = jax.random.split(key)
+        nxt = sample_logits(logits[:, 0], sub, config)
+        nxt = jnp.where(done, jnp.int32(config.pad_token_id), nxt)
+        out = out.at[:, i].set(nxt)
+        return i + 1, out, nxt, pos + 1, done | jnp.isin(nxt, eos), cache, key
+
+    def more(carry):
+        i, *_, done, _, _ = carry
+        return (i < chunk) & ~jnp.all(done)
+
+    out = jnp.full((b, chunk), config.pad_token_id, jnp.int32)
+    carry = (jnp.int32(0), out, last, pos, done, cache, key)
+    _, out, last, pos, done, cache, key = jax.lax.while_loop(more, step, carry)
+    return out, last, pos, done, cache, key
+
+
+def generate(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig | None = None,
+    *,
+    key: jax.Array | None = None,
+    tokenizer: Any = None,
+    stream: Stream | None = None,
+    chunk: int = 16,
+    bucket: int = 64,
+    cache_dtype: Any = None,
+) -> GenerationResult:
+    """Generate continuations of token-id prompts with ``model`` (an ``oftjax.models.CausalLM``).
+
+    Args:
+      model: the model, with any active OFT adapters, over a float, int8 or 4-bit base. It runs in inference
+        mode (module dropout off; int8 layers in LLM.int8 as bitsandbytes in eval); ``model`` is not changed.
+      prompts: token ids per prompt (lengths may differ: left padding).
+      config: max new tokens, greedy or sampling settings, stop tokens (default ``SamplingConfig()``).
+      key: PRNG key for sampling (default ``jax.random.key(0)``); the same key gives the same tokens.
+      tokenizer: anything with ``decode(ids, skip_special_tokens=...)`` (a ``tokenizers.Tokenizer``): fills
+        ``texts``.
+      stream: called as ``stream(row, new_tokens)`` after each decoded chunk with the tokens that arrived.
+      chunk: decode steps per jitted call (the streaming granularity).
+      bucket: prompts are left-padded to a multiple of this.
+      cache_dtype: the KV cache's dtype (default: the model's compute dtype).
+
+    Returns:
+      A ``GenerationResult``.
+
+    Example:
+      >>> from flax import nnx
+      >>> from oftjax.models import LlamaForCausalLM, ModelConfig
+      >>> cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      ...     num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+      >>> out = generate(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), [[1, 2, 3], [4]], SamplingConfig(4))
+      >>> [len(t) for t in out.tokens]
+      [4, 4]
+    """
+    config = SamplingConfig() if config is None else config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, each with at least one token")
+    key = jax.random.key(0) if key is None else key
+    view = nnx.view(model, deterministic=True, raise_if_not_found=False)
+    graphdef, state = nnx.split(view)
+    length = prompt_bucket(max(len(p) for p in prompts), bucket)
+    ids, mask = _left_pad(prompts, length, config.pad_token_id)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    steps = -(-max(config.max_new_tokens - 1, 1) // chunk) * chunk
+    dtype = cache_dtype or _compute_dtype(model)
+    cache = KVCache.create(model.config, batch=len(prompts), max_len=length + steps, dtype=dtype)
+    cache_bytes = cache.nbytes
+
+    t0 = time.perf_counter()
+    key, sub = jax.random.split(key)
+    rotations, last, done, cache = _prefill(graphdef, state, ids, mask, positions, cache, config, sub)
+    first = np.asarray(last)
+    t1 = time.perf_counter()
+    rows = [[int(t)] for t in first]
+    if stream is not None:
+        for r, t in enumerate(first):
+            stream(r, [int(t)])
+    pos = jnp.asarray(positions[:, -1] + 1)
+    finished = np.asarray(done)
+    rows = [_until_stop(r, config) for r in rows]
+    produced = 1  # tokens per row so far, stopped rows included (all rows advance together)
+    while produced < config.max_new_tokens and not finished.all():
+        out, last, pos, done, cache, key = _decode_chunk(
+            graphdef, config, chunk, state, rotations, cache, last, pos, done, key
+        )
+        produced += chunk
+        arrived, finished_before, finished = np.asarray(out), finished, np.asarray(done)
+        for r in range(len(rows)):
+            if finished_before[r]:
+                continue
+            new = _until_stop(arrived[r, : config.max_new_tokens - len(rows[r])].tolist(), config)
+            rows[r].extend(new)
+            if stream is not None and new:
+                stream(r, new)
+    t2 = time.perf_counter()
+    tokens = rows
+    texts = None if tokenizer is None else [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return GenerationResult(tokens, texts, [len(p) for p in prompts], t1 - t0, t2 - t1, cache_bytes)
+
+
+def _until_stop(row: list[int], config: SamplingConfig) -> list[int]:
+    for i, t in enumerate(row):
+        if t in config.eos_token_ids:
+            return row[: i + 1]
+    return row[: config.max_new_tokens]
+
+
+def _compute_dtype(model: Any) -> Any:
+    embed = model.model.embed_tokens
+    return getattr(embed, "base_layer", embed).dtype or jnp.float32
