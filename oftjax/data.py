@@ -248,16 +248,22 @@ def split(data: PackedData, eval_fraction: float, *, seed: int = 0) -> tuple[Pac
     Raises:
         ValueError: ``eval_fraction`` outside [0, 1) or too few rows to hold out any with a positive fraction.
     """
+    train, held_out = _split_indices(len(data), eval_fraction, seed, "packed rows")
+    return data.take(train), data.take(held_out)
+
+
+def _split_indices(n: int, eval_fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train, eval)`` indices of ``n`` items after a seeded shuffle: eval gets
+    ``round(n * eval_fraction)``, at least one when the fraction is positive, and training keeps one."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    n = len(data)
     n_eval = int(round(n * eval_fraction))
     if eval_fraction > 0 and n_eval == 0:
         n_eval = 1
     if n - n_eval < 1:
-        raise ValueError(f"{n} packed rows are too few to split with eval_fraction={eval_fraction}")
+        raise ValueError(f"{n} {what} are too few to split with eval_fraction={eval_fraction}")
     perm = np.random.default_rng(seed).permutation(n)
-    return data.take(np.sort(perm[n_eval:])), data.take(np.sort(perm[:n_eval]))
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
 def _data_files(root: Path) -> list[Path]:
@@ -294,16 +300,8 @@ def split_examples(examples: Sequence, eval_fraction: float, *, seed: int = 0) -
     Raises:
         ValueError: ``eval_fraction`` outside [0, 1), or too few examples to keep one for training.
     """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    n = len(examples)
-    n_eval = int(round(n * eval_fraction))
-    if eval_fraction > 0 and n_eval == 0:
-        n_eval = 1
-    if n - n_eval < 1:
-        raise ValueError(f"{n} examples are too few to split with eval_fraction={eval_fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
-    return [examples[i] for i in np.sort(perm[n_eval:])], [examples[i] for i in np.sort(perm[:n_eval])]
+    train, held_out = _split_indices(len(examples), eval_fraction, seed, "examples")
+    return [examples[i] for i in train], [examples[i] for i in held_out]
 
 
 def padded_rows(examples: Sequence, seq_len: int, pad_id: int) -> PackedData:
