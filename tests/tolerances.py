@@ -153,3 +153,11 @@ TOL["llm_int8_logits"] = Tol(
     "within ~1e-7 of a rounding midpoint, which would cost one activation step (~3e-3 x max |logit|). atol "
     "is x max |logit|; the train-mode forward is 1e-2 away (the test checks both)",
 )
+TOL["greedy_near_tie"] = Tol(
+    0.0,
+    1e-4,
+    "greedy decoding compared token by token: where the reference's two largest float32 logits are within "
+    "1e-4 of each other, the other side's last-ulp differences (accumulation order, a cache vs a whole "
+    "sequence) may pick the other token, and every later token may then differ; only such a divergence is "
+    "allowed (and reported)",
+)

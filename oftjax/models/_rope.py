@@ -74,14 +74,39 @@ def _llama3(freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(_F32)
 
 
+def long_factor_length(config: ModelConfig, layer_type: str = "full_attention") -> int | None:
+    """The sequence length from which LongRoPE rotates by its long factors (None: a rope with one set).
+
+    ``original_max_position_embeddings + 1``: a forward whose largest position reaches the pretraining length
+    uses the long factors for every position (transformers' ``dynamic_rope_update``). Keys cached while the
+    sequence was shorter were rotated by the short factors, and the layers above them saw those rotations:
+    transformers' Phi-3 generation (``Phi3ForCausalLM.prepare_inputs_for_generation``) drops such a cache
+    when the sequence reaches this length and recomputes the whole sequence, so generation gives the tokens
+    of recomputing the sequence at every step.
+
+    Example:
+      >>> cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+      ...     num_attention_heads=2, num_key_value_heads=2, head_dim=4, model_type="phi3",
+      ...     rope=RopeConfig("longrope", short_factor=[1.0, 1.0], long_factor=[2.0, 2.0],
+      ...     original_max_position_embeddings=4096))
+      >>> long_factor_length(cfg)
+      4097
+    """
+    rope = config.rope_of(layer_type)
+    if rope.rope_type != "longrope":
+        return None
+    return rope.original_max_position_embeddings + 1
+
+
 def rope_cos_sin(
     config: ModelConfig, positions: jax.Array, dtype: jnp.dtype, layer_type: str = "full_attention"
 ) -> tuple[jax.Array, jax.Array]:
     """cos and sin ``[..., head_dim]`` for integer ``positions`` (computed in float32, cast to ``dtype``)."""
     rope = config.rope_of(layer_type)
     freq = jnp.asarray(inv_freq(config, layer_type))
-    if rope.rope_type == "longrope":
-        long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+    switch = long_factor_length(config, layer_type)
+    if switch is not None:
+        long = jnp.max(positions) + 1 >= switch
         freq = jnp.where(long, jnp.asarray(inv_freq(config, layer_type, long=True)), freq)
     freqs = positions.astype(jnp.float32)[..., None] * freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
