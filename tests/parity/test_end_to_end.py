@@ -64,9 +64,11 @@ def _jax_logits(model_dir, adapter_dir, ids):
     return jax_outputs(model, ids)[0]
 
 
-def test_oftjax_trained_adapter_loads_in_peft(dirs, capsys):
-    qdir, run = dirs / "nf4dq", dirs / "run"
+def test_oftjax_trained_adapter_loads_in_peft(dirs, kernels, tmp_path, capsys):
+    qdir, run = dirs / "nf4dq", tmp_path / "run"
+    on_off = "on" if kernels == "cpu_kernels" else "off"
     argv = ["train", "--model", str(qdir), "--data", str(dirs / "text"), "--output", str(run), "--quiet",
+            "--cpu-kernels", on_off,
             "--steps", "24", "--seq-len", str(SEQ), "--batch-size", "4", "--oft-block-size", "16",
             "--target-modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--lr", "2e-2",
             "--save-every", "12", "--eval-every", "12"]  # fmt: skip
@@ -116,8 +118,8 @@ def _peft_train(qdir, adapter_dir, steps=5, device="cpu"):
     return losses
 
 
-def test_peft_trained_adapter_loads_in_jax(dirs):
-    qdir, adapter = dirs / "nf4dq", dirs / "peft_adapter"
+def test_peft_trained_adapter_loads_in_jax(dirs, tmp_path):
+    qdir, adapter = dirs / "nf4dq", tmp_path / "peft_adapter"
     losses = _peft_train(qdir, adapter)
     assert losses[-1] < losses[0]
     ids = _ids(seed=2)
