@@ -161,3 +161,18 @@ TOL["greedy_near_tie"] = Tol(
     "sequence) may pick the other token, and every later token may then differ; only such a divergence is "
     "allowed (and reported)",
 )
+TOL["merge_logits_fp32"] = Tol(
+    1e-5,
+    0.0,
+    "oftjax merge, float base, fp32: the merged weight W BD^T is computed once in fp32 where the unmerged "
+    "model rotates the inputs (x BD) W^T at every call; the two orders of the same products differ by fp32 "
+    "rounding (~1e-7 of max |logit| through a two-layer model); relative to max |logit|",
+)
+TOL["merge_requantized"] = Tol(
+    2.0,
+    0.0,
+    "oftjax merge, quantized base: the merged weights are requantized (every element moves by up to half a "
+    "quantization step, as when the float base was quantized), so merged vs unmerged logits differ by about "
+    "what quantizing the float base changed them (bnb's quantized base vs the float one); rtol is that "
+    "multiple, relative to max |logit| on both sides",
+)

@@ -1,8 +1,12 @@
-"""The ``oftjax`` command: ``train`` (the main job), ``parity`` (torch vs JAX table), ``convert``.
+"""The ``oftjax`` command: ``train`` (the main job), ``generate``, ``merge``, ``parity`` (torch vs JAX
+table), ``plan``, ``convert``.
 
 Examples:
   $ oftjax train                                   # embedded default: no download, a few minutes on a CPU
   $ oftjax train --model tiny-llama --quant nf4 --data notes/ --steps 200 --output runs/mine
+  $ oftjax generate --model runs/default/base --quant nf4 --adapter runs/default/adapter --prompt "The"
+  $ oftjax generate --model HuggingFaceTB/SmolLM2-135M-Instruct --chat --prompt "What is a tuple?"
+  $ oftjax merge --model runs/default/base --quant nf4 --adapter runs/default/adapter --output merged
   $ oftjax parity --model runs/default/base --quant nf4 --adapter runs/default/adapter
   $ oftjax convert adapter-to-jax runs/default/adapter adapter-jax
 
@@ -27,8 +31,11 @@ class CLIError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``oftjax`` command."""
+    from oftjax.cli._generate import add_generate_parser
+    from oftjax.cli._merge import add_merge_parser
     from oftjax.cli._parity import add_parity_parser
     from oftjax.cli._plan import add_plan_parser
+    from oftjax.cli._samples import add_sample_arguments
     from oftjax.cli._train_args import add_train_parser
 
     parser = argparse.ArgumentParser(
@@ -36,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantized orthogonal fine-tuning (PEFT's OFTv2) in JAX over bitsandbytes weights.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_train_parser(sub)
+    add_sample_arguments(add_train_parser(sub))
+    add_generate_parser(sub)
+    add_merge_parser(sub)
     add_parity_parser(sub)
     add_plan_parser(sub)
     try:

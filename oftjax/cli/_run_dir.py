@@ -36,6 +36,8 @@ RUN_OUTPUTS = (
     "summary.json",
     "base",
     "pretrain",
+    "samples.md",
+    "samples.jsonl",
 )
 # Settings that must not change when a run is resumed: everything that changes its result (the trained
 # adapter), float rounding included (--cpu-kernels, --mesh, --remat).
@@ -76,6 +78,7 @@ NOT_RESUME_KEYS = (
     "eval_every",  # evaluations read the model, never change it
     "eval_batches",
     "save_every",  # checkpoints store the state; a resumed run starts from one
+    *("samples", "sample_tokens"),  # samples.md: answers generated, never trained on
     *("coordinator", "num_processes", "process_id", "distributed", "heartbeat_timeout"),
 )
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from oftjax import default_job as dj
 from oftjax.cli import CLIError
+from oftjax.cli._samples import check_sample_args, finish_samples, start_samples
 from oftjax.cli._train_args import fail as _fail
 from oftjax.cli._train_args import join_processes
 from oftjax.cli._train_args import parse_mesh as _parse_mesh
@@ -143,6 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
     with exit_on_peer_failure("oftjax train"):
         _resolve_arguments(args)
         _validate(args)
+        check_sample_args(args)
         check_data_args(args)
         _prepare_output_once(args)
         t0 = time.perf_counter()
@@ -153,7 +155,9 @@ def run_train(args: argparse.Namespace) -> int:
             _quantize(args, base)
             adapter = _apply_oft(args, base)
             train, evald, summary["data"] = datasets(args, data, base.model_dir, base.tokenizer, _sayer(args))
+            samples = start_samples(args, data, base, evald, _sayer(args))  # samples.md: base answers
             res = _train(args, base, adapter, train, evald, summary)
+            finish_samples(samples, res.model)  # and the fine-tuned ones
         if is_primary():
             summarize(args, base, adapter, res, summary, time.perf_counter() - t0)
     return 0
