@@ -236,9 +236,12 @@ def _row_samples(args: argparse.Namespace, data: Any, model_dir: Path) -> tuple[
     from oftjax.chat_data import ChatTokenizer
 
     tokenizer = ChatTokenizer.from_checkpoint(model_dir)
-    samples = [
-        _row_sample(tokenizer, row, args.sample_tokens) for row in _held_out_rows(args, data, tokenizer)
-    ]
+    samples = []
+    for row in _held_out_rows(args, data, tokenizer):
+        try:
+            samples.append(_row_sample(tokenizer, row, args.sample_tokens))
+        except ValueError:  # the template refused it: training skipped or refused the row too
+            continue
     return samples, tokenizer.tokenizer, "rows"
 
 
