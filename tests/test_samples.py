@@ -239,3 +239,17 @@ def test_chat_prompt_ids_are_transformers_apply_chat_template(smollm2_dir):  # n
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
         assert chat_prompt_ids(tok, messages) == list(want)
+
+
+@pytest.mark.slow
+def test_the_default_job_writes_samples_of_the_documentation_text(tmp_path):
+    """``oftjax train`` with no model: the embedded base pretrained briefly, the documentation slice held
+    out; its byte-level answers decoded for display."""
+    out = tmp_path / "run"
+    argv = ["train", "--output", str(out), "--quiet", "--pretrain-steps", "3", "--steps", "3",
+            "--max-data-bytes", "300000", "--batch-size", "4", "--eval-every", "0"]  # fmt: skip
+    assert main(argv) == 0
+    records = _records(out)
+    assert len(records) == 4 and all(set(r) == KEYS for r in records)
+    assert all(r["prompt_tokens"] == 48 and len(r["reference"].encode()) >= 40 for r in records)
+    assert (out / "samples.md").read_text(encoding="utf-8").count("\nfine-tuned:\n") == 4
