@@ -209,6 +209,26 @@ def test_stop_tokens_come_from_generation_config_else_config(tmp_path):
         stop_token_ids(tmp_path, 259)
 
 
+def test_chat_prompt_ids_are_transformers_apply_chat_template(smollm2_dir):  # noqa: F811
+    import transformers
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok = ChatTokenizer.from_checkpoint(smollm2_dir)
+    for messages in (
+        [{"role": "user", "content": "Wie heißt die Hauptstadt von Österreich? 🇦🇹"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?\n\n  Tabs:\t."}],
+        [
+            {"role": "user", "content": "2 + 2?"},
+            {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And 3 + 3?"},
+        ],
+    ):
+        want = hf_tok.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert chat_prompt_ids(tok, messages) == list(want)
+
+
 def test_streamed_text_is_the_decoded_text_with_multibyte_tokens(smollm2_dir):  # noqa: F811
     tok = ChatTokenizer.from_checkpoint(smollm2_dir).tokenizer
     text = "Grüße aus Österreich 🇦🇹 — naïve café, 東京 and 🤖🤖!"

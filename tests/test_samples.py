@@ -14,11 +14,11 @@ import oftjax
 from interop.hf_model import load_model, save_model
 from interop.peft import load_adapter
 from oftjax import cpu_kernels
-from oftjax.chat_data import ChatTokenizer, load_chat_data, parse_row
+from oftjax.chat_data import ChatTokenizer, load_chat_data
 from oftjax.cli import main
 from oftjax.cli._samples import Sample, Samples, identity_rotations, render_markdown
 from oftjax.data import ByteTokenizer, split_examples
-from oftjax.generate import SamplingConfig, chat_prompt_ids, generate
+from oftjax.generate import SamplingConfig, generate
 from oftjax.models import LlamaForCausalLM, ModelConfig
 from oftjax.train import quantize_model
 from tests._real_model import smollm2_dir  # noqa: F401 - the session fixture (its tokenizer and template)
@@ -223,22 +223,6 @@ def test_only_process_0_writes_and_markdown_fences_hold_any_text(tmp_path, monke
     md = render_markdown([sample], 4, "rows")
     assert "reference:\n\n~~~~~text\n~~~\ninside\n~~~~\n~~~~~\n" in md
     assert json.loads((tmp_path / "samples.jsonl").read_text())["reference"] == "~~~\ninside\n~~~~"
-
-
-def test_chat_prompt_ids_are_transformers_apply_chat_template(smollm2_dir):  # noqa: F811
-    import transformers
-
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
-    tok = ChatTokenizer.from_checkpoint(smollm2_dir)
-    for messages in (
-        [{"role": "user", "content": "Wie heißt die Hauptstadt von Österreich? 🇦🇹"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?\n\n  Tabs:\t."}],
-        parse_row(_chat(3), "x").messages[:-1],
-    ):
-        want = hf_tok.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        assert chat_prompt_ids(tok, messages) == list(want)
 
 
 @pytest.mark.slow
