@@ -166,7 +166,7 @@ TOL["merge_logits_fp32"] = Tol(
     0.0,
     "oftjax merge, float base, fp32: the merged weight W BD^T is computed once in fp32 where the unmerged "
     "model rotates the inputs (x BD) W^T at every call; the two orders of the same products differ by fp32 "
-    "rounding (~1e-7 of max |logit| through a two-layer model); relative to max |logit|",
+    "rounding (a few 1e-7 of max |logit| through a two-layer model); relative to max |logit|",
 )
 TOL["merge_requantized"] = Tol(
     2.0,
