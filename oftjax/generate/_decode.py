@@ -25,6 +25,7 @@ from flax import nnx
 
 from oftjax.generate._sampling import SamplingConfig, sample_logits
 from oftjax.models import KVCache
+from oftjax.models._rope import long_factor_length
 from oftjax.nn import OFTAdapters, find_modules, path_str
 
 __all__ = ["GenerationResult", "generate", "prompt_bucket"]
@@ -181,13 +182,36 @@ def generate(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each with at least one token")
     key = jax.random.key(0) if key is None else key
+    options = _Options(stream, chunk, bucket, cache_dtype)
+    first = _tokens_before_rope_switch(model.config, prompts, config)
+    if first is None:
+        result = _generate_once(model, prompts, config, key, options)
+    else:
+        result = _generate_across_rope_switch(model, prompts, config, key, options, first)
+    if tokenizer is not None:
+        result.texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    stream: Stream | None
+    chunk: int
+    bucket: int
+    cache_dtype: Any
+
+
+def _generate_once(
+    model: Any, prompts: Sequence[Sequence[int]], config: SamplingConfig, key: jax.Array, options: _Options
+) -> GenerationResult:
+    """Prefill, then decode chunks until every row stopped or ``max_new_tokens`` (texts left None)."""
     view = nnx.view(model, deterministic=True, raise_if_not_found=False)
     graphdef, state = nnx.split(view)
-    length = prompt_bucket(max(len(p) for p in prompts), bucket)
+    length = prompt_bucket(max(len(p) for p in prompts), options.bucket)
     ids, mask = _left_pad(prompts, length, config.pad_token_id)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    steps = -(-max(config.max_new_tokens - 1, 1) // chunk) * chunk
-    dtype = cache_dtype or _compute_dtype(model)
+    steps = -(-max(config.max_new_tokens - 1, 1) // options.chunk) * options.chunk
+    dtype = options.cache_dtype or _compute_dtype(model)
     cache = KVCache.create(model.config, batch=len(prompts), max_len=length + steps, dtype=dtype)
     cache_bytes = cache.nbytes
 
@@ -196,31 +220,90 @@ def generate(
     rotations, last, done, cache = _prefill(graphdef, state, ids, mask, positions, cache, config, sub)
     first = np.asarray(last)
     t1 = time.perf_counter()
-    rows = [[int(t)] for t in first]
-    if stream is not None:
+    if options.stream is not None:
         for r, t in enumerate(first):
-            stream(r, [int(t)])
-    pos = jnp.asarray(positions[:, -1] + 1)
+            options.stream(r, [int(t)])
+    rows = [_until_stop([int(t)], config) for t in first]
+    decoding = functools.partial(_decode_chunk, graphdef, config, options.chunk, state, rotations)
+    carry = (cache, last, jnp.asarray(positions[:, -1] + 1), done, key)
+    _decode_rows(decoding, carry, rows, config, options)
+    t2 = time.perf_counter()
+    return GenerationResult(rows, None, [len(p) for p in prompts], t1 - t0, t2 - t1, cache_bytes)
+
+
+def _decode_rows(decoding: Callable, carry: tuple, rows: list[list[int]], config, options: _Options) -> None:
+    """Run ``decoding`` (``_decode_chunk`` bound to the model) chunk by chunk, extending ``rows`` in place
+    with each row's tokens up to its stop token, until every row stopped or ``max_new_tokens`` are made."""
+    cache, last, pos, done, key = carry
     finished = np.asarray(done)
-    rows = [_until_stop(r, config) for r in rows]
     produced = 1  # tokens per row so far, stopped rows included (all rows advance together)
     while produced < config.max_new_tokens and not finished.all():
-        out, last, pos, done, cache, key = _decode_chunk(
-            graphdef, config, chunk, state, rotations, cache, last, pos, done, key
-        )
-        produced += chunk
+        out, last, pos, done, cache, key = decoding(cache, last, pos, done, key)
+        produced += options.chunk
         arrived, finished_before, finished = np.asarray(out), finished, np.asarray(done)
         for r in range(len(rows)):
             if finished_before[r]:
                 continue
             new = _until_stop(arrived[r, : config.max_new_tokens - len(rows[r])].tolist(), config)
             rows[r].extend(new)
-            if stream is not None and new:
-                stream(r, new)
-    t2 = time.perf_counter()
-    tokens = rows
-    texts = None if tokenizer is None else [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-    return GenerationResult(tokens, texts, [len(p) for p in prompts], t1 - t0, t2 - t1, cache_bytes)
+            if options.stream is not None and new:
+                options.stream(r, new)
+
+
+def _tokens_before_rope_switch(
+    model_config: Any, prompts: Sequence[Sequence[int]], config: SamplingConfig
+) -> int | None:
+    """How many new tokens come before the sequence reaches LongRoPE's switch to its long factors
+    (``oftjax.models.long_factor_length``), when that happens during this generation; else None."""
+    types = set(getattr(model_config, "attention_types", ("full_attention",)))
+    switches = [s for t in sorted(types) if (s := long_factor_length(model_config, t)) is not None]
+    if not switches:
+        return None
+    first = min(switches) - max(len(p) for p in prompts)
+    return first if 0 < first < config.max_new_tokens else None
+
+
+def _generate_across_rope_switch(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    config: SamplingConfig,
+    key: jax.Array,
+    options: _Options,
+    first: int,
+) -> GenerationResult:
+    """Generation that crosses LongRoPE's switch, as transformers runs it (docs/generation.md, "LongRoPE").
+
+    The keys and values cached before the switch were rotated by the short factors, and every layer above saw
+    them; from the switch on, the model rotates every position by the long factors. transformers' Phi-3
+    drops its cache there and runs the whole sequence again; so do we: ``first`` tokens from the prompts,
+    then a second prefill over the prompts and those tokens (rows stopped by a stop token continue with pad
+    tokens, as transformers feeds them), then the rest.
+    """
+    key_head, key_tail = jax.random.split(key)
+    head = _generate_once(
+        model, prompts, dataclasses.replace(config, max_new_tokens=first), key_head, options
+    )
+    stopped = [bool(h) and h[-1] in config.eos_token_ids for h in head.tokens]
+    longer = [
+        [*p, *h, *[config.pad_token_id] * (first - len(h))] for p, h in zip(prompts, head.tokens, strict=True)
+    ]
+
+    def stream(row: int, tokens: list[int]) -> None:
+        if not stopped[row]:
+            options.stream(row, tokens)
+
+    rest = dataclasses.replace(config, max_new_tokens=config.max_new_tokens - first)
+    tail_options = dataclasses.replace(options, stream=None if options.stream is None else stream)
+    tail = _generate_once(model, longer, rest, key_tail, tail_options)
+    tokens = [h if s else h + t for h, t, s in zip(head.tokens, tail.tokens, stopped, strict=True)]
+    return GenerationResult(
+        tokens,
+        None,
+        head.prompt_tokens,
+        head.prefill_seconds,
+        head.decode_seconds + tail.prefill_seconds + tail.decode_seconds,
+        max(head.cache_bytes, tail.cache_bytes),
+    )
 
 
 def _until_stop(row: list[int], config: SamplingConfig) -> list[int]:

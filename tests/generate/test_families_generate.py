@@ -196,25 +196,6 @@ def assert_same_tokens(
         )
 
 
-def generate_rebuilding_at_switch(model: Any, prompts: list[list[int]], config: SamplingConfig, **kw) -> list:
-    """``oftjax.generate`` split where transformers rebuilds a LongRoPE cache (``long_factor_length``).
-
-    The tokens made from sequences shorter than the switch come from one call; the rest from a second call
-    whose prompts are the first call's sequences (rows stopped by a stop token continue with pad tokens, as
-    transformers feeds them), prefilled with the long factors.
-    """
-    switch = long_factor_length(model.config)
-    first = switch - max(map(len, prompts)) if switch is not None else 0
-    if not 0 < first < config.max_new_tokens:
-        return generate(model, prompts, config, **kw).tokens
-    head = generate(model, prompts, dataclasses.replace(config, max_new_tokens=first), **kw).tokens
-    longer = [p + h + [config.pad_token_id] * (first - len(h)) for p, h in zip(prompts, head, strict=True)]
-    rest = dataclasses.replace(config, max_new_tokens=config.max_new_tokens - first)
-    tail = generate(model, longer, rest, **kw).tokens
-    stopped = [bool(h) and h[-1] in config.eos_token_ids for h in head]
-    return [h if s else h + t for h, t, s in zip(head, tail, stopped, strict=True)]
-
-
 CASES = [
     *[(model_type, "float", "pure_jax") for model_type in SMALL],
     # QOFT as `oftjax generate` runs it on a CPU: Phi-3's fused projections, the CPU kernels on
@@ -251,23 +232,11 @@ def crossing(checkpoints):
     return ours, prompts, recomputed_greedy(ours, prompts, NEW), hf_greedy(ckpt.theirs("float"), prompts, NEW)
 
 
-def test_longrope_crossing_the_switch_matches_transformers_with_the_cache_rebuilt(crossing):
-    ours, prompts, (recomputed, recomputed_logits), (theirs, their_logits) = crossing
-    assert_same_tokens(theirs, recomputed, recomputed_logits, "phi3 crossing: transformers vs recomputed")
-    tokens = generate_rebuilding_at_switch(
-        ours, prompts, SamplingConfig(max_new_tokens=NEW), bucket=BUCKET, chunk=4
-    )
-    assert_same_tokens(tokens, theirs, their_logits, "phi3 crossing, cache rebuilt: oftjax vs transformers")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="oftjax.generate keeps the keys and values written with LongRoPE's short factors after the "
-    "switch; transformers recomputes them (generate_rebuilding_at_switch)",
-)
 def test_longrope_crossing_the_switch_in_one_generate_call(crossing):
-    ours, prompts, _, (theirs, their_logits) = crossing
+    """One ``generate`` call rebuilds its cache at the switch itself (docs/generation.md, "LongRoPE")."""
+    ours, prompts, (recomputed, recomputed_logits), (theirs, their_logits) = crossing
     tokens = generate(ours, prompts, SamplingConfig(max_new_tokens=NEW), bucket=BUCKET, chunk=4).tokens
+    assert_same_tokens(tokens, recomputed, recomputed_logits, "phi3 crossing, one call: cached vs recomputed")
     assert_same_tokens(tokens, theirs, their_logits, "phi3 crossing, one call: oftjax vs transformers")
 
 
