@@ -100,6 +100,9 @@ def bnb_config(quant: str, *, double_quant: bool = True, compute_dtype: str = "f
     raise ValueError(f"quant must be nf4, fp4 or int8, got {quant!r}")
 
 
+INT8_MODES = ("eval", "train")
+
+
 def load_causal_lm(
     model_dir: Any,
     *,
@@ -109,6 +112,7 @@ def load_causal_lm(
     device: str = "cpu",
     dtype: str = "float32",
     attn_implementation: str | None = None,
+    int8_mode: str = "train",
 ) -> Any:
     """Load an HF checkpoint in transformers (+ bitsandbytes, + a PEFT adapter), oracle traps disarmed.
 
@@ -124,16 +128,24 @@ def load_causal_lm(
       attn_implementation: transformers' attention ("eager", "sdpa"; None: its default, SDPA). "eager" is
         the computation oftjax's attention reproduces (float32 softmax, probabilities rounded to the compute
         dtype): in bfloat16, SDPA and eager differ from each other by more than oftjax differs from eager.
+      int8_mode: the forward of 8-bit models. "train": ``model.train()`` (dropout is 0 in these configs),
+        where bitsandbytes dequantizes and multiplies in float, as oftjax's ``Linear8bit`` does in training;
+        "eval": ``model.eval()``, LLM.int8 (activations quantized, outlier columns in float), what
+        transformers runs for inference and oftjax's ``Linear8bit`` under ``nnx.view(model,
+        deterministic=True)`` (docs/bitsandbytes-formats.md, "int8 paths").
 
-    The model is returned in eval mode, except int8 models: those run in train mode (dropout is 0 in these
-    configs), the path where bitsandbytes dequantizes and multiplies in float, as oftjax's ``Linear8bit``
-    does; its eval path quantizes activations (LLM.int8; docs/bitsandbytes-formats.md, "int8 paths").
+    The model is returned in eval mode, except 8-bit models with ``int8_mode="train"``.
+
+    Raises:
+      ValueError: unknown ``dtype``, ``quant`` or ``int8_mode``.
     """
     torch = require("torch")
     transformers = require("transformers")
     use_default_cpu_dequant()
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if int8_mode not in INT8_MODES:
+        raise ValueError(f"int8_mode must be one of {INT8_MODES}, got {int8_mode!r}")
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "device_map": device}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -146,7 +158,7 @@ def load_causal_lm(
         model = peft.PeftModel.from_pretrained(model, str(adapter))
         disable_cpu_repacking(model)
     int8 = any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
-    model.train(int8)
+    model.train(int8 and int8_mode == "train")
     return model
 
 

@@ -1,7 +1,8 @@
 """The real SmolLM2 checkpoint through the command line: ``oftjax parity`` passes in float32 (base, NF4, int8,
-a trained adapter) and in bfloat16 against torch bfloat16; ``oftjax train`` on the packaged chat set improves
-the held-out loss and writes an adapter that ``PeftModel.from_pretrained`` loads on transformers +
-bitsandbytes with logits within 1e-4 (relative) of ours.
+a trained adapter) and in bfloat16 against torch bfloat16; int8 in eval mode (LLM.int8 on both sides, the
+default) and in train mode, and on the 8-bit checkpoints of the LLM.int8 model tests; ``oftjax train`` on
+the packaged chat set improves the held-out loss and writes an adapter that ``PeftModel.from_pretrained``
+loads on transformers + bitsandbytes with logits within 1e-4 (relative) of ours.
 
 The default suite runs these on the real checkpoint cut to its first two decoder layers (real weights, real
 tokenizer and chat template, the 49,152-token tied vocabulary) with short runs; the full 30-layer model runs
@@ -19,8 +20,10 @@ import pytest
 
 from interop import oracle
 from oftjax.cli import main
-from oftjax.cli._parity import TOLERANCE, compare, jax_outputs
+from oftjax.cli._parity import LLM_INT8_TOLERANCE, TOLERANCE, compare, jax_outputs
 from tests._real_model import smollm2_dir  # noqa: F401 - the session fixture
+from tests.parity.test_int8_eval_parity import int8_dirs  # noqa: F401 - 8-bit checkpoints of a tiny Llama
+from tests.tolerances import TOL
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -48,10 +51,40 @@ def _parity(capsys, model: Path, *extra: str) -> str:
     return out
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4", "int8"])
+@pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_parity_float32_two_layers(smollm2_2layers, quant, capsys):
     out = _parity(capsys, smollm2_2layers, "--quant", quant)
     assert "float32" in out
+
+
+EVAL_LINE = "int8 layers: LLM.int8 (eval mode) on both sides (--int8-mode eval)"
+TRAIN_LINE = "int8 layers: dequantize, then float matmul (train mode) on both sides (--int8-mode train)"
+
+
+def test_parity_int8_runs_llm_int8_by_default_two_layers(smollm2_2layers, capsys):
+    """8-bit: LLM.int8 on both sides unless asked otherwise, with its limits and the SDPA-vs-eager scale."""
+    out = _parity(capsys, smollm2_2layers, "--quant", "int8")
+    assert EVAL_LINE in out and "torch SDPA vs eager" in out
+    assert f"(limit {LLM_INT8_TOLERANCE.rtol:g})" in out
+
+
+def test_parity_int8_train_mode_two_layers(smollm2_2layers, capsys):
+    """``--int8-mode train``: the dequantize-then-matmul forward of training, judged by the float32 limits."""
+    out = _parity(capsys, smollm2_2layers, "--quant", "int8", "--int8-mode", "train")
+    assert TRAIN_LINE in out and "SDPA" not in out
+    assert f"(limit {TOLERANCE['float32'].rtol:g})" in out
+
+
+@pytest.mark.parametrize("name", ["default", "skip-modules"])
+def test_parity_int8_eval_on_8bit_checkpoints(int8_dirs, name, capsys):  # noqa: F811
+    """The 8-bit checkpoints of the LLM.int8 model tests (threshold 6; threshold 2 with outlier columns in
+    most layers and skipped modules), loaded as saved on both sides: LLM.int8 agrees within the model-level
+    bound of those tests, far inside the command's default limits."""
+    path, _ = int8_dirs[name]
+    limit = TOL["llm_int8_logits"].atol  # x max |logit|: the command's relative error
+    out = _parity(capsys, path, "--rtol", f"{limit:g}", "--min-top1", "0.99", "--per-layer")
+    assert EVAL_LINE in out
+    assert "(int8)" in out.splitlines()[0]
 
 
 def test_parity_bfloat16_two_layers(smollm2_2layers, capsys):
@@ -117,7 +150,13 @@ def test_smollm2_train_improves_eval_and_peft_loads_the_adapter(smollm2_dir, tra
     ids=["base-fp32", "nf4-fp32", "int8-fp32", "base-bf16", "nf4-bf16"],
 )  # fmt: skip
 def test_smollm2_parity(smollm2_dir, quant, dtype, capsys):  # noqa: F811
-    _parity(capsys, smollm2_dir, "--quant", quant, "--dtype", dtype)
+    out = _parity(capsys, smollm2_dir, "--quant", quant, "--dtype", dtype)
+    assert (EVAL_LINE in out) == (quant == "int8")
+
+
+@pytest.mark.slow
+def test_smollm2_parity_int8_train_mode(smollm2_dir, capsys):  # noqa: F811
+    assert TRAIN_LINE in _parity(capsys, smollm2_dir, "--quant", "int8", "--int8-mode", "train")
 
 
 @pytest.mark.slow
