@@ -18,6 +18,7 @@ Reported per rate: the mean training loss over the first and last 5 steps, the h
 and whether ``oftjax train``'s divergence guard (``oftjax.train.fit``) would have stopped the run.
 
 Usage: python benchmarks/sweep_lr.py [--model DIR] [--lrs 3e-5,1e-4,3e-4,1e-3,3e-3,1e-2] [--steps 20]
+       [--malloc keep|default] [--json FILE]
 """
 
 from __future__ import annotations
@@ -124,11 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=dj.REAL_MODEL["batch_size"])
     p.add_argument("--seq", type=int, default=dj.REAL_MODEL["seq_len"])
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here (after every rate)")
+    p.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="keep: glibc keeps freed memory (as `oftjax train`; faster steps, but the heap can grow well "
+        "past the step's peak, see benchmarks/RESULTS.md); default: glibc as configured (the losses are "
+        "the same either way) (default: %(default)s)",
+    )
     a = p.parse_args(argv)
-    from oftjax.cli import keep_freed_memory
+    if a.malloc == "keep":
+        from oftjax.cli import keep_freed_memory
 
-    keep_freed_memory()
+        keep_freed_memory()
     from oftjax import cpu_kernels
 
     cpu_kernels.enable()
@@ -145,25 +155,39 @@ def main(argv: list[str] | None = None) -> int:
     initial = jax.device_get(trainer.state)
     before = trainer.eval_loss(evals)
     print(f"{path}: batch {a.batch} x {a.seq}, {a.steps} steps per rate; eval loss before {before:.4f}")
-    rows = [_run(trainer, initial, float(lr), train, evals, a) for lr in a.lrs.split(",")]
     head = f"| {'peak lr':>8} | {'train loss, first 5 -> last 5':>29} | {'eval after':>10} | {'change':>7} |"
-    print(head + " guard |")
-    print(f"|{'-' * 10}|{'-' * 31}|{'-' * 12}|{'-' * 9}|-------|")
-    for r in rows:
-        guard = f"step {r['diverged_at']}" if r["diverged_at"] else "ok"
-        print(
-            f"| {r['lr']:>8.0e} | {r['train_first']:>14.3f} -> {r['train_last']:<11.3f} | "
-            f"{r['eval_after']:>10.4f} | {r['eval_after'] - before:>+7.3f} | {guard:<5} |"
-        )
+    print(head + " guard | seconds |")
+    print(f"|{'-' * 10}|{'-' * 31}|{'-' * 12}|{'-' * 9}|-------|---------|", flush=True)
+    rows = []
+    for lr in a.lrs.split(","):
+        # each row as soon as its rate is done (a sweep takes long on a busy CPU; a stopped run keeps them)
+        rows.append(_run(trainer, initial, float(lr), train, evals, a))
+        _print_row(rows[-1], before)
+        if a.json:
+            _write_json(a.json, {"eval_before": before, "rows": rows})
     best = min((r for r in rows if math.isfinite(r["eval_after"])), key=lambda r: r["eval_after"])
     print(f"best: {best['lr']:g} (eval {before:.4f} -> {best['eval_after']:.4f})")
     print(
         f"{time.perf_counter() - t0:.0f} s in all; 1-min load average {os.getloadavg()[0]:.2f} "
         f"({os.cpu_count()} CPUs)"
     )
-    if a.json:
-        a.json.write_text(json.dumps({"eval_before": before, "rows": rows}, indent=2))
     return 0
+
+
+def _print_row(r: dict, before: float) -> None:
+    guard = f"step {r['diverged_at']}" if r["diverged_at"] else "ok"
+    print(
+        f"| {r['lr']:>8.0e} | {r['train_first']:>14.3f} -> {r['train_last']:<11.3f} | "
+        f"{r['eval_after']:>10.4f} | {r['eval_after'] - before:>+7.3f} | {guard:<5} | {r['seconds']:>7.0f} |",
+        flush=True,
+    )
+
+
+def _write_json(path: Path, results: dict) -> None:
+    """``results`` as JSON, atomically (a temporary sibling renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
