@@ -141,7 +141,6 @@ def hf_greedy(model: Any, prompts: list[list[int]], new: int) -> tuple[list[list
             attention_mask=torch.as_tensor(mask, dtype=torch.long),
             do_sample=False,
             max_new_tokens=new,
-            min_new_tokens=new,
             pad_token_id=0,
             return_dict_in_generate=True,
             output_logits=True,
@@ -238,6 +237,30 @@ def test_longrope_crossing_the_switch_in_one_generate_call(crossing):
     tokens = generate(ours, prompts, SamplingConfig(max_new_tokens=NEW), bucket=BUCKET, chunk=4).tokens
     assert_same_tokens(tokens, recomputed, recomputed_logits, "phi3 crossing, one call: cached vs recomputed")
     assert_same_tokens(tokens, theirs, their_logits, "phi3 crossing, one call: oftjax vs transformers")
+
+
+def test_longrope_crossing_with_a_row_stopped_before_the_switch(checkpoints, crossing):
+    """A row that stops before the switch still counts in the rebuilt prefill (transformers feeds it pad
+    tokens, and the longest row decides the factors); what is streamed is what is returned."""
+    ours, prompts, _, (free, _) = crossing
+    stop = free[1][1]  # the second token of the shortest prompt's row: it stops before the switch
+    streamed: dict[int, list[int]] = {}
+    config = SamplingConfig(max_new_tokens=NEW, eos_token_ids=(stop,))
+    result = generate(
+        ours,
+        prompts,
+        config,
+        bucket=BUCKET,
+        chunk=4,
+        stream=lambda r, new: streamed.setdefault(r, []).extend(new),
+    )
+    theirs = checkpoints("phi3").theirs("float")
+    theirs.generation_config.eos_token_id = stop
+    want, logits = hf_greedy(theirs, prompts, NEW)  # rows padded with 0 after their stop token
+    assert stop in want[1][: long_factor_length(ours.config) - max(map(len, prompts))]
+    padded = [t + [0] * (len(w) - len(t)) for t, w in zip(result.tokens, want, strict=True)]
+    assert_same_tokens(padded, want, logits, "phi3 crossing with a stop token: oftjax vs transformers")
+    assert streamed == dict(enumerate(result.tokens))
 
 
 @pytest.mark.slow
