@@ -275,9 +275,13 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     rss_training = _peak_rss_mb()  # before the GEMM floor's own arrays
 
     tokens = a.batch * a.seq
-    xs = [jnp.asarray(rng.standard_normal((tokens, i)), jnp.float32) for i, _ in linear_shapes(a)]
-    gs = [jnp.asarray(rng.standard_normal((tokens, o)), jnp.float32) for _, o in linear_shapes(a)]
-    ws = [jnp.asarray(rng.standard_normal((o, i)) * 0.02, jnp.float32) for i, o in linear_shapes(a)]
+
+    def draw(shape: tuple[int, int], scale: float = 1.0) -> jax.Array:
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
+
+    xs = [draw((tokens, i)) for i, _ in linear_shapes(a)]
+    gs = [draw((tokens, o)) for _, o in linear_shapes(a)]
+    ws = [draw((o, i), 0.02) for i, o in linear_shapes(a)]
     floor_fn = jax.jit(lambda xs, gs, ws: [(x @ w.T, g @ w) for x, g, w in zip(xs, gs, ws, strict=True)])
     floor = lambda: jax.block_until_ready(floor_fn(xs, gs, ws))  # noqa: E731
     floor()
