@@ -24,8 +24,7 @@ import numpy as np
 from flax import nnx
 
 from oftjax.generate._sampling import SamplingConfig, sample_logits
-from oftjax.models import KVCache
-from oftjax.models._rope import long_factor_length
+from oftjax.models import KVCache, long_factor_length
 from oftjax.nn import OFTAdapters, find_modules, path_str
 
 __all__ = ["GenerationResult", "generate", "prompt_bucket"]

@@ -27,16 +27,17 @@ from oftjax.models._kv_cache import KVCache as KVCache
 from oftjax.models._layers import AXIS_DATA as AXIS_DATA
 from oftjax.models._layers import AXIS_FSDP as AXIS_FSDP
 from oftjax.models._layers import RMSNorm as RMSNorm
+from oftjax.models._rope import long_factor_length as long_factor_length
 
 __all__ = [
     "AXIS_DATA",
     "AXIS_FSDP",
-    "MODEL_TYPES",
     "CausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
     "KVCache",
     "LlamaForCausalLM",
+    "MODEL_TYPES",
     "MistralForCausalLM",
     "ModelConfig",
     "Phi3ForCausalLM",
@@ -47,6 +48,7 @@ __all__ = [
     "UnsupportedConfigError",
     "causal_mask",
     "linear_modules",
+    "long_factor_length",
     "norm_modules",
     "segment_mask",
 ]
