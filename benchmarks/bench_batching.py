@@ -14,8 +14,11 @@ for all three: ``--batch`` rows of ``--seq`` positions per step.
 * **per-batch**: ``--batch`` random examples padded to the longest of them rounded up to a multiple of 64:
   less padding than ``padded`` and the causal fast path, but one compilation per distinct length.
 
-For each, the step is compiled first (not timed), then ``--steps`` steps run on batches drawn from the set;
-tokens/s counts the real tokens of those batches (not padding) over their wall time.
+Every kind's step is compiled first (not timed); then ``--steps`` rounds run one step of each kind in turn
+(the same machine load for all), on batches drawn from the set (padded and per-batch draw the same examples).
+tokens/s counts the real tokens of a kind's batches (not padding) over their wall time, loss tokens/s the
+tokens in the loss (the assistant's answers: what training learns from); the ratio is the median over rounds
+of a kind's loss tokens/s over the first kind's in the same round.
 
 Usage: python benchmarks/bench_batching.py [--model DIR] [--seq 512 --batch 4 --steps 6]
 """
@@ -49,7 +52,8 @@ def _model(path, a):
 
 
 def _batches(kind: str, examples, a, pad_id: int, rng) -> list[tuple[dict, int]]:
-    """``--steps`` batches of one kind (with the extra keys the model call takes) and their real tokens."""
+    """``--steps`` batches of one kind (with the extra keys the model call takes) and their real tokens
+    (positions holding an example's token, not padding)."""
     import numpy as np
 
     from oftjax.data import pack_examples, padded_rows, segment_positions
@@ -83,21 +87,29 @@ def _batches(kind: str, examples, a, pad_id: int, rng) -> list[tuple[dict, int]]
     return out
 
 
-def _time(trainer, batches: list[dict]) -> tuple[list[float], float]:
-    """Per-step wall times, after one untimed step per distinct shape (its compilation)."""
+def _compile(trainer, batches: list[dict]) -> None:
+    """One untimed step per distinct batch signature (its compilation)."""
     seen = set()
-    t0 = time.perf_counter()
     for b in batches:
-        if b["input_ids"].shape not in seen:
-            seen.add(b["input_ids"].shape)
+        key = (b["input_ids"].shape, tuple(sorted(b)))
+        if key not in seen:
+            seen.add(key)
             float(trainer.train_step(b)["loss"])
-    compile_s = time.perf_counter() - t0
-    times = []
-    for b in batches:
-        t = time.perf_counter()
-        float(trainer.train_step(b)["loss"])
-        times.append(time.perf_counter() - t)
-    return times, compile_s
+
+
+def _time_alternating(trainer, by_kind: dict[str, list[dict]], steps: int) -> dict[str, list[float]]:
+    """Per-step wall times of every kind, in rounds of one step per kind (all compiled beforehand), so that
+    each kind sees the same machine load (this CPU is shared: kinds timed one after the other measured the
+    load as much as the layout)."""
+    for batches in by_kind.values():
+        _compile(trainer, batches)
+    times: dict[str, list[float]] = {kind: [] for kind in by_kind}
+    for i in range(steps):
+        for kind, batches in by_kind.items():
+            t = time.perf_counter()
+            float(trainer.train_step(batches[i])["loss"])
+            times[kind].append(time.perf_counter() - t)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,19 +136,28 @@ def main(argv: list[str] | None = None) -> int:
     examples = load_chat_data(pydoc_chat_paths()["train"], tok, seq_len=a.seq).examples
     trainer = _model(path, a)
     load0 = os.getloadavg()[0]
+    kinds = a.kinds.split(",")
+    pairs = {k: _batches(k, examples, a, tok.pad_id, np.random.default_rng(0)) for k in kinds}
+    batches = {k: [b for b, _ in v] for k, v in pairs.items()}
+    times = _time_alternating(trainer, batches, a.steps)
     print(f"{path}: {len(examples)} examples, seq {a.seq}, batch {a.batch}; {malloc}; CPU kernels on")
+    print(f"{a.steps} rounds of one step per layout; ratio: median over rounds of (layout's loss tokens/s)")
+    print("/ (first layout's loss tokens/s) in that round")
     print(
-        f"| {'layout':<10} | {'real tokens/step':>16} | {'step s, median':>15} | {'tokens/s':>9} | shapes |"
+        f"| {'layout':<10} | {'real tokens/step':>16} | {'step s, median':>15} | {'tokens/s':>9} | "
+        f"{'loss tokens/s':>15} | {'ratio':>5} | shapes |"
     )
-    print(f"|{'-' * 12}|{'-' * 18}|{'-' * 17}|{'-' * 11}|--------|")
-    for kind in a.kinds.split(","):
-        pairs = _batches(kind, examples, a, tok.pad_id, np.random.default_rng(0))
-        batches, real = [b for b, _ in pairs], [n for _, n in pairs]
-        times, _ = _time(trainer, batches)
-        shapes = len({b["input_ids"].shape for b in batches})
+    print(f"|{'-' * 12}|{'-' * 18}|{'-' * 17}|{'-' * 11}|{'-' * 17}|{'-' * 7}|--------|")
+    in_loss = {k: [int(b["loss_mask"].sum()) for b in v] for k, v in batches.items()}
+    rate = {k: [n / t for n, t in zip(in_loss[k], times[k], strict=True)] for k in kinds}
+    for kind in kinds:
+        real = [n for _, n in pairs[kind]]
+        ratio = statistics.median(r / r0 for r, r0 in zip(rate[kind], rate[kinds[0]], strict=True))
+        shapes = len({b["input_ids"].shape for b in batches[kind]})
         print(
-            f"| {kind:<10} | {statistics.mean(real):>16,.0f} | {statistics.median(times):>15.2f} | "
-            f"{sum(real) / sum(times):>9,.0f} | {shapes:>6} |"
+            f"| {kind:<10} | {statistics.mean(real):>16,.0f} | {statistics.median(times[kind]):>15.2f} | "
+            f"{sum(real) / sum(times[kind]):>9,.0f} | {sum(in_loss[kind]) / sum(times[kind]):>15,.0f} | "
+            f"{ratio:>5.2f} | {shapes:>6} |"
         )
     print(f"1-min load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)")
     return 0
