@@ -148,6 +148,7 @@ def torch_model(model_dir: Path, quant: str | None, adapter: Path | None):
         kwargs["quantization_config"] = oracle.bnb_config(quant, double_quant=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     oracle.disable_cpu_repacking(model)
+    model.generation_config.eos_token_id = None  # generate's own falls back to it: no eos stop
     if adapter is not None:
         model = peft.PeftModel.from_pretrained(model, str(adapter))
         oracle.disable_cpu_repacking(model)

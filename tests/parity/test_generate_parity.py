@@ -157,8 +157,9 @@ def torch_threads(n: int):
 def torch_greedy(
     model, prompts: list[list[int]], new_tokens: int
 ) -> tuple[list[list[int]], list[np.ndarray]]:
-    """transformers' greedy ``generate``, one prompt at a time, no eos stop: the new tokens of each prompt
-    and the logits of every step (float32 ``[new_tokens, vocab]``)."""
+    """transformers' greedy ``generate``, one prompt at a time, no eos stop (``model``'s generation config
+    loses its eos id): the new tokens of each prompt and the logits of every step (float32
+    ``[new_tokens, vocab]``)."""
     torch = oracle.require("torch")
     transformers = oracle.require("transformers")
     config = transformers.GenerationConfig(
@@ -169,6 +170,8 @@ def torch_greedy(
         output_logits=True,
         return_dict_in_generate=True,
     )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.generation_config.eos_token_id = None  # generate falls back to the model's own for a None above
     tokens, logits = [], []
     with torch_threads(1), torch.no_grad():
         for prompt in prompts:
