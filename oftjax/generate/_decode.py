@@ -25,7 +25,7 @@ from flax import nnx
 
 from oftjax.generate._sampling import SamplingConfig, sample_logits
 from oftjax.models import KVCache, long_factor_length
-from oftjax.nn import OFTAdapters, find_modules, path_str
+from oftjax.nn import Linear8bit, OFTAdapters, find_modules, path_str
 
 __all__ = ["GenerationResult", "generate", "prompt_bucket"]
 
@@ -96,13 +96,18 @@ def _install_rotations(model: Any, rotations: dict[str, dict[str, jax.Array]]) -
         layer.frozen_rotations = nnx.Dict({n: FrozenRotation(R) for n, R in rotations[p].items()})
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _prefill(graphdef, state, ids, mask, positions, cache, config: SamplingConfig, key):
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _prefill(graphdef, state, ids, mask, positions, counted, cache, config: SamplingConfig, key):
+    """The prompts' forward: the rotations, the first token, the cache. ``counted`` marks the rows that
+    choose LLM.int8's outlier columns (every slot but the bucket's extra padding)."""
     model = nnx.merge(graphdef, state)
     rotations = _build_rotations(model)
     _install_rotations(model, rotations)
-    logits, cache = model.decode(ids, positions, mask, cache)
-    first = sample_logits(logits[:, -1], key, config)
+    for _, layer in find_modules(model, lambda m: isinstance(m, Linear8bit), enter=lambda m: True):
+        layer.count_outliers_in(counted)
+    hidden, cache = model.model.decode(ids, positions, mask, cache)
+    logits = model.logits(hidden[:, -1])  # the head on the last position only: the others are not sampled
+    first = sample_logits(logits, key, config)
     done = jnp.isin(first, jnp.asarray(config.eos_token_ids or (-1,), jnp.int32))
     return rotations, first, done, cache
 
@@ -204,19 +209,14 @@ def _generate_once(
     model: Any, prompts: Sequence[Sequence[int]], config: SamplingConfig, key: jax.Array, options: _Options
 ) -> GenerationResult:
     """Prefill, then decode chunks until every row stopped or ``max_new_tokens`` (texts left None)."""
-    view = nnx.view(model, deterministic=True, raise_if_not_found=False)
-    graphdef, state = nnx.split(view)
-    length = prompt_bucket(max(len(p) for p in prompts), options.bucket)
-    ids, mask = _left_pad(prompts, length, config.pad_token_id)
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    steps = -(-max(config.max_new_tokens - 1, 1) // options.chunk) * options.chunk
-    dtype = options.cache_dtype or _compute_dtype(model)
-    cache = KVCache.create(model.config, batch=len(prompts), max_len=length + steps, dtype=dtype)
+    graphdef, state, ids, mask, positions, counted, cache = _prefill_inputs(model, prompts, config, options)
     cache_bytes = cache.nbytes
 
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
-    rotations, last, done, cache = _prefill(graphdef, state, ids, mask, positions, cache, config, sub)
+    rotations, last, done, cache = _prefill(
+        graphdef, state, ids, mask, positions, counted, cache, config, sub
+    )
     first = np.asarray(last)
     t1 = time.perf_counter()
     if options.stream is not None:
@@ -228,6 +228,28 @@ def _generate_once(
     _decode_rows(decoding, carry, rows, config, options)
     t2 = time.perf_counter()
     return GenerationResult(rows, None, [len(p) for p in prompts], t1 - t0, t2 - t1, cache_bytes)
+
+
+def _prefill_inputs(
+    model: Any, prompts: Sequence[Sequence[int]], config: SamplingConfig, options: _Options
+) -> tuple:
+    """``_prefill``'s arguments before ``config`` and the key: the model split in inference mode, the
+    left-padded prompts, their mask and positions, the rows that choose LLM.int8's outlier columns, and an
+    empty cache with room for the bucket and every decode step."""
+    view = nnx.view(model, deterministic=True, raise_if_not_found=False)
+    graphdef, state = nnx.split(view)
+    state = _tied_table_in_compute_dtype(model, state)
+    longest = max(len(p) for p in prompts)
+    length = prompt_bucket(longest, options.bucket)
+    ids, mask = _left_pad(prompts, length, config.pad_token_id)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    # transformers pads a batch to its longest prompt, and LLM.int8's outlier columns see those rows: so do
+    # ours, but not the rows the bucket adds (a prompt alone then runs as it does alone in transformers)
+    counted = np.broadcast_to(np.arange(length) >= length - longest, ids.shape)
+    steps = -(-max(config.max_new_tokens - 1, 1) // options.chunk) * options.chunk
+    dtype = options.cache_dtype or _compute_dtype(model)
+    cache = KVCache.create(model.config, batch=len(prompts), max_len=length + steps, dtype=dtype)
+    return graphdef, state, ids, mask, positions, counted, cache
 
 
 def _decode_rows(decoding: Callable, carry: tuple, rows: list[list[int]], config, options: _Options) -> None:
@@ -310,6 +332,30 @@ def _until_stop(row: list[int], config: SamplingConfig) -> list[int]:
         if t in config.eos_token_ids:
             return row[: i + 1]
     return row[: config.max_new_tokens]
+
+
+def _tied_table_in_compute_dtype(model: Any, state: nnx.State) -> nnx.State:
+    """``state`` with a tied output head's table cast to the compute dtype, once per call.
+
+    A checkpoint's bfloat16 table stays bfloat16 in a float32 model (half the memory); the head multiplies in
+    the compute dtype, so every jitted call would convert the whole table again (XLA hoists it out of the
+    decode loop, not out of the call). Lookups read the same values from either table (they cast the rows
+    they read). The model's own table is not touched: the cast table lives for this call only.
+    """
+    if model.lm_head is not None:
+        return state
+    embed = model.model.embed_tokens
+    base = getattr(embed, "base_layer", embed)
+    dtype = _compute_dtype(model)
+    if base.embedding[...].dtype == dtype:
+        return state
+    want = ("model", "embed_tokens", *(("base_layer",) if base is not embed else ()), "embedding")
+
+    def cast(path: tuple, leaf: Any) -> Any:
+        names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return leaf.astype(dtype) if names[: len(want)] == want else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, state)
 
 
 def _compute_dtype(model: Any) -> Any:

@@ -148,6 +148,10 @@ def requantize(q: Any, w: jax.Array) -> Any:
     )
 
 
+class _OutlierRows(nnx.Variable):
+    """The rows of a ``Linear8bit``'s input that choose LLM.int8's outlier columns (never trained or saved)."""
+
+
 class Linear8bit(_QuantLinear):
     """Frozen int8 linear (bnb ``Linear8bitLt``): dequantize-then-matmul or LLM.int8, in ``compute_dtype``.
 
@@ -201,6 +205,7 @@ class Linear8bit(_QuantLinear):
             raise ValueError(f"Linear8bit: rounding must be one of {quant.ROUNDINGS}; got {rounding!r}")
         self.rounding = rounding
         self.deterministic = False
+        self.outlier_rows = nnx.data(None)
 
     @property
     def uses_llm_int8(self) -> bool:
@@ -226,14 +231,28 @@ class Linear8bit(_QuantLinear):
         if int8_matmul is not None:
             self.int8_matmul = _checked_mode(int8_matmul)
 
+    def count_outliers_in(self, rows: jax.Array | None) -> None:
+        """LLM.int8 from now on chooses its outlier columns from the rows of ``x`` marked True in ``rows``
+        (bool, ``x.shape[:-1]``), or from every row (None, the default, as bnb). An input of another shape
+        (``lm_head`` on the last position only) uses every row. ``oftjax.generate`` marks the prompts'
+        rows in prefill, leaving out the left padding it adds beyond the longest prompt.
+        """
+        self.outlier_rows = nnx.data(None) if rows is None else _OutlierRows(jnp.asarray(rows, jnp.bool_))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if not self.uses_llm_int8:
             return super().__call__(x)
         cd = self.compute_dtype
         # bnb's Linear8bitLt casts the bias to the input dtype before MatMul8bitLt adds it
         bias = None if self.bias is None else self.bias[...].astype(cd)
+        rows = None if self.outlier_rows is None else self.outlier_rows[...]
         y = quant.llm_int8_matmul(
-            x.astype(cd), self.weight.get_value(), bias, threshold=self.threshold, rounding=self.rounding
+            x.astype(cd),
+            self.weight.get_value(),
+            bias,
+            threshold=self.threshold,
+            rounding=self.rounding,
+            outlier_rows=rows if rows is not None and rows.shape == x.shape[:-1] else None,
         )
         return y.astype(x.dtype)
 

@@ -97,12 +97,15 @@ def quantize_activations(x: jax.Array, threshold: float = 0.0, rounding: str = "
     return _quantize_activations(x, float(threshold), rounding)
 
 
-def _quantize_activations(x: jax.Array, threshold: float, rounding: str) -> QuantizedActivations:
+def _quantize_activations(
+    x: jax.Array, threshold: float, rounding: str, rows: jax.Array | None = None
+) -> QuantizedActivations:
     x16 = x.astype(jnp.float16)
     if threshold > 0.0:
         # torch compares the float16 tensor with the threshold rounded to float16 (CPU and CUDA alike)
         outliers = jnp.abs(x16) >= np.float16(threshold)
-        cols = jnp.any(outliers, axis=0)
+        counted = outliers if rows is None else outliers & rows[:, None]
+        cols = jnp.any(counted, axis=0)
         x16 = jnp.where(outliers, jnp.float16(0.0), x16)
     else:
         outliers, cols = None, jnp.zeros(x.shape[-1], jnp.bool_)
@@ -187,6 +190,7 @@ def llm_int8_matmul(
     *,
     threshold: float = 0.0,
     rounding: str = "cpu",
+    outlier_rows: jax.Array | None = None,
 ) -> jax.Array:
     """``y = x W^T + bias`` the LLM.int8 way (bnb ``MatMul8bitLt.forward``), in ``x.dtype``.
 
@@ -198,6 +202,9 @@ def llm_int8_matmul(
         caller).
       threshold: ``llm_int8_threshold`` (0: every column through int8).
       rounding: "cpu" or "cuda" (see ``quantize_activations`` and ``rescale_int32``).
+      outlier_rows: optional bool ``x.shape[:-1]``: only rows marked True choose the outlier columns (every
+        row is still computed, with those columns). ``oftjax.generate`` leaves out the left padding it adds
+        beyond the longest prompt, which transformers' batches do not have (docs/int8.md).
 
     Returns:
       ``[..., N]`` in ``x.dtype``.
@@ -216,23 +223,40 @@ def llm_int8_matmul(
         raise ValueError(
             f"llm_int8_matmul: x has {x.shape[-1]} features, the weight {q.shape} expects {q.shape[1]}"
         )
-    return _llm_int8_matmul(x, q, bias, float(threshold), rounding)
+    if outlier_rows is not None:
+        outlier_rows = jnp.asarray(outlier_rows)
+        if outlier_rows.shape != x.shape[:-1] or outlier_rows.dtype != jnp.bool_:
+            raise ValueError(
+                f"llm_int8_matmul: outlier_rows must be bool {tuple(x.shape[:-1])} (x's rows); "
+                f"got {outlier_rows.dtype} {tuple(outlier_rows.shape)}"
+            )
+    return _llm_int8_matmul(x, q, bias, outlier_rows, float(threshold), rounding)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=(4, 5))
 def _llm_int8_matmul(
-    x: jax.Array, q: Int8Weight, bias: jax.Array | None, threshold: float, rounding: str
+    x: jax.Array,
+    q: Int8Weight,
+    bias: jax.Array | None,
+    rows: jax.Array | None,
+    threshold: float,
+    rounding: str,
 ) -> jax.Array:
-    return _llm_int8(x, q, bias, threshold, rounding)
+    return _llm_int8(x, q, bias, rows, threshold, rounding)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _llm_int8(
-    x: jax.Array, q: Int8Weight, bias: jax.Array | None, threshold: float, rounding: str
+    x: jax.Array,
+    q: Int8Weight,
+    bias: jax.Array | None,
+    rows: jax.Array | None,
+    threshold: float,
+    rounding: str,
 ) -> jax.Array:
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
-    qa = _quantize_activations(x2, threshold, rounding)
+    qa = _quantize_activations(x2, threshold, rounding, None if rows is None else rows.reshape(-1))
     acc = int8_matmul(qa.CA, q.CB)
     y = rescale_int32(acc, qa.SCA, q.SCB, bias, x.dtype, rounding)
     if threshold > 0.0:
@@ -244,7 +268,7 @@ def _llm_int8_jvp(threshold: float, rounding: str, primals: tuple, tangents: tup
     # Straight-through, as bnb's MatMul8bitLt.backward: the derivative of x W^T + b with the dequantized W
     # (rounding to int8 has a zero derivative almost everywhere, which would stop every gradient).
     y = _llm_int8(*primals, threshold, rounding)
-    dy = jax.jvp(_dense, primals, tangents)[1]
+    dy = jax.jvp(_dense, primals[:3], tangents[:3])[1]
     return y, dy.astype(y.dtype)
 
 

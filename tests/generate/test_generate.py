@@ -62,6 +62,51 @@ def test_cached_greedy_decoding_equals_recomputing_the_sequence(quant):
     assert result.cache_bytes > 0
 
 
+def test_int8_bucket_padding_does_not_choose_outlier_columns():
+    """LLM.int8 picks outlier columns from every row it is given: the bucket's padding must not count, so a
+    prompt padded to its bucket computes what it computes unpadded (transformers runs it unpadded). Compared:
+    the keys and values prefill writes for the prompt's tokens, and the tokens."""
+    model = _model("int8")
+    # the pad token's embedding, normalized, is 8 in column 3: an outlier in every padding row
+    table = model.model.embed_tokens.embedding
+    table[...] = table[...].at[0].set(jnp.zeros(64).at[3].set(1.0))
+    prompt, config = PROMPTS[0], SamplingConfig(max_new_tokens=8)
+
+    def prefill_cache(bucket: int, count_padding: bool = False):
+        options = _decode._Options(None, 16, bucket, None)
+        args = list(_decode._prefill_inputs(model, [prompt], config, options))
+        if count_padding:
+            args[5] = np.ones_like(args[5])
+        cache = _decode._prefill(*args, config, jax.random.key(0))[3]
+        n = len(prompt)
+        start = args[2].shape[1] - n
+        return np.stack([np.asarray(k[:, start : start + n]) for k in cache.keys + cache.values])
+
+    alone, padded = prefill_cache(1), prefill_cache(64)
+    np.testing.assert_array_equal(padded, alone)
+    # the bucket's padding, counted, changes the prompt's own keys and values: the test can fail
+    assert np.abs(prefill_cache(64, count_padding=True) - alone).max() > 1e-4 * np.abs(alone).max()
+    assert (
+        generate(model, [prompt], config, bucket=64).tokens == generate(model, [prompt], config, bucket=1).tokens
+    )
+
+
+def test_a_bfloat16_tied_table_is_converted_once_per_call_and_gives_the_same_tokens():
+    """A bf16 tied table in a float32 model: generate casts it once for the call (its jitted calls see a
+    float32 table), the model keeps its bf16 table, and the tokens equal recomputing with the bf16 table."""
+    cfg = ModelConfig.from_hf({**TINY_LLAMA, "model_type": "llama", "head_dim": 16, "tie_word_embeddings": True})
+    model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), embed_dtype=jnp.bfloat16)
+    _, state = nnx.split(model)
+    cast = _decode._tied_table_in_compute_dtype(model, state)
+    assert cast["model"]["embed_tokens"]["embedding"][...].dtype == jnp.float32
+    assert model.model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    others = [a for p, a in jax.tree_util.tree_leaves_with_path(cast) if "embed_tokens" not in jax.tree_util.keystr(p)]
+    assert others and all(a.dtype == jnp.float32 for a in others)
+    result = generate(model, PROMPTS, SamplingConfig(max_new_tokens=6), chunk=4, bucket=16)
+    for prompt, tokens in zip(PROMPTS, result.tokens, strict=True):
+        assert tokens == _greedy_reference(model, prompt, 6)
+
+
 def test_rows_stop_at_their_eos_and_stream_what_they_keep():
     model = _model()
     free = generate(model, PROMPTS, SamplingConfig(max_new_tokens=8), bucket=16).tokens

@@ -194,12 +194,13 @@ def load_ours(checkpoint: Path, adapter: Path | None):
 
 def ours_greedy(model, prompts: list[list[int]], new_tokens: int, *, alone: bool = False) -> list[list[int]]:
     """oftjax's greedy ``generate``, no eos stop: all prompts as one left-padded batch, or (``alone``) each
-    prompt by itself without padding (``bucket=1``: a compilation per prompt length)."""
+    prompt by itself, left-padded to its bucket as ``generate`` does by default (transformers runs it
+    unpadded)."""
     from oftjax.generate import SamplingConfig, generate
 
     config = SamplingConfig(max_new_tokens=new_tokens)
     if alone:
-        tokens = [generate(model, [p], config, bucket=1).tokens[0] for p in prompts]
+        tokens = [generate(model, [p], config).tokens[0] for p in prompts]
     else:
         tokens = generate(model, prompts, config).tokens
     assert [len(t) for t in tokens] == [new_tokens] * len(prompts)

@@ -6,7 +6,8 @@ checkpoint is what transformers + bitsandbytes write when quantizing the float c
 both sides (torch in ``model.eval()``; oftjax's ``generate`` runs ``nnx.view(deterministic=True)``, where
 ``Linear8bit`` computes LLM.int8). LLM.int8 takes as outlier columns those where any row of a layer's input
 passes the threshold, so every row of a batch, padding included, changes the other rows' results (in
-transformers as in oftjax): each prompt runs alone and unpadded on both sides (``generate(..., bucket=1)``).
+transformers as in oftjax): each prompt runs alone on both sides, in oftjax left-padded to its bucket as
+``generate`` pads by default (the bucket's padding chooses no outlier columns: docs/generation.md).
 
 * The real checkpoint cut to two layers (default suite): identical tokens, except after a near tie
   (``TOL["greedy_near_tie"]``), as in float.

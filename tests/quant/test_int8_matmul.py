@@ -208,7 +208,32 @@ def test_vmap_decides_outliers_per_mapped_slice():
     assert not np.array_equal(pooled, np.asarray(got[1]))
 
 
+def test_rows_left_out_choose_no_outlier_columns():
+    """``outlier_rows``: an outlier in a row left out does not make its column an outlier column for the
+    rows counted; those rows get what they get alone; every row is still computed."""
+    q = quant.quantize_int8(jnp.asarray(activations((8, 32), seed=1, scale=0.05)))
+    x = activations((4, 32))
+    x[0, 4] = 9.0  # an outlier in the row that will be left out
+    rows = np.array([False, True, True, True])
+    f = lambda x, **kw: np.asarray(quant.llm_int8_matmul(jnp.asarray(x), q, threshold=6.0, **kw))  # noqa: E731
+    got = f(x, outlier_rows=jnp.asarray(rows))
+    np.testing.assert_array_equal(got[1:], f(x[1:]))  # int8 only, as alone: exact
+    assert not np.array_equal(f(x)[1:], f(x[1:]))  # counted, row 0's outlier changes the others
+    assert np.isfinite(got[0]).all()
+    # in three dimensions (a [batch, seq] prefill) the same
+    x3, rows3 = x.reshape(2, 2, 32), jnp.asarray(rows.reshape(2, 2))
+    np.testing.assert_array_equal(f(x3, outlier_rows=rows3).reshape(4, -1), got)
+    # all rows counted is the default
+    np.testing.assert_array_equal(f(x, outlier_rows=jnp.ones(4, bool)), f(x))
+
+
 BAD = [
+    (
+        "outlier-rows",
+        lambda q: quant.llm_int8_matmul(jnp.ones((2, 4)), q, outlier_rows=jnp.ones(3, bool)),
+        ValueError,
+        r"outlier_rows must be bool \(2,\)",
+    ),
     (
         "rounding",
         lambda q: quant.llm_int8_matmul(jnp.ones((1, 4)), q, rounding="tpu"),
