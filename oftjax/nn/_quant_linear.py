@@ -149,7 +149,7 @@ def requantize(q: Any, w: jax.Array) -> Any:
 
 
 class _OutlierRows(nnx.Variable):
-    """The rows of a ``Linear8bit``'s input that choose LLM.int8's outlier columns (never trained or saved)."""
+    """The rows of a ``Linear8bit``'s input that choose LLM.int8's outlier columns (not trained or saved)."""
 
 
 class Linear8bit(_QuantLinear):
