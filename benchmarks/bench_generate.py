@@ -1,11 +1,12 @@
-"""Generation speed: oftjax.generate against transformers' generate (+ PEFT, + bitsandbytes NF4).
+"""Generation speed: oftjax.generate against transformers' generate (+ PEFT, + bitsandbytes NF4 and int8).
 
 The real SmolLM2-135M-Instruct (``interop/real_model.py``; ``--model`` another checkpoint), float32, greedy,
 prompts of ``--prompt-len`` tokens (real text from the packaged chat set), ``--new-tokens`` new tokens with no
 stop at eos (both sides run the full length), at each ``--batches`` size, for each variant: the float model,
-NF4 with double quantization (both sides quantize the float checkpoint on load, to the same bytes), and NF4
+NF4 with double quantization (both sides quantize the float checkpoint on load, to the same bytes), NF4
 with an OFT adapter on all seven projections (block size 32; a PEFT adapter with random rotations, written
-once, loaded by both sides). oftjax runs as ``oftjax generate`` does on a CPU (the CPU kernels on);
+once, loaded by both sides), and 8-bit (``load_in_8bit``: LLM.int8 with threshold 6.0 on both sides, as
+transformers runs an 8-bit model in eval mode), with or without that adapter. oftjax runs as ``oftjax generate`` does on a CPU (the CPU kernels on);
 transformers with its default attention (SDPA), bitsandbytes' own CPU dequantize kernel (correct for these
 shapes: every ``in_features`` is a multiple of the blocksize; docs/oracle.md) and the fp32 4-bit path (its
 AVX512-BF16 repacking off, as the oracle runs it). Both sides run in this process, taking turns call by
@@ -24,7 +25,8 @@ Measured per call:
 
 The medians over ``--reps`` calls and the ratios oftjax/transformers are printed as a Markdown table.
 
-Usage: python benchmarks/bench_generate.py [--model DIR] [--batches 1,8] [--variants float,nf4,nf4+adapter]
+Usage: python benchmarks/bench_generate.py [--model DIR] [--batches 1,8]
+           [--variants float,nf4,nf4+adapter,int8,int8+adapter]
            [--prompt-len 64 --new-tokens 128 --reps 3] [--torch-threads N]
 """
 
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("float", "float+adapter", "nf4", "nf4+adapter")
+VARIANTS = ("float", "float+adapter", "nf4", "nf4+adapter", "int8", "int8+adapter")
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -208,7 +210,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the real SmolLM2)")
     p.add_argument("--batches", default="1,8", help="batch sizes (default: %(default)s)")
-    p.add_argument("--variants", default="float,nf4,nf4+adapter", help=f"of {','.join(VARIANTS)}")
+    p.add_argument(
+        "--variants", default="float,nf4,nf4+adapter,int8,int8+adapter", help=f"of {','.join(VARIANTS)}"
+    )
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3, help="timed calls per side and case (default: %(default)s)")

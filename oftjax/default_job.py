@@ -66,7 +66,7 @@ PRETRAIN = {"steps": 300, "learning_rate": 3e-3, "warmup_steps": 20, "batch_size
 FINETUNE = {"steps": 150, "learning_rate": 1e-2, "warmup_steps": 10, "batch_size": 8, "seq_len": 128}
 # ``oftjax train --model``: a pretrained checkpoint. The toy's rate destroys a real model; this one comes from
 # the learning-rate sweep on SmolLM2-135M-Instruct (NF4 + OFT, the pydoc chat set) in benchmarks/RESULTS.md.
-REAL_MODEL = {"steps": 100, "learning_rate": 1e-3, "batch_size": 4, "seq_len": 512}
+REAL_MODEL = {"steps": 100, "learning_rate": 3e-4, "batch_size": 4, "seq_len": 512}
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OFT_BLOCK_SIZE = 32
 
