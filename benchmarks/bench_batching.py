@@ -56,8 +56,7 @@ def _batches(kind: str, examples, a, pad_id: int, rng) -> list[tuple[dict, int]]
     (positions holding an example's token, not padding)."""
     import numpy as np
 
-    from oftjax.data import pack_examples, padded_rows, segment_positions
-    from oftjax.models import segment_mask
+    from oftjax.data import pack_examples, padded_rows
 
     lengths = np.array([min(e.input_ids.size, a.seq) for e in examples])
     out = []
@@ -71,12 +70,8 @@ def _batches(kind: str, examples, a, pad_id: int, rng) -> list[tuple[dict, int]]
         rows, seg = pack_examples(examples, a.seq, pad_id)
         for _ in range(a.steps):
             idx = rng.choice(len(rows), a.batch, replace=False)
-            batch = {
-                "input_ids": rows.input_ids[idx],
-                "loss_mask": rows.loss_mask[idx],
-                "attention_mask": np.asarray(segment_mask(seg[idx])),
-                "positions": segment_positions(seg[idx]),
-            }
+            # as `oftjax train --batching packed`: the step makes the mask and positions from the ids
+            batch = {k: a[idx] for k, a in rows.arrays().items()}
             out.append((batch, int((seg[idx] > 0).sum())))
     else:
         for _ in range(a.steps):

@@ -6,7 +6,8 @@ stop at eos (both sides run the full length), at each ``--batches`` size, for ea
 NF4 with double quantization (both sides quantize the float checkpoint on load, to the same bytes), NF4
 with an OFT adapter on all seven projections (block size 32; a PEFT adapter with random rotations, written
 once, loaded by both sides), and 8-bit (``load_in_8bit``: LLM.int8 with threshold 6.0 on both sides, as
-transformers runs an 8-bit model in eval mode), with or without that adapter. oftjax runs as ``oftjax generate`` does on a CPU (the CPU kernels on);
+transformers runs an 8-bit model in eval mode), with or without that adapter.
+oftjax runs as ``oftjax generate`` does on a CPU (the CPU kernels on);
 transformers with its default attention (SDPA), bitsandbytes' own CPU dequantize kernel (correct for these
 shapes: every ``in_features`` is a multiple of the blocksize; docs/oracle.md) and the fp32 4-bit path (its
 AVX512-BF16 repacking off, as the oracle runs it). Both sides run in this process, taking turns call by

@@ -359,19 +359,17 @@ def pack_examples(examples: Sequence, seq_len: int, pad_id: int) -> tuple[Packed
             mask[r, at + 1 : at + n] = e.loss_mask[1:n]
             seg[r, at : at + n] = k
             at += n
-    return PackedData(ids, mask), seg
+    return PackedData(ids, mask, seg), seg
 
 
 def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
-    """Rotary positions restarting at 0 where the segment id changes along each row (int32, same shape).
+    """Rotary positions restarting at 0 where the segment id changes along each row, as numpy int32
+    (``oftjax.models.segment_positions``, which the train step computes in the jitted step).
 
     Example:
         >>> segment_positions(np.array([[1, 1, 1, 2, 2, 0]])).tolist()
         [[0, 1, 2, 0, 1, 0]]
     """
-    seg = np.asarray(segment_ids)
-    index = np.broadcast_to(np.arange(seg.shape[-1]), seg.shape)
-    starts = np.ones(seg.shape, bool)
-    starts[..., 1:] = seg[..., 1:] != seg[..., :-1]
-    first = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
-    return (index - first).astype(np.int32)
+    from oftjax.models import segment_positions as positions
+
+    return np.asarray(positions(np.asarray(segment_ids)), np.int32)

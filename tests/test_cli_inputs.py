@@ -167,7 +167,8 @@ def test_chat_rows_train_with_truncation_report_and_verdict(chat_dir, tmp_path, 
     train_report = summary["data"]["train"]
     assert summary["data"]["kind"] == "rows" and summary["data"]["loss_on"] == "assistant"
     assert train_report["truncated"] == 1 and train_report["truncated_tokens"] > 0
-    assert summary["data"]["eval"]["examples"] == 2 and summary["data"]["train_rows"] == 27
+    assert summary["data"]["eval"]["examples"] == 2 and summary["data"]["train_examples"] == 27
+    assert summary["data"]["batching"] == "packed" and 4 <= summary["data"]["train_rows"] < 27
     before, after = summary["eval_loss_before"], summary["eval_loss_after"]
     assert summary["eval_improved"] == (after < before)
     want = "eval loss improved" if after < before else "WARNING: eval loss got worse"

@@ -1,6 +1,8 @@
 """Rows of examples for training: what is row data, held-out examples, padded rows, packed rows (segment ids
 and positions that keep each example to itself: the model's logits equal each example's alone)."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,3 +88,27 @@ def test_packed_row_gives_each_example_its_own_logits():
         np.testing.assert_allclose(
             np.asarray(packed[0, seg[0] == k]), np.asarray(alone[0]), rtol=tol.rtol, atol=tol.atol
         )
+
+
+def test_a_packed_batch_trains_on_what_its_examples_alone_give():
+    """The train step on packed rows (``segment_ids`` in the batch: mask and positions made in the step)
+    has the loss of the same examples one per padded row, and the same gradients (same tokens in the loss)."""
+    from oftjax.train import TrainConfig, Trainer, batch_at, eval_batches
+
+    model = LlamaForCausalLM(ModelConfig.from_hf({"model_type": "llama", **TINY_LLAMA}), rngs=nnx.Rngs(0))
+    examples = [_example(5, 3), _example(7, 40), _example(4, 80), _example(9, 100)]
+    packed, _ = pack_examples(examples, 12, pad_id=0)
+    padded = padded_rows(examples, 12, pad_id=0)
+    # pack_examples clears each example's first target; padded rows never predict their first token either
+    assert packed.segment_ids is not None and len(packed) < len(padded)
+    assert batch_at(packed, 0, len(packed))["segment_ids"].shape == packed.input_ids.shape
+    cfg = TrainConfig(steps=1, seq_len=12, eval_batches=4)
+
+    def loss(data) -> float:
+        one_batch = dataclasses.replace(cfg, batch_size=len(data))
+        return Trainer(model, one_batch, wrt=nnx.Param).eval_loss(eval_batches(data, one_batch))
+
+    tol = TOL["fp32_forward"]  # the masked and the causal attention path sum in other orders
+    np.testing.assert_allclose(loss(packed), loss(padded), rtol=tol.rtol)
+    # without the segment ids the examples would see each other: the test can fail
+    assert abs(loss(dataclasses.replace(packed, segment_ids=None)) - loss(padded)) > 1e-3

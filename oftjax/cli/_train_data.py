@@ -133,7 +133,7 @@ def _row_datasets(
     args: argparse.Namespace, data: TrainData, model_dir: Path, say: Callable[[str], None]
 ) -> tuple[Any, Any, dict]:
     from oftjax.chat_data import ChatTokenizer, load_chat_data
-    from oftjax.data import padded_rows, split_examples
+    from oftjax.data import pack_examples, padded_rows, split_examples
 
     tokenizer = ChatTokenizer.from_checkpoint(model_dir)
 
@@ -153,10 +153,16 @@ def _row_datasets(
     else:
         train, evald = split_examples(train_set.examples, args.eval_fraction, seed=args.seed)
         say(f"data: {len(evald)} of the {len(train_set.examples)} examples held out for evaluation")
-    info["train_rows"], info["eval_rows"] = len(train), len(evald)
     pad = tokenizer.pad_id
     held_out = padded_rows(evald, args.seq_len, pad) if evald else None
-    return padded_rows(train, args.seq_len, pad), held_out, info
+    rows = pack_examples(train, args.seq_len, pad)[0] if args.batching == "packed" else None
+    if rows is not None:
+        say(f"data: {len(train)} training examples packed into {len(rows)} rows of {args.seq_len} tokens")
+    else:
+        rows = padded_rows(train, args.seq_len, pad)
+    info["train_examples"], info["eval_rows"] = len(train), len(evald)
+    info["train_rows"], info["batching"] = len(rows), args.batching
+    return rows, held_out, info
 
 
 def _report(report: Any) -> dict:

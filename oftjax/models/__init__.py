@@ -22,6 +22,7 @@ from oftjax.models._decoder import causal_mask as causal_mask
 from oftjax.models._decoder import linear_modules as linear_modules
 from oftjax.models._decoder import norm_modules as norm_modules
 from oftjax.models._decoder import segment_mask as segment_mask
+from oftjax.models._decoder import segment_positions as segment_positions
 from oftjax.models._families import MODEL_TYPES as MODEL_TYPES
 from oftjax.models._kv_cache import KVCache as KVCache
 from oftjax.models._layers import AXIS_DATA as AXIS_DATA
@@ -51,4 +52,5 @@ __all__ = [
     "long_factor_length",
     "norm_modules",
     "segment_mask",
+    "segment_positions",
 ]

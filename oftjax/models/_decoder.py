@@ -204,6 +204,21 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
     return segment_ids[:, :, None] == segment_ids[:, None, :]
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Rotary positions of packed rows: restarting at 0 where the segment id changes along each row (int32,
+    the shape of ``segment_ids``; numpy or jax input, traceable).
+
+    Example:
+      >>> segment_positions(jnp.array([[1, 1, 1, 2, 2, 0]])).tolist()
+      [[0, 1, 2, 0, 1, 0]]
+    """
+    seg = jnp.asarray(segment_ids)
+    index = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+    starts = jnp.concatenate([jnp.ones_like(seg[..., :1], bool), seg[..., 1:] != seg[..., :-1]], axis=-1)
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=seg.ndim - 1)
+    return index - first
+
+
 def _layer_call(causal_only: bool, window: int | None):
     # Static settings closed over, not passed: nnx.remat would trace keyword arguments as arrays.
     def call(layer: DecoderLayer, h: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

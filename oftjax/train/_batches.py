@@ -23,10 +23,21 @@ __all__ = ["PackedData", "batch_at", "batch_rows", "num_batches_per_epoch"]
 
 @dataclasses.dataclass(frozen=True)
 class PackedData:
-    """Fixed-length rows: ``input_ids`` int32 ``[N, T]``, ``loss_mask`` bool ``[N, T]`` (False on padding)."""
+    """Fixed-length rows: ``input_ids`` int32 ``[N, T]``, ``loss_mask`` bool ``[N, T]`` (False on padding),
+    and for rows holding several whole examples ``segment_ids`` int32 ``[N, T]`` (the example of each token,
+    from 1; 0 on padding), which the train step turns into an attention mask and positions restarting per
+    example (``oftjax.data.pack_examples``). None: each row is one sequence."""
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
+    segment_ids: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The per-row arrays a batch takes rows of, by batch key."""
+        out = {"input_ids": self.input_ids, "loss_mask": self.loss_mask}
+        if self.segment_ids is not None:
+            out["segment_ids"] = self.segment_ids
+        return out
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -36,7 +47,8 @@ class PackedData:
         return int(self.input_ids.shape[1])
 
     def take(self, index: np.ndarray | slice) -> PackedData:
-        return PackedData(self.input_ids[index], self.loss_mask[index])
+        seg = None if self.segment_ids is None else self.segment_ids[index]
+        return PackedData(self.input_ids[index], self.loss_mask[index], seg)
 
 
 def num_batches_per_epoch(data: PackedData, batch_size: int) -> int:
@@ -67,7 +79,8 @@ def batch_rows(num_rows: int, step: int, batch_size: int, *, seed: int = 0) -> n
 def batch_at(data: PackedData, step: int, batch_size: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """The batch of global step ``step``: the rows ``batch_rows`` picks, by random access.
 
-    Returns ``{"input_ids": int32 [B, T], "loss_mask": bool [B, T]}``.
+    Returns ``{"input_ids": int32 [B, T], "loss_mask": bool [B, T]}``, and ``"segment_ids"`` for packed
+    examples.
 
     Raises:
         ValueError: fewer rows than ``batch_size``.
@@ -78,4 +91,4 @@ def batch_at(data: PackedData, step: int, batch_size: int, *, seed: int = 0) -> 
             "use more data, a shorter --seq-len or a smaller --batch-size"
         )
     idx = batch_rows(len(data), step, batch_size, seed=seed)
-    return {"input_ids": data.input_ids[idx], "loss_mask": data.loss_mask[idx]}
+    return {k: a[idx] for k, a in data.arrays().items()}

@@ -99,13 +99,7 @@ def eval_batches(data: PackedData, cfg: TrainConfig) -> list[dict]:
     """The fixed evaluation batches: the first ``cfg.eval_batches`` batches of ``data`` in order."""
     bs = min(cfg.batch_size, len(data))
     n = min(cfg.eval_batches, len(data) // bs)
-    return [
-        {
-            "input_ids": data.input_ids[i * bs : (i + 1) * bs],
-            "loss_mask": data.loss_mask[i * bs : (i + 1) * bs],
-        }
-        for i in range(n)
-    ]
+    return [{k: a[i * bs : (i + 1) * bs] for k, a in data.arrays().items()} for i in range(n)]
 
 
 class _Window:

@@ -34,6 +34,11 @@ def default_wrt() -> Any:
 
 
 def _forward(model: nnx.Module, batch: dict) -> jax.Array:
+    if "segment_ids" in batch:  # packed examples: each attends to itself, positions restart per example
+        from oftjax.models import segment_mask, segment_positions
+
+        seg = batch["segment_ids"]
+        return model(batch["input_ids"], attention_mask=segment_mask(seg), positions=segment_positions(seg))
     if "attention_mask" in batch:
         return model(batch["input_ids"], attention_mask=batch["attention_mask"])
     return model(batch["input_ids"])
@@ -111,7 +116,7 @@ class Trainer:
 
     Args:
       model: any NNX module called as ``model(input_ids) -> logits [B, T, V]`` (or with ``attention_mask``
-        when batches carry one).
+        when batches carry one; with ``attention_mask`` and ``positions`` from batches' ``segment_ids``).
       cfg: a ``TrainConfig`` (optimizer, schedule, accumulation).
       wrt: the trainable-variable filter; default ``oftjax.nn.OFTParam`` (only rotations train).
       mesh: a ("data", "fsdp") mesh (``make_mesh``); None runs on the default device.
@@ -165,7 +170,8 @@ class Trainer:
         return float(self._schedule(self.step if step is None else step))
 
     def train_step(self, batch: dict[str, np.ndarray | jax.Array]) -> dict[str, jax.Array]:
-        """One optimizer step on ``batch`` (``input_ids`` [B, T], optional ``loss_mask``/``attention_mask``).
+        """One optimizer step on ``batch`` (``input_ids`` [B, T], optional ``loss_mask``, ``attention_mask``
+        or ``segment_ids``).
 
         Returns device scalars ``loss`` (mean over predicted tokens), ``tokens``, ``grad_norm`` (pre-clip) and
         ``lr`` (the scheduled rate of this update). Nothing waits for the step to finish: the arrays are
