@@ -304,9 +304,13 @@ def split_examples(examples: Sequence, eval_fraction: float, *, seed: int = 0) -
     return [examples[i] for i in train], [examples[i] for i in held_out]
 
 
-def padded_rows(examples: Sequence, seq_len: int, pad_id: int) -> PackedData:
+def padded_rows(
+    examples: Sequence, seq_len: int, pad_id: int, *, trim_bucket: int | None = None
+) -> PackedData:
     """One example (``input_ids``, ``loss_mask``: ``oftjax.chat_data.ChatExample``) per row, right-padded to
     ``seq_len`` with ``pad_id`` (out of the loss); examples longer than ``seq_len`` keep their first tokens.
+    ``trim_bucket``: batches are cut to their longest row rounded up to a multiple of it
+    (``PackedData.trim_bucket``: padding per batch).
 
     Example:
         >>> from oftjax.chat_data import ChatExample
@@ -318,7 +322,7 @@ def padded_rows(examples: Sequence, seq_len: int, pad_id: int) -> PackedData:
 
     if not examples:
         raise ValueError("no examples to put in rows")
-    return PackedData(*padded_arrays(examples, seq_len, pad_id))
+    return PackedData(*padded_arrays(examples, seq_len, pad_id), trim_bucket=trim_bucket)
 
 
 def pack_examples(examples: Sequence, seq_len: int, pad_id: int) -> tuple[PackedData, np.ndarray]:

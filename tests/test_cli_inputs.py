@@ -168,12 +168,23 @@ def test_chat_rows_train_with_truncation_report_and_verdict(chat_dir, tmp_path, 
     assert summary["data"]["kind"] == "rows" and summary["data"]["loss_on"] == "assistant"
     assert train_report["truncated"] == 1 and train_report["truncated_tokens"] > 0
     assert summary["data"]["eval"]["examples"] == 2 and summary["data"]["train_examples"] == 27
-    assert summary["data"]["batching"] == "packed" and 4 <= summary["data"]["train_rows"] < 27
+    assert summary["data"]["batching"] == "per-batch" and summary["data"]["train_rows"] == 27
     before, after = summary["eval_loss_before"], summary["eval_loss_after"]
     assert summary["eval_improved"] == (after < before)
     want = "eval loss improved" if after < before else "WARNING: eval loss got worse"
     assert lines[-1].startswith(want) and f"{before:.3f} -> {after:.3f}" in lines[-1]
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("batching", ["packed", "padded"])
+def test_chat_rows_other_batchings(chat_dir, tmp_path, batching):
+    data = _rows(tmp_path / "train.jsonl", ROWS)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(chat_dir), "--data", str(data), *FAST[1:], "--batching", batching]
+    assert main([*argv, "--output", str(out), "--steps", "2", "--seq-len", "64", "--batch-size", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())["data"]
+    assert summary["batching"] == batching
+    assert (summary["train_rows"] < summary["train_examples"]) == (batching == "packed")
 
 
 def test_the_packaged_chat_set_by_name(chat_dir, tmp_path):

@@ -112,3 +112,24 @@ def test_a_packed_batch_trains_on_what_its_examples_alone_give():
     np.testing.assert_allclose(loss(packed), loss(padded), rtol=tol.rtol)
     # without the segment ids the examples would see each other: the test can fail
     assert abs(loss(dataclasses.replace(packed, segment_ids=None)) - loss(padded)) > 1e-3
+
+
+def test_per_batch_padding_cuts_a_batch_after_its_last_target_and_keeps_its_loss():
+    """``trim_bucket``: a batch keeps its columns up to its last loss token rounded up to the bucket; the
+    loss is the one of the full rows (what follows the last target changes nothing)."""
+    from oftjax.train import TrainConfig, Trainer, batch_at, eval_batches
+
+    model = LlamaForCausalLM(ModelConfig.from_hf({"model_type": "llama", **TINY_LLAMA}), rngs=nnx.Rngs(0))
+    examples = [_example(5, 3), _example(7, 40), _example(13, 60), _example(3, 100)]
+    full = padded_rows(examples, 32, pad_id=0)
+    cut = padded_rows(examples, 32, pad_id=0, trim_bucket=4)
+    assert cut.width(np.array([0, 1])) == 8 and cut.width(np.array([2, 3])) == 16 and full.width([0]) == 32
+    assert batch_at(cut, 0, 2)["input_ids"].shape[1] in (8, 16)
+    assert padded_rows(examples, 12, pad_id=0, trim_bucket=64).width(np.arange(4)) == 12  # at most seq_len
+    cfg = TrainConfig(steps=1, seq_len=32, batch_size=2, eval_batches=2)
+    batches = eval_batches(cut, cfg)
+    assert [b["input_ids"].shape[1] for b in batches] == [8, 16]
+    trainer = Trainer(model, cfg, wrt=nnx.Param)
+    tol = TOL["fp32_forward"]
+    want = trainer.eval_loss(eval_batches(full, cfg))
+    np.testing.assert_allclose(trainer.eval_loss(batches), want, rtol=tol.rtol)

@@ -183,3 +183,10 @@ TOL["greedy_near_tie_bf16"] = Tol(
     "value) and two implementations' logits differ by a step or two (accumulation order, then rounding); "
     "a top-2 gap within 2^-6 of the top logit (two to four steps) is a near tie",
 )
+TOL["matmul4"] = Tol(
+    1e-5,
+    1e-6,
+    "csrc/matmul4.cc vs the dot of the dequantized weight: the same float32 products summed in another order "
+    "(16 lanes, fused multiply-adds, a pairwise reduction) over K terms; atol is times max(1, max_n sum_k "
+    "|x_k w_nk|), the scale of a dot product's rounding error",
+)

@@ -223,12 +223,13 @@ def _data_arguments(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--batching",
-        choices=("packed", "padded"),
-        default="packed",
-        help="rows: whole examples packed into each --seq-len row, kept apart by an attention mask with "
-        "positions restarting per example, or one example per row padded to --seq-len (packed trains about "
-        "twice the tokens per second on SmolLM2: benchmarks/RESULTS.md; default: %(default)s). Held-out "
-        "rows are always one example per row",
+        choices=("per-batch", "packed", "padded"),
+        default="per-batch",
+        help="rows: one example per row, each batch cut to its longest example rounded up to 64 tokens "
+        "(per-batch: the same loss as padded, one compilation per width), padded to --seq-len (padded), or "
+        "whole examples packed into each row, kept apart by an attention mask with positions restarting per "
+        "example (packed). Per-batch trained the most loss tokens per second on SmolLM2 (benchmarks/"
+        "RESULTS.md; default: %(default)s). Held-out rows are one example per row, cut as per-batch",
     )
     g.add_argument(
         "--skip-bad-rows",

@@ -23,6 +23,9 @@ from oftjax.cli._train_args import fail
 __all__ = ["PYDOC_CHAT", "TrainData", "datasets", "read_data", "resolve_data_names"]
 
 PYDOC_CHAT = "pydoc-chat"
+# --batching per-batch: a batch is cut to its longest example rounded up to this many tokens (few widths, so
+# few compilations; benchmarks/bench_batching.py measures it)
+TRIM_BUCKET = 64
 
 
 @dataclasses.dataclass
@@ -154,12 +157,13 @@ def _row_datasets(
         train, evald = split_examples(train_set.examples, args.eval_fraction, seed=args.seed)
         say(f"data: {len(evald)} of the {len(train_set.examples)} examples held out for evaluation")
     pad = tokenizer.pad_id
-    held_out = padded_rows(evald, args.seq_len, pad) if evald else None
-    rows = pack_examples(train, args.seq_len, pad)[0] if args.batching == "packed" else None
-    if rows is not None:
+    held_out = padded_rows(evald, args.seq_len, pad, trim_bucket=TRIM_BUCKET) if evald else None
+    if args.batching == "packed":
+        rows = pack_examples(train, args.seq_len, pad)[0]
         say(f"data: {len(train)} training examples packed into {len(rows)} rows of {args.seq_len} tokens")
     else:
-        rows = padded_rows(train, args.seq_len, pad)
+        trim = TRIM_BUCKET if args.batching == "per-batch" else None
+        rows = padded_rows(train, args.seq_len, pad, trim_bucket=trim)
     info["train_examples"], info["eval_rows"] = len(train), len(evald)
     info["train_rows"], info["batching"] = len(rows), args.batching
     return rows, held_out, info

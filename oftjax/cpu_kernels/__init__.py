@@ -12,6 +12,7 @@ operation                     what                                        kernel
 ``dequantize_rotate``         4-bit dequantize fused with a rotation      dequant4.cc
 ``causal_attention``          causal attention with RoPE, and gradient    attention.cc
 ``swiglu``                    ``silu(gate) * up`` and its gradient        swiglu.cc
+``dequant_matmul_4bit``       ``x W^T`` from 4-bit bytes, up to 16 rows   matmul4.cc
 ============================  ==========================================  ===============================
 
 Each is a JAX primitive lowered to the kernel when a computation is compiled for the CPU and to the pure-JAX
@@ -53,6 +54,7 @@ _MODULES = {
     "dequantize": "oftjax.cpu_kernels._dequant",
     "attention": "oftjax.cpu_kernels._attention",
     "swiglu": "oftjax.cpu_kernels._swiglu",
+    "matmul4": "oftjax.cpu_kernels._matmul4",
 }
 # the layers that declare the operations the kernels replace
 _DECLARING = ("oftjax.oft", "oftjax.quant", "oftjax.nn", "oftjax.models")
@@ -121,20 +123,23 @@ def info() -> dict[str, Any]:
 
     Returns:
       ``{"enabled": bool, "operations": installed operation names, "rotation": {...}, "dequantize": {...},
-      "attention": {...}, "swiglu": {...}}``; each library entry has ``available`` (loaded), ``library``
-      (its path or None), ``reason`` and what runs: ``block_sizes`` (rotation), ``avx512`` and
-      ``rotate_block_sizes`` (dequantize, fused rotation), ``head_dims`` (attention), ``runs`` (SwiGLU).
+      "attention": {...}, "swiglu": {...}, "matmul4": {...}}``; each library entry has ``available`` (loaded),
+      ``library`` (its path or None), ``reason`` and what runs: ``block_sizes`` (rotation), ``avx512`` and
+      ``rotate_block_sizes`` (dequantize, fused rotation), ``head_dims`` (attention), ``runs`` (SwiGLU),
+      ``avx512`` (4-bit matmul).
 
     Example:
       >>> sorted(info()["attention"])
       ['available', 'head_dims', 'library', 'reason']
     """
     mods = _kernel_modules()
-    rot, deq, att, swi = (mods[k] for k in ("rotation", "dequantize", "attention", "swiglu"))
+    rot, deq, att, swi, mm4 = (mods[k] for k in ("rotation", "dequantize", "attention", "swiglu", "matmul4"))
     dequant = deq.LIBRARY.info("rotate_block_sizes", range(1, 257))
     dequant["avx512"] = deq.has_avx512()
     swiglu = swi.LIBRARY.info(None)
     swiglu["runs"] = swi.supports("float32")
+    matmul4 = mm4.LIBRARY.info(None)
+    matmul4["avx512"] = mm4.has_avx512()
     return {
         "enabled": enabled(),
         "operations": list(_registry.installed()),
@@ -142,4 +147,5 @@ def info() -> dict[str, Any]:
         "dequantize": dequant,
         "attention": att.LIBRARY.info("head_dims", range(1, 257)),
         "swiglu": swiglu,
+        "matmul4": matmul4,
     }

@@ -13,9 +13,9 @@ dequantizes the packed weight again rather than keeping the forward's float copy
 does not grow by 2-4 bytes per frozen parameter (bitsandbytes' ``MatMul4Bit`` backward does the same).
 
 Everything here works under every JAX transformation (``grad``, ``jvp``, ``vmap``, ``jit``, ``remat``,
-sharding). ``oft.rotate_blocks``, ``oft.cayley_neumann_blocks``, ``quant``'s 4-bit dequantize and
-``dequantize_rotate`` below are named operations (``oftjax._registry``): ``oftjax.cpu_kernels`` may replace
-them on the CPU.
+sharding). ``oft.rotate_blocks``, ``oft.cayley_neumann_blocks``, ``quant``'s 4-bit dequantize,
+``dequantize_rotate`` and ``dequant_matmul_4bit`` below are named operations (``oftjax._registry``):
+``oftjax.cpu_kernels`` may replace them on the CPU.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from oftjax.nn._settings import AdapterSettings
 __all__ = [
     "DotGeneral",
     "dequant_matmul",
+    "dequant_matmul_4bit",
     "dequantize_rotate",
     "dequantize_rotate_weight",
     "rotate_chain",
@@ -217,11 +218,35 @@ def dequant_matmul(
     """
 
     def matmul(x: jax.Array, q: Any) -> jax.Array:
-        w = quant.dequantize(q, compute_dtype)
-        with jax.named_scope("gemm"):
-            return dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+        if isinstance(q, quant.FourBitWeight):
+            return dequant_matmul_4bit(x, q, compute_dtype, dot_general, precision)
+        return _matmul_transposed(x, quant.dequantize(q, compute_dtype), dot_general, precision)
 
     return jax.checkpoint(matmul)(x, q)
+
+
+def _matmul_transposed(
+    x: jax.Array, w: jax.Array, dot_general: DotGeneral, precision: jax.lax.PrecisionLike
+) -> jax.Array:
+    """``x @ w.T`` for ``x [..., in]`` and ``w [out, in]`` with ``dot_general``."""
+    with jax.named_scope("gemm"):
+        return dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+@operation("dequant_matmul_4bit")
+def dequant_matmul_4bit(
+    x: jax.Array,
+    q: Any,
+    compute_dtype: Any,
+    dot_general: DotGeneral = jax.lax.dot_general,
+    precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+    """``x @ dequantize(q, compute_dtype).T`` for a 4-bit ``q [out, in]`` (``dequant_matmul``'s 4-bit case).
+
+    A named operation: ``oftjax.cpu_kernels`` computes it straight from the packed bytes on the CPU for the
+    few rows of ``x`` a decoding step has (the float weight is then never written out and read back).
+    """
+    return _matmul_transposed(x, quant.dequantize(q, compute_dtype), dot_general, precision)
 
 
 def rotated_dequant_matmul(

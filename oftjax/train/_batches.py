@@ -26,11 +26,18 @@ class PackedData:
     """Fixed-length rows: ``input_ids`` int32 ``[N, T]``, ``loss_mask`` bool ``[N, T]`` (False on padding),
     and for rows holding several whole examples ``segment_ids`` int32 ``[N, T]`` (the example of each token,
     from 1; 0 on padding), which the train step turns into an attention mask and positions restarting per
-    example (``oftjax.data.pack_examples``). None: each row is one sequence."""
+    example (``oftjax.data.pack_examples``). None: each row is one sequence.
+
+    ``trim_bucket``: when set, a batch keeps only its first columns, up to its rows' last loss token rounded
+    up to a multiple of ``trim_bucket`` (at most ``seq_len``): padding after the last target changes neither
+    the loss nor the gradients (causal attention: no position sees a later one), so batches of short rows
+    run shorter, at one compilation per width.
+    """
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
     segment_ids: np.ndarray | None = None
+    trim_bucket: int | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The per-row arrays a batch takes rows of, by batch key."""
@@ -48,7 +55,20 @@ class PackedData:
 
     def take(self, index: np.ndarray | slice) -> PackedData:
         seg = None if self.segment_ids is None else self.segment_ids[index]
-        return PackedData(self.input_ids[index], self.loss_mask[index], seg)
+        return PackedData(self.input_ids[index], self.loss_mask[index], seg, self.trim_bucket)
+
+    def width(self, rows: np.ndarray | slice) -> int:
+        """The columns a batch of ``rows`` keeps (``seq_len`` unless ``trim_bucket`` is set)."""
+        if self.trim_bucket is None:
+            return self.seq_len
+        mask = self.loss_mask[rows]
+        last = int(np.max(np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 1)))
+        return min(self.seq_len, -(-last // self.trim_bucket) * self.trim_bucket)
+
+    def batch(self, rows: np.ndarray | slice) -> dict[str, np.ndarray]:
+        """The arrays of ``rows``, cut to ``width(rows)`` columns."""
+        width = self.width(rows)
+        return {k: a[rows, :width] for k, a in self.arrays().items()}
 
 
 def num_batches_per_epoch(data: PackedData, batch_size: int) -> int:
@@ -80,7 +100,7 @@ def batch_at(data: PackedData, step: int, batch_size: int, *, seed: int = 0) -> 
     """The batch of global step ``step``: the rows ``batch_rows`` picks, by random access.
 
     Returns ``{"input_ids": int32 [B, T], "loss_mask": bool [B, T]}``, and ``"segment_ids"`` for packed
-    examples.
+    examples (``T`` cut by ``PackedData.trim_bucket`` when set).
 
     Raises:
         ValueError: fewer rows than ``batch_size``.
@@ -91,4 +111,4 @@ def batch_at(data: PackedData, step: int, batch_size: int, *, seed: int = 0) -> 
             "use more data, a shorter --seq-len or a smaller --batch-size"
         )
     idx = batch_rows(len(data), step, batch_size, seed=seed)
-    return {k: a[idx] for k, a in data.arrays().items()}
+    return data.batch(idx)

@@ -99,7 +99,7 @@ def eval_batches(data: PackedData, cfg: TrainConfig) -> list[dict]:
     """The fixed evaluation batches: the first ``cfg.eval_batches`` batches of ``data`` in order."""
     bs = min(cfg.batch_size, len(data))
     n = min(cfg.eval_batches, len(data) // bs)
-    return [{k: a[i * bs : (i + 1) * bs] for k, a in data.arrays().items()} for i in range(n)]
+    return [data.batch(slice(i * bs, (i + 1) * bs)) for i in range(n)]
 
 
 class _Window:

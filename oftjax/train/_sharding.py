@@ -119,7 +119,8 @@ def global_batch(data, step: int, batch_size: int, *, seed: int, mesh: Mesh | No
         return batch_at(data, step, batch_size, seed=seed)
     rows = batch_rows(len(data), step, batch_size, seed=seed)
     sharding = batch_sharding(mesh, batch_size)
-    arrays = data.arrays()
+    width = data.width(rows)
+    arrays = {k: a[:, :width] for k, a in data.arrays().items()}
 
     def rows_of(array: np.ndarray):
         return lambda index: array[rows[index[0]]][(slice(None), *index[1:])]

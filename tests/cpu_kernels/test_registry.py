@@ -22,7 +22,7 @@ import pytest
 from jax import export
 
 from oftjax import _registry, cpu_kernels, oft, quant
-from oftjax.cpu_kernels import _attention, _dequant, _library, _rotate, _swiglu
+from oftjax.cpu_kernels import _attention, _dequant, _library, _matmul4, _rotate, _swiglu
 from oftjax.models._attention import causal_attention
 from oftjax.models._layers import swiglu
 from tests.cpu_kernels._helpers import BUILT_HERE, assert_trees_close, lowered, skip_without_avx512
@@ -30,12 +30,19 @@ from tests.cpu_kernels._helpers import BUILT_HERE, assert_trees_close, lowered, 
 OPERATIONS = (
     "causal_attention",
     "cayley_neumann_blocks",
+    "dequant_matmul_4bit",
     "dequantize_4bit",
     "dequantize_rotate",
     "rotate_blocks",
     "swiglu",
 )
-LIBRARIES = {"rotation": _rotate, "dequantize": _dequant, "attention": _attention, "swiglu": _swiglu}
+LIBRARIES = {
+    "rotation": _rotate,
+    "dequantize": _dequant,
+    "attention": _attention,
+    "swiglu": _swiglu,
+    "matmul4": _matmul4,
+}
 
 # the operations whose library loads here: all of them where CI runs
 LOADED = tuple(sorted(o for m in LIBRARIES.values() if m.LIBRARY.load()[0] is not None for o in m.OPERATIONS))
