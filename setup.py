@@ -38,5 +38,6 @@ setup(
         _kernel("oftjax.cpu_kernels._attention_cpu", "csrc/attention.cc", _ARGS),
         _kernel("oftjax.cpu_kernels._rotate_cpu", "csrc/rotate.cc", _ARGS),
         _kernel("oftjax.cpu_kernels._swiglu_cpu", "csrc/swiglu.cc", _ARGS + _NO_CONTRACT),
+        _kernel("oftjax.cpu_kernels._matmul4_cpu", "csrc/matmul4.cc", _ARGS + _NO_CONTRACT),
     ]
 )
