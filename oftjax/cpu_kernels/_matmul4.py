@@ -9,8 +9,7 @@ inputs (prefill, training) keep the default, whose matmul is compute-bound and w
 Derivatives, ``vmap`` and other platforms use the pure-JAX default (``oftjax.cpu_kernels._primitive``).
 
 Why: the default writes the float32 weight (4 bytes per parameter) and reads it back for a matmul with a
-few rows; the kernel reads the packed weight once, half a byte per parameter (benchmarks/RESULTS.md has
-the figures).
+few rows; the kernel reads the packed weight once, half a byte per parameter.
 """
 
 from __future__ import annotations
