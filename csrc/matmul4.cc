@@ -15,7 +15,9 @@
 // i + lane i + 8, then i + 4, i + 2, i + 1). Only the order differs from the dot of the dequantized weight.
 //
 // The AVX-512 path needs K and the blocksize to be multiples of 32 (every 32-weight group then starts a byte
-// and lies in one block); other shapes and machines without AVX-512 take the scalar loop.
+// and lies in one block); other shapes and machines without AVX-512 take the scalar loop, which is slower than
+// dequantizing and a GEMM: oftjax/cpu_kernels/_matmul4.py calls the kernel only where the AVX-512 path runs,
+// and the scalar loop when a test forces it (vectorize=false).
 //
 // Built by setup.py as oftjax/cpu_kernels/_matmul4_cpu*.so and loaded by oftjax/cpu_kernels/_matmul4.py.
 

@@ -4,7 +4,9 @@ Replacement of the named operation ``dequant_matmul_4bit`` (``oftjax.nn._forward
 ``dequant_matmul``) for float32 inputs of at most ``MAX_ROWS`` rows (the product of ``x``'s leading dims):
 what a decoding step multiplies. Every weight element is the product the dequantize kernel writes
 (``code[nibble] * absmax``, float32); only the summation order differs from the dot of the dequantized
-weight. An AVX-512 path and a portable scalar loop sum in the same order and give the same bits. Larger
+weight. It runs where its AVX-512 path does (``K`` and the blocksize multiples of 32); its portable scalar
+loop sums in the same order and gives the same bits, but is slower than the default's dequantize and GEMM,
+so other machines and shapes keep the default (``vectorize=False`` forces the loop, for tests). Larger
 inputs (prefill, training) keep the default, whose matmul is compute-bound and well served by XLA's GEMM.
 Derivatives, ``vmap`` and other platforms use the pure-JAX default (``oftjax.cpu_kernels._primitive``).
 
@@ -60,15 +62,20 @@ def _cpu(x: jax.Array, *q_ops: jax.Array, precision: Any, vectorize: bool, **met
 MATMUL_4BIT = KernelOp("oftjax_matmul_4bit", xla=_xla, cpu=_cpu, num_results=1)
 
 
-def supported(x: Any, q: Any, compute_dtype: Any, dot_general: Any = jax.lax.dot_general) -> bool:
+def supported(
+    x: Any, q: Any, compute_dtype: Any, dot_general: Any = jax.lax.dot_general, *, vectorize: bool = True
+) -> bool:
     """Whether the kernel computes ``dequant_matmul_4bit(x, q, compute_dtype, dot_general)``: a 2-D 4-bit
-    weight, float32 ``x`` and compute dtype, the plain ``jax.lax.dot_general``, 1 to ``MAX_ROWS`` rows."""
+    weight, float32 ``x`` and compute dtype, the plain ``jax.lax.dot_general``, 1 to ``MAX_ROWS`` rows, and
+    (``vectorize``) the AVX-512 path: this machine has it, ``K`` and the blocksize are multiples of 32."""
     if not (isinstance(q, FourBitWeight) and len(q.shape) == 2 and dot_general is jax.lax.dot_general):
         return False
     if np.dtype(compute_dtype) != np.float32 or jnp.result_type(x) != np.float32 or np.ndim(x) < 1:
         return False
     rows = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
-    return np.shape(x)[-1] == q.shape[1] and 1 <= rows <= MAX_ROWS and LIBRARY.load()[0] is not None
+    if np.shape(x)[-1] != q.shape[1] or not 1 <= rows <= MAX_ROWS or LIBRARY.load()[0] is None:
+        return False
+    return not vectorize or (has_avx512() and q.shape[1] % 32 == 0 and q.blocksize % 32 == 0)
 
 
 def dequant_matmul_4bit(
@@ -82,9 +89,10 @@ def dequant_matmul_4bit(
 ) -> Any:
     """Replacement of ``oftjax.nn._forward.dequant_matmul_4bit``: the kernel where ``supported``.
 
-    ``vectorize=False`` runs the portable scalar loop even where AVX-512 is available (tests compare them).
+    ``vectorize=False`` runs the portable scalar loop, for any ``K`` and blocksize and even where AVX-512 is
+    available (tests compare the paths).
     """
-    if not supported(x, q, compute_dtype, dot_general):
+    if not supported(x, q, compute_dtype, dot_general, vectorize=vectorize):
         return NotImplemented
     operands = _operands(q)
     return MATMUL_4BIT(x, *operands, precision=precision, vectorize=bool(vectorize), **_meta(q))[0]

@@ -4,7 +4,8 @@ The kernel multiplies by the weight the dequantize kernel writes (the same float
 another order: its results are the default's to float32 rounding (``TOL["matmul4"]``). Its AVX-512 path and
 its portable scalar loop (forced with ``vectorize=False``) sum in the same order and give the same bits. It
 runs for float32 inputs of 1 to 16 rows (decoding); more rows keep the default, and every JAX transformation
-goes through the default's formulation.
+goes through the default's formulation. The operation uses the kernel only where its AVX-512 path runs
+(the scalar loop is slower than the default); the tests call the kernel itself for the other shapes.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import pytest
 
 from oftjax import cpu_kernels, quant
 from oftjax.cpu_kernels import _matmul4
+from oftjax.cpu_kernels._dequant import _meta, _operands
 from oftjax.nn._forward import dequant_matmul
 from tests._cpu import cpu_flags
 from tests.cpu_kernels._helpers import AVX512_DEQUANT, BUILT_HERE, assert_scaled_close, bits, lowered
@@ -45,8 +47,17 @@ def default(x, q):
 
 
 def by_kernel(x, q, vectorize=True):
-    f = jax.jit(lambda x, q: _matmul4.dequant_matmul_4bit(x, q, jnp.float32, vectorize=vectorize))
-    return np.asarray(f(x, q))
+    """The kernel itself, for any shape (the AVX-512 path where it applies, else the scalar loop)."""
+
+    def f(x, q):
+        return _matmul4.MATMUL_4BIT(x, *_operands(q), precision=None, vectorize=vectorize, **_meta(q))[0]
+
+    return np.asarray(jax.jit(f)(x, q))
+
+
+def _runs_here():
+    """Whether the operation is replaced by the kernel on this machine (library loaded, AVX-512)."""
+    return _matmul4.LIBRARY.load()[0] is not None and _matmul4.has_avx512()
 
 
 def _magnitude(x, q):
@@ -65,7 +76,10 @@ def test_the_kernel_is_built_and_runs_for_up_to_16_rows():
     assert "oftjax_matmul4" not in lowered(f, _x(1, 64))
     with cpu_kernels.enable():
         for shape in [(1, 64), (16, 64), (2, 3, 64), (1, 1, 64)]:
-            assert (TARGET in lowered(f, jnp.zeros(shape))) == info["available"], shape
+            assert (TARGET in lowered(f, jnp.zeros(shape))) == _runs_here(), shape
+        # a row length that is not a multiple of 32: the scalar loop, slower than the default, is not used
+        ragged = _weight(24, 100)
+        assert "oftjax_matmul4" not in lowered(lambda x: dequant_matmul(x, ragged, jnp.float32), _x(1, 100))
         for shape in [(17, 64), (3, 6, 64), (0, 64)]:  # more rows (or none): the default
             assert "oftjax_matmul4" not in lowered(f, jnp.zeros(shape)), shape
         # another compute dtype keeps the default
@@ -142,8 +156,7 @@ def test_derivatives_and_transformations_are_the_defaults(nested):
         return grad_x, grad_q.nested_absmax if nested else grad_q.absmax, tangent, batched
 
     with cpu_kernels.enable():
-        available = _matmul4.LIBRARY.load()[0] is not None
-        assert (TARGET in lowered(jax.value_and_grad(loss), x, q)) == available
+        assert (TARGET in lowered(jax.value_and_grad(loss), x, q)) == _runs_here()
         on = run()
     with cpu_kernels.disable():
         off = run()
