@@ -204,7 +204,8 @@ def llm_int8_matmul(
       rounding: "cpu" or "cuda" (see ``quantize_activations`` and ``rescale_int32``).
       outlier_rows: optional bool ``x.shape[:-1]``: only rows marked True choose the outlier columns (every
         row is still computed, with those columns). ``oftjax.generate`` leaves out the left padding it adds
-        beyond the longest prompt, which transformers' batches do not have (docs/int8.md).
+        beyond the longest prompt, which transformers' batches do not have (docs/generation.md, "int8 layers:
+        LLM.int8 in eval mode").
 
     Returns:
       ``[..., N]`` in ``x.dtype``.
