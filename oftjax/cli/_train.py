@@ -136,6 +136,8 @@ class _Adapter:
 
 def run_train(args: argparse.Namespace) -> int:
     """``oftjax train``: text, base model, quantization, OFT, datasets, training, summary."""
+    if args.malloc is None:
+        args.malloc = "default" if args.model is not None else "keep"
     if args.malloc == "keep":  # before JAX's first computation: see oftjax/cli/_malloc.py
         from oftjax.cli._malloc import keep_freed_memory
 

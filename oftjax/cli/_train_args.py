@@ -118,10 +118,11 @@ def _runtime_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--malloc",
         choices=["keep", "default"],
-        default="keep",
+        default=None,
         help="keep: glibc keeps freed memory for reuse, so XLA:CPU's per-step buffers are not faulted in "
         "again every step (faster steps on CPU; the peak memory stays mapped); default: glibc as "
-        "configured (default: %(default)s)",
+        "configured. Default: keep for the embedded model, default with --model (a real model's "
+        "larger buffers of several batch widths fragment the kept heap: benchmarks/RESULTS.md)",
     )
     g.add_argument(
         "--cpu-kernels",
