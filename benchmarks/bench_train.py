@@ -32,10 +32,12 @@ Reported:
 Runs unchanged on a GPU (JAX picks it up; torch uses CUDA when available). No XLA flags are set: the XLA:CPU
 dot implementations and schedulers tried ran the step's GEMMs at the same rate (benchmarks/RESULTS.md).
 
-Allocator (``--malloc keep``, the default, applied to BOTH processes before their framework starts; it is
-what ``oftjax train`` does, see oftjax/cli/_malloc.py): glibc keeps freed memory for reuse. Otherwise XLA:CPU
-maps its per-step temporary buffer (hundreds of MB) afresh every step and faults it in page by page, which
-would measure the kernel's page-fault path rather than either framework. Even with ``keep`` a step can fault:
+Allocator (applied to BOTH processes before their framework starts, as ``oftjax train`` runs the model:
+``--malloc keep`` for the synthetic Llama, glibc as configured with ``--model`` / ``--family``, whose larger
+buffers fragment a kept heap; see oftjax/cli/_malloc.py): with ``keep`` glibc keeps freed memory for reuse.
+Otherwise XLA:CPU maps its per-step temporary buffer (hundreds of MB) afresh every step and faults it in page
+by page, which on a small model measures the kernel's page-fault path rather than either framework.
+Even with ``keep`` a step can fault:
 when glibc finds no free block large enough for XLA's temporary buffer in the heap (other blocks allocated in
 between fragment the freed space) it grows the heap with ``brk``, whose pages are then touched for the first
 time; once the heap is large enough the faults stop until the next such step. The turn-taking itself costs
@@ -466,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--malloc",
         choices=["keep", "default"],
-        default="keep",
-        help="glibc setting applied to BOTH sides (oftjax/cli/_malloc.py; `oftjax train` uses keep)",
+        default=None,
+        help="glibc setting applied to BOTH sides (oftjax/cli/_malloc.py). Default: as `oftjax train` runs "
+        "the model: keep for the synthetic Llama, default with --model or --family",
     )
     p.add_argument(
         "--cpu-kernels",
@@ -489,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         help="a published config cut to --layers layers, random weights (family_checkpoint)",
     )
     a = p.parse_args(argv)
+    if a.malloc is None:
+        a.malloc = "default" if a.model is not None or a.family is not None else "keep"
     family_checkpoint(a)
     apply_model_shape(a)
     load0 = os.getloadavg()[0]
