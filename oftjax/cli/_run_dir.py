@@ -64,7 +64,7 @@ RESUME_KEYS = (
     "cpu_kernels",
     "mesh",
     "remat",
-    *("dtype", "loss_on", "eval_data", "skip_bad_rows"),
+    *("dtype", "loss_on", "eval_data", "skip_bad_rows", "batching"),
 )
 # The other arguments, and why a resumed run may change them: how the run is watched, written and joined.
 NOT_RESUME_KEYS = (

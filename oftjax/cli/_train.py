@@ -134,10 +134,17 @@ class _Adapter:
     trainable: int
 
 
+def malloc_setting(args: argparse.Namespace) -> str:
+    """``--malloc``, or its default: keep for the embedded model, glibc as configured with ``--model`` (a real
+    model's larger buffers at several batch widths fragment a kept heap: benchmarks/RESULTS.md)."""
+    if args.malloc is not None:
+        return args.malloc
+    return "default" if args.model is not None else "keep"
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``oftjax train``: text, base model, quantization, OFT, datasets, training, summary."""
-    if args.malloc is None:
-        args.malloc = "default" if args.model is not None else "keep"
+    args.malloc = malloc_setting(args)
     if args.malloc == "keep":  # before JAX's first computation: see oftjax/cli/_malloc.py
         from oftjax.cli._malloc import keep_freed_memory
 

@@ -44,10 +44,15 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 def test_the_cli_applies_it_by_default():
     from oftjax.cli import build_parser
+    from oftjax.cli._train import malloc_setting
 
-    args = build_parser().parse_args(["train"])
-    assert args.malloc == "keep"
-    assert build_parser().parse_args(["train", "--malloc", "default"]).malloc == "default"
+    def setting(*argv: str) -> str:
+        return malloc_setting(build_parser().parse_args(["train", *argv]))
+
+    assert setting() == "keep"  # the embedded model
+    assert setting("--model", "some/dir") == "default"  # a real model: see malloc_setting
+    assert setting("--malloc", "default") == "default"
+    assert setting("--model", "some/dir", "--malloc", "keep") == "keep"
 
 
 def test_not_applied_once_jax_runs():
