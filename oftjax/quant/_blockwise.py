@@ -1,6 +1,6 @@
 """bitsandbytes' 8-bit blockwise quantizer (``quantize_blockwise``), used for double-quantized 4-bit absmax.
 
-Two rules, both jnp and jit-able (../shared/notes/bitsandbytes-formats.md §5.3):
+Two rules, both jnp and jit-able (docs/bitsandbytes-formats.md, "Quantization"):
 
   * ``"cpu"``: bnb's C++ ``quantize_cpu_impl`` (csrc/cpu_ops.cpp): a 65536-entry lookup table, *not* an exact
     nearest-code search. ``mids[i] = fl32(0.5 * (c[i] + c[i+1]))``;
@@ -40,7 +40,8 @@ def _lut(code_bytes: bytes) -> np.ndarray:
 
 
 def _no_contract(x: jax.Array) -> jax.Array:
-    """A select the XLA simplifier cannot fold; keeps ``x`` rounded before a following add (notes §8.6)."""
+    """A select the XLA simplifier cannot fold; keeps ``x`` rounded before a following add
+    (docs/bitsandbytes-formats.md, "Dequantization")."""
     return jnp.where(jnp.isnan(x), jnp.float32(jnp.nan), x)
 
 

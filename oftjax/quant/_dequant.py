@@ -122,9 +122,10 @@ def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
 def dequantize_nested_absmax(qabsmax: jax.Array, nested_absmax: jax.Array, offset: jax.Array) -> jax.Array:
     """float32 absmax from double quantization: ``fl32(fl32(DYNAMIC[q] * nested_absmax[j // 256]) + offset)``.
 
-    XLA:CPU contracts ``a * b + c`` into one FMA under jit (one rounding instead of two; notes §8.6), and
-    ``optimization_barrier``/``reduce_precision``/bitcasts do not stop it. A select on the product that the
-    algebraic simplifier cannot fold (NaN stays NaN, so the value is unchanged) does.
+    XLA:CPU contracts ``a * b + c`` into one FMA under jit (one rounding instead of two;
+    docs/bitsandbytes-formats.md, "Dequantization"), and ``optimization_barrier``/``reduce_precision``/
+    bitcasts do not stop it. A select on the product that the algebraic simplifier cannot fold (NaN stays
+    NaN, so the value is unchanged) does.
     """
     nb = qabsmax.shape[0]
     n2 = -(-nb // NESTED_BLOCKSIZE)

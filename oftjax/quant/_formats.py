@@ -2,7 +2,7 @@
 
 Layouts follow bitsandbytes 0.50.2 (``bitsandbytes/functional.py``: ``QuantState``, ``quantize_4bit``,
 ``int8_vectorwise_quant``) exactly, so that a checkpoint tensor maps to a leaf with no conversion:
-see ../shared/notes/bitsandbytes-formats.md §2-§3.
+see docs/bitsandbytes-formats.md, "Code tables" and "Serialized layout".
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 References: bitsandbytes ``backends/default/ops.py`` (``quantize_4bit``, the kernel bnb runs on the CPU),
 ``functional.py`` (``quantize_4bit``: double quantization), ``csrc/kernels.cu`` (``kQuantizeBlockwise``,
-``dQuantizeNF4``, ``dQuantizeFP4``: the CUDA rules); ../shared/notes/bitsandbytes-formats.md §3, §5, §6.
+``dQuantizeNF4``, ``dQuantizeFP4``: the CUDA rules); docs/bitsandbytes-formats.md, "Quantization",
+"Double quantization" and "CPU and CUDA rounding".
 
 rounding="cpu" (bnb's default torch kernel):
   * x = w.astype(float32) flattened in C order, blocks of ``blocksize``; ``absmax = max|x|`` per block.

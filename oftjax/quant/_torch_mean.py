@@ -3,7 +3,7 @@
 bitsandbytes' double quantization stores ``offset = absmax.mean()`` computed by torch on the CPU, so a
 bit-exact quantizer must sum in torch's order. torch 2.x sums a contiguous float32 vector with ``cascade_sum``
 (pytorch ``aten/src/ATen/native/cpu/SumKernel.cpp``: ``vectorized_inner_sum`` -> ``row_sum`` ->
-``multi_row_sum``) and divides once by n (../shared/notes/bitsandbytes-formats.md §5.4):
+``multi_row_sum``) and divides once by n (docs/bitsandbytes-formats.md, "Double quantization"):
 
   * n >= Vec width W: the vector is read as n // W lanes-vectors; ``row_sum`` folds them with 4 interleaved
     accumulators, each a 4-level cascade (groups of 2**max(4, ceil_log2(rows) // 4) rows); leftover vectors go

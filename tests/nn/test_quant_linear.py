@@ -31,7 +31,8 @@ def test_forward_is_dequantize_then_matmul(kind):
 
 @pytest.mark.parametrize("kind", ("int8", "nf4"), ids=("int8", "nf4"))
 def test_compute_dtype_bf16_dequantizes_straight_into_compute_dtype(kind):
-    """notes §7.1: W_cd = RNE_cd(code[q] * absmax_fp32), x cast to cd, result cast back to x.dtype."""
+    """W_cd = RNE_cd(code[q] * absmax_fp32), x cast to cd, result cast back to x.dtype
+    (docs/bitsandbytes-formats.md, "What the forward passes compute")."""
     layer = make_base(kind, 64, 8)
     layer.compute_dtype = jnp.dtype(jnp.bfloat16)
     x = rand((4, 64))
