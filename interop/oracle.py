@@ -32,6 +32,12 @@ def require(module: str) -> Any:
 _DEQUANT_FIXED = False
 
 
+def cuda_device_count() -> int:
+    """CUDA devices torch sees (0 without CUDA): where ``oftjax parity --device cuda:N`` can run."""
+    torch = require("torch")
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def use_default_cpu_dequant() -> None:
     """Route bnb's CPU ``dequantize_4bit`` to its pure-torch default kernel (idempotent).
 

@@ -164,13 +164,14 @@ def check_parity_args(args: argparse.Namespace) -> None:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         fail(f"--device {device}: expected cpu, cuda or cuda:N")
     if device != "cpu":
-        import torch
+        from interop.oracle import cuda_device_count
 
-        if not torch.cuda.is_available():
+        count = cuda_device_count()
+        if count == 0:
             fail(f"--device {device}: this torch sees no CUDA device (torch.cuda.is_available() is False)")
         index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            fail(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if index >= count:
+            fail(f"--device {device}: this machine has {count} CUDA device(s)")
     from oftjax.models import ModelConfig
 
     config = _read_config(args.model / "config.json")
