@@ -24,7 +24,7 @@ def _kernel(module: str, source: str, args: list[str]) -> Extension:
     return Extension(
         module,
         sources=[source],
-        depends=["csrc/parallel_for.h", "csrc/rotate_rows.h", "csrc/simd_exp.h"],
+        depends=["csrc/cpu_state.h", "csrc/parallel_for.h", "csrc/rotate_rows.h", "csrc/simd_exp.h"],
         include_dirs=["csrc", "csrc/third_party"],
         language="c++",
         extra_compile_args=args,

@@ -30,6 +30,7 @@
 #include <unistd.h>
 #endif
 
+#include "cpu_state.h"
 #include "parallel_for.h"
 #include "rotate_rows.h"
 #include "xla/ffi/api/ffi.h"
@@ -42,6 +43,8 @@
 #endif
 
 namespace ffi = xla::ffi;
+using oftjax::HasAvx512;
+using oftjax::KeepSubnormals;
 using oftjax::ParallelFor;
 
 namespace {
@@ -85,17 +88,6 @@ inline uint16_t ToF16(float f) {
 
 inline float ToF32(float f) { return f; }
 
-// Clears FTZ/DAZ for the lifetime of the object (x86); elsewhere a no-op.
-class KeepSubnormals {
- public:
-#if OFTJAX_X86
-  KeepSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~0x8040u); }
-  ~KeepSubnormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
 
 // Elements [start, end) of block `b` with the portable loop; start is even.
 template <typename T, T (*Convert)(float)>
@@ -184,13 +176,6 @@ OFTJAX_AVX512 void Avx512BlocksF32(const uint8_t* packed, const float* absmax, c
   if constexpr (kStream) _mm_sfence();
 }
 
-bool HasAvx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
-#else
-bool HasAvx512() { return false; }
 #endif
 
 // Faults in the pages of out[begin, end) with one system call, before the kernel writes them. A fresh output

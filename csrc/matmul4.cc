@@ -28,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_state.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -39,6 +40,8 @@
 #endif
 
 namespace ffi = xla::ffi;
+using oftjax::HasAvx512;
+using oftjax::KeepSubnormals;
 using oftjax::ParallelFor;
 
 namespace {
@@ -47,17 +50,6 @@ constexpr int kMaxRows = 16;            // rows of x the kernel takes
 constexpr int64_t kItemWeights = 1 << 15;  // weights per work item (16 KiB packed)
 constexpr int64_t kNestedBlocksize = 256;
 
-// Clears FTZ/DAZ for the lifetime of the object (x86); elsewhere a no-op.
-class KeepSubnormals {
- public:
-#if OFTJAX_X86
-  KeepSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~0x8040u); }
-  ~KeepSubnormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
 
 // The operands of one call; scale[b - b0] is block b's absmax for the rows of a work item.
 struct Problem {
@@ -182,13 +174,6 @@ RowsFn PickRows(int m, std::integer_sequence<int, Ms...>) {
   return fn;
 }
 
-bool HasAvx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
-}
-#else
-bool HasAvx512() { return false; }
 #endif
 
 // Double quantization: absmax[b] = fl32(fl32(dynamic[q[b]] * nested[b / 256]) + offset), as dequant4.cc
