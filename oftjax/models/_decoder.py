@@ -382,6 +382,29 @@ class CausalLM(nnx.Module):
         hidden, cache = self.model.decode(input_ids, positions, input_mask, cache)
         return self.logits(hidden), cache
 
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final hidden states ``[batch, seq, hidden]`` (after the final norm) that ``logits`` maps to
+        the vocabulary; arguments as ``__call__``."""
+        return self.model(input_ids, attention_mask, positions)
+
+    def matrix_head(self) -> tuple[jax.Array, float | None] | None:
+        """``(table [vocab, hidden], softcap)`` when the output head is a plain matrix (the tied embedding
+        table, or a float ``lm_head`` without bias or adapter), so that ``logits(h)`` is ``h @ table.T``
+        (soft-capped when ``softcap`` is set); None for any other head (quantized or adapted ``lm_head``).
+        The trainer computes such a head and the loss in chunks (``oftjax.train.head_loss_sum``)."""
+        cap = self.config.final_logit_softcapping
+        if self.lm_head is None:
+            embed = self.model.embed_tokens
+            return getattr(embed, "base_layer", embed).embedding[...], cap
+        if type(self.lm_head) is nnx.Linear and self.lm_head.bias is None:
+            return self.lm_head.kernel[...].T, cap
+        return None
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The output head on final hidden states ``[..., hidden]`` (``model``'s output): the tied table or
         ``lm_head``, then Gemma's soft-capping ``cap * tanh(logits / cap)``."""

@@ -26,6 +26,8 @@ from oftjax.train._loop import eval_batches as eval_batches
 from oftjax.train._loop import fit as fit
 from oftjax.train._loss import causal_lm_loss as causal_lm_loss
 from oftjax.train._loss import causal_lm_loss_sum as causal_lm_loss_sum
+from oftjax.train._loss import head_chunk_rows as head_chunk_rows
+from oftjax.train._loss import head_loss_sum as head_loss_sum
 from oftjax.train._memory import MemoryPlan as MemoryPlan
 from oftjax.train._memory import plan_memory as plan_memory
 from oftjax.train._prepare import QUANT_CHOICES as QUANT_CHOICES
@@ -51,6 +53,8 @@ __all__ = [
     "batch_sharding",
     "causal_lm_loss",
     "causal_lm_loss_sum",
+    "head_chunk_rows",
+    "head_loss_sum",
     "default_wrt",
     "eval_batches",
     "fit",

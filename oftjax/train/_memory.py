@@ -14,8 +14,8 @@ The breakdown:
   * activations: the residuals JAX's autodiff saves for the backward pass (``jax.vjp`` of the loss with
     respect to the trainable variables, outside the arguments), divided over the batch's shards: what
     ``remat`` shrinks;
-  * temporaries: the rest of XLA's temporary allocation (dequantized weights, logits and the loss, the
-    gradients, working buffers of the backward pass).
+  * temporaries: the rest of XLA's temporary allocation (dequantized weights, a chunk of logits and its loss
+    (``head_loss_sum``), the gradients, working buffers of the backward pass).
 
 The total per device is arguments + temporaries + outputs not aliased to the arguments: the peak of the
 step's own buffers. The figures are those of the backend that compiled: a CPU compile (``oftjax plan`` on a
@@ -38,9 +38,8 @@ from jax.extend.core import Literal
 from jax.sharding import Mesh
 
 from oftjax.train._config import TrainConfig, make_optimizer
-from oftjax.train._loss import causal_lm_loss_sum
 from oftjax.train._sharding import batch_sharding, state_shardings
-from oftjax.train._step import _forward, default_wrt, jit_train_step
+from oftjax.train._step import batch_loss_sum, default_wrt, jit_train_step
 
 __all__ = ["MemoryPlan", "plan_memory"]
 
@@ -115,7 +114,7 @@ def _residual_bytes(model: nnx.Module, wrt: Any, batch: dict) -> int:
     def loss(t, r, b):
         # fresh Variables at this trace level (nnx.remat writes the layer state back into them)
         m = nnx.merge(graphdef, t, jax.tree.map(lambda x: x, r))
-        return causal_lm_loss_sum(_forward(m, b), b["input_ids"], b.get("loss_mask"))[0]
+        return batch_loss_sum(m, b)[0]
 
     def residuals(t, r, b):
         return jax.vjp(lambda t_: loss(t_, r, b), t)[1]

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from oftjax.train._config import TrainConfig, make_optimizer, make_schedule
-from oftjax.train._loss import causal_lm_loss_sum
+from oftjax.train._loss import causal_lm_loss_sum, head_loss_sum
 from oftjax.train._sharding import shard_batch, state_shardings
 
 __all__ = ["Trainer", "default_wrt", "jit_train_step"]
@@ -33,7 +33,9 @@ def default_wrt() -> Any:
     return OFTParam
 
 
-def _forward(model: nnx.Module, batch: dict) -> jax.Array:
+def _forward(model: Any, batch: dict) -> jax.Array:
+    """``model(input_ids, ...)`` with the batch's attention mask or segment ids (any callable with
+    ``CausalLM.__call__``'s arguments: the model, or its ``hidden_states``)."""
     if "segment_ids" in batch:  # packed examples: each attends to itself, positions restart per example
         from oftjax.models import segment_mask, segment_positions
 
@@ -44,6 +46,25 @@ def _forward(model: nnx.Module, batch: dict) -> jax.Array:
     return model(batch["input_ids"])
 
 
+def batch_loss_sum(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token loss and target count of ``batch`` (``causal_lm_loss_sum``'s pair).
+
+    A model with a matrix output head (``CausalLM.matrix_head``) computes the head and the loss together in
+    chunks (``head_loss_sum``: no ``[batch, seq, vocab]`` logits, in the forward pass or kept for the
+    backward); any other model is called for its logits.
+    """
+    head = getattr(model, "matrix_head", None)
+    spec = head() if head is not None else None
+    if spec is None:
+        logits = _forward(model, batch)
+        with jax.named_scope("loss"):
+            return causal_lm_loss_sum(logits, batch["input_ids"], batch.get("loss_mask"))
+    hidden = _forward(model.hidden_states, batch)
+    table, softcap = spec
+    with jax.named_scope("loss"):
+        return head_loss_sum(hidden, table, batch["input_ids"], batch.get("loss_mask"), softcap=softcap)
+
+
 def _loss_and_grads(model: nnx.Module, wrt: Any, batch: dict, micro: int):
     """Summed loss, token count and summed gradients of the ``wrt`` variables over ``micro`` micro-batches.
 
@@ -52,12 +73,7 @@ def _loss_and_grads(model: nnx.Module, wrt: Any, batch: dict, micro: int):
     RNG counters) back into ``model``, as PEFT projects in place before the optimizer step.
     """
 
-    def loss_fn(m: nnx.Module, mb: dict):
-        logits = _forward(m, mb)
-        with jax.named_scope("loss"):
-            return causal_lm_loss_sum(logits, mb["input_ids"], mb.get("loss_mask"))
-
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
+    grad_fn = nnx.value_and_grad(batch_loss_sum, argnums=nnx.DiffState(0, wrt), has_aux=True)
     if micro == 1:
         (total, count), grads = grad_fn(model, batch)
         return total, count, grads
@@ -108,7 +124,7 @@ def jit_train_step(
 
 def _eval_step(graphdef, state, batch):
     model, _ = nnx.merge(graphdef, state)
-    return causal_lm_loss_sum(_forward(model, batch), batch["input_ids"], batch.get("loss_mask"))
+    return batch_loss_sum(model, batch)
 
 
 class Trainer:
