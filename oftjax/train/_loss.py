@@ -126,7 +126,8 @@ def head_loss_sum(
 
 
 def _chunk_logits(h: jax.Array, table: jax.Array, softcap: float | None) -> jax.Array:
-    out = h @ table.T
+    with jax.named_scope("gemm"):  # a profile label (benchmarks/profile_train.py), as CausalLM.logits
+        out = h @ table.T
     if softcap is None:
         return out
     c = jnp.asarray(softcap, out.dtype)
@@ -172,7 +173,8 @@ def _head_nll_fwd(softcap, rows, h, table, targets, mask):
         if softcap is not None:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)^2, with tanh(x / c) = logits / c
             th = logits / jnp.asarray(softcap, logits.dtype)
             dz = dz * (1 - th * th)
-        dh = dz @ table
+        with jax.named_scope("gemm"):
+            dh = dz @ table
         if want_table:
             d_table = d_table + (dz.T @ hc).astype(jnp.float32)
         return (total + jnp.sum(nll * mc), d_table), dh
