@@ -134,12 +134,15 @@ def _chunk_logits(h: jax.Array, table: jax.Array, softcap: float | None) -> jax.
     return jnp.tanh(out / c) * c
 
 
-def _chunk_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-row ``logsumexp - picked`` in float32, and the float32 logits."""
+def _chunk_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row ``logsumexp - picked`` in float32, with ``exp(z - max z)`` and its row sums (one exp pass: the
+    gradient reuses them)."""
     z = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(z, axis=-1)
+    zmax = jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(z - zmax)
+    s = jnp.sum(e, axis=-1, keepdims=True)
     picked = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
-    return logz - picked, z, logz
+    return (jnp.log(s) + zmax)[:, 0] - picked, e, s
 
 
 def _split(x: jax.Array, rows: int) -> jax.Array:
@@ -166,10 +169,11 @@ def _head_nll_fwd(softcap, rows, h, table, targets, mask):
         total, d_table = carry
         hc, tc, mc = xs
         logits = _chunk_logits(hc, table, softcap)
-        nll, z, logz = _chunk_nll(logits, tc)
-        # d(sum nll * mask)/dz = (softmax(z) - onehot(target)) * mask in float32, then the head's dtype
-        dz = (jnp.exp(z - logz[:, None]) - jax.nn.one_hot(tc, z.shape[-1], dtype=z.dtype)) * mc[:, None]
-        dz = dz.astype(logits.dtype)
+        nll, e, sums = _chunk_nll(logits, tc)
+        # d(sum nll * mask)/dz = (softmax(z) - onehot(target)) * mask in float32, then the head's dtype; the
+        # one-hot part is a scatter into the target column (no [rows, vocab] one-hot array)
+        dz = e * (mc[:, None] / sums)
+        dz = dz.at[jnp.arange(dz.shape[0]), tc].add(-mc).astype(logits.dtype)
         if softcap is not None:  # d(c tanh(x / c))/dx = 1 - tanh(x / c)^2, with tanh(x / c) = logits / c
             th = logits / jnp.asarray(softcap, logits.dtype)
             dz = dz * (1 - th * th)
