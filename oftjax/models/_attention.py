@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oftjax._registry import operation
+from oftjax.models._layers import soft_cap
 from oftjax.models._rope import apply_rope
 
 __all__ = ["CAUSAL_BLOCKS", "causal_attention", "masked_attention", "softcapped_causal_attention"]
@@ -73,9 +74,7 @@ def _scores(q: jax.Array, k: jax.Array, scale: float | None, softcap: float | No
     s = s if scale is None else s * jnp.asarray(scale, s.dtype)
     if softcap is None:
         return s
-    # transformers' Gemma 2: scores / cap, tanh, * cap, in the scores' dtype, before the mask
-    cap = jnp.asarray(softcap, s.dtype)
-    return jnp.tanh(s / cap) * cap
+    return soft_cap(s, softcap)  # transformers' Gemma 2: in the scores' dtype, before the mask
 
 
 def _softmax_values(scores: jax.Array, allowed: jax.Array | np.ndarray, v: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ from flax import nnx
 from oftjax.models._attention import causal_attention, masked_attention, softcapped_causal_attention
 from oftjax.models._config import ModelConfig
 from oftjax.models._kv_cache import KVCache
-from oftjax.models._layers import AXIS_FSDP, MLP, Embedding, FusedMLP, linear, meta, norm, project
+from oftjax.models._layers import AXIS_FSDP, MLP, Embedding, FusedMLP, linear, meta, norm, project, soft_cap
 from oftjax.models._rope import apply_rope, rope_cos_sin
 
 
@@ -399,8 +399,7 @@ class CausalLM(nnx.Module):
         The trainer computes such a head and the loss in chunks (``oftjax.train.head_loss_sum``)."""
         cap = self.config.final_logit_softcapping
         if self.lm_head is None:
-            embed = self.model.embed_tokens
-            return getattr(embed, "base_layer", embed).embedding[...], cap
+            return self._tied_table(), cap
         if type(self.lm_head) is nnx.Linear and self.lm_head.bias is None:
             return self.lm_head.kernel[...].T, cap
         return None
@@ -410,17 +409,17 @@ class CausalLM(nnx.Module):
         ``lm_head``, then Gemma's soft-capping ``cap * tanh(logits / cap)``."""
         with jax.named_scope("gemm"):  # a profile label (benchmarks/profile_train.py), nothing else
             if self.lm_head is None:
-                # the base table (an OFT-adapted embedding rotates its lookups, not the tied head: PEFT)
-                embed = self.model.embed_tokens
-                table = getattr(embed, "base_layer", embed).embedding[...]
-                out = hidden @ table.astype(hidden.dtype).T
+                out = hidden @ self._tied_table().astype(hidden.dtype).T
             else:
                 out = project(self.lm_head, hidden)
         cap = self.config.final_logit_softcapping
-        if cap is None:
-            return out
-        c = jnp.asarray(cap, out.dtype)
-        return jnp.tanh(out / c) * c
+        return out if cap is None else soft_cap(out, cap)
+
+    def _tied_table(self) -> jax.Array:
+        """The tied head's table: the base embedding table (an OFT-adapted embedding rotates its lookups,
+        not the tied head, as in PEFT)."""
+        embed = self.model.embed_tokens
+        return getattr(embed, "base_layer", embed).embedding[...]
 
 
 def linear_modules(config: ModelConfig) -> list[tuple[str, bool]]:

@@ -43,6 +43,13 @@ def linear(cfg: ModelConfig, n_in: int, n_out: int, bias: bool, dtype, param_dty
     )
 
 
+def soft_cap(x: jax.Array, cap: float) -> jax.Array:
+    """Gemma's soft-capping ``cap * tanh(x / cap)`` in ``x``'s dtype (transformers' order: divide, tanh,
+    multiply), for attention scores and output logits."""
+    c = jnp.asarray(cap, x.dtype)
+    return jnp.tanh(x / c) * c
+
+
 def project(layer: Any, x: jax.Array) -> jax.Array:
     """``layer(x)`` in the compute dtype: quantized bases compute in their own dtype; the residual stream
     stays in the model's."""

@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from oftjax.models._layers import soft_cap
+
 __all__ = ["causal_lm_loss", "causal_lm_loss_sum", "head_chunk_rows", "head_loss_sum"]
 
 
@@ -128,10 +130,7 @@ def head_loss_sum(
 def _chunk_logits(h: jax.Array, table: jax.Array, softcap: float | None) -> jax.Array:
     with jax.named_scope("gemm"):  # a profile label (benchmarks/profile_train.py), as CausalLM.logits
         out = h @ table.T
-    if softcap is None:
-        return out
-    c = jnp.asarray(softcap, out.dtype)
-    return jnp.tanh(out / c) * c
+    return out if softcap is None else soft_cap(out, softcap)
 
 
 def _chunk_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
