@@ -9,8 +9,10 @@ everything runs in pure JAX (``oftjax.cpu_kernels.info()`` says why).
 ``-ffp-contract=off`` for the dequantize
 (the double-quant absmax is a multiply then an add, rounded twice as bitsandbytes does; an FMA would round
 once) and for SwiGLU (products and sums rounded one by one, as the JAX formulation does).
-"""
 
+csrc/block_cache.c is not a kernel: a C library that ``oftjax train`` preloads (LD_PRELOAD) so that freed
+blocks of 32 MiB and more stay mapped for reuse (oftjax/cli/_malloc.py); optional too.
+"""
 
 import sys
 
@@ -40,4 +42,18 @@ setup(
         _kernel("oftjax.cpu_kernels._swiglu_cpu", "csrc/swiglu.cc", _ARGS + _NO_CONTRACT),
         _kernel("oftjax.cpu_kernels._matmul4_cpu", "csrc/matmul4.cc", _ARGS + _NO_CONTRACT),
     ]
+    + (
+        [
+            Extension(
+                "oftjax.cli._block_cache",
+                sources=["csrc/block_cache.c"],
+                language="c",
+                extra_compile_args=["-O2", "-std=gnu11"],
+                libraries=["dl", "pthread"],
+                optional=True,
+            )
+        ]
+        if sys.platform.startswith("linux")
+        else []
+    )
 )

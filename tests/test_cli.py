@@ -123,6 +123,31 @@ def test_tiny_run_then_resume_and_changed_settings(tiny_dir, text_file, tmp_path
     np.testing.assert_equal(recs[-1]["step"], 4)
 
 
+def test_the_command_runs_with_the_block_cache_and_the_same_values(tiny_dir, text_file, tmp_path):
+    # `oftjax train` (a process of its own) starts again with the block cache preloaded, here for blocks from
+    # 256 KiB so the tiny run's buffers go through it; the same run in this process (where the cache cannot
+    # be loaded any more) gives the same losses bit for bit
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    assert platform.libc_ver()[0] == "glibc", "the block cache needs glibc: run this suite on Linux"
+    common = ["train", "--model", str(tiny_dir), "--data", str(text_file), "--quiet", "--seq-len", "32",
+              "--batch-size", "4", "--oft-block-size", "16", "--steps", "3", "--quant", "nf4"]  # fmt: skip
+    env = {**os.environ, "OFTJAX_BLOCK_CACHE_MIN": str(1 << 18)}
+    cmd = [sys.executable, "-m", "oftjax.cli", *common, "--output", str(tmp_path / "cmd")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert main([*common, "--output", str(tmp_path / "here")]) == 0
+    cmd_summary = json.loads((tmp_path / "cmd" / "summary.json").read_text())
+    here_summary = json.loads((tmp_path / "here" / "summary.json").read_text())
+    assert cmd_summary["malloc"] == "block cache: freed blocks of 0.25 MiB and more stay mapped for reuse"
+    assert here_summary["malloc"].startswith("not applied: the block cache is preloaded when a process")
+    losses = [[r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl")] for d in ("cmd", "here")]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
 # ------------------------------------------------------------------------------------------------- misuse
 
 

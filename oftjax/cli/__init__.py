@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from oftjax.cli._malloc import keep_freed_memory as keep_freed_memory
 
-__all__ = ["build_parser", "keep_freed_memory", "main"]
+__all__ = ["build_parser", "console", "keep_freed_memory", "main"]
 
 
 class CLIError(Exception):
@@ -57,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``oftjax`` console script; returns (and exits with) the status code.
+def console() -> int:
+    """The ``oftjax`` console script and ``python -m oftjax.cli``: ``main`` in a process of its own, which
+    ``oftjax train`` may start again with the block cache preloaded (``--malloc cache``, cli/_malloc.py).
+    """
+    return main(own_process=True)
+
+
+def main(argv: Sequence[str] | None = None, *, own_process: bool = False) -> int:
+    """The ``oftjax`` command, in this process; returns (and exits with) the status code.
 
     Every error is one line on stderr and status 1, never a traceback: bad input says what is wrong with it,
     anything else (a defect) says its type and how to see the traceback (``OFTJAX_DEBUG=1`` re-raises).
@@ -69,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["train", *argv]  # `oftjax` alone (or with train flags) runs the main job
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv, args.own_process = argv, own_process
     try:
         status = args.func(args)
     except KeyboardInterrupt:

@@ -2,6 +2,6 @@
 
 import sys
 
-from oftjax.cli import main
+from oftjax.cli import console
 
-sys.exit(main())
+sys.exit(console())

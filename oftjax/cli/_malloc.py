@@ -16,6 +16,7 @@ and the benchmarks call ``keep_freed_memory()`` before JAX starts (``--malloc de
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
 
@@ -56,3 +57,91 @@ def keep_freed_memory() -> str:
     if not ok:
         return "not applied: glibc mallopt refused a setting"
     return "glibc: one arena, no mmap'd blocks, no trimming (freed memory is reused, not returned)"
+
+
+# The block cache (csrc/block_cache.c): a library preloaded into a fresh process that keeps freed blocks of
+# 32 MiB and more mapped and hands them out again. Unlike keep_freed_memory it leaves glibc's heap as
+# configured (smaller blocks are returned and trimmed as usual) and a block is kept only until a larger
+# request needs a new one, so the process's peak stays what it would be without it (docs/cpu-memory.md).
+
+_EXEC_MARK = "OFTJAX_BLOCK_CACHE_EXEC"  # set in the environment of the process started with the cache
+
+
+def block_cache_library() -> str | None:
+    """The built block-cache library (``oftjax/cli/_block_cache*.so``), or None where it was not built."""
+    import importlib.machinery
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = here / f"_block_cache{suffix}"
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+def block_cache_stats() -> dict[str, int] | None:
+    """The block cache's counters in this process, or None where it is not loaded.
+
+    ``hits``: requests served by a kept block; ``maps``: blocks mapped; ``unmaps``: blocks returned to the
+    system; ``free_bytes``: bytes kept mapped in free blocks now; ``min_bytes``: the smallest request it
+    serves (``OFTJAX_BLOCK_CACHE_MIN``); ``max_free_bytes``: the cap on free bytes kept
+    (``OFTJAX_BLOCK_CACHE_MAX``).
+    """
+    fn = getattr(ctypes.CDLL(None), "oftjax_block_cache_stats", None)
+    if fn is None:
+        return None
+    out = (ctypes.c_ulong * 6)()
+    fn(out)
+    keys = ("hits", "maps", "unmaps", "free_bytes", "min_bytes", "max_free_bytes")
+    return dict(zip(keys, (int(v) for v in out), strict=True))
+
+
+def block_cache_status() -> str:
+    """One line: whether this process runs with the block cache, and if not, why."""
+    stats = block_cache_stats()
+    if stats is not None:
+        least = stats["min_bytes"] / 2**20
+        return f"block cache: freed blocks of {least:g} MiB and more stay mapped for reuse"
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return f"not applied: the block cache needs glibc on Linux (this is {sys.platform})"
+    if block_cache_library() is None:
+        return "not applied: the block cache was not built (reinstall with a C compiler: `pip install -e .`)"
+    if os.environ.get(_EXEC_MARK):
+        return "not applied: the process was started with the block cache but the library did not load"
+    return "not applied: the block cache is preloaded when a process starts (run the `oftjax` command)"
+
+
+def exec_with_block_cache(argv: list[str]) -> None:
+    """Start this command again as ``python -m oftjax.cli ARGV`` with the block cache preloaded; returns only
+    where that cannot be done (already loaded, not built, not glibc, a path LD_PRELOAD cannot carry, or
+    tried once already), and the caller goes on without it (``block_cache_status()`` says why)."""
+    lib = block_cache_library()
+    if (
+        block_cache_stats() is not None
+        or lib is None
+        or os.environ.get(_EXEC_MARK)
+        or not sys.platform.startswith("linux")
+        or platform.libc_ver()[0] != "glibc"
+        or any(c in lib for c in " :")
+    ):
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env[_EXEC_MARK] = lib
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "oftjax.cli", *argv], env)
+
+
+def forget_block_cache_env() -> None:
+    """In the process started by ``exec_with_block_cache``: take the library out of ``LD_PRELOAD`` again, so
+    the processes this one starts (compilers, the torch oracle) run with the allocator as configured."""
+    lib = os.environ.pop(_EXEC_MARK, None)
+    if lib is None:
+        return
+    rest = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != lib]
+    if rest:
+        os.environ["LD_PRELOAD"] = ":".join(rest)
+    else:
+        os.environ.pop("LD_PRELOAD", None)

@@ -135,20 +135,33 @@ class _Adapter:
 
 
 def malloc_setting(args: argparse.Namespace) -> str:
-    """``--malloc``, or its default: keep for the embedded model, glibc as configured with ``--model`` (a real
-    model's larger buffers at several batch widths fragment a kept heap: benchmarks/RESULTS.md)."""
-    if args.malloc is not None:
-        return args.malloc
-    return "default" if args.model is not None else "keep"
+    """``--malloc``, or its default: the block cache (``oftjax/cli/_malloc.py``), for the embedded model and
+    with ``--model`` alike (benchmarks/RESULTS.md, "Allocator")."""
+    return args.malloc if args.malloc is not None else "cache"
+
+
+def _apply_malloc(args: argparse.Namespace) -> str:
+    """Apply ``--malloc`` before JAX's first computation; returns what was done (one line, for the log).
+
+    ``cache`` starts the command again with the block cache preloaded where it was run as a process of its
+    own (the ``oftjax`` command); an in-process call (tests, notebooks) goes on without it."""
+    from oftjax.cli import _malloc
+
+    if args.malloc == "keep":
+        return _malloc.keep_freed_memory()
+    if args.malloc == "cache":
+        if getattr(args, "own_process", False):
+            _malloc.exec_with_block_cache(args.argv)  # returns only where it cannot
+        said = _malloc.block_cache_status()
+        _malloc.forget_block_cache_env()
+        return said
+    return "glibc as configured"
 
 
 def run_train(args: argparse.Namespace) -> int:
     """``oftjax train``: text, base model, quantization, OFT, datasets, training, summary."""
     args.malloc = malloc_setting(args)
-    if args.malloc == "keep":  # before JAX's first computation: see oftjax/cli/_malloc.py
-        from oftjax.cli._malloc import keep_freed_memory
-
-        keep_freed_memory()
+    malloc = _apply_malloc(args)
     join_processes(args)  # before anything touches a JAX device
     with exit_on_peer_failure("oftjax train"):
         _resolve_arguments(args)
@@ -157,7 +170,8 @@ def run_train(args: argparse.Namespace) -> int:
         check_data_args(args)
         _prepare_output_once(args)
         t0 = time.perf_counter()
-        summary: dict[str, Any] = {}
+        summary: dict[str, Any] = {"malloc": malloc}
+        _say(args, f"malloc: {malloc}")
         with _cpu_kernels(args):
             data = read_data(args, _sayer(args))
             base = _load_base(args, _base_dir(args, data, summary))

@@ -117,12 +117,14 @@ def _runtime_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--remat", action="store_true", help="rematerialize decoder layers in the backward pass")
     g.add_argument(
         "--malloc",
-        choices=["keep", "default"],
+        choices=["cache", "keep", "default"],
         default=None,
-        help="keep: glibc keeps freed memory for reuse, so XLA:CPU's per-step buffers are not faulted in "
-        "again every step (faster steps on CPU; the peak memory stays mapped); default: glibc as "
-        "configured. Default: keep for the embedded model, default with --model (a real model's "
-        "larger buffers of several batch widths fragment the kept heap: benchmarks/RESULTS.md)",
+        help="how freed memory is reused on CPU. cache: `oftjax` starts again with its block cache "
+        "preloaded, which keeps freed blocks of 32 MiB and more mapped for reuse, so XLA:CPU's per-step "
+        "buffers are not faulted in again every step, and returns a kept block once a larger request needs a "
+        "new one (the peak stays what it is without it); keep: glibc keeps all freed memory in one heap "
+        "(fast too, but the heap fragments and its peak grows with several batch widths); default: glibc as "
+        'configured (default: cache; see benchmarks/RESULTS.md, "Allocator")',
     )
     g.add_argument(
         "--cpu-kernels",

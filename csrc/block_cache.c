@@ -1,0 +1,251 @@
+// A cache of large memory blocks for the process, loaded with LD_PRELOAD before the program starts.
+//
+// XLA:CPU allocates each execution's temporary buffer (up to GBs for a train step) with posix_memalign and
+// frees it when the execution ends. glibc serves a block that large with a fresh mmap and returns it with
+// munmap, so every train step faults the whole buffer in again, one 4 KiB page at a time (docs/cpu-memory.md).
+// This library keeps such blocks mapped after they are freed and hands them out again:
+//
+// - A request of at least OFTJAX_BLOCK_CACHE_MIN bytes (default 32 MiB, glibc's largest mmap threshold) through
+//   malloc, posix_memalign, aligned_alloc, memalign or valloc gets a block of its own mmap (size rounded up to
+//   2 MiB), or the smallest free cached block that holds it. Smaller requests go to glibc untouched.
+// - free() of such a block keeps it mapped, free, for the next request.
+// - A request no free block can hold unmaps the free blocks smaller than it before mapping a new one: a block
+//   is kept only while no larger request has needed a new one, so the free blocks never add up to more than
+//   the most the process has used at once, and a run whose step buffers vary in size (batches of several
+//   widths) settles on blocks that hold the largest.
+// - OFTJAX_BLOCK_CACHE_MAX (bytes, default unlimited) caps the free bytes kept; past it the free blocks
+//   freed longest ago are unmapped first.
+//
+// Values are not affected: a reused block holds stale bytes, as glibc's heap memory does (callers that need
+// zeros call calloc, which this library leaves to glibc). realloc and malloc_usable_size know the blocks.
+// Every other pointer goes to glibc's own functions (__libc_malloc and friends, resolved without dlsym).
+//
+// Built by setup.py as oftjax/cli/_block_cache*.so; oftjax/cli/_malloc.py starts a process with it.
+
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+extern void *__libc_malloc(size_t);
+extern void __libc_free(void *);
+extern void *__libc_realloc(void *, size_t);
+extern void *__libc_memalign(size_t, size_t);
+
+// glibc's own malloc_usable_size (this library defines one), looked up on first use.
+static size_t glibc_usable_size(void *p) {
+  static size_t (*fn)(void *) = NULL;
+  if (!fn) fn = (size_t (*)(void *))dlsym(RTLD_NEXT, "malloc_usable_size");
+  return fn ? fn(p) : 0;
+}
+
+#define MAX_BLOCKS 64
+#define ROUND (2u << 20)
+
+typedef struct {
+  char *base;     // start of the mapping (NULL: slot empty)
+  size_t cap;     // mapped bytes
+  int in_use;
+  uint64_t freed_at;  // a counter value: which free block is oldest
+} Block;
+
+static Block blocks[MAX_BLOCKS];
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic uintptr_t lo = UINTPTR_MAX, hi = 0;  // every mapping ever made lies in [lo, hi)
+static size_t min_size = 32u << 20;
+static size_t max_free = SIZE_MAX;
+static uint64_t clock_ticks = 0;
+static atomic_ulong stat_hits, stat_maps, stat_unmaps, stat_free_bytes;
+
+__attribute__((constructor)) static void init(void) {
+  const char *s = getenv("OFTJAX_BLOCK_CACHE_MIN");
+  if (s && *s) min_size = strtoull(s, NULL, 10);
+  if (min_size < 4096) min_size = 4096;
+  s = getenv("OFTJAX_BLOCK_CACHE_MAX");
+  if (s && *s) max_free = strtoull(s, NULL, 10);
+}
+
+static void unmap_slot(Block *b) {
+  munmap(b->base, b->cap);
+  atomic_fetch_add(&stat_free_bytes, -(unsigned long)b->cap);
+  atomic_fetch_add(&stat_unmaps, 1);
+  b->base = NULL;
+  b->cap = 0;
+}
+
+// A block of at least `size` bytes whose start is `align`-aligned (align <= 2 MiB: mappings are page-aligned
+// and blocks start at the mapping), or NULL when the table is full or mmap fails.
+static void *take(size_t size, size_t align) {
+  if (align > 4096) return NULL;  // XLA asks for 64; larger alignments go to glibc
+  size_t need = (size + ROUND - 1) / ROUND * ROUND;
+  if (need < size) return NULL;
+  pthread_mutex_lock(&lock);
+  Block *best = NULL, *empty = NULL;
+  for (int i = 0; i < MAX_BLOCKS; ++i) {
+    Block *b = &blocks[i];
+    if (!b->base) {
+      if (!empty) empty = b;
+    } else if (!b->in_use && b->cap >= need && (!best || b->cap < best->cap)) {
+      best = b;
+    }
+  }
+  if (best) {
+    best->in_use = 1;
+    atomic_fetch_add(&stat_free_bytes, -(unsigned long)best->cap);
+    atomic_fetch_add(&stat_hits, 1);
+    pthread_mutex_unlock(&lock);
+    return best->base;
+  }
+  for (int i = 0; i < MAX_BLOCKS; ++i) {  // free blocks too small for this request will not be needed again
+    Block *b = &blocks[i];
+    if (b->base && !b->in_use) {
+      unmap_slot(b);
+      if (!empty) empty = b;
+    }
+  }
+  void *p = NULL;
+  if (empty) {
+    p = mmap(NULL, need, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      p = NULL;
+    } else {
+      empty->base = p;
+      empty->cap = need;
+      empty->in_use = 1;
+      atomic_fetch_add(&stat_maps, 1);
+      uintptr_t a = (uintptr_t)p, e = a + need;
+      if (a < atomic_load(&lo)) atomic_store(&lo, a);
+      if (e > atomic_load(&hi)) atomic_store(&hi, e);
+    }
+  }
+  pthread_mutex_unlock(&lock);
+  return p;
+}
+
+static inline int maybe_ours(const void *p) {
+  uintptr_t a = (uintptr_t)p;
+  return a >= atomic_load_explicit(&lo, memory_order_relaxed) && a < atomic_load_explicit(&hi, memory_order_relaxed);
+}
+
+// The in-use block starting at p, with the lock held; NULL (lock released) when p is not one.
+static Block *find_locked(const void *p) {
+  pthread_mutex_lock(&lock);
+  for (int i = 0; i < MAX_BLOCKS; ++i) {
+    if (blocks[i].base == p && blocks[i].in_use) return &blocks[i];
+  }
+  pthread_mutex_unlock(&lock);
+  return NULL;
+}
+
+static void give_back(Block *b) {
+  b->in_use = 0;
+  b->freed_at = ++clock_ticks;
+  atomic_fetch_add(&stat_free_bytes, b->cap);
+  while (atomic_load(&stat_free_bytes) > max_free) {
+    Block *oldest = NULL;
+    for (int i = 0; i < MAX_BLOCKS; ++i) {
+      Block *c = &blocks[i];
+      if (c->base && !c->in_use && (!oldest || c->freed_at < oldest->freed_at)) oldest = c;
+    }
+    if (!oldest) break;
+    unmap_slot(oldest);
+  }
+}
+
+void free(void *p) {
+  if (p && maybe_ours(p)) {
+    Block *b = find_locked(p);
+    if (b) {
+      give_back(b);
+      pthread_mutex_unlock(&lock);
+      return;
+    }
+  }
+  __libc_free(p);
+}
+
+void *malloc(size_t size) {
+  if (size >= min_size) {
+    void *p = take(size, 16);
+    if (p) return p;
+  }
+  return __libc_malloc(size);
+}
+
+static void *aligned(size_t align, size_t size) {
+  if (size >= min_size) {
+    void *p = take(size, align);
+    if (p) return p;
+  }
+  return __libc_memalign(align, size);
+}
+
+int posix_memalign(void **out, size_t align, size_t size) {
+  if (align < sizeof(void *) || (align & (align - 1)) != 0) return EINVAL;
+  void *p = aligned(align, size);
+  if (!p) return ENOMEM;
+  *out = p;
+  return 0;
+}
+
+void *aligned_alloc(size_t align, size_t size) { return aligned(align, size); }
+void *memalign(size_t align, size_t size) { return aligned(align, size); }
+void *valloc(size_t size) { return aligned(4096, size); }
+
+void *realloc(void *p, size_t size) {
+  if (p && maybe_ours(p)) {
+    Block *b = find_locked(p);
+    if (b) {
+      size_t cap = b->cap;
+      pthread_mutex_unlock(&lock);
+      if (size <= cap && size >= min_size) return p;
+      void *q = malloc(size);
+      if (!q) return NULL;
+      memcpy(q, p, size < cap ? size : cap);
+      free(p);
+      return q;
+    }
+  }
+  if (size >= min_size) {  // grows a glibc block into a cached one
+    void *q = take(size, 16);
+    if (q) {
+      if (p) {
+        size_t old = glibc_usable_size(p);
+        memcpy(q, p, old < size ? old : size);
+        __libc_free(p);
+      }
+      return q;
+    }
+  }
+  return __libc_realloc(p, size);
+}
+
+size_t malloc_usable_size(void *p) {
+  if (p && maybe_ours(p)) {
+    Block *b = find_locked(p);
+    if (b) {
+      size_t cap = b->cap;
+      pthread_mutex_unlock(&lock);
+      return cap;
+    }
+  }
+  return glibc_usable_size(p);
+}
+
+// Counters for tests and reports: hits (requests served by a kept block), mappings made, mappings returned,
+// free bytes kept now; then the settings: the smallest request served, the cap on free bytes.
+void oftjax_block_cache_stats(unsigned long out[6]) {
+  out[0] = atomic_load(&stat_hits);
+  out[1] = atomic_load(&stat_maps);
+  out[2] = atomic_load(&stat_unmaps);
+  out[3] = atomic_load(&stat_free_bytes);
+  out[4] = min_size;
+  out[5] = max_free;
+}
