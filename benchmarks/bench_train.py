@@ -32,11 +32,12 @@ Reported:
 Runs unchanged on a GPU (JAX picks it up; torch uses CUDA when available). No XLA flags are set: the XLA:CPU
 dot implementations and schedulers tried ran the step's GEMMs at the same rate (benchmarks/RESULTS.md).
 
-Allocator (applied to BOTH processes before their framework starts, as ``oftjax train`` runs the model:
-``--malloc keep`` for the synthetic Llama, glibc as configured with ``--model`` / ``--family``, whose larger
-buffers fragment a kept heap; see oftjax/cli/_malloc.py): with ``keep`` glibc keeps freed memory for reuse.
-Otherwise XLA:CPU maps its per-step temporary buffer (hundreds of MB) afresh every step and faults it in page
-by page, which on a small model measures the kernel's page-fault path rather than either framework.
+Allocator (``--malloc``, ``--torch-malloc``; set before either framework starts; oftjax/cli/_malloc.py):
+``cache``, as ``oftjax train`` runs, starts the process with oftjax's block cache preloaded (freed blocks of
+32 MiB and more stay mapped for reuse); ``keep`` makes glibc keep all freed memory in one heap; ``default``
+leaves glibc as configured, where XLA:CPU maps its per-step temporary buffer (hundreds of MB to GBs) afresh
+every step and faults it in page by page. The torch side takes the same setting unless ``--torch-malloc``
+says otherwise.
 Even with ``keep`` a step can fault:
 when glibc finds no free block large enough for XLA's temporary buffer in the heap (other blocks allocated in
 between fragment the freed space) it grows the heap with ``brk``, whose pages are then touched for the first
@@ -66,6 +67,7 @@ Usage: python benchmarks/bench_train.py [--hidden 512 --layers 4 --seq 256 --bat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -164,13 +166,41 @@ class Turns:
         return times
 
 
-def _apply_malloc(a: argparse.Namespace) -> str:
-    """The same process-level allocator setting on both sides, before either framework starts."""
-    if a.malloc == "default":
-        return "glibc as configured"
-    from oftjax.cli import keep_freed_memory
+def _apply_malloc(mode: str) -> str:
+    """The process-level allocator setting of one side, before its framework starts (``cache``: the parent
+    started this process with the block cache preloaded, ``_preloaded``)."""
+    from oftjax.cli import _malloc
 
-    return keep_freed_memory()
+    if mode == "cache":
+        return _malloc.block_cache_status()
+    if mode == "keep":
+        return _malloc.keep_freed_memory()
+    return "glibc as configured"
+
+
+@contextlib.contextmanager
+def _preloaded(mode: str):
+    """The environment a side's process starts with: for ``cache``, the block cache in ``LD_PRELOAD``, its
+    free blocks kept however long the other side's turn lasts (``OFTJAX_BLOCK_CACHE_SECONDS=0``): in
+    ``oftjax train`` the steps run back to back, the turn is the benchmark's own pause."""
+    from oftjax.cli import _malloc
+
+    lib = _malloc.block_cache_library()
+    if mode != "cache" or lib is None:
+        yield
+        return
+    keys = ("LD_PRELOAD", "OFTJAX_BLOCK_CACHE_SECONDS")
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ["LD_PRELOAD"] = ":".join(p for p in (lib, before["LD_PRELOAD"]) if p)
+    os.environ["OFTJAX_BLOCK_CACHE_SECONDS"] = "0"
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def _faults_per_step(fn, n: int = 3) -> float:
@@ -249,7 +279,7 @@ def apply_cpu_kernels(a: argparse.Namespace) -> str:
 
 
 def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
-    malloc = _apply_malloc(a)
+    malloc = _apply_malloc(a.malloc)
     kernels = apply_cpu_kernels(a)
     import jax
     import jax.numpy as jnp
@@ -318,7 +348,7 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
 
 
 def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
-    malloc = _apply_malloc(a)
+    malloc = _apply_malloc(a.torch_malloc)
     import tempfile
 
     import torch
@@ -432,8 +462,10 @@ def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
     qj, qt = ctx.Queue(), ctx.Queue()
     pj = ctx.Process(target=run_jax, args=(a, qj, Turns(jax_turn, torch_turn)))
     pt = ctx.Process(target=run_torch, args=(a, qt, Turns(torch_turn, jax_turn)))
-    pj.start()
-    pt.start()
+    with _preloaded(a.malloc):
+        pj.start()
+    with _preloaded(a.torch_malloc):
+        pt.start()
     try:
         jx, th = _result(qj, pj, "oftjax"), _result(qt, pt, "torch")
     finally:
@@ -467,10 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument(
         "--malloc",
-        choices=["keep", "default"],
+        choices=["cache", "keep", "default"],
+        default="cache",
+        help="allocator setting (oftjax/cli/_malloc.py; default: %(default)s, as `oftjax train` runs)",
+    )
+    p.add_argument(
+        "--torch-malloc",
+        choices=["cache", "keep", "default"],
         default=None,
-        help="glibc setting applied to BOTH sides (oftjax/cli/_malloc.py). Default: as `oftjax train` runs "
-        "the model: keep for the synthetic Llama, default with --model or --family",
+        help="the torch side's allocator setting (default: --malloc's)",
     )
     p.add_argument(
         "--cpu-kernels",
@@ -492,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         help="a published config cut to --layers layers, random weights (family_checkpoint)",
     )
     a = p.parse_args(argv)
-    if a.malloc is None:
-        a.malloc = "default" if a.model is not None or a.family is not None else "keep"
+    if a.torch_malloc is None:
+        a.torch_malloc = a.malloc
     family_checkpoint(a)
     apply_model_shape(a)
     load0 = os.getloadavg()[0]
@@ -546,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     bpp = jx["base_bytes_per_param_linears"]
     row("base bytes/param (NF4+DQ linears)", f"{bpp:.4f}")
     row("base bytes/param (whole base)", f"{jx['base_bytes_per_param_all']:.4f}")
-    print(f"malloc (both sides): {jx['malloc']}")
+    print(f"malloc: oftjax {jx['malloc']}; torch {th['malloc']}")
     print(
         f"1-min load average {load0:.2f} before, {load1:.2f} after ({os.cpu_count()} CPUs): above ~0.5 other "
         "processes shared the cores; torch's OpenMP threads slow down far more than XLA's under such load"

@@ -6,19 +6,26 @@
 // This library keeps such blocks mapped after they are freed and hands them out again:
 //
 // - A request of at least OFTJAX_BLOCK_CACHE_MIN bytes (default 32 MiB, glibc's largest mmap threshold) through
-//   malloc, posix_memalign, aligned_alloc, memalign or valloc gets a block of its own mmap (size rounded up to
-//   2 MiB), or the smallest free cached block that holds it. Smaller requests go to glibc untouched.
+//   malloc, posix_memalign, aligned_alloc, memalign, valloc or pvalloc gets the smallest free cached block
+//   that holds it and is at most twice its size (a small request never pins a large block), or else a block
+//   of its own mmap (size rounded up to 2 MiB). Smaller requests go to glibc untouched.
 // - free() of such a block keeps it mapped, free, for the next request.
-// - A request no free block can hold unmaps the free blocks smaller than it before mapping a new one: a block
-//   is kept only while no larger request has needed a new one, so the free blocks never add up to more than
-//   the most the process has used at once, and a run whose step buffers vary in size (batches of several
-//   widths) settles on blocks that hold the largest.
+// - Before a new block is mapped, the free blocks freed longest ago are unmapped until all mapped blocks,
+//   the new one included, fit in the most bytes that were ever in use at once (or in what is in use now
+//   plus the new block, when that is more). The blocks never hold more than the process once needed at the
+//   same time, and a run whose step buffers vary in size (batches of several widths) keeps what fits.
+// - A block free for longer than OFTJAX_BLOCK_CACHE_SECONDS (default 1; 0: no limit) is unmapped by a
+//   thread of this library: steps reuse their buffers within milliseconds, while a pause (compiling a new
+//   shape, writing a checkpoint) gives the memory back before it could add to the pause's own peak.
 // - OFTJAX_BLOCK_CACHE_MAX (bytes, default unlimited) caps the free bytes kept; past it the free blocks
 //   freed longest ago are unmapped first.
 //
 // Values are not affected: a reused block holds stale bytes, as glibc's heap memory does (callers that need
-// zeros call calloc, which this library leaves to glibc). realloc and malloc_usable_size know the blocks.
-// Every other pointer goes to glibc's own functions (__libc_malloc and friends, resolved without dlsym).
+// zeros call calloc, which this library leaves to glibc). realloc, reallocarray, the sized frees and
+// malloc_usable_size know the blocks. Every other pointer goes to glibc's own functions (__libc_malloc and
+// friends, resolved without dlsym). One limit: a glibc function that reallocates or frees a caller's buffer
+// from inside glibc (getline growing its line buffer, for one) does not see this library, so a buffer of
+// 32 MiB or more must not be handed to such a function (Python, numpy and XLA do not).
 //
 // Built by setup.py as oftjax/cli/_block_cache*.so; oftjax/cli/_malloc.py starts a process with it.
 
@@ -32,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 extern void *__libc_malloc(size_t);
@@ -53,7 +61,7 @@ typedef struct {
   char *base;     // start of the mapping (NULL: slot empty)
   size_t cap;     // mapped bytes
   int in_use;
-  uint64_t freed_at;  // a counter value: which free block is oldest
+  uint64_t freed_at;  // when it was freed (CLOCK_MONOTONIC, ns): the oldest free block goes first
 } Block;
 
 static Block blocks[MAX_BLOCKS];
@@ -61,8 +69,58 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic uintptr_t lo = UINTPTR_MAX, hi = 0;  // every mapping ever made lies in [lo, hi)
 static size_t min_size = 32u << 20;
 static size_t max_free = SIZE_MAX;
-static uint64_t clock_ticks = 0;
+static uint64_t keep_ns = 1000000000ull;  // how long a free block is kept (OFTJAX_BLOCK_CACHE_SECONDS)
+static int reaper_started = 0;
+static size_t in_use_bytes = 0, peak_in_use = 0;  // bytes of blocks in use now, and the most ever (lock held)
 static atomic_ulong stat_hits, stat_maps, stat_unmaps, stat_free_bytes;
+
+static uint64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+// A fork copies the lock as it is: hold it across the fork so neither process inherits it taken. The child
+// has no reaper thread (threads do not survive a fork); its first mapping starts one.
+static void fork_prepare(void) { pthread_mutex_lock(&lock); }
+static void fork_parent(void) { pthread_mutex_unlock(&lock); }
+static void fork_child(void) {
+  reaper_started = 0;
+  pthread_mutex_unlock(&lock);
+}
+
+static void unmap_slot(Block *b);
+
+// Unmaps the blocks that have been free for longer than keep_ns, four times a second. A train step frees its
+// buffer and the next step asks for it again within milliseconds; a pause (compiling a new shape, writing a
+// checkpoint) gives the memory back, so kept blocks do not add to the peak of what runs in between.
+static void *reaper(void *arg) {
+  (void)arg;
+  const struct timespec quarter = {0, 250000000};
+  for (;;) {
+    nanosleep(&quarter, NULL);
+    pthread_mutex_lock(&lock);
+    uint64_t now = now_ns();
+    for (int i = 0; i < MAX_BLOCKS; ++i) {
+      Block *b = &blocks[i];
+      if (b->base && !b->in_use && now - b->freed_at > keep_ns) unmap_slot(b);
+    }
+    pthread_mutex_unlock(&lock);
+  }
+  return NULL;
+}
+
+// Starts the reaper (with the lock held), once per process, where blocks are not kept forever.
+static void start_reaper_locked(void) {
+  if (reaper_started || keep_ns == UINT64_MAX) return;
+  pthread_t t;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_attr_setstacksize(&attr, 64 * 1024);
+  if (pthread_create(&t, &attr, reaper, NULL) == 0) reaper_started = 1;
+  pthread_attr_destroy(&attr);
+}
 
 __attribute__((constructor)) static void init(void) {
   const char *s = getenv("OFTJAX_BLOCK_CACHE_MIN");
@@ -70,6 +128,12 @@ __attribute__((constructor)) static void init(void) {
   if (min_size < 4096) min_size = 4096;
   s = getenv("OFTJAX_BLOCK_CACHE_MAX");
   if (s && *s) max_free = strtoull(s, NULL, 10);
+  s = getenv("OFTJAX_BLOCK_CACHE_SECONDS");
+  if (s && *s) {
+    double v = strtod(s, NULL);
+    keep_ns = v <= 0 ? UINT64_MAX : (uint64_t)(v * 1e9);
+  }
+  pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
 static void unmap_slot(Block *b) {
@@ -92,23 +156,30 @@ static void *take(size_t size, size_t align) {
     Block *b = &blocks[i];
     if (!b->base) {
       if (!empty) empty = b;
-    } else if (!b->in_use && b->cap >= need && (!best || b->cap < best->cap)) {
+    } else if (!b->in_use && b->cap >= need && b->cap / 2 <= need && (!best || b->cap < best->cap)) {
       best = b;
     }
   }
   if (best) {
     best->in_use = 1;
+    in_use_bytes += best->cap;
     atomic_fetch_add(&stat_free_bytes, -(unsigned long)best->cap);
     atomic_fetch_add(&stat_hits, 1);
     pthread_mutex_unlock(&lock);
     return best->base;
   }
-  for (int i = 0; i < MAX_BLOCKS; ++i) {  // free blocks too small for this request will not be needed again
-    Block *b = &blocks[i];
-    if (b->base && !b->in_use) {
-      unmap_slot(b);
-      if (!empty) empty = b;
+  // A new block. The blocks mapped (in use, free, and this one) stay within the most that were ever in use
+  // at once, or what is in use now plus this one: free blocks freed longest ago are unmapped until they fit.
+  size_t budget = in_use_bytes + need > peak_in_use ? in_use_bytes + need : peak_in_use;
+  while (in_use_bytes + atomic_load(&stat_free_bytes) + need > budget) {
+    Block *oldest = NULL;
+    for (int i = 0; i < MAX_BLOCKS; ++i) {
+      Block *c = &blocks[i];
+      if (c->base && !c->in_use && (!oldest || c->freed_at < oldest->freed_at)) oldest = c;
     }
+    if (!oldest) break;
+    unmap_slot(oldest);
+    if (!empty) empty = oldest;
   }
   void *p = NULL;
   if (empty) {
@@ -119,7 +190,10 @@ static void *take(size_t size, size_t align) {
       empty->base = p;
       empty->cap = need;
       empty->in_use = 1;
+      in_use_bytes += need;
+      if (in_use_bytes > peak_in_use) peak_in_use = in_use_bytes;
       atomic_fetch_add(&stat_maps, 1);
+      start_reaper_locked();
       uintptr_t a = (uintptr_t)p, e = a + need;
       if (a < atomic_load(&lo)) atomic_store(&lo, a);
       if (e > atomic_load(&hi)) atomic_store(&hi, e);
@@ -146,7 +220,8 @@ static Block *find_locked(const void *p) {
 
 static void give_back(Block *b) {
   b->in_use = 0;
-  b->freed_at = ++clock_ticks;
+  in_use_bytes -= b->cap;
+  b->freed_at = now_ns();
   atomic_fetch_add(&stat_free_bytes, b->cap);
   while (atomic_load(&stat_free_bytes) > max_free) {
     Block *oldest = NULL;
@@ -225,6 +300,30 @@ void *realloc(void *p, size_t size) {
     }
   }
   return __libc_realloc(p, size);
+}
+
+void *reallocarray(void *p, size_t n, size_t size) {
+  if (size && n > SIZE_MAX / size) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  return realloc(p, n * size);
+}
+
+// C23's sized frees: glibc's own would hand the block to its heap.
+void free_sized(void *p, size_t size) {
+  (void)size;
+  free(p);
+}
+void free_aligned_sized(void *p, size_t align, size_t size) {
+  (void)align;
+  (void)size;
+  free(p);
+}
+
+void *pvalloc(size_t size) {
+  size_t page = 4096;
+  return aligned(page, size ? (size + page - 1) / page * page : page);
 }
 
 size_t malloc_usable_size(void *p) {

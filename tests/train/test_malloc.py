@@ -135,10 +135,57 @@ def test_a_larger_request_returns_the_smaller_free_blocks():
     assert lines[1].startswith("True {'hits': 1, 'maps': 2, 'unmaps': 1, 'free_bytes': 0,"), lines
 
 
+def test_blocks_stay_within_the_most_ever_in_use():
+    # a small request never takes a block more than twice its size; before it maps its own, free blocks go
+    # until the mapped bytes fit in the most ever in use at once: 200 MiB free, then 40 MiB asked for
+    lines = _with_cache(
+        "p = libc.malloc(200 * MiB); libc.free(p)\n"
+        "q = libc.malloc(40 * MiB); print(q != p, block_cache_stats())\n"
+        # 40 + 100 MiB in use at once fit in the 200 MiB once in use: both stay when freed, and serve again
+        "r = libc.malloc(100 * MiB); libc.free(r); libc.free(q); print(block_cache_stats())\n"
+        "q2 = libc.malloc(40 * MiB); r2 = libc.malloc(100 * MiB)\n"
+        "print(q2 == q, r2 == r, block_cache_stats())\n"
+    )
+    assert lines[0].startswith("True {'hits': 0, 'maps': 2, 'unmaps': 1, 'free_bytes': 0,"), lines
+    assert lines[1].startswith(f"{{'hits': 0, 'maps': 3, 'unmaps': 1, 'free_bytes': {140 << 20},"), lines
+    assert lines[2].startswith("True True {'hits': 2, 'maps': 3, 'unmaps': 1, 'free_bytes': 0,"), lines
+
+
 def test_block_cache_max_returns_what_it_cannot_keep():
     code = "p = libc.malloc(40 * MiB); libc.free(p); print(block_cache_stats())"
     lines = _with_cache(code, OFTJAX_BLOCK_CACHE_MAX="0")
     assert lines[0].startswith("{'hits': 0, 'maps': 1, 'unmaps': 1, 'free_bytes': 0,"), lines
+
+
+def test_a_block_free_for_long_is_returned():
+    # steps reuse their buffer within milliseconds; one left free past OFTJAX_BLOCK_CACHE_SECONDS is unmapped
+    code = (
+        "import time\n"
+        "p = libc.malloc(40 * MiB); libc.free(p); print(block_cache_stats()['free_bytes'])\n"
+        "time.sleep(1.0); print(block_cache_stats())\n"
+    )
+    lines = _with_cache(code, OFTJAX_BLOCK_CACHE_SECONDS="0.2")
+    assert lines[0] == str(40 << 20), lines
+    assert lines[1].startswith("{'hits': 0, 'maps': 1, 'unmaps': 1, 'free_bytes': 0,"), lines
+
+
+def test_a_forked_child_allocates_and_frees_blocks():
+    # the cache's lock is held across fork(), so the child never inherits it taken
+    code = (
+        "import os, threading\n"
+        "stop = False\n"
+        "def churn():\n"
+        "    while not stop:\n"
+        "        libc.free(libc.malloc(40 * MiB))\n"
+        "t = threading.Thread(target=churn); t.start()\n"
+        "for _ in range(20):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        libc.free(libc.malloc(50 * MiB)); os._exit(0)\n"
+        "    assert os.waitpid(pid, 0)[1] == 0\n"
+        "stop = True; t.join(); print('ok')\n"
+    )
+    assert _with_cache(code)[0] == "ok"
 
 
 def test_realloc_and_usable_size_know_the_blocks():
