@@ -7,7 +7,7 @@ fp32 activations, one optimizer step per timed step. Each side runs in its own s
 own) and warms up (JAX: compilation) while the other does; then the two **take turns** (a semaphore pair):
 JAX step, torch step, JAX step, ... so that both see the same machine load (this CPU is shared; timing the
 sides one after the other measured the load, not the frameworks). Medians of ``--steps`` rounds are reported
-(a round: JAX step, torch step, JAX floor, torch floor).
+(a round: JAX step, torch step; the floors' rounds come after all steps).
 
 Each side also times its **GEMM floor** in the same turn-taking: the dense matmuls the step cannot avoid, for
 every frozen linear (7 per layer and lm_head) the forward ``x W^T`` and the input gradient ``g W``, at the
@@ -166,13 +166,13 @@ class Turns:
         return times
 
 
-def _apply_malloc(mode: str) -> str:
+def _apply_malloc(mode: str, jax_side: bool) -> str:
     """The process-level allocator setting of one side, before its framework starts (``cache``: the parent
     started this process with the block cache preloaded, ``_preloaded``)."""
     from oftjax.cli import _malloc
 
-    if mode == "cache":
-        return _malloc.block_cache_status()
+    if mode == "cache":  # on the JAX side as `oftjax train` runs with it
+        return _malloc.block_cache_status() + (_malloc.pair_with_block_cache() if jax_side else "")
     if mode == "keep":
         return _malloc.keep_freed_memory()
     return "glibc as configured"
@@ -279,7 +279,7 @@ def apply_cpu_kernels(a: argparse.Namespace) -> str:
 
 
 def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
-    malloc = _apply_malloc(a.malloc)
+    malloc = _apply_malloc(a.malloc, jax_side=True)
     kernels = apply_cpu_kernels(a)
     import jax
     import jax.numpy as jnp
@@ -316,12 +316,16 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     ws = [draw((o, i), 0.02) for i, o in linear_shapes(a)]
     floor_fn = jax.jit(lambda xs, gs, ws: [(x @ w.T, g @ w) for x, g, w in zip(xs, gs, ws, strict=True)])
     floor = lambda: jax.block_until_ready(floor_fn(xs, gs, ws))  # noqa: E731
-    floor()
-    floor()
-    times, floor_times = turns.time([lambda: float(trainer.train_step(batch)["loss"]), floor], a.steps)
-    step = statistics.median(times)
-    faults: list[float] = []  # measured in one more turn, so the two processes stay in step
+    # the steps' turns first (then their page faults, in one more turn, so the two processes stay in step),
+    # the floor's after them: a floor between two steps would make the step's allocator (the block cache)
+    # make room for the floor's buffers, which `oftjax train` never runs
+    (times,) = turns.time([lambda: float(trainer.train_step(batch)["loss"])], a.steps)
+    faults: list[float] = []
     turns.time([lambda: faults.append(_faults_per_step(lambda: float(trainer.train_step(batch)["loss"])))], 1)
+    floor()
+    floor()
+    (floor_times,) = turns.time([floor], a.steps)
+    step = statistics.median(times)
     out.put(
         {
             "side": "oftjax",
@@ -348,7 +352,7 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
 
 
 def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
-    malloc = _apply_malloc(a.torch_malloc)
+    malloc = _apply_malloc(a.torch_malloc, jax_side=False)
     import tempfile
 
     import torch
@@ -402,12 +406,13 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(a.warmup):
-        floor()
-    times, floor_times = turns.time([step_fn, floor], a.steps)
-    step = statistics.median(times)
+    (times,) = turns.time([step_fn], a.steps)  # as run_jax: the steps' turns, their faults, the floor's
     faults: list[float] = []
     turns.time([lambda: faults.append(_faults_per_step(step_fn))], 1)
+    for _ in range(a.warmup):
+        floor()
+    (floor_times,) = turns.time([floor], a.steps)
+    step = statistics.median(times)
     out.put(
         {
             "side": "torch",

@@ -18,7 +18,7 @@
 //   thread of this library: steps reuse their buffers within milliseconds, while a pause (compiling a new
 //   shape, writing a checkpoint) gives the memory back before it could add to the pause's own peak.
 // - OFTJAX_BLOCK_CACHE_MAX (bytes, default unlimited) caps the free bytes kept; past it the free blocks
-//   freed longest ago are unmapped first.
+//   freed longest ago are unmapped first. OFTJAX_BLOCK_CACHE_TRACE=1 writes a line per event to stderr.
 //
 // Values are not affected: a reused block holds stale bytes, as glibc's heap memory does (callers that need
 // zeros call calloc, which this library leaves to glibc). realloc, reallocarray, the sized frees and
@@ -36,6 +36,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -71,6 +72,7 @@ static size_t min_size = 32u << 20;
 static size_t max_free = SIZE_MAX;
 static uint64_t keep_ns = 1000000000ull;  // how long a free block is kept (OFTJAX_BLOCK_CACHE_SECONDS)
 static int reaper_started = 0;
+static int trace = 0;  // OFTJAX_BLOCK_CACHE_TRACE=1: one line on stderr per block taken, mapped or freed
 static size_t in_use_bytes = 0, peak_in_use = 0;  // bytes of blocks in use now, and the most ever (lock held)
 static atomic_ulong stat_hits, stat_maps, stat_unmaps, stat_free_bytes;
 
@@ -133,10 +135,22 @@ __attribute__((constructor)) static void init(void) {
     double v = strtod(s, NULL);
     keep_ns = v <= 0 ? UINT64_MAX : (uint64_t)(v * 1e9);
   }
+  s = getenv("OFTJAX_BLOCK_CACHE_TRACE");
+  trace = s && *s && *s != '0';
   pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
+// One trace line (no stdio: it may allocate), with the lock held.
+static void say(const char *what, size_t size, size_t cap) {
+  if (!trace) return;
+  char line[160];
+  int n = snprintf(line, sizeof line, "block cache %d: %s %zu MiB (block %zu MiB; in use %zu MiB, free %lu MiB)\n",
+                   (int)getpid(), what, size >> 20, cap >> 20, in_use_bytes >> 20, atomic_load(&stat_free_bytes) >> 20);
+  if (n > 0) (void)!write(2, line, (size_t)n < sizeof line ? (size_t)n : sizeof line - 1);
+}
+
 static void unmap_slot(Block *b) {
+  say("unmap", b->cap, b->cap);
   munmap(b->base, b->cap);
   atomic_fetch_add(&stat_free_bytes, -(unsigned long)b->cap);
   atomic_fetch_add(&stat_unmaps, 1);
@@ -165,6 +179,7 @@ static void *take(size_t size, size_t align) {
     in_use_bytes += best->cap;
     atomic_fetch_add(&stat_free_bytes, -(unsigned long)best->cap);
     atomic_fetch_add(&stat_hits, 1);
+    say("reuse", size, best->cap);
     pthread_mutex_unlock(&lock);
     return best->base;
   }
@@ -193,6 +208,7 @@ static void *take(size_t size, size_t align) {
       in_use_bytes += need;
       if (in_use_bytes > peak_in_use) peak_in_use = in_use_bytes;
       atomic_fetch_add(&stat_maps, 1);
+      say("map", size, need);
       start_reaper_locked();
       uintptr_t a = (uintptr_t)p, e = a + need;
       if (a < atomic_load(&lo)) atomic_store(&lo, a);
@@ -221,6 +237,7 @@ static Block *find_locked(const void *p) {
 static void give_back(Block *b) {
   b->in_use = 0;
   in_use_bytes -= b->cap;
+  say("free", b->cap, b->cap);
   b->freed_at = now_ns();
   atomic_fetch_add(&stat_free_bytes, b->cap);
   while (atomic_load(&stat_free_bytes) > max_free) {

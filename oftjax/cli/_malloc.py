@@ -1,16 +1,18 @@
-"""Process-level glibc malloc settings for CPU training: keep freed memory mapped between train steps.
+"""Process-level memory settings for CPU training: keep XLA:CPU's per-step buffers mapped between steps.
 
-XLA:CPU allocates each execution's temporary buffer (hundreds of MB for a train step) with
-``posix_memalign`` from one of its worker threads. glibc serves an allocation that large from a per-thread
-arena with a fresh ``mmap`` and returns it with ``munmap`` when the step ends, so every step faults the whole
-buffer in again, one 4 KiB page at a time, and spends kernel time doing it. With one arena, no ``mmap`` for
-large blocks and no trimming, the buffer stays in the heap and the next step reuses it without page faults
-(the figures: benchmarks/RESULTS.md, "Train step").
+XLA:CPU allocates each execution's temporary buffer (hundreds of MB to GBs for a train step) with
+``posix_memalign``. glibc serves a block that large with a fresh ``mmap`` and returns it with ``munmap`` when
+the step ends, so every step faults the whole buffer in again, one 4 KiB page at a time, and spends kernel
+time doing it (docs/cpu-memory.md). Two ways around it, both choices for a training process, not for a
+library, so they live in the application (``oftjax train --malloc``, the benchmarks):
 
-The price: memory freed by the process stays mapped (its peak resident set is kept until exit) and all threads
-allocate from one arena (XLA allocates a few large blocks per step, so there is no contention to speak of).
-That is a choice for a training process, not for a library, so it lives in the application: ``oftjax train``
-and the benchmarks call ``keep_freed_memory()`` before JAX starts (``--malloc default`` turns it off).
+- the block cache (``--malloc cache``, the default): csrc/block_cache.c, preloaded when the process starts
+  (``exec_with_block_cache``), keeps freed blocks of 32 MiB and more mapped and hands them out again, within
+  the most the process ever had in use at once; everything smaller stays with glibc as configured;
+- ``keep_freed_memory`` (``--malloc keep``): glibc itself keeps all freed memory in one heap, which fragments
+  (its peak grows with the batch widths a run sees).
+
+Figures: benchmarks/RESULTS.md, "Allocator".
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def exec_with_block_cache(argv: list[str]) -> None:
     if (
         block_cache_stats() is not None
         or lib is None
+        or not sys.executable
         or os.environ.get(_EXEC_MARK)
         or not sys.platform.startswith("linux")
         or platform.libc_ver()[0] != "glibc"
@@ -132,6 +135,24 @@ def exec_with_block_cache(argv: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "oftjax.cli", *argv], env)
+
+
+def pair_with_block_cache() -> str:
+    """Where the block cache is loaded, have JAX run CPU programs synchronously (call it before JAX's first
+    computation); returns what was done, for the status line ("" where the cache is not loaded).
+
+    With asynchronous dispatch a train step's next execution is enqueued, and its temporary buffer allocated,
+    while the current one still holds its own: the cache then maps a second block of the same size, and both
+    stay resident (a second buffer's worth of peak memory). Run in the caller's thread, an execution has
+    freed its buffer before the next one asks, and one block serves every step. On a CPU the host work
+    between steps is milliseconds against seconds of step, so nothing is lost by not overlapping it.
+    """
+    if block_cache_stats() is None:
+        return ""
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return "; JAX runs CPU programs synchronously (one step buffer at a time)"
 
 
 def forget_block_cache_env() -> None:

@@ -152,7 +152,7 @@ def _apply_malloc(args: argparse.Namespace) -> str:
     if args.malloc == "cache":
         if getattr(args, "own_process", False):
             _malloc.exec_with_block_cache(args.argv)  # returns only where it cannot
-        said = _malloc.block_cache_status()
+        said = _malloc.block_cache_status() + _malloc.pair_with_block_cache()
         _malloc.forget_block_cache_env()
         return said
     return "glibc as configured"
