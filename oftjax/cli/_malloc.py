@@ -6,9 +6,10 @@ the step ends, so every step faults the whole buffer in again, one 4 KiB page at
 time doing it (docs/cpu-memory.md). Two ways around it, both choices for a training process, not for a
 library, so they live in the application (``oftjax train --malloc``, the benchmarks):
 
-- the block cache (``--malloc cache``, the default): csrc/block_cache.c, preloaded when the process starts
-  (``exec_with_block_cache``), keeps freed blocks of 32 MiB and more mapped and hands them out again, within
-  the most the process ever had in use at once; everything smaller stays with glibc as configured;
+- the block cache (``--malloc cache``, the default with ``--model``): csrc/block_cache.c, preloaded when the
+  process starts (``exec_with_block_cache``), keeps freed blocks of 32 MiB and more mapped and hands them out
+  again, within the most the process ever had in use at once; everything smaller stays with glibc as
+  configured;
 - ``keep_freed_memory`` (``--malloc keep``): glibc itself keeps all freed memory in one heap, which fragments
   (its peak grows with the batch widths a run sees).
 

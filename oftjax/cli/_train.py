@@ -135,9 +135,12 @@ class _Adapter:
 
 
 def malloc_setting(args: argparse.Namespace) -> str:
-    """``--malloc``, or its default: the block cache (``oftjax/cli/_malloc.py``), for the embedded model and
-    with ``--model`` alike (benchmarks/RESULTS.md, "Allocator")."""
-    return args.malloc if args.malloc is not None else "cache"
+    """``--malloc``, or its default: the block cache (``oftjax/cli/_malloc.py``) with ``--model``, whose step
+    buffers are hundreds of MB to GBs; glibc as configured for the embedded model, whose short steps gain
+    more from asynchronous dispatch than they lose to page faults (benchmarks/RESULTS.md, "Allocator")."""
+    if args.malloc is not None:
+        return args.malloc
+    return "cache" if args.model is not None else "default"
 
 
 def _apply_malloc(args: argparse.Namespace) -> str:

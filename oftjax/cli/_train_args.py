@@ -121,10 +121,11 @@ def _runtime_arguments(g: argparse._ArgumentGroup) -> None:
         default=None,
         help="how freed memory is reused on CPU. cache: `oftjax` starts again with its block cache "
         "preloaded, which keeps freed blocks of 32 MiB and more mapped for reuse, so XLA:CPU's per-step "
-        "buffers are not faulted in again every step, and returns a kept block once a larger request needs a "
-        "new one (the peak stays what it is without it); keep: glibc keeps all freed memory in one heap "
-        "(fast too, but the heap fragments and its peak grows with several batch widths); default: glibc as "
-        'configured (default: cache; see benchmarks/RESULTS.md, "Allocator")',
+        "buffers are not faulted in again every step, within the most memory ever in use at once; "
+        "JAX then runs CPU programs synchronously (one step buffer at a time); keep: glibc keeps all freed "
+        "memory in one heap (its peak grows as the heap fragments); default: glibc as configured. Default: "
+        "cache with --model, default for the embedded model (short steps, small buffers; see "
+        'benchmarks/RESULTS.md, "Allocator", and docs/cpu-memory.md)',
     )
     g.add_argument(
         "--cpu-kernels",

@@ -58,8 +58,8 @@ def test_the_cli_applies_it_by_default():
     def setting(*argv: str) -> str:
         return malloc_setting(build_parser().parse_args(["train", *argv]))
 
-    assert setting() == "cache"  # the embedded model
-    assert setting("--model", "some/dir") == "cache"  # and a real one
+    assert setting() == "default"  # the embedded model: short steps, small buffers
+    assert setting("--model", "some/dir") == "cache"  # a real model's step buffers
     assert setting("--malloc", "default") == "default"
     assert setting("--model", "some/dir", "--malloc", "keep") == "keep"
 
