@@ -158,6 +158,16 @@ static void unmap_slot(Block *b) {
   b->cap = 0;
 }
 
+// The free block freed longest ago (lock held), or NULL.
+static Block *oldest_free_locked(void) {
+  Block *oldest = NULL;
+  for (int i = 0; i < MAX_BLOCKS; ++i) {
+    Block *c = &blocks[i];
+    if (c->base && !c->in_use && (!oldest || c->freed_at < oldest->freed_at)) oldest = c;
+  }
+  return oldest;
+}
+
 // A block of at least `size` bytes whose start is `align`-aligned (align <= 2 MiB: mappings are page-aligned
 // and blocks start at the mapping), or NULL when the table is full or mmap fails.
 static void *take(size_t size, size_t align) {
@@ -187,11 +197,7 @@ static void *take(size_t size, size_t align) {
   // at once, or what is in use now plus this one: free blocks freed longest ago are unmapped until they fit.
   size_t budget = in_use_bytes + need > peak_in_use ? in_use_bytes + need : peak_in_use;
   while (in_use_bytes + atomic_load(&stat_free_bytes) + need > budget) {
-    Block *oldest = NULL;
-    for (int i = 0; i < MAX_BLOCKS; ++i) {
-      Block *c = &blocks[i];
-      if (c->base && !c->in_use && (!oldest || c->freed_at < oldest->freed_at)) oldest = c;
-    }
+    Block *oldest = oldest_free_locked();
     if (!oldest) break;
     unmap_slot(oldest);
     if (!empty) empty = oldest;
@@ -241,11 +247,7 @@ static void give_back(Block *b) {
   b->freed_at = now_ns();
   atomic_fetch_add(&stat_free_bytes, b->cap);
   while (atomic_load(&stat_free_bytes) > max_free) {
-    Block *oldest = NULL;
-    for (int i = 0; i < MAX_BLOCKS; ++i) {
-      Block *c = &blocks[i];
-      if (c->base && !c->in_use && (!oldest || c->freed_at < oldest->freed_at)) oldest = c;
-    }
+    Block *oldest = oldest_free_locked();
     if (!oldest) break;
     unmap_slot(oldest);
   }
