@@ -58,16 +58,18 @@ def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 
 
 # Bytes of float32 logits one chunk of the fused head + loss may hold (rows x vocabulary x 4).
-_CHUNK_BYTES = 32 * 2**20
+_CHUNK_BYTES = 128 * 2**20
 
 
 def head_chunk_rows(vocab: int, rows: int) -> int:
-    """Rows per chunk of ``head_loss_sum``: a power of two whose float32 logits fit in 32 MiB (at least 16
-    rows, so each chunk is still a matrix product), and no more rows than there are.
+    """Rows per chunk of ``head_loss_sum``: a power of two whose float32 logits fit in 128 MiB (at least 16
+    rows, so each chunk is still a matrix product), and no more rows than there are. Fewer, larger chunks run
+    the head's products at a better rate on the CPU (benchmarks/RESULTS.md, "Output head and loss in
+    chunks"); a chunk holds its logits and their gradient, so the bound is also the memory it costs.
 
     Example:
       >>> head_chunk_rows(49152, 1024), head_chunk_rows(2048, 1024), head_chunk_rows(256000, 4096)
-      (128, 1024, 32)
+      (512, 1024, 128)
     """
     fit = max(16, _CHUNK_BYTES // (4 * vocab))
     return min(1 << (fit.bit_length() - 1), rows)

@@ -141,7 +141,8 @@ def test_head_loss_never_holds_the_logits():
 
 
 def test_head_chunk_rows():
-    assert head_chunk_rows(49152, 1024) == 128  # 128 x 49,152 x 4 bytes = 24 MiB <= 32 MiB
+    assert head_chunk_rows(49152, 1024) == 512  # 512 x 49,152 x 4 bytes = 96 MiB <= 128 MiB
     assert head_chunk_rows(2048, 1024) == 1024  # no more rows than there are
-    assert head_chunk_rows(256000, 64) == 32
-    assert head_chunk_rows(10**7, 4096) == 16  # at least 16 rows per product
+    assert head_chunk_rows(256000, 64) == 64
+    assert head_chunk_rows(256000, 4096) == 128
+    assert head_chunk_rows(10**8, 4096) == 16  # at least 16 rows per product
