@@ -145,19 +145,23 @@ def step_flops(a: argparse.Namespace) -> tuple[float, float]:
 
 class Turns:
     """Alternate timed calls between two processes: ``mine`` is acquired before a call, ``theirs`` released
-    after it, so exactly one side computes at a time and both see the same background load."""
+    after it, so exactly one side computes at a time and both see the same background load. With ``calls``
+    above 1 a turn makes that many calls and times the last (``--turn-steps``)."""
 
-    def __init__(self, mine, theirs):
-        self.mine, self.theirs = mine, theirs
+    def __init__(self, mine, theirs, calls: int = 1):
+        self.mine, self.theirs, self.calls = mine, theirs, calls
 
-    def time(self, fns: list, n: int) -> list[list[float]]:
+    def time(self, fns: list, n: int, calls: int | None = None) -> list[list[float]]:
         """``n`` rounds of one turn per function; returns the times per function."""
+        calls = self.calls if calls is None else calls
         times: list[list[float]] = [[] for _ in fns]
         for _ in range(n):
             for fn, ts in zip(fns, times, strict=True):
                 if not self.mine.acquire(timeout=900):
                     raise TimeoutError("the other benchmark process did not hand over its turn")
                 try:
+                    for _ in range(calls - 1):
+                        fn()
                     t0 = time.perf_counter()
                     fn()
                     ts.append(time.perf_counter() - t0)
@@ -179,10 +183,12 @@ def _apply_malloc(mode: str, jax_side: bool) -> str:
 
 
 @contextlib.contextmanager
-def _preloaded(mode: str):
-    """The environment a side's process starts with: for ``cache``, the block cache in ``LD_PRELOAD``, its
-    free blocks kept however long the other side's turn lasts (``OFTJAX_BLOCK_CACHE_SECONDS=0``): in
-    ``oftjax train`` the steps run back to back, the turn is the benchmark's own pause."""
+def _preloaded(mode: str, turn_steps: int):
+    """The environment a side's process starts with: for ``cache``, the block cache in ``LD_PRELOAD``. With
+    one step per turn its free blocks are kept however long the other side's turn lasts
+    (``OFTJAX_BLOCK_CACHE_SECONDS=0``: in ``oftjax train`` the steps run back to back, the turn is the
+    benchmark's own pause); with more they go back after a second free, as in ``oftjax train``, so the other
+    side's timed step runs beside a process at rest (``--turn-steps``)."""
     from oftjax.cli import _malloc
 
     lib = _malloc.block_cache_library()
@@ -192,19 +198,22 @@ def _preloaded(mode: str):
     keys = ("LD_PRELOAD", "OFTJAX_BLOCK_CACHE_SECONDS")
     before = {k: os.environ.get(k) for k in keys}
     os.environ["LD_PRELOAD"] = ":".join(p for p in (lib, before["LD_PRELOAD"]) if p)
-    os.environ["OFTJAX_BLOCK_CACHE_SECONDS"] = "0"
+    if turn_steps == 1:
+        os.environ["OFTJAX_BLOCK_CACHE_SECONDS"] = "0"
     try:
         yield
     finally:
         for k, v in before.items():
             if v is None:
-                del os.environ[k]
+                os.environ.pop(k, None)
             else:
                 os.environ[k] = v
 
 
-def _faults_per_step(fn, n: int = 3) -> float:
-    """Minor page faults per call of ``fn`` (the process's own counter)."""
+def _faults_per_step(fn, n: int = 3, warm: int = 0) -> float:
+    """Minor page faults per call of ``fn`` (the process's own counter), after ``warm`` uncounted calls."""
+    for _ in range(warm):
+        fn()
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
         fn()
@@ -321,7 +330,8 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     # make room for the floor's buffers, which `oftjax train` never runs
     (times,) = turns.time([lambda: float(trainer.train_step(batch)["loss"])], a.steps)
     faults: list[float] = []
-    turns.time([lambda: faults.append(_faults_per_step(lambda: float(trainer.train_step(batch)["loss"])))], 1)
+    step = lambda: float(trainer.train_step(batch)["loss"])  # noqa: E731
+    turns.time([lambda: faults.append(_faults_per_step(step, warm=a.turn_steps - 1))], 1, calls=1)
     floor()
     floor()
     (floor_times,) = turns.time([floor], a.steps)
@@ -408,7 +418,7 @@ def run_torch(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
 
     (times,) = turns.time([step_fn], a.steps)  # as run_jax: the steps' turns, their faults, the floor's
     faults: list[float] = []
-    turns.time([lambda: faults.append(_faults_per_step(step_fn))], 1)
+    turns.time([lambda: faults.append(_faults_per_step(step_fn, warm=a.turn_steps - 1))], 1, calls=1)
     for _ in range(a.warmup):
         floor()
     (floor_times,) = turns.time([floor], a.steps)
@@ -465,11 +475,11 @@ def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
     ctx = mp.get_context("spawn")
     jax_turn, torch_turn = ctx.Semaphore(1), ctx.Semaphore(0)
     qj, qt = ctx.Queue(), ctx.Queue()
-    pj = ctx.Process(target=run_jax, args=(a, qj, Turns(jax_turn, torch_turn)))
-    pt = ctx.Process(target=run_torch, args=(a, qt, Turns(torch_turn, jax_turn)))
-    with _preloaded(a.malloc):
+    pj = ctx.Process(target=run_jax, args=(a, qj, Turns(jax_turn, torch_turn, a.turn_steps)))
+    pt = ctx.Process(target=run_torch, args=(a, qt, Turns(torch_turn, jax_turn, a.turn_steps)))
+    with _preloaded(a.malloc, a.turn_steps):
         pj.start()
-    with _preloaded(a.torch_malloc):
+    with _preloaded(a.torch_malloc, a.turn_steps):
         pt.start()
     try:
         jx, th = _result(qj, pj, "oftjax"), _result(qt, pt, "torch")
@@ -501,6 +511,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_shape_args(p, steps=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--turn-steps",
+        type=int,
+        default=1,
+        help="steps per turn, the last one timed (default %(default)s). With 2 or more each side's timed "
+        "step follows one of its own, as in a training run, and the other process is at rest beside it: the "
+        "block cache returns its free blocks after a second, as in `oftjax train` (with 1 it keeps them "
+        "through the other side's turn)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument(
         "--malloc",
@@ -589,6 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     row("base bytes/param (NF4+DQ linears)", f"{bpp:.4f}")
     row("base bytes/param (whole base)", f"{jx['base_bytes_per_param_all']:.4f}")
     print(f"malloc: oftjax {jx['malloc']}; torch {th['malloc']}")
+    if a.turn_steps > 1:
+        print(
+            f"{a.turn_steps} steps per turn, the last timed: each side's timed step follows one of its own, "
+            "the other process at rest"
+        )
     print(
         f"1-min load average {load0:.2f} before, {load1:.2f} after ({os.cpu_count()} CPUs): above ~0.5 other "
         "processes shared the cores; torch's OpenMP threads slow down far more than XLA's under such load"
