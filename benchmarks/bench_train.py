@@ -471,10 +471,27 @@ def family_checkpoint(a: argparse.Namespace) -> None:
 
 
 def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
-    """Both sides in their own processes, taking turns for every timed call (JAX first)."""
+    """Both sides in their own processes, taking turns for every timed call (JAX first); with ``--alone``
+    one process after the other, each with nothing beside it."""
     ctx = mp.get_context("spawn")
-    jax_turn, torch_turn = ctx.Semaphore(1), ctx.Semaphore(0)
     qj, qt = ctx.Queue(), ctx.Queue()
+    if a.alone:
+        results = []
+        for target, q, mode, side in (
+            (run_jax, qj, a.malloc, "oftjax"),
+            (run_torch, qt, a.torch_malloc, "torch"),
+        ):
+            # no other side: every turn is this process's own (a semaphore no count will exhaust)
+            turns = Turns(ctx.Semaphore(2**30), ctx.Semaphore(0), a.turn_steps)
+            p = ctx.Process(target=target, args=(a, q, turns))
+            with _preloaded(mode, 2):  # steps back to back: blocks returned after a second, as `oftjax train`
+                p.start()
+            try:
+                results.append(_result(q, p, side))
+            finally:
+                _stop([p])
+        return results[0], results[1]
+    jax_turn, torch_turn = ctx.Semaphore(1), ctx.Semaphore(0)
     pj = ctx.Process(target=run_jax, args=(a, qj, Turns(jax_turn, torch_turn, a.turn_steps)))
     pt = ctx.Process(target=run_torch, args=(a, qt, Turns(torch_turn, jax_turn, a.turn_steps)))
     with _preloaded(a.malloc, a.turn_steps):
@@ -484,12 +501,16 @@ def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
     try:
         jx, th = _result(qj, pj, "oftjax"), _result(qt, pt, "torch")
     finally:
-        for p in (pj, pt):
-            if p.is_alive() and p.exitcode is None:
-                p.join(timeout=60)
-            if p.is_alive():
-                p.terminate()
+        _stop([pj, pt])
     return jx, th
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        if p.is_alive() and p.exitcode is None:
+            p.join(timeout=60)
+        if p.is_alive():
+            p.terminate()
 
 
 def _result(q: mp.Queue, proc: mp.Process, side: str) -> dict:
@@ -519,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         "step follows one of its own, as in a training run, and the other process is at rest beside it: the "
         "block cache returns its free blocks after a second, as in `oftjax train` (with 1 it keeps them "
         "through the other side's turn)",
+    )
+    p.add_argument(
+        "--alone",
+        action="store_true",
+        help="run the oftjax side, then the torch side, each with nothing beside it (no turn-taking: the two "
+        "see the machine at different times, so the load average before and after matters more)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument(
@@ -608,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     row("base bytes/param (NF4+DQ linears)", f"{bpp:.4f}")
     row("base bytes/param (whole base)", f"{jx['base_bytes_per_param_all']:.4f}")
     print(f"malloc: oftjax {jx['malloc']}; torch {th['malloc']}")
+    if a.alone:
+        print("each side alone, oftjax first, then torch (no turn-taking)")
     if a.turn_steps > 1:
         print(
             f"{a.turn_steps} steps per turn, the last timed: each side's timed step follows one of its own, "
