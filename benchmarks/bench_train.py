@@ -7,7 +7,11 @@ fp32 activations, one optimizer step per timed step. Each side runs in its own s
 own) and warms up (JAX: compilation) while the other does; then the two **take turns** (a semaphore pair):
 JAX step, torch step, JAX step, ... so that both see the same machine load (this CPU is shared; timing the
 sides one after the other measured the load, not the frameworks). Medians of ``--steps`` rounds are reported
-(a round: JAX step, torch step; the floors' rounds come after all steps).
+(a round: JAX step, torch step; the floors' rounds come after all steps). ``--turn-steps N`` makes each turn
+N steps and times the last, so each side's timed step follows one of its own while the other process rests
+(the block cache then hands its free blocks back after a second, as in ``oftjax train``); ``--alone`` runs
+the JAX process, then the torch process, each with nothing beside it, as a user would run either. How torch's
+step is timed moves its time more than anything on the JAX side (benchmarks/RESULTS.md has all three).
 
 Each side also times its **GEMM floor** in the same turn-taking: the dense matmuls the step cannot avoid, for
 every frozen linear (7 per layer and lm_head) the forward ``x W^T`` and the input gradient ``g W``, at the
@@ -197,7 +201,7 @@ def _preloaded(mode: str, turn_steps: int):
         return
     keys = ("LD_PRELOAD", "OFTJAX_BLOCK_CACHE_SECONDS")
     before = {k: os.environ.get(k) for k in keys}
-    os.environ["LD_PRELOAD"] = ":".join(p for p in (lib, before["LD_PRELOAD"]) if p)
+    os.environ["LD_PRELOAD"] = _malloc.ld_preload_with(lib, before["LD_PRELOAD"])
     if turn_steps == 1:
         os.environ["OFTJAX_BLOCK_CACHE_SECONDS"] = "0"
     try:

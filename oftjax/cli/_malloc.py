@@ -72,15 +72,17 @@ _EXEC_MARK = "OFTJAX_BLOCK_CACHE_EXEC"  # set in the environment of the process 
 
 def block_cache_library() -> str | None:
     """The built block-cache library (``oftjax/cli/_block_cache*.so``), or None where it was not built."""
-    import importlib.machinery
     from pathlib import Path
 
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = here / f"_block_cache{suffix}"
-        if candidate.exists():
-            return str(candidate)
-    return None
+    from oftjax.cpu_kernels._library import library_path
+
+    path = library_path("_block_cache", Path(__file__).parent)
+    return None if path is None else str(path)
+
+
+def ld_preload_with(lib: str, current: str | None) -> str:
+    """``LD_PRELOAD``'s value with ``lib`` loaded first, ahead of what it already names."""
+    return ":".join(p for p in (lib, current or "") if p)
 
 
 def block_cache_stats() -> dict[str, int] | None:
@@ -131,7 +133,7 @@ def exec_with_block_cache(argv: list[str]) -> None:
     ):
         return
     env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env["LD_PRELOAD"] = ld_preload_with(lib, env.get("LD_PRELOAD"))
     env[_EXEC_MARK] = lib
     sys.stdout.flush()
     sys.stderr.flush()

@@ -22,10 +22,10 @@ import jax
 _HERE = Path(__file__).parent
 
 
-def library_path(stem: str) -> Path | None:
-    """The built library ``<this package>/<stem><extension suffix>``, or None."""
+def library_path(stem: str, directory: Path = _HERE) -> Path | None:
+    """The built library ``<directory>/<stem><extension suffix>`` (default: this package), or None."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = _HERE / f"{stem}{suffix}"
+        candidate = directory / f"{stem}{suffix}"
         if candidate.exists():
             return candidate
     return None
