@@ -187,12 +187,12 @@ def _apply_malloc(mode: str, jax_side: bool) -> str:
 
 
 @contextlib.contextmanager
-def _preloaded(mode: str, turn_steps: int):
+def _preloaded(mode: str, keep_through_turns: bool):
     """The environment a side's process starts with: for ``cache``, the block cache in ``LD_PRELOAD``. With
-    one step per turn its free blocks are kept however long the other side's turn lasts
-    (``OFTJAX_BLOCK_CACHE_SECONDS=0``: in ``oftjax train`` the steps run back to back, the turn is the
-    benchmark's own pause); with more they go back after a second free, as in ``oftjax train``, so the other
-    side's timed step runs beside a process at rest (``--turn-steps``)."""
+    ``keep_through_turns`` (one step per turn) its free blocks are kept however long the other side's turn
+    lasts (``OFTJAX_BLOCK_CACHE_SECONDS=0``: in ``oftjax train`` the steps run back to back, the turn is the
+    benchmark's own pause); otherwise they go back after a second free, as in ``oftjax train``, so the other
+    side's timed step runs beside a process at rest (``--turn-steps``, ``--alone``)."""
     from oftjax.cli import _malloc
 
     lib = _malloc.block_cache_library()
@@ -202,7 +202,7 @@ def _preloaded(mode: str, turn_steps: int):
     keys = ("LD_PRELOAD", "OFTJAX_BLOCK_CACHE_SECONDS")
     before = {k: os.environ.get(k) for k in keys}
     os.environ["LD_PRELOAD"] = _malloc.ld_preload_with(lib, before["LD_PRELOAD"])
-    if turn_steps == 1:
+    if keep_through_turns:
         os.environ["OFTJAX_BLOCK_CACHE_SECONDS"] = "0"
     try:
         yield
@@ -332,10 +332,10 @@ def run_jax(a: argparse.Namespace, out: mp.Queue, turns: Turns) -> None:
     # the steps' turns first (then their page faults, in one more turn, so the two processes stay in step),
     # the floor's after them: a floor between two steps would make the step's allocator (the block cache)
     # make room for the floor's buffers, which `oftjax train` never runs
-    (times,) = turns.time([lambda: float(trainer.train_step(batch)["loss"])], a.steps)
+    train_step = lambda: float(trainer.train_step(batch)["loss"])  # noqa: E731
+    (times,) = turns.time([train_step], a.steps)
     faults: list[float] = []
-    step = lambda: float(trainer.train_step(batch)["loss"])  # noqa: E731
-    turns.time([lambda: faults.append(_faults_per_step(step, warm=a.turn_steps - 1))], 1, calls=1)
+    turns.time([lambda: faults.append(_faults_per_step(train_step, warm=a.turn_steps - 1))], 1, calls=1)
     floor()
     floor()
     (floor_times,) = turns.time([floor], a.steps)
@@ -488,7 +488,7 @@ def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
             # no other side: every turn is this process's own (a semaphore no count will exhaust)
             turns = Turns(ctx.Semaphore(2**30), ctx.Semaphore(0), a.turn_steps)
             p = ctx.Process(target=target, args=(a, q, turns))
-            with _preloaded(mode, 2):  # steps back to back: blocks returned after a second, as `oftjax train`
+            with _preloaded(mode, keep_through_turns=False):  # steps back to back, as `oftjax train`
                 p.start()
             try:
                 results.append(_result(q, p, side))
@@ -498,9 +498,9 @@ def _run_both(a: argparse.Namespace) -> tuple[dict, dict]:
     jax_turn, torch_turn = ctx.Semaphore(1), ctx.Semaphore(0)
     pj = ctx.Process(target=run_jax, args=(a, qj, Turns(jax_turn, torch_turn, a.turn_steps)))
     pt = ctx.Process(target=run_torch, args=(a, qt, Turns(torch_turn, jax_turn, a.turn_steps)))
-    with _preloaded(a.malloc, a.turn_steps):
+    with _preloaded(a.malloc, keep_through_turns=a.turn_steps == 1):
         pj.start()
-    with _preloaded(a.torch_malloc, a.turn_steps):
+    with _preloaded(a.torch_malloc, keep_through_turns=a.turn_steps == 1):
         pt.start()
     try:
         jx, th = _result(qj, pj, "oftjax"), _result(qt, pt, "torch")

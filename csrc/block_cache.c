@@ -140,7 +140,7 @@ __attribute__((constructor)) static void init(void) {
   pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
-// One trace line (no stdio: it may allocate), with the lock held.
+// One trace line, formatted on the stack and written with write(2) (stdio streams may allocate), lock held.
 static void say(const char *what, size_t size, size_t cap) {
   if (!trace) return;
   char line[160];

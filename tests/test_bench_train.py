@@ -81,16 +81,16 @@ def test_fault_counter_warms_up_first():
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="the block cache is built and preloaded on glibc Linux only",
 )
-@pytest.mark.parametrize("turn_steps, seconds", [(1, "0"), (2, None)])
-def test_block_cache_environment_per_design(monkeypatch, turn_steps, seconds):
+@pytest.mark.parametrize("keep_through_turns, seconds", [(True, "0"), (False, None)])
+def test_block_cache_environment_per_design(monkeypatch, keep_through_turns, seconds):
     lib = _malloc.block_cache_library()
     assert lib is not None, "the block cache was not built: reinstall with a C compiler (`pip install -e .`)"
     monkeypatch.setenv("LD_PRELOAD", "/other.so")
     monkeypatch.delenv("OFTJAX_BLOCK_CACHE_SECONDS", raising=False)
-    with bench_train._preloaded("cache", turn_steps):
+    with bench_train._preloaded("cache", keep_through_turns):
         assert os.environ["LD_PRELOAD"] == f"{lib}:/other.so"
         assert os.environ.get("OFTJAX_BLOCK_CACHE_SECONDS") == seconds
     assert os.environ["LD_PRELOAD"] == "/other.so"
     assert "OFTJAX_BLOCK_CACHE_SECONDS" not in os.environ
-    with bench_train._preloaded("default", turn_steps):
+    with bench_train._preloaded("default", keep_through_turns):
         assert os.environ["LD_PRELOAD"] == "/other.so"
